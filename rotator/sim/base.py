@@ -1,0 +1,308 @@
+"""What both simulators share: a raw ASGI request cycle, fault injection, counters and a server thread.
+
+The simulators are plain ASGI applications served by uvicorn (httptools parser). They skip a web
+framework on purpose: every status, header and byte of the body is chosen by hand, as the specs
+demand, and the hot path stays short so a simulator is never the bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import uvicorn
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Fault:
+    """One armed fault on a route, consumed request by request.
+
+    kind: ``status`` answers ``status`` instead of handling the request (nothing takes effect);
+    ``drop`` handles the request (it takes effect) and then drops the connection unanswered;
+    ``late`` handles it and answers only after ``delay`` seconds.
+    """
+
+    route: str
+    kind: str
+    remaining: int
+    status: int = 503
+    html: bool = False
+    retry_after: int | None = None
+    delay: float = 0.0
+
+
+class FaultBook:
+    """Faults and latency keyed by route name; ``*`` matches every route. Not thread-safe alone."""
+
+    KINDS = ("status", "drop", "late")
+
+    def __init__(self) -> None:
+        self.faults: list[Fault] = []
+        self.latency: dict[str, float] = {}
+
+    def arm(self, fault: Fault) -> None:
+        if fault.kind not in self.KINDS:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        if fault.remaining < 1:
+            raise ValueError("a fault needs a count of at least 1")
+        self.faults.append(fault)
+
+    def take(self, route: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.route in (route, "*"):
+                fault.remaining -= 1
+                if fault.remaining == 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
+    def delay_for(self, route: str) -> float:
+        return self.latency.get(route, self.latency.get("*", 0.0))
+
+    def clear(self) -> None:
+        self.faults.clear()
+        self.latency.clear()
+
+
+def drop_connection(send: Send) -> bool:
+    """Close the client connection without a response, as a lost reply looks on the wire.
+
+    ASGI has no verb for this; uvicorn's request cycle owns the transport, reached through the
+    bound ``send`` method. Returns False if the server is not uvicorn (then the caller answers 502).
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
+
+
+class SimApp:
+    """Base ASGI app: parse, count, apply latency and faults, dispatch to ``handle``, send.
+
+    Subclasses implement ``route_of`` (a stable route name for counting and faults),
+    ``handle`` (runs under the state lock, returns a Response) and ``fault_response``.
+    Control routes live under ``/_sim/`` and are served as JSON.
+    """
+
+    http_parser = "httptools"
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.faults = FaultBook()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.log: collections.deque[tuple[float, str, int, dict[str, str]]] = collections.deque(
+            maxlen=100_000
+        )
+
+    # -- hooks -------------------------------------------------------------------------------
+    def route_of(self, req: Request) -> str:
+        raise NotImplementedError
+
+    def handle(self, req: Request, route: str) -> Response:
+        raise NotImplementedError
+
+    def fault_response(self, fault: Fault) -> Response:
+        raise NotImplementedError
+
+    def control(self, op: str, args: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- fault injection, shared -------------------------------------------------------------
+    def set_latency(self, seconds: float, route: str = "*") -> None:
+        with self.lock:
+            self.faults.latency[route] = float(seconds)
+
+    def fail_next(
+        self, route: str, count: int = 1, status: int = 503, html: bool = False,
+        retry_after: int | None = None,
+    ) -> None:
+        with self.lock:
+            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after))
+
+    def drop_next(self, route: str, count: int = 1) -> None:
+        with self.lock:
+            self.faults.arm(Fault(route, "drop", count))
+
+    def late_next(self, route: str, delay: float, count: int = 1) -> None:
+        with self.lock:
+            self.faults.arm(Fault(route, "late", count, delay=delay))
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.faults.clear()
+
+    def request_counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+    def requests_of(self, route: str) -> list[tuple[float, int, dict[str, str]]]:
+        with self.lock:
+            return [(t, s, h) for (t, r, s, h) in self.log if r == route]
+
+    # -- ASGI ---------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        raw_qs = scope.get("query_string", b"").decode("latin-1")
+        req = Request(
+            scope["method"], unquote(scope["path"]), dict(parse_qsl(raw_qs, keep_blank_values=True)),
+            headers, b"".join(chunks),
+        )
+        if req.path.startswith("/_sim/"):
+            await self._send(send, self._control(req))
+            return
+        route = self.route_of(req)
+        with self.lock:
+            self.counts[route] += 1
+            fault = self.faults.take(route)
+            delay = self.faults.delay_for(route)
+        if delay:
+            await asyncio.sleep(delay)
+        if fault is not None and fault.kind == "status":
+            resp = self.fault_response(fault)
+        else:
+            with self.lock:
+                resp = self.handle(req, route)
+        with self.lock:
+            self.log.append((time.time(), route, resp.status, _trace_headers(headers)))
+        if fault is not None and fault.kind == "late":
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.kind == "drop" and drop_connection(send):
+            return
+        await self._send(send, resp)
+
+    @staticmethod
+    async def _send(send: Send, resp: Response) -> None:
+        headers = [*resp.headers, (b"content-length", str(len(resp.body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+    def _control(self, req: Request) -> Response:
+        try:
+            if req.path == "/_sim/state" and req.method == "GET":
+                result: Any = self.snapshot()
+            elif req.path == "/_sim/control" and req.method == "POST":
+                payload = req.json()
+                args = {k: v for k, v in payload.items() if k != "op"}
+                result = self.control(str(payload.get("op")), args)
+            else:
+                return _json_response(404, {"error": "unknown control route"})
+        except (ValueError, TypeError, KeyError) as exc:
+            return _json_response(400, {"error": str(exc)})
+        return _json_response(200, {"ok": True, "result": result})
+
+    def _shared_control(self, op: str, args: dict[str, Any]) -> Any:
+        """The fault verbs both simulators accept over HTTP."""
+        verbs: dict[str, Callable[..., Any]] = {
+            "set_latency": self.set_latency,
+            "fail_next": self.fail_next,
+            "drop_next": self.drop_next,
+            "late_next": self.late_next,
+            "clear_faults": self.clear_faults,
+            "request_counts": self.request_counts,
+        }
+        if op not in verbs:
+            raise ValueError(f"unknown control op {op!r}")
+        return verbs[op](**args)
+
+
+def _trace_headers(headers: dict[str, str]) -> dict[str, str]:
+    keep = ("x-stainless-retry-count", "x-vault-namespace")
+    return {k: headers[k] for k in keep if k in headers}
+
+
+def _json_response(status: int, obj: Any) -> Response:
+    return Response(status, json.dumps(obj).encode(), [(b"content-type", b"application/json")])
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        # Vault's LIST verb is not a method llhttp knows, so an app can ask for the h11 parser.
+        http = getattr(app, "http_parser", "httptools")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app, log_level="critical", access_log=False, lifespan="off", http=http,
+            proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=30,
+            backlog=4096,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name=f"sim-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("simulator server did not start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[ServerThread]:
+    server = ServerThread(app).start()
+    try:
+        yield server
+    finally:
+        server.stop()
