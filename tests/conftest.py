@@ -34,5 +34,18 @@ def cf_sim() -> Iterator[tuple[CloudflareSim, str]]:
 
 @pytest.fixture
 def sims() -> Iterator[Simulators]:
+    from tests import helpers
+
     with Simulators(accounts=1, tunnels=6) as s:
         yield s
+        helpers.remember_secrets(s)
+
+
+@pytest.fixture(autouse=True)
+def _collect_output(capsys):
+    """Feed everything a test printed to the end-of-suite secret scan."""
+    from tests import helpers
+
+    yield
+    out, err = capsys.readouterr()
+    helpers.OUTPUTS.extend([out, err])

@@ -1,0 +1,95 @@
+"""The admin HTTP app (Starlette): metrics, health, readiness, status and the on-demand trigger.
+
+``/v1/*`` needs ``Authorization: Bearer <token>``, compared in constant time. No response ever
+carries a key: status and run views are built from outcomes and record states only.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rotator.errors import ConfigError
+from rotator.psk import Secret
+
+
+class Control(Protocol):
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def trigger(self, account: str, tunnels: list[str] | None, dry_run: bool) -> tuple[str, bool]: ...
+
+    def run_view(self, run_id: str) -> dict[str, Any] | None: ...
+
+
+def build_app(control: Control, registry: CollectorRegistry, token: Secret | None) -> Starlette:
+    expected = token.reveal().encode() if token is not None else None
+
+    def authorized(request: Request) -> bool:
+        if expected is None:
+            return False
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+
+    def denied() -> JSONResponse:
+        return JSONResponse({"error": "unauthorized: send Authorization: Bearer <admin token>"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        ok, detail = control.ready()
+        return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
+
+    async def status(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return denied()
+        return JSONResponse(control.status())
+
+    async def trigger(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return denied()
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        if not isinstance(body, dict) or not isinstance(body.get("account"), str):
+            return JSONResponse({"error": "give an account and tunnels: [...] or all: true"}, status_code=400)
+        tunnels = body.get("tunnels")
+        every = body.get("all") is True
+        if every == (tunnels is not None) or (tunnels is not None and (
+                not isinstance(tunnels, list) or not tunnels or not all(isinstance(t, str) for t in tunnels))):
+            return JSONResponse({"error": "give exactly one of tunnels: [ids or names] or all: true"}, status_code=400)
+        try:
+            run_id, deduplicated = control.trigger(body["account"], None if every else tunnels,
+                                                   bool(body.get("dry_run", False)))
+        except ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"id": run_id, "deduplicated": deduplicated, "href": f"/v1/rotations/{run_id}"},
+                            status_code=202)
+
+    async def run_view(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return denied()
+        view = control.run_view(request.path_params["run_id"])
+        if view is None:
+            return JSONResponse({"error": "no such run"}, status_code=404)
+        return JSONResponse(view)
+
+    return Starlette(routes=[
+        Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
+        Route("/v1/status", status), Route("/v1/rotations", trigger, methods=["POST"]),
+        Route("/v1/rotations/{run_id}", run_view),
+    ])

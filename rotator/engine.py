@@ -1,0 +1,450 @@
+"""The rotation protocol (DESIGN.md section 4): plan, reconcile, stage, validate, apply, promote.
+
+The engine knows two small interfaces (``TunnelApi``, ``RecordStore``) and never httpx, hvac or
+APScheduler. Every step checks what is already done before doing it, so a run can die anywhere
+and the next run (or ``reconcile``) finishes the job. The invariant it serves: the PSK Cloudflare
+holds is always readable from the latest Vault version of the tunnel's record, as ``psk`` or
+``pending_psk``.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from rotator.errors import CasConflict, CloudflareError, ConfigError, LeaseHeld, VaultError
+from rotator.model import Lease, PskSetResult, Record, TunnelInfo
+from rotator.psk import PskGenerator, Secret
+
+ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE = (
+    "rotated", "refused", "unapplied", "skipped", "unknown", "would_rotate")
+RESULTS = (ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE)
+STEPS = ("plan", "stage", "validate", "apply", "promote")
+
+
+class TunnelApi(Protocol):
+    def list_tunnels(self, account_id: str) -> list[TunnelInfo]: ...
+
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool) -> PskSetResult: ...
+
+
+class RecordStore(Protocol):
+    def read(self, account_id: str, tunnel_id: str) -> Record: ...
+
+    def read_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, Record | VaultError]: ...
+
+    def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]: ...
+
+    def read_lease(self, account_id: str) -> Lease: ...
+
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int: ...
+
+
+@dataclass(slots=True)
+class TunnelOutcome:
+    tunnel_id: str
+    name: str
+    result: str
+    reason: str | None = None
+    reconciled: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tunnel_id": self.tunnel_id, "name": self.name, "result": self.result, "reason": self.reason,
+                "reconciled": self.reconciled}
+
+
+@dataclass
+class RunReport:
+    rotation_id: str
+    account_id: str
+    dry_run: bool
+    started_at: float
+    finished_at: float = 0.0
+    outcomes: list[TunnelOutcome] = field(default_factory=list)
+    error: str | None = None
+    step_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+
+    def counts(self) -> dict[str, int]:
+        tally = collections.Counter(o.result for o in self.outcomes)
+        return {r: tally.get(r, 0) for r in RESULTS}
+
+    @property
+    def ok(self) -> bool:
+        """Everything asked for was done."""
+        done = WOULD_ROTATE if self.dry_run else ROTATED
+        return self.error is None and all(o.result == done for o in self.outcomes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rotation_id": self.rotation_id, "account_id": self.account_id, "dry_run": self.dry_run,
+                "ok": self.ok, "error": self.error, "counts": self.counts(),
+                "duration_seconds": round(self.finished_at - self.started_at, 3),
+                "tunnels": [o.as_dict() for o in self.outcomes]}
+
+
+@dataclass
+class RunRequest:
+    account_id: str
+    tunnels: Sequence[str] | None = None  # ids or names; None = every tunnel of the account
+    due: Callable[[TunnelInfo, Record], bool] | None = None  # None = every selected tunnel is due
+    select: Callable[[TunnelInfo], bool] | None = None  # narrows "every tunnel" (config selections)
+    reconcile_only: bool = False
+    dry_run: bool = False
+    rotation_id: str | None = None
+    psk_for: Callable[[TunnelInfo], PskGenerator] | None = None  # per-tunnel PSK policy; default: the engine's
+
+
+def new_rotation_id(clock: Callable[[], float] = time.time) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock())) + "-" + secrets.token_hex(3)
+
+
+def rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class LeaseManager:
+    """Per-account leases in Vault (CAS + expiry) so one rotator acts on an account at a time.
+
+    Thread-safe: the daemon renews from its scheduler while runs renew before each apply.
+    """
+
+    def __init__(self, store: RecordStore, holder: str, ttl: float = 120.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.holder, self.ttl, self.clock = store, holder, ttl, clock
+        self._held: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, account_id: str) -> Lease:
+        """Take or renew the lease; raises LeaseHeld if another live holder has it."""
+        with self._lock:
+            lease = self._held.get(account_id)
+            if lease is not None:
+                try:
+                    return self._write(account_id, lease.version)
+                except CasConflict:
+                    self._held.pop(account_id, None)
+            current = self.store.read_lease(account_id)
+            now = self.clock()
+            if current.holder and current.holder != self.holder and current.expires_at > now:
+                raise LeaseHeld(f"account {account_id} is leased to {current.holder} for another "
+                                f"{current.expires_at - now:.0f}s", "another replica is rotating it; this one stands by")
+            try:
+                return self._write(account_id, current.version)
+            except CasConflict as exc:
+                raise LeaseHeld(f"account {account_id}: another rotator took the lease first",
+                                "another replica is rotating it; this one stands by") from exc
+
+    def _write(self, account_id: str, cas: int) -> Lease:
+        expires = self.clock() + self.ttl
+        version = self.store.write_lease(account_id, self.holder, expires, cas)
+        lease = self._held[account_id] = Lease(self.holder, expires, version)
+        return lease
+
+    def holds(self, account_id: str, margin: float = 0.0) -> bool:
+        with self._lock:
+            lease = self._held.get(account_id)
+            return lease is not None and lease.expires_at - margin > self.clock()
+
+    def release(self, account_id: str) -> None:
+        with self._lock:
+            lease = self._held.pop(account_id, None)
+            if lease is None:
+                return
+            try:
+                self.store.write_lease(account_id, "", 0.0, lease.version)
+            except VaultError:
+                pass  # it expires on its own
+
+    def held_accounts(self) -> list[str]:
+        with self._lock:
+            return [a for a, lease in self._held.items() if lease.expires_at > self.clock()]
+
+
+_NO_KEY = Secret("")
+
+
+@dataclass(slots=True)
+class _Item:
+    tunnel: TunnelInfo
+    record: Record
+    key: Secret
+    reconcile: bool  # re-applying a pending key found in Vault rather than a fresh one
+
+
+class Engine:
+    def __init__(
+        self, api: TunnelApi, store: RecordStore, generator: PskGenerator, leases: LeaseManager, *,
+        batch_size: int = 100, clock: Callable[[], float] = time.time,
+        on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
+        release_lease: bool = True, should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.release_lease = release_lease  # a daemon keeps its lease between runs (leadership)
+        self.should_stop = should_stop or (lambda: False)
+        self.api, self.store, self.generator, self.leases = api, store, generator, leases
+        self.batch_size = batch_size
+        self.clock = clock
+        self.on_step = on_step or (lambda account, step, seconds: None)
+        self.log = log or structlog.get_logger("rotator.engine")
+
+    # -- entry point --------------------------------------------------------------------------
+    def run(self, req: RunRequest) -> RunReport:
+        report = RunReport(req.rotation_id or new_rotation_id(self.clock), req.account_id, req.dry_run, self.clock())
+        log = self.log.bind(account=req.account_id, rotation_id=report.rotation_id)
+        try:
+            if not req.dry_run:
+                self.leases.acquire(req.account_id)
+            try:
+                self._run(req, report, log)
+            finally:
+                if not req.dry_run and self.release_lease:
+                    self.leases.release(req.account_id)
+        except LeaseHeld as exc:
+            report.error = str(exc)
+            report.outcomes = [TunnelOutcome(t, t, SKIPPED, str(exc)) for t in (req.tunnels or [])]
+        except (CloudflareError, VaultError) as exc:
+            report.error = str(exc)
+            log.error("run_failed", error=str(exc))
+        report.finished_at = self.clock()
+        return report
+
+    def _timed(self, report: RunReport, step: str, started: float) -> None:
+        seconds = time.monotonic() - started
+        report.step_seconds[step] += seconds
+        self.on_step(report.account_id, step, seconds)
+
+    # -- plan ---------------------------------------------------------------------------------
+    def _run(self, req: RunRequest, report: RunReport, log: Any) -> None:
+        started = time.monotonic()
+        tunnels = self.api.list_tunnels(req.account_id)
+        selected = self._select(tunnels, req)
+        records = self.store.read_many(req.account_id, [t.id for t in selected])
+        items: list[_Item] = []
+        fresh: dict[PskGenerator, list[_Item]] = collections.defaultdict(list)
+        for tunnel in selected:
+            rec = records[tunnel.id]
+            if isinstance(rec, VaultError):
+                report.outcomes.append(TunnelOutcome(tunnel.id, tunnel.name, UNAPPLIED, f"reading Vault: {rec}"))
+            elif rec.pending_psk is not None:
+                items.append(_Item(tunnel, rec, rec.pending_psk, reconcile=True))
+            elif not req.reconcile_only and (req.due is None or req.due(tunnel, rec)):
+                item = _Item(tunnel, rec, _NO_KEY, reconcile=False)
+                fresh[req.psk_for(tunnel) if req.psk_for else self.generator].append(item)
+                items.append(item)
+        for generator, group in fresh.items():  # keys drawn in bulk, one draw per PSK policy
+            for item, key in zip(group, generator.generate(len(group)), strict=True):
+                item.key = key
+        self._timed(report, "plan", started)
+        log.debug("planned", tunnels=len(selected), items=len(items),
+                  reconcile=sum(1 for i in items if i.reconcile))
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start:start + self.batch_size]
+            if self.should_stop():
+                report.outcomes.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, "shutting down",
+                                                     i.reconcile) for i in items[start:])
+                break
+            if not req.dry_run and start and not self._still_leased(req.account_id, batch, report):
+                for rest in items[start + self.batch_size:]:
+                    report.outcomes.append(TunnelOutcome(rest.tunnel.id, rest.tunnel.name, SKIPPED, "lease lost"))
+                break
+            self._batch(req, report, batch, log)
+
+    def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
+        if req.tunnels is None:
+            return [t for t in tunnels if req.select is None or req.select(t)]
+        by_id = {t.id: t for t in tunnels}
+        by_name: dict[str, list[TunnelInfo]] = collections.defaultdict(list)
+        for t in tunnels:
+            by_name[t.name].append(t)
+        chosen: dict[str, TunnelInfo] = {}
+        for wanted in req.tunnels:
+            if wanted in by_id:
+                chosen[wanted] = by_id[wanted]
+            elif len(by_name.get(wanted, [])) == 1:
+                chosen[by_name[wanted][0].id] = by_name[wanted][0]
+            elif wanted in by_name:
+                raise ConfigError(f"tunnel name {wanted!r} is ambiguous in account {req.account_id}",
+                                  "name the tunnel by its id")
+            else:
+                raise ConfigError(f"no tunnel {wanted!r} in account {req.account_id}",
+                                  f"run 'rotator status --account {req.account_id}' to list its tunnels")
+        return list(chosen.values())
+
+    def _still_leased(self, account_id: str, batch: list[_Item], report: RunReport) -> bool:
+        try:
+            self.leases.acquire(account_id)
+            return True
+        except (LeaseHeld, VaultError) as exc:
+            for item in batch:
+                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, SKIPPED, f"lease lost: {exc}"))
+            return False
+
+    # -- one batch: stage, validate, apply, promote -------------------------------------------
+    def _batch(self, req: RunRequest, report: RunReport, batch: list[_Item], log: Any) -> None:
+        out = report.outcomes
+        started = time.monotonic()
+        live = [i for i in batch if i.reconcile] + self._stage(req, report, [i for i in batch if not i.reconcile])
+        self._timed(report, "stage", started)
+        if not live:
+            return
+
+        started = time.monotonic()
+        try:
+            verdict = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in live}, validate_only=True)
+        except CloudflareError as exc:
+            self._timed(report, "validate", started)
+            log.warning("validate_failed", error=str(exc), tunnels=len(live))
+            self._settle_not_applied(req, report, live, f"validation call failed: {exc}", UNAPPLIED)
+            return
+        self._timed(report, "validate", started)
+        accepted: list[_Item] = []
+        refused: list[tuple[_Item, str]] = []
+        for item in live:
+            if item.tunnel.id in verdict.unapplied:
+                refused.append((item, verdict.unapplied[item.tunnel.id]))
+            elif item.tunnel.id in verdict.applied:
+                accepted.append(item)
+            else:
+                refused.append((item, "not acknowledged by validate_only"))
+        for item, reason in refused:
+            self._settle_not_applied(req, report, [item], f"refused by validation: {reason}", REFUSED)
+        if req.dry_run:
+            out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, WOULD_ROTATE, None, i.reconcile) for i in accepted)
+            return
+        if not accepted:
+            return
+
+        started = time.monotonic()
+        if not self.leases.holds(req.account_id, margin=self.leases.ttl / 2):
+            try:
+                self.leases.acquire(req.account_id)
+            except (LeaseHeld, VaultError) as exc:
+                # Not applying is always safe: pending keys stay in Vault for whoever holds the lease.
+                self._timed(report, "apply", started)
+                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, f"lease lost before apply: {exc}",
+                                         i.reconcile) for i in accepted)
+                return
+        try:
+            result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False)
+        except CloudflareError as exc:
+            self._timed(report, "apply", started)
+            log.warning("apply_failed", error=str(exc), ambiguous=exc.ambiguous, tunnels=len(accepted))
+            if exc.ambiguous:
+                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, UNKNOWN,
+                                         f"apply outcome unknown ({exc}); key left pending for reconcile",
+                                         i.reconcile) for i in accepted)
+            else:
+                self._settle_not_applied(req, report, accepted, f"apply failed: {exc}", UNAPPLIED)
+            return
+        self._timed(report, "apply", started)
+        applied = [i for i in accepted if i.tunnel.id in result.applied]
+        for item in accepted:
+            if item.tunnel.id in result.unapplied:
+                self._settle_not_applied(req, report, [item], f"unapplied: {result.unapplied[item.tunnel.id]}",
+                                         UNAPPLIED)
+            elif item.tunnel.id not in result.applied:
+                out.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, UNKNOWN,
+                                         "Cloudflare did not report this tunnel; key left pending for reconcile",
+                                         item.reconcile))
+        started = time.monotonic()
+        self._promote(report, applied)
+        self._timed(report, "promote", started)
+
+    def _stage(self, req: RunRequest, report: RunReport, items: list[_Item]) -> list[_Item]:
+        """Write psk=old, pending_psk=new, state=pending with CAS; return the items now staged."""
+        if not items:
+            return []
+        staged_records = []
+        for item in items:
+            rec = item.record
+            staged_records.append(Record(
+                rec.account_id, rec.tunnel_id, rec.version, psk=rec.psk, pending_psk=item.key,
+                previous_psk=rec.previous_psk, state="pending", rotation_id=report.rotation_id,
+                rotated_at=rec.rotated_at, tunnel_name=item.tunnel.name, ipsec_id=rec.ipsec_id,
+                last_error=rec.last_error,
+            ))
+        if req.dry_run:
+            return items
+        written = self.store.write_many(staged_records)
+        staged = []
+        for item in items:
+            res = written[item.tunnel.id]
+            if isinstance(res, CasConflict):
+                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, SKIPPED,
+                                                     "record changed since it was read (another rotator?)"))
+            elif isinstance(res, VaultError):
+                result = UNKNOWN if res.ambiguous else UNAPPLIED
+                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, result,
+                                                     f"staging in Vault failed: {res}"))
+            else:
+                item.record = res
+                staged.append(item)
+        return staged
+
+    def _settle_not_applied(self, req: RunRequest, report: RunReport, items: list[_Item], reason: str,
+                            result: str) -> None:
+        """Cloudflare did not take these keys. A fresh key is unstaged (Cloudflare still holds ``psk``);
+        a reconciled key stays pending, since Cloudflare may hold it from an earlier apply."""
+        for i in items:
+            settled = UNKNOWN if i.reconcile and result != REFUSED else result
+            report.outcomes.append(TunnelOutcome(i.tunnel.id, i.tunnel.name, settled, reason, i.reconcile))
+        if req.dry_run:
+            return
+        updates = []
+        for item in items:
+            rec = item.record
+            updates.append(Record(
+                rec.account_id, rec.tunnel_id, rec.version, psk=rec.psk,
+                pending_psk=rec.pending_psk if item.reconcile else None, previous_psk=rec.previous_psk,
+                state="pending" if item.reconcile else "active", rotation_id=rec.rotation_id,
+                rotated_at=rec.rotated_at, tunnel_name=item.tunnel.name, ipsec_id=rec.ipsec_id,
+                last_error=reason[:500],
+            ))
+        for tid, res in self.store.write_many(updates).items():
+            if isinstance(res, VaultError):
+                # The pending key stays in Vault: harmless, the next run re-validates it.
+                self.log.warning("unstage_failed", account=req.account_id, tunnel=tid, error=str(res))
+
+    def _promote(self, report: RunReport, items: list[_Item]) -> None:
+        if not items:
+            return
+        now = rfc3339(self.clock())
+        records = []
+        for item in items:
+            rec = item.record
+            records.append(Record(
+                rec.account_id, rec.tunnel_id, rec.version, psk=item.key, pending_psk=None, previous_psk=rec.psk,
+                state="active", rotation_id=report.rotation_id, rotated_at=now, tunnel_name=item.tunnel.name,
+                ipsec_id=rec.ipsec_id, last_error=None,
+            ))
+        written = self.store.write_many(records)
+        by_id = {i.tunnel.id: i for i in items}
+        for tid, res in written.items():
+            item = by_id[tid]
+            if isinstance(res, CasConflict):
+                res = self._promote_after_conflict(item, records[items.index(item)])
+            if isinstance(res, VaultError):
+                report.outcomes.append(TunnelOutcome(tid, item.tunnel.name, UNKNOWN,
+                                                     f"applied, but promoting in Vault failed ({res}); "
+                                                     "the key stays pending until reconcile", item.reconcile))
+            else:
+                report.outcomes.append(TunnelOutcome(tid, item.tunnel.name, ROTATED, None, item.reconcile))
+
+    def _promote_after_conflict(self, item: _Item, wanted: Record) -> Record | VaultError:
+        """Promotion is idempotent: already promoted with our key is success; still pending, retry once."""
+        try:
+            current = self.store.read(item.record.account_id, item.record.tunnel_id)
+        except VaultError as exc:
+            return exc
+        if current.pending_psk is None and current.psk == item.key:
+            return current
+        if current.pending_psk == item.key:
+            wanted.version = current.version
+            wanted.previous_psk = current.psk
+            return self.store.write_many([wanted])[item.tunnel.id]
+        return VaultError("record moved on to another key during promotion", "run reconcile")

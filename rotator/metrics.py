@@ -1,0 +1,60 @@
+"""Every metric, defined once against an injected registry. Prefix ``psk_rotator_``.
+
+Timestamps, not ages (Prometheus computes ages with ``time()``); counters end in ``_total``.
+Labels carry account and tunnel ids, never a key.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from rotator import __version__
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        p = "psk_rotator_"
+        self.rotations = Counter(p + "rotations", "Tunnel rotation outcomes", ["account", "result"], registry=registry)
+        self.runs = Counter(p + "runs", "Rotation runs by trigger and whether all was done",
+                            ["account", "trigger", "ok"], registry=registry)
+        self.last_success = Gauge(p + "last_success_timestamp_seconds",
+                                  "When the tunnel's PSK last became current (UNIX time)", ["account", "tunnel"],
+                                  registry=registry)
+        self.next_due = Gauge(p + "next_rotation_timestamp_seconds", "When the tunnel is next due (UNIX time)",
+                              ["account", "tunnel"], registry=registry)
+        self.max_age = Gauge(p + "policy_max_age_seconds", "The longest a tunnel's PSK may live under its policy",
+                             ["account", "tunnel"], registry=registry)
+        self.step_duration = Histogram(p + "step_duration_seconds", "Duration of each rotation step", ["step"],
+                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+                                       registry=registry)
+        self.cloudflare_requests = Counter(p + "cloudflare_requests", "Cloudflare API requests",
+                                           ["endpoint", "status"], registry=registry)
+        self.vault_operations = Counter(p + "vault_operations", "Vault operations", ["operation", "outcome"],
+                                        registry=registry)
+        self.pending = Gauge(p + "tunnels_pending", "Tunnels whose Vault record holds a pending key",
+                             ["account"], registry=registry)
+        self.ratelimit_remaining = Gauge(p + "cloudflare_ratelimit_remaining",
+                                         "Requests left in Cloudflare's rate-limit window, as last reported",
+                                         registry=registry)
+        self.leader = Gauge(p + "leader", "1 when this replica holds the account lease", ["account"],
+                            registry=registry)
+        self.vault_up = Gauge(p + "vault_up", "1 when Vault answered the last check with a valid token",
+                              registry=registry)
+        self.cloudflare_up = Gauge(p + "cloudflare_up", "1 when Cloudflare accepted the token on the last call",
+                                   registry=registry)
+        self.build_info = Gauge(p + "build_info", "Build information", ["version"], registry=registry)
+        self.build_info.labels(version=__version__).set(1)
+
+    def observe_cloudflare(self, endpoint: str, status: str) -> None:
+        self.cloudflare_requests.labels(endpoint=endpoint, status=status).inc()
+        if status in ("401", "403"):
+            self.cloudflare_up.set(0)
+        elif status.startswith("2"):
+            self.cloudflare_up.set(1)
+
+    def observe_vault(self, operation: str, outcome: str) -> None:
+        self.vault_operations.labels(operation=operation, outcome=outcome).inc()
+
+    def observe_step(self, account: str, step: str, seconds: float) -> None:
+        self.step_duration.labels(step=step).observe(seconds)

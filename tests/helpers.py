@@ -1,0 +1,89 @@
+"""Test helpers: build a runtime against simulators, run the CLI, assert the invariant, collect secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from rotator import config
+from rotator.sim import Simulators
+from rotator.wiring import Runtime, build_runtime, preflight
+
+# Everything the suite printed, and every secret it made; tests/test_zz_secret_scan.py checks them.
+OUTPUTS: list[str] = []
+SECRETS: set[str] = set()
+
+PREFIX = "cloudflare/magic-ipsec"
+
+
+def remember_secrets(sims: Simulators) -> None:
+    SECRETS.update({sims.vault_token, sims.vault.root_token, sims.cloudflare_api_token})
+    SECRETS.update(h.psk for h in sims.cloudflare.applied_history())
+    for acc in sims.tunnels_by_account:
+        SECRETS.update(p for p in sims.cloudflare.psks(acc).values() if p)
+
+
+def write_config(tmp_path, text: str) -> str:
+    path = tmp_path / "rotator.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def runtime(sims: Simulators, config_text: str = "", tmp_path=None, holder: str | None = None,
+            **env_overrides: str) -> Runtime:
+    env = {**sims.env(), **env_overrides}
+    path = write_config(tmp_path, config_text) if config_text else None
+    settings = config.load(path, env=env)
+    rt = build_runtime(settings, holder=holder)
+    preflight(rt)
+    return rt
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "rotator", *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+    OUTPUTS.extend([proc.stdout, proc.stderr])
+    return proc
+
+
+def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "rotator", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll a condition (synchronisation on observable state, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def record(sims: Simulators, account: str, tunnel: str) -> dict[str, Any] | None:
+    return sims.vault.read_data(f"{PREFIX}/{account}/{tunnel}")
+
+
+def assert_invariant(sims: Simulators, account: str, strict: bool = False) -> int:
+    """DESIGN.md section 2. Returns how many managed tunnels were checked.
+
+    Non-strict: for every managed tunnel, Cloudflare's PSK is the latest record's psk or pending_psk.
+    Strict (no rotation in flight): it is psk, and nothing is pending.
+    """
+    checked = 0
+    for tunnel in sims.tunnels_by_account[account]:
+        data = record(sims, account, tunnel)
+        if not data or not (data.get("psk") or data.get("pending_psk")):
+            continue  # never rotated by us: not managed yet
+        checked += 1
+        held = sims.cloudflare.psk_of(account, tunnel)
+        if strict:
+            assert held == data.get("psk"), f"{tunnel}: Cloudflare holds a key that is not the record's psk"
+            assert "pending_psk" not in data and data["state"] == "active", f"{tunnel}: still pending"
+        else:
+            assert held in (data.get("psk"), data.get("pending_psk")), \
+                f"{tunnel}: Cloudflare holds a key Vault does not have (invariant broken)"
+    return checked

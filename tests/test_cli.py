@@ -1,0 +1,183 @@
+"""The one-shot CLI as a subprocess against the simulators: exit codes, one-line errors, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from tests.helpers import assert_invariant, record, run_cli, start_cli, wait_for, write_config
+
+
+def account(sims):
+    return next(iter(sims.tunnels_by_account))
+
+
+def test_rotate_all_then_status_json(sims):
+    acc = account(sims)
+    proc = run_cli(["rotate", "--account", acc, "--all", "--output", "json"], sims.env())
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["counts"]["rotated"] == 6
+    status = run_cli(["status", "--account", acc, "--output", "json"], sims.env())
+    rows = json.loads(status.stdout)["tunnels"]
+    assert {r["state"] for r in rows} == {"active"} and not any(r["pending"] for r in rows)
+    assert all(r["psk_age_seconds"] is not None and r["psk_age_seconds"] < 60 for r in rows)
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_text_output_has_a_summary_table(sims):
+    acc = account(sims)
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", "tun00001", "--tunnel",
+                    sims.tunnels_by_account[acc][1]], sims.env())
+    assert proc.returncode == 0
+    assert "TUNNEL" in proc.stdout and "Summary: 2 rotated" in proc.stdout
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_some_tunnel_not_rotated_exits_1(sims):
+    acc = account(sims)
+    sims.cloudflare.refuse_tunnels([sims.tunnels_by_account[acc][0]], stage="validate")
+    proc = run_cli(["rotate", "--account", acc, "--all"], sims.env())
+    assert proc.returncode == 1 and "refused" in proc.stdout
+    assert_invariant(sims, acc, strict=True)
+
+
+@pytest.mark.parametrize("args", [["rotate", "--account", "x"], ["rotate", "--all"], ["bogus"]])
+def test_usage_errors_exit_2(sims, args):
+    proc = run_cli(args, sims.env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_wrong_cloudflare_token_one_line_nothing_changed(sims):
+    acc = account(sims)
+    proc = run_cli(["rotate", "--account", acc, "--all"], {**sims.env(), "CLOUDFLARE_API_TOKEN": "w" * 40})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("rotator:")]
+    assert len(line) == 1 and "10000" in line[0] and "Magic WAN Write" in line[0]
+    assert not sims.vault.keys_under(f"cloudflare/magic-ipsec/{acc}/")  # no record touched
+    assert "cf.psk_apply" not in sims.cloudflare.request_counts()
+
+
+def test_unreachable_vault_one_line(sims):
+    acc = account(sims)
+    proc = run_cli(["rotate", "--account", acc, "--all"], {**sims.env(), "VAULT_ADDR": "http://127.0.0.1:9"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot reach Vault" in proc.stderr and "VAULT_ADDR" in proc.stderr
+    assert sims.cloudflare.request_counts() == {}
+
+
+def test_vault_mount_not_kv2_is_a_config_error(sims, tmp_path):
+    sims.vault.add_mount("legacy", kv_version="1")
+    sims.vault.policies["rotator"].append(("legacy/*", {"read"}))
+    cfg = write_config(tmp_path, '[vault]\nmount = "legacy"\n')
+    proc = run_cli(["--config", cfg, "status", "--account", account(sims)], sims.env())
+    assert proc.returncode == 2 and "not a KV version 2" in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[cloudflare]\nbatch_size = 0\n", "cloudflare.batch_size"),
+    ("[policies.default]\nevery = \"3d\"\npsk_length = 20\n", "psk length"),
+    ("[policies.default]\nevery = \"3d\"\npsk_alphabet = \"ab\"\npsk_length = 64\n", "entropy"),
+    ("[vault]\nmystery = 1\n", "vault.mystery"),
+    ("[[accounts]]\nid = \"nope\"\n", "accounts[0].id"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_config_names_the_key(sims, tmp_path, text, needle):
+    cfg = write_config(tmp_path, text)
+    proc = run_cli(["--config", cfg, "config", "check"], sims.env())
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_config_check_masks_secrets(sims):
+    proc = run_cli(["config", "check"], sims.env())
+    assert proc.returncode == 0
+    out = json.loads(proc.stdout)
+    assert out["vault"]["token"] == "<set>" and out["cloudflare"]["api_token"] == "<set>"
+    assert sims.vault_token not in proc.stdout and sims.cloudflare_api_token not in proc.stdout
+
+
+def test_missing_credentials_are_config_errors(sims):
+    env = {**sims.env(), "CLOUDFLARE_API_TOKEN": ""}
+    proc = run_cli(["status", "--account", account(sims)], env)
+    assert proc.returncode == 2 and "CLOUDFLARE_API_TOKEN" in proc.stderr
+
+
+# -- crash recovery: kill the process at every step boundary ---------------------------------------
+
+def _kill_when(sims, tmp_path, arm, reached):
+    acc = account(sims)
+    cfg = write_config(tmp_path, "[rotation]\nlease_ttl = 2\n[cloudflare]\nbatch_size = 3\n")
+    # One managed generation first, so every tunnel has a psk before the crash.
+    assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    disarm = arm()
+    proc = start_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env())
+    try:
+        wait_for(reached, what="the step boundary")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    if callable(disarm):
+        disarm()
+    sims.cloudflare.clear_faults()
+    sims.vault.clear_faults()
+    assert_invariant(sims, acc)
+    # The dead process's lease expires; reconcile then settles everything.
+    result = {}
+
+    def reconciled():
+        proc = run_cli(["--config", cfg, "reconcile", "--account", acc, "--output", "json"], sims.env())
+        result["report"] = json.loads(proc.stdout) if proc.stdout.strip() else None
+        return proc.returncode == 0
+
+    wait_for(reconciled, timeout=30, what="reconcile after the lease expired")
+    assert_invariant(sims, acc, strict=True)
+    return result["report"]
+
+
+def test_killed_during_plan(sims, tmp_path):
+    sims_cf = sims.cloudflare
+    _kill_when(sims, tmp_path, lambda: sims_cf.set_latency(5, route="cf.list"),
+               lambda: sims_cf.request_counts().get("cf.list", 0) >= 2)
+
+
+def test_killed_after_stage_before_validate(sims, tmp_path):
+    cf = sims.cloudflare
+    report = _kill_when(sims, tmp_path, lambda: cf.set_latency(5, route="cf.psk_validate"),
+                        lambda: cf.request_counts().get("cf.psk_validate", 0) >= 3)
+    assert report["counts"]["rotated"] == 3  # the staged batch completed by reconcile
+
+
+def test_killed_during_apply(sims, tmp_path):
+    cf = sims.cloudflare
+    _kill_when(sims, tmp_path, lambda: cf.set_latency(3, route="cf.psk_apply"),
+               lambda: cf.request_counts().get("cf.psk_apply", 0) >= 3)
+
+
+def test_killed_after_apply_before_promote(sims, tmp_path):
+    cf, vault = sims.cloudflare, sims.vault
+    acc = account(sims)
+    base = {}
+
+    def arm():
+        base["history"] = len(cf.applied_history())
+        original = cf._apply
+
+        def apply_then_stall_vault(*a, **kw):
+            original(*a, **kw)
+            vault.set_latency(5, route="kv.write")  # promote will hang: the kill lands before it
+
+        cf._apply = apply_then_stall_vault
+        return lambda: setattr(cf, "_apply", original)
+
+    _kill_when(sims, tmp_path, arm, lambda: len(cf.applied_history()) > base["history"])
+    assert record(sims, acc, sims.tunnels_by_account[acc][0])["state"] == "active"
+
+
+def test_killed_between_batches(sims, tmp_path):
+    cf = sims.cloudflare
+    _kill_when(sims, tmp_path, lambda: cf.set_latency(5, route="cf.psk_validate"),
+               lambda: cf.request_counts().get("cf.psk_apply", 0) >= 3 and
+               cf.request_counts().get("cf.psk_validate", 0) >= 4)
