@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from rotator import config as config_mod
 from rotator.admin import build_app
-from rotator.config import Settings
+from rotator.config import Policy, Settings
 from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.logging import Redactor, configure
@@ -230,7 +230,7 @@ class Daemon:
             return account.policy_for(t.id, t.name) is not None
 
         def due(t: TunnelInfo, rec: Record) -> bool:
-            policy = self.settings.policies[account.policy_for(t.id, t.name) or "default"]
+            policy = self._policy(account_id, t.id, t.name)
             st = states.setdefault(t.id, TunnelState(t.name))
             st.name = t.name
             st.state = "unmanaged" if rec.version == 0 else rec.state
@@ -271,6 +271,10 @@ class Daemon:
             run.report, run.state = report, "done"
             self._record(run, report)
 
+    def _policy(self, account_id: str, tunnel_id: str, name: str) -> Policy:
+        account = next(a for a in self.settings.accounts if a.id == account_id)
+        return self.settings.policies[account.policy_for(tunnel_id, name) or "default"]
+
     def _record(self, run: Run, report: RunReport) -> None:
         states = self.tunnels.setdefault(run.account, {})
         now = self.clock()
@@ -281,7 +285,9 @@ class Daemon:
             if o.result == ROTATED:
                 st.failures, st.last_failure, st.last_error = 0, None, None
                 st.last_rotated, st.pending, st.state = now, False, "active"
+                st.next_due = next_due(self._policy(run.account, o.tunnel_id, o.name), o.tunnel_id, now, now)
                 self.metrics.last_success.labels(account=run.account, tunnel=o.tunnel_id).set(now)
+                self.metrics.next_due.labels(account=run.account, tunnel=o.tunnel_id).set(st.next_due)
             elif not report.dry_run:
                 st.failures += 1
                 st.last_failure = now
