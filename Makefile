@@ -2,23 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
 
-$(BIN)/rotator: pyproject.toml
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 .PHONY: test lint demo bench
-lint: $(BIN)/rotator
+lint: $(STAMP)
 	$(BIN)/ruff check rotator tests
 	$(BIN)/mypy
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
 test: lint
 	$(BIN)/pytest -q
 
-demo: $(BIN)/rotator
+demo: $(STAMP)
 	$(BIN)/rotator demo
 
-bench: $(BIN)/rotator
+bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py

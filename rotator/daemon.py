@@ -31,11 +31,11 @@ from rotator.admin import build_app
 from rotator.config import Policy, Settings
 from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
+from rotator.httpserver import ServerThread
 from rotator.logging import Redactor, configure
 from rotator.metrics import Metrics
 from rotator.model import Record, TunnelInfo
 from rotator.schedule import next_due, parse_time
-from rotator.sim.base import ServerThread
 from rotator.wiring import Runtime, build_runtime
 
 SHUTDOWN_GRACE = 30.0
@@ -161,8 +161,10 @@ class Daemon:
             try:
                 self.runtime.leases.acquire(acc.id)
                 leader = True
+                self.metrics.vault_up.set(1)
             except LeaseHeld:
                 leader = False
+                self.metrics.vault_up.set(1)
             except VaultError as exc:
                 leader = self.runtime.leases.holds(acc.id)
                 self.metrics.vault_up.set(0)
@@ -432,7 +434,8 @@ def run_demo(listen: str) -> int:
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
     print(json.dumps({"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
-                      "accounts": list(sims.tunnels_by_account)}), flush=True)
+                      "accounts": list(sims.tunnels_by_account), "simulators": {
+                          "vault": sims.vault_addr, "cloudflare": sims.cloudflare_base_url}}), flush=True)
     print(f"""
 psk-rotator demo: the daemon rotates {sum(map(len, sims.tunnels_by_account.values()))} simulated tunnels in
 {len(sims.tunnels_by_account)} accounts every 20-30 s (the first rotation within 10 s).

@@ -1,0 +1,150 @@
+"""Operations artefacts with the real tools: promtool, Prometheus, hadolint, the container's install steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import OUTPUTS, start_cli, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM = ROOT / "config" / "prometheus"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: CI must install it (.ci/run)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    proc = subprocess.run([tool("promtool"), "test", "rules", str(PROM / "alerts_test.yml")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_alert_has_a_unit_test_and_a_runbook_section():
+    rules = re.findall(r"alert: (\w+)", (PROM / "alerts.yml").read_text())
+    tested = set(re.findall(r"alertname: (\w+)", (PROM / "alerts_test.yml").read_text()))
+    assert len(rules) == 7 and set(rules) <= tested
+    readme = (ROOT / "README.md").read_text().lower()
+    for anchor in set(re.findall(r"#(runbook-[a-z-]+)", (PROM / "alerts.yml").read_text())):
+        assert "### " + anchor.replace("-", " ") in readme.replace("-", " ").replace(":", ""), anchor
+
+
+def test_prometheus_config_is_valid():
+    proc = subprocess.run([tool("promtool"), "check", "config", str(PROM / "prometheus.yml")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_queries_only_exported_metrics():
+    from prometheus_client import CollectorRegistry
+
+    from rotator.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exported = {m.name for m in registry.collect()}
+    exported |= {n + "_total" for n in exported} | {n + "_bucket" for n in exported}
+    dash = json.loads((ROOT / "config" / "grafana" / "psk-rotator-dashboard.json").read_text())
+    used = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"psk_rotator_[a-z_]+", target["expr"]))
+    assert used and used <= exported, used - exported
+
+
+def test_dockerfile_is_hadolint_clean():
+    proc = subprocess.run([tool("hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_container_install_steps_work_in_a_venv(tmp_path):
+    """The Dockerfile's build stage, without a Docker engine: a venv, `pip install .`, the entrypoint."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["rotator"]' in text and 'CMD ["run"]' in text and "USER 10001" in text
+    venv = tmp_path / "venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], capture_output=True, text=True,
+                          env={**os.environ, "PIP_NO_INPUT": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out = subprocess.run([str(venv / "bin" / "rotator"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "rotate" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_prometheus_scrapes_the_demo_and_alerts_fire(tmp_path):
+    prometheus = tool("prometheus")
+    demo = start_cli(["demo", "--listen", "127.0.0.1:0"], {})
+    prom = None
+    try:
+        ready = json.loads(demo.stdout.readline())
+        admin = ready["admin_url"]
+        target = admin.removeprefix("http://")
+        rules = (PROM / "alerts.yml").read_text()
+        (tmp_path / "alerts.yml").write_text(rules)
+        (tmp_path / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\n"
+            f"scrape_configs:\n  - job_name: psk-rotator\n    static_configs:\n      - targets: ['{target}']\n")
+        port = _free_port()
+        prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        api = f"http://127.0.0.1:{port}/api/v1"
+
+        def query(expr: str) -> list:
+            try:
+                return httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                return []
+
+        wait_for(lambda: query('up{job="psk-rotator"} == 1'), timeout=60, what="Prometheus scraping the demo")
+        wait_for(lambda: query('sum(psk_rotator_rotations_total{result="rotated"}) > 0'), timeout=60,
+                 what="rotation metrics in Prometheus")
+        # Inject a fault: Cloudflare refuses every tunnel of one account at validation.
+        sim_root = ready["simulators"]["cloudflare"].removesuffix("/client/v4")
+        state = httpx.get(sim_root + "/_sim/state").json()["result"]
+        acc = ready["accounts"][0]
+        httpx.post(sim_root + "/_sim/control", json={"op": "refuse_tunnels", "tunnel_ids": list(state["accounts"][acc]),
+                                                     "stage": "validate", "reason": "injected by the test"})
+
+        def alert(name: str) -> list:
+            try:
+                alerts = httpx.get(f"{api}/alerts", timeout=5).json()["data"]["alerts"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                return []
+            return [a for a in alerts if a["labels"]["alertname"] == name]
+
+        wait_for(lambda: any(a["state"] == "firing" and a["labels"].get("account") == acc
+                             for a in alert("PskRotationFailing")), timeout=90, what="PskRotationFailing firing")
+        httpx.post(ready["simulators"]["vault"] + "/_sim/control", json={"op": "seal"})
+        wait_for(lambda: any(a["state"] in ("pending", "firing") for a in alert("PskRotatorVaultUnreachable")),
+                 timeout=90, what="PskRotatorVaultUnreachable pending")
+    finally:
+        if prom is not None:
+            prom.terminate()
+            prom.wait(timeout=20)
+        demo.terminate()
+        out, err = demo.communicate(timeout=40)
+        OUTPUTS.extend([out, err])
+    assert demo.returncode == 0, err[-2000:]
