@@ -69,8 +69,8 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
             return JSONResponse({"error": "give an account and tunnels: [...] or all: true"}, status_code=400)
         tunnels = body.get("tunnels")
         every = body.get("all") is True
-        if every == (tunnels is not None) or (tunnels is not None and (
-                not isinstance(tunnels, list) or not tunnels or not all(isinstance(t, str) for t in tunnels))):
+        named = isinstance(tunnels, list) and bool(tunnels) and all(isinstance(t, str) for t in tunnels)
+        if every == named or (tunnels is not None and not named):
             return JSONResponse({"error": "give exactly one of tunnels: [ids or names] or all: true"}, status_code=400)
         try:
             run_id, deduplicated = control.trigger(body["account"], None if every else tunnels,

@@ -92,6 +92,7 @@ class Daemon:
     _server: ServerThread | None = None
     _ready: dict[str, Any] = field(default_factory=dict)
     _listed: dict[str, float] = field(default_factory=dict)
+    _leading: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for acc in self.settings.accounts:
@@ -169,20 +170,23 @@ class Daemon:
                 leader = self.runtime.leases.holds(acc.id)
                 self.metrics.vault_up.set(0)
                 self.log.warning("lease_check_failed", account=acc.id, error=str(exc))
-            was = self.metrics.leader.labels(account=acc.id)._value.get() == 1
             self.metrics.leader.labels(account=acc.id).set(1 if leader else 0)
-            if leader != was:
+            if leader != self._leading.get(acc.id, False):
                 self.log.info("leadership_changed", account=acc.id, leader=leader)
+            self._leading[acc.id] = leader
 
-    def _check_ready(self) -> None:
-        detail: dict[str, Any] = {"holder": self.runtime.leases.holder}
+    def _vault_state(self) -> str:
+        """``ok`` or why Vault cannot be used; keeps psk_rotator_vault_up in step."""
         try:
             self.runtime.store.check()
-            detail["vault"] = "ok"
-            self.metrics.vault_up.set(1)
         except RotatorError as exc:
-            detail["vault"] = str(exc)
             self.metrics.vault_up.set(0)
+            return str(exc)
+        self.metrics.vault_up.set(1)
+        return "ok"
+
+    def _check_ready(self) -> None:
+        detail: dict[str, Any] = {"holder": self.runtime.leases.holder, "vault": self._vault_state()}
         if self.settings.accounts:
             try:
                 self.runtime.cloudflare.list_tunnels(self.settings.accounts[0].id)
@@ -192,16 +196,11 @@ class Daemon:
         self._ready = detail
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        detail = dict(self._ready)
-        try:
-            self.runtime.store.check()
-            detail["vault"] = "ok"
-            self.metrics.vault_up.set(1)
-        except RotatorError as exc:
-            detail["vault"] = str(exc)
-            self.metrics.vault_up.set(0)
-        if self.metrics.cloudflare_up._value.get() == 0 and "cloudflare" in detail:
+        detail = {**self._ready, "vault": self._vault_state()}
+        if self.metrics.cloudflare_ok is False:
             detail["cloudflare"] = "token refused on the last call"
+        elif self.metrics.cloudflare_ok:
+            detail["cloudflare"] = "ok"
         leading = self.runtime.leases.held_accounts()
         detail["role"] = "leader" if leading else "standby"
         detail["leading_accounts"] = leading
@@ -280,7 +279,6 @@ class Daemon:
     def _record(self, run: Run, report: RunReport) -> None:
         states = self.tunnels.setdefault(run.account, {})
         now = self.clock()
-        pending = 0
         for o in report.outcomes:
             self.metrics.rotations.labels(account=run.account, result=o.result).inc()
             st = states.setdefault(o.tunnel_id, TunnelState(o.name))
@@ -294,10 +292,8 @@ class Daemon:
                 st.failures += 1
                 st.last_failure = now
                 st.last_error = o.reason
-                st.pending = o.result == UNKNOWN
-            pending += 1 if st.pending else 0
-        pending += sum(1 for t, st in states.items() if st.pending and t not in {o.tunnel_id for o in report.outcomes})
-        self.metrics.pending.labels(account=run.account).set(pending)
+                st.pending = o.result == UNKNOWN or (o.reconciled and st.pending)
+        self.metrics.pending.labels(account=run.account).set(sum(st.pending for st in states.values()))
         self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok=str(report.ok).lower()).inc()
         counts = report.counts()
         emit = self.log.info if report.outcomes or report.error else self.log.debug

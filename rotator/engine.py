@@ -10,6 +10,7 @@ holds is always readable from the latest Vault version of the tunnel's record, a
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import secrets
 import threading
 import time
@@ -70,6 +71,7 @@ class RunReport:
     outcomes: list[TunnelOutcome] = field(default_factory=list)
     error: str | None = None
     step_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         tally = collections.Counter(o.result for o in self.outcomes)
@@ -215,7 +217,8 @@ class Engine:
 
     def _timed(self, report: RunReport, step: str, started: float) -> None:
         seconds = time.monotonic() - started
-        report.step_seconds[step] += seconds
+        with report.lock:
+            report.step_seconds[step] += seconds
         self.on_step(report.account_id, step, seconds)
 
     # -- plan ---------------------------------------------------------------------------------
@@ -242,17 +245,34 @@ class Engine:
         self._timed(report, "plan", started)
         log.debug("planned", tunnels=len(selected), items=len(items),
                   reconcile=sum(1 for i in items if i.reconcile))
-        for start in range(0, len(items), self.batch_size):
-            batch = items[start:start + self.batch_size]
-            if self.should_stop():
-                report.outcomes.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, "shutting down",
-                                                     i.reconcile) for i in items[start:])
-                break
-            if not req.dry_run and start and not self._still_leased(req.account_id, batch, report):
-                for rest in items[start + self.batch_size:]:
-                    report.outcomes.append(TunnelOutcome(rest.tunnel.id, rest.tunnel.name, SKIPPED, "lease lost"))
-                break
-            self._batch(req, report, batch, log)
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        # Vault work overlaps Cloudflare's round trips: while one batch is at Cloudflare (validate,
+        # apply), the next is staged and the previous promoted. Staging early is always safe (a staged
+        # key is in Vault before anyone else sees it); promotion only records what Cloudflare applied.
+        # The pool's exit waits for the last promotion.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline") as pool:
+            ahead: concurrent.futures.Future[list[_Item]] | None = None
+            promotions: list[concurrent.futures.Future[None]] = []
+            for k, batch in enumerate(batches):
+                stop = "shutting down" if self.should_stop() else None
+                if stop is None and k and not req.dry_run and not self._still_leased(req.account_id):
+                    stop = "lease lost"
+                if stop is not None:
+                    rest = batches[k:]
+                    if ahead is not None:  # batch k is staged but was never sent: take its keys back out
+                        self._settle_not_applied(req, report, ahead.result(), stop, SKIPPED)
+                        rest = batches[k + 1:]
+                    report.outcomes.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, stop, i.reconcile)
+                                           for b in rest for i in b)
+                    break
+                live = ahead.result() if ahead is not None else self._stage_batch(req, report, batch)
+                ahead = None
+                if k + 1 < len(batches):
+                    ahead = pool.submit(self._stage_batch, req, report, batches[k + 1])
+                self._finish_batch(req, report, live, log,
+                                   lambda applied: promotions.append(pool.submit(self._promote_timed, report, applied)))
+            for promotion in promotions:
+                promotion.result()  # re-raise anything unexpected instead of losing outcomes
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         if req.tunnels is None:
@@ -275,21 +295,25 @@ class Engine:
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
 
-    def _still_leased(self, account_id: str, batch: list[_Item], report: RunReport) -> bool:
+    def _still_leased(self, account_id: str) -> bool:
         try:
             self.leases.acquire(account_id)
             return True
-        except (LeaseHeld, VaultError) as exc:
-            for item in batch:
-                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, SKIPPED, f"lease lost: {exc}"))
+        except (LeaseHeld, VaultError):
             return False
 
     # -- one batch: stage, validate, apply, promote -------------------------------------------
-    def _batch(self, req: RunRequest, report: RunReport, batch: list[_Item], log: Any) -> None:
-        out = report.outcomes
+    def _stage_batch(self, req: RunRequest, report: RunReport, batch: list[_Item]) -> list[_Item]:
+        """Reconciled items as they are, fresh ones once staged; returns the items to send."""
         started = time.monotonic()
         live = [i for i in batch if i.reconcile] + self._stage(req, report, [i for i in batch if not i.reconcile])
         self._timed(report, "stage", started)
+        return live
+
+    def _finish_batch(self, req: RunRequest, report: RunReport, live: list[_Item], log: Any,
+                      promoter: Callable[[list[_Item]], object]) -> None:
+        """Validate and apply one staged batch; hand what Cloudflare applied to ``promoter``."""
+        out = report.outcomes
         if not live:
             return
 
@@ -351,8 +375,12 @@ class Engine:
                 out.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, UNKNOWN,
                                          "Cloudflare did not report this tunnel; key left pending for reconcile",
                                          item.reconcile))
+        if applied:
+            promoter(applied)
+
+    def _promote_timed(self, report: RunReport, items: list[_Item]) -> None:
         started = time.monotonic()
-        self._promote(report, applied)
+        self._promote(report, items)
         self._timed(report, "promote", started)
 
     def _stage(self, req: RunRequest, report: RunReport, items: list[_Item]) -> list[_Item]:

@@ -45,12 +45,15 @@ class Metrics:
                                    registry=registry)
         self.build_info = Gauge(p + "build_info", "Build information", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
+        self.cloudflare_ok: bool | None = None  # the token's standing on the last call, for readiness
 
     def observe_cloudflare(self, endpoint: str, status: str) -> None:
         self.cloudflare_requests.labels(endpoint=endpoint, status=status).inc()
         if status in ("401", "403"):
+            self.cloudflare_ok = False
             self.cloudflare_up.set(0)
         elif status.startswith("2"):
+            self.cloudflare_ok = True
             self.cloudflare_up.set(1)
 
     def observe_vault(self, operation: str, outcome: str) -> None:

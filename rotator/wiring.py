@@ -81,6 +81,7 @@ class VaultAuthenticator:
     def __init__(self, client: hvac.Client, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.client, self.settings, self.clock = client, settings, clock
         self.expires_at: float | None = None
+        self.ttl = 0
         self.renewable = False
         self._lock = threading.Lock()
 
@@ -110,6 +111,7 @@ class VaultAuthenticator:
             raise translate(exc, f"Vault login ({auth.method})") from exc
 
     def _note(self, ttl: int, renewable: bool) -> None:
+        self.ttl = ttl
         self.expires_at = self.clock() + ttl if ttl else None
         self.renewable = renewable
 
@@ -122,8 +124,7 @@ class VaultAuthenticator:
             if self.expires_at is None:
                 return "none"
             remaining = self.expires_at - self.clock()
-            ttl_guess = max(remaining, 1.0)
-            if remaining > ttl_guess / 3 and remaining > 60:
+            if remaining > max(60.0, self.ttl / 3):
                 return "none"
             try:
                 if self.renewable:

@@ -147,7 +147,10 @@ def test_killed_after_stage_before_validate(sims, tmp_path):
     cf = sims.cloudflare
     report = _kill_when(sims, tmp_path, lambda: cf.set_latency(5, route="cf.psk_validate"),
                         lambda: cf.request_counts().get("cf.psk_validate", 0) >= 3)
-    assert report["counts"]["rotated"] == 3  # the staged batch completed by reconcile
+    # Batch 1 was staged and at validation; batch 2 may have been staged ahead meanwhile. Reconcile
+    # finishes every staged key, and only staged keys.
+    assert 3 <= report["counts"]["rotated"] <= 6
+    assert all(t["reconciled"] and t["result"] == "rotated" for t in report["tunnels"])
 
 
 def test_killed_during_apply(sims, tmp_path):

@@ -146,8 +146,11 @@ def test_vault_sealed_between_apply_and_promote_leaves_key_pending(sims, rt, man
 
     rt.engine.api.set_psks = apply_then_seal  # type: ignore[method-assign]
     report = rotate_all(rt, acc)
-    # First batch applied then lost Vault: unknown. The next batch cannot renew the lease: skipped.
-    assert {o.result for o in report.outcomes} == {UNKNOWN, SKIPPED}
+    # First batch applied then lost Vault: unknown. The next batch, staged ahead meanwhile, either
+    # failed staging (unapplied) or cannot renew the lease (skipped).
+    results = {o.result for o in report.outcomes}
+    assert UNKNOWN in results and results <= {UNKNOWN, SKIPPED, UNAPPLIED}
+    assert sum(o.result == UNKNOWN for o in report.outcomes) == 4
     assert_invariant(sims, acc)  # Cloudflare holds pending_psk
     sims.vault.unseal()
     rt.engine.api.set_psks = original_apply  # type: ignore[method-assign]
@@ -306,4 +309,45 @@ def test_select_by_name(sims, rt, managed):
     acc = managed
     report = rotate_all(rt, acc, tunnels=["tun00002"])
     assert [o.name for o in report.outcomes] == ["tun00002"] and report.ok
+    assert_invariant(sims, acc, strict=True)
+
+
+@pytest.mark.parametrize("how", ["delete", "destroy", "metadata_only"])
+def test_record_deleted_or_destroyed_by_hand_is_rotated_again(sims, rt, managed, how):
+    import hvac
+
+    acc = managed
+    t1 = sims.tunnels_by_account[acc][0]
+    path = f"cloudflare/magic-ipsec/{acc}/{t1}"
+    kv = hvac.Client(url=sims.vault_addr, token=sims.vault.root_token).secrets.kv.v2
+    if how == "delete":
+        kv.delete_latest_version_of_secret(path)
+    elif how == "destroy":
+        kv.destroy_secret_versions(path, [sims.vault.version_of(path)])
+    else:
+        kv.delete_metadata_and_all_versions(path)
+        kv.update_metadata(path, max_versions=20)
+    report = rotate_all(rt, acc, tunnels=[t1])
+    assert report.ok, report.as_dict()
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_stop_between_batches_takes_the_staged_ahead_keys_back(sims, rt, managed):
+    """Shutdown after batch 1: batch 2 was staged ahead, so its keys are unstaged, not left pending."""
+    acc = managed
+    stopping = threading.Event()
+    original_apply = rt.cloudflare.set_psks
+
+    def apply_then_stop(account_id, psks, *, validate_only):
+        result = original_apply(account_id, psks, validate_only=validate_only)
+        if not validate_only:
+            stopping.set()
+        return result
+
+    rt.engine.api.set_psks = apply_then_stop  # type: ignore[method-assign]
+    rt.engine.should_stop = stopping.is_set
+    report = rotate_all(rt, acc)
+    assert report.counts()[ROTATED] == 4 and report.counts()[SKIPPED] == 2
+    assert all(o.reason == "shutting down" for o in report.outcomes if o.result == SKIPPED)
+    assert all("pending_psk" not in record(sims, acc, t) for t in sims.tunnels_by_account[acc])
     assert_invariant(sims, acc, strict=True)

@@ -1,0 +1,157 @@
+"""All benchmarks in one command; writes tests/bench/results/latest.{md,json}.
+
+    make bench            (or: .venv/bin/python tests/bench/run.py [--quick])
+
+Scenarios run in fresh processes against simulators in their own process, with injected latency
+(Cloudflare 80 ms per request, Vault 2 ms). Nothing here is asserted: figures are reported side by
+side with their targets and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench import sim_throughput  # noqa: E402
+from tests.bench.common import env_of, machine, simulators  # noqa: E402
+
+CF_LATENCY, VAULT_LATENCY, BATCH, CONCURRENCY = 0.08, 0.002, 100, 16
+PY = sys.executable
+
+
+def scenario(kind: str, n: int, accounts: int) -> dict:
+    out = subprocess.run([PY, str(ROOT / "tests/bench/scale.py"), kind, str(n), str(accounts), str(CF_LATENCY),
+                          str(VAULT_LATENCY)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def floor_seconds(n: int, accounts: int) -> float:
+    """Round trips alone: per account 1 list + 2 per batch to Cloudflare, and 3 Vault calls per tunnel
+    (read, stage, promote) at the configured concurrency; accounts one after another."""
+    per_account = n // accounts
+    cf = accounts * (1 + 2 * math.ceil(per_account / BATCH)) * CF_LATENCY
+    vault = accounts * 3 * math.ceil(per_account / CONCURRENCY) * VAULT_LATENCY
+    return cf + vault
+
+
+def psk_rate() -> float:
+    from rotator.psk import PskGenerator, PskPolicy
+
+    gen = PskGenerator(PskPolicy())
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        gen.generate(200_000)
+        best = max(best, 200_000 / (time.perf_counter() - start))
+    return best
+
+
+def help_startup_ms() -> float:
+    times = []
+    for _ in range(15):
+        start = time.perf_counter()
+        subprocess.run([str(Path(PY).parent / "rotator"), "--help"], capture_output=True, check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def idle_daemon(seconds: float) -> dict:
+    import psutil
+
+    with simulators(2, 20, 0.0, 0.0) as info:
+        workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-idle-{os.getpid()}"
+        workdir.mkdir(exist_ok=True)
+        cfg = workdir / "rotator.toml"
+        cfg.write_text('[admin]\nlisten = "127.0.0.1:0"\n[policies.default]\nevery = "30d"\n' +
+                       "".join(f'[[accounts]]\nid = "{a}"\n' for a in info["accounts"]))
+        env = {**os.environ, **env_of(info), "ROTATOR_ADMIN_TOKEN": "b" * 32}
+        proc = subprocess.Popen([str(Path(PY).parent / "rotator"), "--config", str(cfg), "run"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ps = psutil.Process(proc.pid)
+        time.sleep(8)  # start-up and the first rotation of every tunnel
+        cpu0 = sum(ps.cpu_times()[:2])
+        time.sleep(seconds)
+        cpu = sum(ps.cpu_times()[:2]) - cpu0
+        rss = ps.memory_info().rss / 2**20
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stop_s = time.perf_counter() - start
+    return {"rss_mb": round(rss, 1), "cpu_percent": round(100 * cpu / seconds, 2), "sigterm_to_exit_s": round(stop_s, 2),
+            "exit_code": proc.returncode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip N=10,000, the peer at 1,000 and shorten idle")
+    args = parser.parse_args()
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "cf_latency_s": CF_LATENCY,
+                     "vault_latency_s": VAULT_LATENCY, "batch": BATCH, "vault_concurrency": CONCURRENCY}
+    print("simulator throughput ...", flush=True)
+    results["simulators"] = sim_throughput.measure()
+    rows = []
+    sizes = [(100, 1), (1000, 1), (1000, 10)] + ([] if args.quick else [(10000, 1), (10000, 10)])
+    for n, accounts in sizes:
+        print(f"ours N={n} accounts={accounts} ...", flush=True)
+        r = scenario("ours", n, accounts)
+        r["floor_s"] = round(floor_seconds(n, accounts), 2)
+        r["ours_over_floor"] = round(r["wall_s"] / r["floor_s"], 2)
+        r["expected_cf_calls"] = accounts * (1 + 2 * math.ceil(n // accounts / BATCH))
+        rows.append(r)
+    results["ours"] = rows
+    peers = []
+    for n in [100] + ([] if args.quick else [1000]):
+        print(f"peer N={n} ...", flush=True)
+        p = scenario("peer", n, 1)
+        mine = next(r for r in rows if r["n"] == n and r["accounts"] == 1)
+        p["peer_over_ours"] = round(p["wall_s"] / mine["wall_s"], 1)
+        peers.append(p)
+    results["peer"] = peers
+    print("micro ...", flush=True)
+    results["micro"] = {"psks_per_s": round(psk_rate()), "help_ms": round(help_startup_ms(), 1),
+                        "idle": idle_daemon(15 if args.quick else 60)}
+    out_dir = ROOT / "tests/bench/results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "latest.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Machine: {r['machine']}; {r['date']}. Injected latency: Cloudflare {r['cf_latency_s'] * 1000:.0f} ms, "
+             f"Vault {r['vault_latency_s'] * 1000:.0f} ms; batch {r['batch']}, Vault concurrency {r['vault_concurrency']}.",
+             "", "| N | accounts | wall s | floor s | ours/floor | Cloudflare calls (expected) | Vault calls | "
+             "CPU µs/tunnel | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["ours"]:
+        lines.append(f"| {x['n']:,} | {x['accounts']} | {x['wall_s']} | {x['floor_s']} | {x['ours_over_floor']} | "
+                     f"{x['cloudflare_calls']} ({x['expected_cf_calls']}) | {x['vault_calls']} | "
+                     f"{x['cpu_us_per_tunnel']} | {x['peak_rss_mb']} |")
+    lines += ["", "| peer script (psk_generate + hvac, one by one) | wall s | Cloudflare calls | peer/ours wall |",
+              "|---|---|---|---|"]
+    for p in r["peer"]:
+        lines.append(f"| N = {p['n']:,} | {p['wall_s']} | {p['cloudflare_calls']} | {p['peer_over_ours']}x |")
+    m, s = r["micro"], r["simulators"]
+    lines += ["", "| micro | measured | target |", "|---|---|---|",
+              f"| PSKs generated per second | {m['psks_per_s']:,} | ≥ 200,000 |",
+              f"| `rotator --help` start-up | {m['help_ms']} ms | < 300 ms |",
+              f"| idle daemon RSS | {m['idle']['rss_mb']} MB | < 80 MB |",
+              f"| idle daemon CPU | {m['idle']['cpu_percent']} % | |",
+              f"| SIGTERM to exit | {m['idle']['sigterm_to_exit_s']} s (exit {m['idle']['exit_code']}) | |",
+              f"| Vault simulator KV writes/s | {s['kv_writes_per_s']:,} | ≥ 1,500 |",
+              f"| Cloudflare simulator bulk sets of 1,000/s | {s['bulk_psk_set_1000_per_s']} | |", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
