@@ -243,7 +243,7 @@ class Engine:
             for item, key in zip(group, generator.generate(len(group)), strict=True):
                 item.key = key
         self._timed(report, "plan", started)
-        log.debug("planned", tunnels=len(selected), items=len(items),
+        log.debug("planned", step="plan", tunnels=len(selected), items=len(items),
                   reconcile=sum(1 for i in items if i.reconcile))
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         # Vault work overlaps Cloudflare's round trips: while one batch is at Cloudflare (validate,
@@ -322,7 +322,7 @@ class Engine:
             verdict = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in live}, validate_only=True)
         except CloudflareError as exc:
             self._timed(report, "validate", started)
-            log.warning("validate_failed", error=str(exc), tunnels=len(live))
+            log.warning("validate_failed", step="validate", error=str(exc), tunnels=len(live))
             self._settle_not_applied(req, report, live, f"validation call failed: {exc}", UNAPPLIED)
             return
         self._timed(report, "validate", started)
@@ -357,7 +357,8 @@ class Engine:
             result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False)
         except CloudflareError as exc:
             self._timed(report, "apply", started)
-            log.warning("apply_failed", error=str(exc), ambiguous=exc.ambiguous, tunnels=len(accepted))
+            log.warning("apply_failed", step="apply", error=str(exc), ambiguous=exc.ambiguous,
+                        tunnels=len(accepted))
             if exc.ambiguous:
                 out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, UNKNOWN,
                                          f"apply outcome unknown ({exc}); key left pending for reconcile",
@@ -436,7 +437,8 @@ class Engine:
         for tid, res in self.store.write_many(updates).items():
             if isinstance(res, VaultError):
                 # The pending key stays in Vault: harmless, the next run re-validates it.
-                self.log.warning("unstage_failed", account=req.account_id, tunnel=tid, error=str(res))
+                self.log.warning("unstage_failed", account=req.account_id, rotation_id=report.rotation_id,
+                                 tunnel=tid, step="unstage", error=str(res))
 
     def _promote(self, report: RunReport, items: list[_Item]) -> None:
         if not items:
@@ -457,6 +459,8 @@ class Engine:
             if isinstance(res, CasConflict):
                 res = self._promote_after_conflict(item, records[items.index(item)])
             if isinstance(res, VaultError):
+                self.log.warning("promote_failed", account=report.account_id, rotation_id=report.rotation_id,
+                                 tunnel=tid, step="promote", error=str(res))
                 report.outcomes.append(TunnelOutcome(tid, item.tunnel.name, UNKNOWN,
                                                      f"applied, but promoting in Vault failed ({res}); "
                                                      "the key stays pending until reconcile", item.reconcile))
