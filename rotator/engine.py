@@ -253,14 +253,15 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline") as pool:
             ahead: concurrent.futures.Future[list[_Item]] | None = None
             promotions: list[concurrent.futures.Future[None]] = []
+            halted: str | None = None
             for k, batch in enumerate(batches):
-                stop = "shutting down" if self.should_stop() else None
+                stop = halted or ("shutting down" if self.should_stop() else None)
                 if stop is None and k and not req.dry_run and not self._still_leased(req.account_id):
                     stop = "lease lost"
                 if stop is not None:
                     rest = batches[k:]
                     if ahead is not None:  # batch k is staged but was never sent: take its keys back out
-                        self._settle_not_applied(req, report, ahead.result(), stop, SKIPPED)
+                        self._settle_not_applied(req, report, [(i, stop) for i in ahead.result()], SKIPPED)
                         rest = batches[k + 1:]
                     report.outcomes.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, stop, i.reconcile)
                                            for b in rest for i in b)
@@ -269,8 +270,9 @@ class Engine:
                 ahead = None
                 if k + 1 < len(batches):
                     ahead = pool.submit(self._stage_batch, req, report, batches[k + 1])
-                self._finish_batch(req, report, live, log,
-                                   lambda applied: promotions.append(pool.submit(self._promote_timed, report, applied)))
+                halted = self._finish_batch(
+                    req, report, live, log,
+                    lambda applied: promotions.append(pool.submit(self._promote_timed, report, applied)))
             for promotion in promotions:
                 promotion.result()  # re-raise anything unexpected instead of losing outcomes
 
@@ -311,11 +313,15 @@ class Engine:
         return live
 
     def _finish_batch(self, req: RunRequest, report: RunReport, live: list[_Item], log: Any,
-                      promoter: Callable[[list[_Item]], object]) -> None:
-        """Validate and apply one staged batch; hand what Cloudflare applied to ``promoter``."""
+                      promoter: Callable[[list[_Item]], object]) -> str | None:
+        """Validate and apply one staged batch; hand what Cloudflare applied to ``promoter``.
+
+        Returns why the run should stop when a whole Cloudflare call failed (after its retries):
+        the next batches would only spend rate budget and Vault writes on the same failure.
+        """
         out = report.outcomes
         if not live:
-            return
+            return None
 
         started = time.monotonic()
         try:
@@ -323,8 +329,8 @@ class Engine:
         except CloudflareError as exc:
             self._timed(report, "validate", started)
             log.warning("validate_failed", step="validate", error=str(exc), tunnels=len(live))
-            self._settle_not_applied(req, report, live, f"validation call failed: {exc}", UNAPPLIED)
-            return
+            self._settle_not_applied(req, report, [(i, f"validation call failed: {exc}") for i in live], UNAPPLIED)
+            return f"stopped after the validation call failed: {exc}"
         self._timed(report, "validate", started)
         accepted: list[_Item] = []
         refused: list[tuple[_Item, str]] = []
@@ -335,13 +341,12 @@ class Engine:
                 accepted.append(item)
             else:
                 refused.append((item, "not acknowledged by validate_only"))
-        for item, reason in refused:
-            self._settle_not_applied(req, report, [item], f"refused by validation: {reason}", REFUSED)
+        self._settle_not_applied(req, report, [(i, f"refused by validation: {r}") for i, r in refused], REFUSED)
         if req.dry_run:
             out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, WOULD_ROTATE, None, i.reconcile) for i in accepted)
-            return
+            return None
         if not accepted:
-            return
+            return None
 
         started = time.monotonic()
         if not self.leases.holds(req.account_id, margin=self.leases.ttl / 2):
@@ -350,9 +355,10 @@ class Engine:
             except (LeaseHeld, VaultError) as exc:
                 # Not applying is always safe: pending keys stay in Vault for whoever holds the lease.
                 self._timed(report, "apply", started)
-                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, f"lease lost before apply: {exc}",
-                                         i.reconcile) for i in accepted)
-                return
+                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED,
+                                         f"lease lost before apply ({exc}); the staged key is left for the "
+                                         "lease holder to reconcile", i.reconcile) for i in accepted)
+                return "lease lost"
         try:
             result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False)
         except CloudflareError as exc:
@@ -364,20 +370,18 @@ class Engine:
                                          f"apply outcome unknown ({exc}); key left pending for reconcile",
                                          i.reconcile) for i in accepted)
             else:
-                self._settle_not_applied(req, report, accepted, f"apply failed: {exc}", UNAPPLIED)
-            return
+                self._settle_not_applied(req, report, [(i, f"apply failed: {exc}") for i in accepted], UNAPPLIED)
+            return f"stopped after the apply call failed: {exc}"
         self._timed(report, "apply", started)
         applied = [i for i in accepted if i.tunnel.id in result.applied]
-        for item in accepted:
-            if item.tunnel.id in result.unapplied:
-                self._settle_not_applied(req, report, [item], f"unapplied: {result.unapplied[item.tunnel.id]}",
-                                         UNAPPLIED)
-            elif item.tunnel.id not in result.applied:
-                out.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, UNKNOWN,
-                                         "Cloudflare did not report this tunnel; key left pending for reconcile",
-                                         item.reconcile))
+        self._settle_not_applied(req, report, [(i, f"unapplied: {result.unapplied[i.tunnel.id]}") for i in accepted
+                                               if i.tunnel.id in result.unapplied], UNAPPLIED)
+        out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, UNKNOWN,
+                                 "Cloudflare did not report this tunnel; key left pending for reconcile", i.reconcile)
+                   for i in accepted if i.tunnel.id not in result.applied and i.tunnel.id not in result.unapplied)
         if applied:
             promoter(applied)
+        return None
 
     def _promote_timed(self, report: RunReport, items: list[_Item]) -> None:
         started = time.monotonic()
@@ -415,17 +419,17 @@ class Engine:
                 staged.append(item)
         return staged
 
-    def _settle_not_applied(self, req: RunRequest, report: RunReport, items: list[_Item], reason: str,
+    def _settle_not_applied(self, req: RunRequest, report: RunReport, items: list[tuple[_Item, str]],
                             result: str) -> None:
         """Cloudflare did not take these keys. A fresh key is unstaged (Cloudflare still holds ``psk``);
         a reconciled key stays pending, since Cloudflare may hold it from an earlier apply."""
-        for i in items:
+        for i, reason in items:
             settled = UNKNOWN if i.reconcile and result != REFUSED else result
             report.outcomes.append(TunnelOutcome(i.tunnel.id, i.tunnel.name, settled, reason, i.reconcile))
-        if req.dry_run:
+        if not items or req.dry_run:
             return
         updates = []
-        for item in items:
+        for item, reason in items:
             rec = item.record
             updates.append(Record(
                 rec.account_id, rec.tunnel_id, rec.version, psk=rec.psk,

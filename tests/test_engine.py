@@ -208,21 +208,27 @@ def test_apply_answer_arrives_too_late(sims, tmp_path, managed):
         rt.close()
 
 
-def test_definite_apply_refusal_unstages(sims, rt, managed):
+def test_definite_apply_refusal_unstages_and_stops_the_run(sims, rt, managed):
     acc = managed
     sims.cloudflare.fail_next("cf.psk_apply", count=2, status=400)
     report = rotate_all(rt, acc)
-    assert {o.result for o in report.outcomes} == {UNAPPLIED}
+    # Batch 1 (4 tunnels) refused; batch 2, staged ahead, is taken back instead of hitting the same wall.
+    assert [o.result for o in report.outcomes].count(UNAPPLIED) == 4
+    assert [o.result for o in report.outcomes].count(SKIPPED) == 2
+    assert all("apply call failed" in o.reason for o in report.outcomes if o.result == SKIPPED)
+    assert sims.cloudflare.request_counts()["cf.psk_apply"] == 1
     assert all("pending_psk" not in record(sims, acc, t) for t in sims.tunnels_by_account[acc])
     assert_invariant(sims, acc, strict=True)
 
 
-def test_validate_call_failing_unstages(sims, rt, managed):
+def test_validate_call_failing_unstages_and_spares_the_rate_budget(sims, rt, managed):
     acc = managed
     sims.cloudflare.fail_next("cf.psk_validate", count=10, status=500)
     report = rotate_all(rt, acc)
-    assert {o.result for o in report.outcomes} == {UNAPPLIED}
-    assert "cf.psk_apply" not in sims.cloudflare.request_counts()
+    assert {o.result for o in report.outcomes} == {UNAPPLIED, SKIPPED}
+    counts = sims.cloudflare.request_counts()
+    assert "cf.psk_apply" not in counts and counts["cf.psk_validate"] == 3  # one batch's retries, not two
+    assert all("pending_psk" not in record(sims, acc, t) for t in sims.tunnels_by_account[acc])
     assert_invariant(sims, acc, strict=True)
 
 
