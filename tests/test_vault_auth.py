@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from rotator import config
@@ -9,22 +10,25 @@ from rotator.wiring import build_runtime
 from tests.helpers import write_config
 
 
-def _settings(sims, tmp_path, auth_block, env_extra=None):
+@contextlib.contextmanager
+def logged_in(sims, tmp_path, file_name: str, file_content: str, auth_block: str):
+    """A runtime with no VAULT_TOKEN, logged in through ``auth_block`` (its ``{file}`` is the credential)."""
+    credential = tmp_path / file_name
+    credential.write_text(file_content)
     env = {k: v for k, v in sims.env().items() if k != "VAULT_TOKEN"}
-    env.update(env_extra or {})
-    return config.load(write_config(tmp_path, auth_block), env=env)
+    rt = build_runtime(config.load(write_config(tmp_path, auth_block.format(file=credential)), env=env))
+    try:
+        rt.vault_auth.login()
+        rt.store.check()
+        yield rt
+    finally:
+        rt.close()
 
 
 def test_approle_login_renewal_and_relogin(sims, tmp_path):
     role_id, secret_id = sims.vault.add_approle("psk-rotator", ["rotator"], ttl=30)
-    secret_file = tmp_path / "secret-id"
-    secret_file.write_text(secret_id)
-    settings = _settings(sims, tmp_path, f'[vault.auth]\nmethod = "approle"\nrole_id = "{role_id}"\n'
-                                         f'secret_id_file = "{secret_file}"\n')
-    rt = build_runtime(settings)
-    try:
-        rt.vault_auth.login()
-        rt.store.check()
+    block = f'[vault.auth]\nmethod = "approle"\nrole_id = "{role_id}"\nsecret_id_file = "{{file}}"\n'
+    with logged_in(sims, tmp_path, "secret-id", secret_id, block) as rt:
         token = rt.hvac.token
         assert sims.vault.tokens[token].policies == ["default", "rotator"]
         assert rt.vault_auth.maintain() == "renewed"  # 30s TTL: under a minute left, so renew
@@ -34,20 +38,20 @@ def test_approle_login_renewal_and_relogin(sims, tmp_path):
         assert rt.vault_auth.maintain() == "relogin"
         assert rt.hvac.token != token
         rt.store.check()
-    finally:
-        rt.close()
+
+
+def test_long_lived_token_is_not_renewed_early(sims, tmp_path):
+    role_id, secret_id = sims.vault.add_approle("psk-rotator", ["rotator"], ttl=3600)
+    block = f'[vault.auth]\nmethod = "approle"\nrole_id = "{role_id}"\nsecret_id_file = "{{file}}"\n'
+    with logged_in(sims, tmp_path, "secret-id", secret_id, block) as rt:
+        assert rt.vault_auth.maintain() == "none"
+        rt.vault_auth.expires_at = time.time() + 1000  # under a third of the hour left
+        assert rt.vault_auth.maintain() == "renewed"
 
 
 def test_kubernetes_login(sims, tmp_path):
     jwt = sims.vault.add_kubernetes_role("psk-rotator", ["rotator"], service_account="rot", namespace="ops")
-    jwt_file = tmp_path / "jwt"
-    jwt_file.write_text(jwt)
-    settings = _settings(sims, tmp_path, f'[vault.auth]\nmethod = "kubernetes"\nrole = "psk-rotator"\n'
-                                         f'jwt_file = "{jwt_file}"\n')
-    rt = build_runtime(settings)
-    try:
-        rt.vault_auth.login()
-        rt.store.check()
+    block = '[vault.auth]\nmethod = "kubernetes"\nrole = "psk-rotator"\njwt_file = "{file}"\n'
+    with logged_in(sims, tmp_path, "jwt", jwt, block) as rt:
         assert rt.vault_auth.expires_at is not None
-    finally:
-        rt.close()
+        assert sims.vault.tokens[rt.hvac.token].meta["service_account_namespace"] == "ops"
