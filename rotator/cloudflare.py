@@ -9,6 +9,7 @@ Cloudflare error code, a hint and ``ambiguous`` (the call may have taken effect)
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +105,19 @@ class CloudflareClient:
                                       meta.get("last_generated_on") if isinstance(meta, dict) else None))
         return tunnels
 
-    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool) -> PskSetResult:
-        """POST the bulk PSK set; returns which tunnels were applied and which refused (with reasons)."""
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
+                 deadline: float | None = None) -> PskSetResult:
+        """POST the bulk PSK set; returns which tunnels were applied and which refused (with reasons).
+
+        ``deadline`` (UNIX time): no attempt starts after it, and no retry waits past it. The engine
+        sets it from the account lease, so a retried apply can never land after another rotator
+        has taken the account over.
+        """
         body = {"psks": [{"id": tid, "psk": psk.reveal()} for tid, psk in psks.items()]}
         endpoint = "psk_validate" if validate_only else "psk_apply"
         result = self._call(endpoint, "POST", f"/accounts/{account_id}/magic/ipsec_tunnels/psk",
                             params={"validate_only": "true" if validate_only else "false"}, json=body,
-                            mutating=not validate_only)
+                            mutating=not validate_only, deadline=deadline)
         if not isinstance(result, dict):
             raise CloudflareError("Cloudflare answered the PSK set with an unexpected body",
                                   "check CLOUDFLARE_BASE_URL", ambiguous=not validate_only)
@@ -130,12 +137,16 @@ class CloudflareClient:
         return out
 
     # -- transport ----------------------------------------------------------------------------
-    def _call(self, endpoint: str, method: str, path: str, *, mutating: bool, **kwargs: Any) -> Any:
+    def _call(self, endpoint: str, method: str, path: str, *, mutating: bool, deadline: float | None = None,
+              **kwargs: Any) -> Any:
         ambiguous = False
         policy = self._retry
 
         def hook(exc: Exception) -> bool | float:
             if not isinstance(exc, _Retryable):
+                return False
+            if deadline is not None and time.time() + (exc.wait or 0.0) > deadline:
+                exc.error.hint = "retrying would outlive this rotator's account lease; the next run retries"
                 return False
             if exc.wait is not None:
                 if exc.wait > policy.rate_limit_ceiling:
@@ -149,6 +160,9 @@ class CloudflareClient:
                 wait_initial=policy.wait_initial, wait_max=policy.wait_max, wait_jitter=policy.wait_jitter,
             ):
                 with attempt:
+                    if deadline is not None and time.time() > deadline:
+                        raise CloudflareError(f"{endpoint} not sent: the account lease would expire first",
+                                              "the next run retries", ambiguous=ambiguous)
                     try:
                         return self._once(endpoint, method, path, mutating=mutating, **kwargs)
                     except _Retryable as exc:

@@ -33,7 +33,8 @@ STEPS = ("plan", "stage", "validate", "apply", "promote")
 class TunnelApi(Protocol):
     def list_tunnels(self, account_id: str) -> list[TunnelInfo]: ...
 
-    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool) -> PskSetResult: ...
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
+                 deadline: float | None = None) -> PskSetResult: ...
 
 
 class RecordStore(Protocol):
@@ -148,6 +149,11 @@ class LeaseManager:
         lease = self._held[account_id] = Lease(self.holder, expires, version)
         return lease
 
+    def expires_at(self, account_id: str) -> float | None:
+        with self._lock:
+            lease = self._held.get(account_id)
+            return lease.expires_at if lease is not None else None
+
     def holds(self, account_id: str, margin: float = 0.0) -> bool:
         with self._lock:
             lease = self._held.get(account_id)
@@ -184,8 +190,11 @@ class Engine:
         self, api: TunnelApi, store: RecordStore, generator: PskGenerator, leases: LeaseManager, *,
         batch_size: int = 100, clock: Callable[[], float] = time.time,
         on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
-        release_lease: bool = True, should_stop: Callable[[], bool] | None = None,
+        release_lease: bool = True, should_stop: Callable[[], bool] | None = None, apply_guard: float = 35.0,
     ) -> None:
+        # No apply attempt starts later than this long before the lease expires (an attempt may
+        # take up to the Cloudflare timeout): a late apply could overwrite a newer rotation.
+        self.apply_guard = apply_guard
         self.release_lease = release_lease  # a daemon keeps its lease between runs (leadership)
         self.should_stop = should_stop or (lambda: False)
         self.api, self.store, self.generator, self.leases = api, store, generator, leases
@@ -359,8 +368,11 @@ class Engine:
                                          f"lease lost before apply ({exc}); the staged key is left for the "
                                          "lease holder to reconcile", i.reconcile) for i in accepted)
                 return "lease lost"
+        expiry = self.leases.expires_at(req.account_id)
+        deadline = None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
         try:
-            result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False)
+            result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False,
+                                       deadline=deadline)
         except CloudflareError as exc:
             self._timed(report, "apply", started)
             log.warning("apply_failed", step="apply", error=str(exc), ambiguous=exc.ambiguous,

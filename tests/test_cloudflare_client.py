@@ -145,3 +145,11 @@ def test_legacy_credentials(cf_sim):
         assert len(CloudflareClient(http, base_url=base, email="ops@example.com", api_key=key).list_tunnels(A)) == 1
     with pytest.raises(CloudflareError):
         CloudflareClient(httpx.Client(), base_url=base)
+
+
+def test_no_attempt_starts_after_the_deadline(env):
+    sim, client, tunnels, seen, _ = env
+    with pytest.raises(CloudflareError) as exc:
+        client().set_psks(A, {tunnels[0]: Secret("k" * 32)}, validate_only=False, deadline=time.time() - 1)
+    assert "lease would expire" in str(exc.value) and seen == []
+    assert sim.psk_of(A, tunnels[0]) != "k" * 32

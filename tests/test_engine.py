@@ -138,8 +138,8 @@ def test_vault_sealed_between_apply_and_promote_leaves_key_pending(sims, rt, man
     sims.vault.refuse_writes(None)
     original_apply = rt.cloudflare.set_psks
 
-    def apply_then_seal(account_id, psks, *, validate_only):
-        result = original_apply(account_id, psks, validate_only=validate_only)
+    def apply_then_seal(account_id, psks, *, validate_only, deadline=None):
+        result = original_apply(account_id, psks, validate_only=validate_only, deadline=deadline)
         if not validate_only:
             sims.vault.seal()
         return result
@@ -344,8 +344,8 @@ def test_stop_between_batches_takes_the_staged_ahead_keys_back(sims, rt, managed
     stopping = threading.Event()
     original_apply = rt.cloudflare.set_psks
 
-    def apply_then_stop(account_id, psks, *, validate_only):
-        result = original_apply(account_id, psks, validate_only=validate_only)
+    def apply_then_stop(account_id, psks, *, validate_only, deadline=None):
+        result = original_apply(account_id, psks, validate_only=validate_only, deadline=deadline)
         if not validate_only:
             stopping.set()
         return result
@@ -357,3 +357,18 @@ def test_stop_between_batches_takes_the_staged_ahead_keys_back(sims, rt, managed
     assert all(o.reason == "shutting down" for o in report.outcomes if o.result == SKIPPED)
     assert all("pending_psk" not in record(sims, acc, t) for t in sims.tunnels_by_account[acc])
     assert_invariant(sims, acc, strict=True)
+
+
+def test_a_retried_apply_never_outlives_the_lease(sims, tmp_path, managed):
+    """A Retry-After longer than the lease has left: the apply is not retried after the lease."""
+    acc = managed
+    rt = runtime(sims, "[rotation]\nlease_ttl = \"4s\"\n", tmp_path)
+    try:
+        sims.cloudflare.fail_next("cf.psk_apply", count=1, status=429, retry_after=30)
+        report = rotate_all(rt, acc)
+        assert {o.result for o in report.outcomes} == {UNAPPLIED}
+        assert all("outlive" in o.reason for o in report.outcomes)
+        assert sims.cloudflare.request_counts()["cf.psk_apply"] == 1
+        assert_invariant(sims, acc, strict=True)
+    finally:
+        rt.close()
