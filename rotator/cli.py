@@ -130,9 +130,9 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
         reconcile_only=reconcile, dry_run=getattr(args, "dry_run", False),
         psk_for=runtime.psk_for(args.account),
     )
-    progress = _Progress() if args.output == "text" and sys.stderr.isatty() else None
+    progress = _Progress(args.account) if args.output == "text" and sys.stderr.isatty() else None
     if progress:
-        runtime.engine.on_step = progress.step
+        runtime.engine.on_progress = progress.update
     report = runtime.engine.run(req)
     if progress:
         progress.done()
@@ -146,20 +146,22 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """A one-line progress display on the terminal for long runs."""
+    """One self-rewriting line on the terminal: tunnels settled so far, of those selected."""
 
-    def __init__(self) -> None:
+    def __init__(self, account: str) -> None:
+        self.account = account
         self.started = time.monotonic()
-        self.steps = 0
 
-    def step(self, account: str, step: str, seconds: float) -> None:
-        self.steps += 1
-        sys.stderr.write(f"\r{account[:8]}… {step:<9} steps done: {self.steps:<5} "
-                         f"elapsed {time.monotonic() - self.started:6.1f}s")
+    def update(self, settled: int, total: int) -> None:
+        width = 30
+        filled = width * settled // total if total else width
+        sys.stderr.write(f"\r{self.account[:8]}… [{'#' * filled}{'.' * (width - filled)}] {settled}/{total} tunnels "
+                         f"{time.monotonic() - self.started:6.1f}s")
         sys.stderr.flush()
 
     def done(self) -> None:
         sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:

@@ -191,7 +191,9 @@ class Engine:
         batch_size: int = 100, clock: Callable[[], float] = time.time,
         on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
         release_lease: bool = True, should_stop: Callable[[], bool] | None = None, apply_guard: float = 35.0,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        self.on_progress = on_progress or (lambda settled, total: None)  # tunnels settled so far, of total
         # No apply attempt starts later than this long before the lease expires (an attempt may
         # take up to the Cloudflare timeout): a late apply could overwrite a newer rotation.
         self.apply_guard = apply_guard
@@ -282,8 +284,10 @@ class Engine:
                 halted = self._finish_batch(
                     req, report, live, log,
                     lambda applied: promotions.append(pool.submit(self._promote_timed, report, applied)))
+                self.on_progress(len(report.outcomes), len(selected))
             for promotion in promotions:
                 promotion.result()  # re-raise anything unexpected instead of losing outcomes
+        self.on_progress(len(report.outcomes), len(selected))
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         if req.tunnels is None:

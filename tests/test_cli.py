@@ -184,3 +184,37 @@ def test_killed_between_batches(sims, tmp_path):
     _kill_when(sims, tmp_path, lambda: cf.set_latency(5, route="cf.psk_validate"),
                lambda: cf.request_counts().get("cf.psk_apply", 0) >= 3 and
                cf.request_counts().get("cf.psk_validate", 0) >= 4)
+
+
+def test_on_a_terminal_there_is_a_progress_line(sims):
+    """stderr on a pseudo-terminal: a progress line counts the tunnels settled."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    acc = account(sims)
+    sims.cloudflare.refuse_tunnels([sims.tunnels_by_account[acc][0]], stage="validate")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rotator", "rotate", "--account", acc, "--all"],
+                            env={**os.environ, **sims.env()}, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=60)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data.decode(errors="replace"))
+    os.close(master)
+    tty = "".join(chunks)
+    from tests.helpers import OUTPUTS
+
+    OUTPUTS.extend([out, tty])
+    assert proc.returncode == 1
+    assert "6/6 tunnels" in tty and "[####" in tty
+    assert "Summary: 5 rotated, 1 refused" in out
+    assert_invariant(sims, acc, strict=True)
