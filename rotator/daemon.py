@@ -215,9 +215,9 @@ class Daemon:
                 return
             if not self.runtime.leases.holds(acc.id):
                 continue
-            states = self.tunnels.get(acc.id) or {}
+            states = list((self.tunnels.get(acc.id) or {}).values())  # a copy: runs update it concurrently
             quiet = states and all(st.next_due is not None and st.next_due > now and not st.pending
-                                   for st in states.values())
+                                   for st in states)
             if quiet and now - self._listed.get(acc.id, 0.0) < RELIST_SECONDS:
                 continue  # nothing known is due: spare the Cloudflare rate budget
             self._listed[acc.id] = now
@@ -293,7 +293,7 @@ class Daemon:
                 st.last_failure = now
                 st.last_error = o.reason
                 st.pending = o.result == UNKNOWN or (o.reconciled and st.pending)
-        self.metrics.pending.labels(account=run.account).set(sum(st.pending for st in states.values()))
+        self.metrics.pending.labels(account=run.account).set(sum(st.pending for st in list(states.values())))
         self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok=str(report.ok).lower()).inc()
         counts = report.counts()
         emit = self.log.info if report.outcomes or report.error else self.log.debug
@@ -313,7 +313,7 @@ class Daemon:
                                   "psk_age_seconds": None if st.last_rotated is None else int(now - st.last_rotated),
                                   "next_due": None if st.next_due is None else _iso(st.next_due),
                                   "last_error": st.last_error, "consecutive_failures": st.failures}
-                            for tid, st in self.tunnels.get(acc.id, {}).items()},
+                            for tid, st in dict(self.tunnels.get(acc.id, {})).items()},
             }
         return out
 
