@@ -100,7 +100,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     for value in (settings.vault_token, settings.cloudflare_token, settings.cloudflare_key, settings.admin_token):
         if value is not None:
             redactor.add(value)
-    configure(redactor)
+    # The daemon logs to stdout, where container runtimes and journald look; one-shot commands keep
+    # stdout for their result (table or JSON) and log to stderr.
+    configure(redactor, stream=sys.stdout if args.command == "run" else sys.stderr)
     if args.command == "config":
         print(json.dumps(settings.masked(), indent=2))
         return 0

@@ -411,7 +411,7 @@ def run_demo(listen: str) -> int:
     redactor = Redactor()
     for value in (sims.vault_token, sims.cloudflare_api_token):
         redactor.add(value)
-    configure(redactor)
+    configure(redactor)  # stderr: the demo's stdout carries its instructions
     try:
         settings = config_mod.load(cfg, env=sims.env())
         daemon = build_daemon(settings, redactor, tick_seconds=5.0)
