@@ -19,12 +19,14 @@ from urllib.parse import urlparse
 
 import httpx
 import hvac
+import hvac.exceptions
+import requests
 import structlog
 
 from rotator.cloudflare import CloudflareClient, RetryPolicy
 from rotator.config import Settings
 from rotator.engine import Engine, LeaseManager
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, VaultError
 from rotator.model import TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.vault import VaultStore, build_hvac_client, translate
@@ -105,9 +107,10 @@ class VaultAuthenticator:
                 data = self.client.auth.token.lookup_self()["data"]
                 ttl = int(data.get("ttl") or 0)
                 self._note(ttl, bool(data.get("renewable")) and ttl > 0)
-        except ConfigError:
-            raise
-        except Exception as exc:
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VaultError(f"Vault login ({auth.method}) answered without the expected auth data",
+                             "check VAULT_ADDR points at Vault and the auth mount name") from exc
+        except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
             raise translate(exc, f"Vault login ({auth.method})") from exc
 
     def _note(self, ttl: int, renewable: bool) -> None:
@@ -126,13 +129,13 @@ class VaultAuthenticator:
             remaining = self.expires_at - self.clock()
             if remaining > max(60.0, self.ttl / 3):
                 return "none"
-            try:
-                if self.renewable:
+            if self.renewable:
+                try:
                     resp = self.client.auth.token.renew_self()
                     self._note(int(resp["auth"]["lease_duration"]), bool(resp["auth"]["renewable"]))
                     return "renewed"
-            except Exception:  # noqa: S110 - fall through to a fresh login
-                pass
+                except (hvac.exceptions.VaultError, requests.exceptions.RequestException, KeyError, TypeError):
+                    pass  # the token is gone or not renewable after all: log in afresh below
             if self.settings.vault_auth.method == "token":
                 return "none"  # a plain token cannot log in again; readiness reports it
             self.login()
