@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from rotator import config as config_mod
 from rotator.admin import build_app
 from rotator.config import Policy, Settings
-from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest
+from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread
 from rotator.logging import Redactor, configure
@@ -221,7 +221,7 @@ class Daemon:
             if quiet and now - self._listed.get(acc.id, 0.0) < RELIST_SECONDS:
                 continue  # nothing known is due: spare the Cloudflare rate budget
             self._listed[acc.id] = now
-            self._execute(Run(_run_id(), acc.id, None, False, "schedule"))
+            self._execute(Run(new_rotation_id(), acc.id, None, False, "schedule"))
 
     def _due_fn(self, account_id: str) -> tuple[Callable[[TunnelInfo], bool], Callable[[TunnelInfo, Record], bool]]:
         account = next(a for a in self.settings.accounts if a.id == account_id)
@@ -311,7 +311,7 @@ class Daemon:
                 "leader": self.runtime.leases.holds(acc.id),
                 "tunnels": {tid: {"name": st.name, "state": st.state, "pending": st.pending,
                                   "psk_age_seconds": None if st.last_rotated is None else int(now - st.last_rotated),
-                                  "next_due": None if st.next_due is None else _iso(st.next_due),
+                                  "next_due": None if st.next_due is None else rfc3339(st.next_due),
                                   "last_error": st.last_error, "consecutive_failures": st.failures}
                             for tid, st in dict(self.tunnels.get(acc.id, {})).items()},
             }
@@ -326,7 +326,7 @@ class Daemon:
                 if run.account == account and run.state in ("queued", "running") and run.dry_run == dry_run and (
                         run.tunnels is None or (wanted is not None and wanted <= run.tunnels)):
                     return run.id, True
-            run = Run(_run_id(), account, wanted, dry_run, "api")
+            run = Run(new_rotation_id(), account, wanted, dry_run, "api")
             self.runs[run.id] = run
             if len(self.runs) > 500:
                 for old in [r for r in self.runs.values() if r.state == "done"][:100]:
@@ -347,14 +347,6 @@ def _always(due: Callable[[TunnelInfo, Record], bool]) -> Callable[[TunnelInfo, 
         return True
 
     return forced
-
-
-def _run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _now_dt() -> Any:

@@ -27,7 +27,6 @@ from rotator.psk import PskGenerator, Secret
 ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE = (
     "rotated", "refused", "unapplied", "skipped", "unknown", "would_rotate")
 RESULTS = (ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE)
-STEPS = ("plan", "stage", "validate", "apply", "promote")
 
 
 class TunnelApi(Protocol):
