@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import tempfile
 import threading
 import time
@@ -31,7 +30,7 @@ from rotator.admin import build_app
 from rotator.config import Policy, Settings
 from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
-from rotator.httpserver import ServerThread
+from rotator.httpserver import ServerThread, stop_on_signals
 from rotator.logging import Redactor, configure
 from rotator.metrics import Metrics
 from rotator.model import Record, TunnelInfo
@@ -371,9 +370,7 @@ def build_daemon(settings: Settings, redactor: Redactor | None = None, tick_seco
 
 
 def serve_until_signal(daemon: Daemon) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     daemon.start()
     stop.wait()
     daemon.stop()
@@ -388,6 +385,7 @@ def run_demo(listen: str) -> int:
     """The daemon against the built-in simulators, on a fast schedule."""
     from rotator.sim import Simulators
 
+    stop = stop_on_signals()
     sims = Simulators(accounts=2, tunnels=4).start()
     workdir = tempfile.mkdtemp(prefix="psk-rotator-demo-")
     token_file = os.path.join(workdir, "admin-token")
@@ -410,9 +408,6 @@ def run_demo(listen: str) -> int:
     except RotatorError:
         sims.stop()
         raise
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         daemon.start()
     except OSError as exc:

@@ -6,6 +6,7 @@ Used by the admin API and by the simulators.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 import time
@@ -63,3 +64,12 @@ def serving(app: Any) -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM. Install it before announcing readiness, so a signal that
+    follows the announcement at once is never handled by the default (killing) action."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

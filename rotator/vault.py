@@ -125,42 +125,35 @@ class VaultStore:
         return Record.from_data(account_id, tunnel_id, version, data)
 
     def write(self, record: Record) -> Record:
-        """CAS-write ``record`` on ``record.version``; returns it with the new version.
-
-        A write whose answer was lost is settled by reading back: if the latest version holds
-        exactly what we wrote, it landed.
-        """
+        """CAS-write ``record`` on ``record.version``; returns it with the new version."""
         path = self.path(record.account_id, record.tunnel_id)
         data = record.to_data()
 
-        def call() -> Any:
-            return self._client.secrets.kv.v2.create_or_update_secret(
-                path, secret=data, cas=record.version, mount_point=self.mount)
+        def landed() -> bool:
+            latest = self.read(record.account_id, record.tunnel_id)
+            return latest.version == record.version + 1 and latest.to_data() == data
 
-        try:
-            resp = self._do("write", f"writing {self.mount}/{path}", call, write=True)
-        except VaultError as exc:
-            if not exc.ambiguous:
-                raise
-            landed = self._landed(record, data)
-            if landed is None:
-                raise
-            record.version = landed
-            return record
-        record.version = int((resp.get("data") or {}).get("version") or record.version + 1)
+        record.version = self._cas_write("write", f"writing {self.mount}/{path}", path, data, record.version, landed)
         return record
 
-    def _landed(self, record: Record, data: dict[str, str]) -> int | None:
-        for _ in range(3):
-            try:
-                latest = self.read(record.account_id, record.tunnel_id)
-            except VaultError:
-                time.sleep(0.2)
-                continue
-            if latest.version == record.version + 1 and latest.to_data() == data:
-                return latest.version
-            return None
-        return None
+    def _cas_write(self, op: str, what: str, path: str, data: dict[str, str], cas: int,
+                   landed: Callable[[], bool]) -> int:
+        """Write ``data`` with check-and-set on ``cas``; returns the new version.
+
+        A write whose answer was lost is settled by reading back: ``landed()`` says whether the
+        latest version is exactly what we wrote (tried a few times while Vault recovers).
+        """
+        def call() -> Any:
+            return self._client.secrets.kv.v2.create_or_update_secret(path, secret=data, cas=cas,
+                                                                      mount_point=self.mount)
+
+        try:
+            resp = self._do(op, what, call, write=True)
+        except VaultError as exc:
+            if exc.ambiguous and _read_back(landed):
+                return cas + 1
+            raise
+        return int((resp.get("data") or {}).get("version") or cas + 1)
 
     def read_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, Record | VaultError]:
         return self._map(lambda tid: self.read(account_id, tid), list(tunnel_ids))
@@ -215,20 +208,11 @@ class VaultStore:
         path = self._lease_path(account_id)
         data = {"holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}
 
-        def call() -> Any:
-            return self._client.secrets.kv.v2.create_or_update_secret(path, secret=data, cas=cas,
-                                                                      mount_point=self.mount)
+        def landed() -> bool:
+            lease = self.read_lease(account_id)
+            return lease.version == cas + 1 and lease.holder == holder
 
-        try:
-            resp = self._do("lease_write", f"writing lease {path}", call, write=True)
-        except VaultError as exc:
-            if not exc.ambiguous:
-                raise
-            landed = self.read_lease(account_id)  # the answer was lost: did the write land?
-            if landed.version == cas + 1 and landed.holder == holder:
-                return landed.version
-            raise
-        return int((resp.get("data") or {}).get("version") or cas + 1)
+        return self._cas_write("lease_write", f"writing lease {path}", path, data, cas, landed)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _do(self, op: str, what: str, call: Callable[[], Any], *, write: bool = False,
@@ -252,6 +236,17 @@ class VaultStore:
             raise _Missing(_version_in(result))
         self._observe(op, "ok")
         return result
+
+
+def _read_back(landed: Callable[[], bool], tries: int = 3) -> bool:
+    """Whether a write whose answer was lost did land; False when Vault cannot tell us."""
+    for attempt in range(tries):
+        try:
+            return landed()
+        except VaultError:
+            if attempt + 1 < tries:
+                time.sleep(0.2)
+    return False
 
 
 class _Missing(Exception):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.sim.base import ServerThread
+from rotator.httpserver import ServerThread, stop_on_signals
 from rotator.sim.cloudflare import CloudflareSim, RateLimit
 from rotator.sim.vault import VaultSim
 
@@ -87,6 +85,7 @@ class Simulators:
 def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
             latency_vault: float = 0.0) -> int:
     """``rotator sim``: serve both simulators until SIGINT/SIGTERM."""
+    stop = stop_on_signals()
     sims = Simulators(accounts=accounts, tunnels=tunnels).start()
     if latency_cf:
         sims.cloudflare.set_latency(latency_cf)
@@ -106,9 +105,6 @@ def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
         for acc, tids in info["accounts"].items():
             print(f"    {acc}: {len(tids)} tunnels")
         sys.stdout.flush()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     sims.stop()
     return 0
