@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rotator import config
@@ -40,6 +42,16 @@ def runtime(sims: Simulators, config_text: str = "", tmp_path=None, holder: str 
     rt = build_runtime(settings, holder=holder)
     preflight(rt)
     return rt
+
+
+@contextlib.contextmanager
+def custom_runtime(sims: Simulators, config_text: str, tmp_path, holder: str | None = None) -> Iterator[Runtime]:
+    """A logged-in runtime with its own config file, closed afterwards."""
+    rt = runtime(sims, config_text, tmp_path, holder=holder)
+    try:
+        yield rt
+    finally:
+        rt.close()
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

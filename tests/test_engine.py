@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from rotator.engine import REFUSED, ROTATED, SKIPPED, UNAPPLIED, UNKNOWN, WOULD_ROTATE, RunRequest
-from tests.helpers import assert_invariant, record, runtime
+from tests.helpers import assert_invariant, custom_runtime, record, runtime
 
 
 def account(sims):
@@ -180,8 +180,7 @@ def test_apply_response_lost_is_retried_and_settles(sims, rt, managed):
 
 def test_apply_response_lost_without_retries_leaves_pending_then_reconcile(sims, tmp_path, managed):
     acc = managed
-    rt = runtime(sims, "[cloudflare]\nretry_attempts = 1\n", tmp_path)
-    try:
+    with custom_runtime(sims, "[cloudflare]\nretry_attempts = 1\n", tmp_path) as rt:
         sims.cloudflare.drop_next("cf.psk_apply")
         report = rotate_all(rt, acc)
         assert {o.result for o in report.outcomes} == {UNKNOWN}
@@ -190,22 +189,17 @@ def test_apply_response_lost_without_retries_leaves_pending_then_reconcile(sims,
         settled = rotate_all(rt, acc, reconcile_only=True)
         assert settled.ok and settled.counts()[ROTATED] == 6
         assert_invariant(sims, acc, strict=True)
-    finally:
-        rt.close()
 
 
 def test_apply_answer_arrives_too_late(sims, tmp_path, managed):
     acc = managed
-    rt = runtime(sims, "[cloudflare]\nretry_attempts = 1\ntimeout = 1\n", tmp_path)
-    try:
+    with custom_runtime(sims, "[cloudflare]\nretry_attempts = 1\ntimeout = 1\n", tmp_path) as rt:
         sims.cloudflare.late_next("cf.psk_apply", delay=2.0)
         report = rotate_all(rt, acc)
         assert {o.result for o in report.outcomes} == {UNKNOWN}
         assert_invariant(sims, acc)
         assert rotate_all(rt, acc, reconcile_only=True).ok
         assert_invariant(sims, acc, strict=True)
-    finally:
-        rt.close()
 
 
 def test_definite_apply_refusal_unstages_and_stops_the_run(sims, rt, managed):
@@ -362,13 +356,10 @@ def test_stop_between_batches_takes_the_staged_ahead_keys_back(sims, rt, managed
 def test_a_retried_apply_never_outlives_the_lease(sims, tmp_path, managed):
     """A Retry-After longer than the lease has left: the apply is not retried after the lease."""
     acc = managed
-    rt = runtime(sims, "[rotation]\nlease_ttl = \"4s\"\n", tmp_path)
-    try:
+    with custom_runtime(sims, "[rotation]\nlease_ttl = \"4s\"\n", tmp_path) as rt:
         sims.cloudflare.fail_next("cf.psk_apply", count=1, status=429, retry_after=30)
         report = rotate_all(rt, acc)
         assert {o.result for o in report.outcomes} == {UNAPPLIED}
         assert all("outlive" in o.reason for o in report.outcomes)
         assert sims.cloudflare.request_counts()["cf.psk_apply"] == 1
         assert_invariant(sims, acc, strict=True)
-    finally:
-        rt.close()
