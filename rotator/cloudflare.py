@@ -82,7 +82,6 @@ class CloudflareClient:
         self._retry = retry or RetryPolicy()
         self._observe = observe or (lambda endpoint, status: None)
         self._on_ratelimit = on_ratelimit or (lambda remaining: None)
-        self.calls = 0
 
     def __repr__(self) -> str:
         return f"CloudflareClient(base_url={self._base!r}, credential=**redacted**)"
@@ -177,7 +176,6 @@ class CloudflareClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _once(self, endpoint: str, method: str, path: str, *, mutating: bool, **kwargs: Any) -> Any:
-        self.calls += 1
         try:
             resp = self._http.request(method, self._base + path, headers=self._headers, **kwargs)
         except httpx.TransportError as exc:

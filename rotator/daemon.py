@@ -236,9 +236,10 @@ class Daemon:
             st.state = "unmanaged" if rec.version == 0 else rec.state
             st.pending = rec.pending_psk is not None
             st.last_error = rec.last_error
-            st.last_rotated = parse_time(rec.rotated_at) or parse_time(t.last_generated_on)
+            rotated = parse_time(rec.rotated_at)
+            st.last_rotated = rotated or parse_time(t.last_generated_on)
             # A tunnel whose key is not in Vault yet is due now: managing it is what makes it safe.
-            st.next_due = next_due(policy, t.id, parse_time(rec.rotated_at) if rec.psk else None,
+            st.next_due = next_due(policy, t.id, rotated if rec.psk else None,
                                    self.clock(), st.failures, st.last_failure)
             labels = {"account": account_id, "tunnel": t.id}
             self.metrics.next_due.labels(**labels).set(st.next_due)

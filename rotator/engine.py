@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import secrets
 import threading
 import time
@@ -407,15 +408,9 @@ class Engine:
         """Write psk=old, pending_psk=new, state=pending with CAS; return the items now staged."""
         if not items:
             return []
-        staged_records = []
-        for item in items:
-            rec = item.record
-            staged_records.append(Record(
-                rec.account_id, rec.tunnel_id, rec.version, psk=rec.psk, pending_psk=item.key,
-                previous_psk=rec.previous_psk, state="pending", rotation_id=report.rotation_id,
-                rotated_at=rec.rotated_at, tunnel_name=item.tunnel.name, ipsec_id=rec.ipsec_id,
-                last_error=rec.last_error,
-            ))
+        staged_records = [dataclasses.replace(i.record, pending_psk=i.key, state="pending",
+                                              rotation_id=report.rotation_id, tunnel_name=i.tunnel.name)
+                          for i in items]
         if req.dry_run:
             return items
         written = self.store.write_many(staged_records)
@@ -443,16 +438,10 @@ class Engine:
             report.outcomes.append(TunnelOutcome(i.tunnel.id, i.tunnel.name, settled, reason, i.reconcile))
         if not items or req.dry_run:
             return
-        updates = []
-        for item, reason in items:
-            rec = item.record
-            updates.append(Record(
-                rec.account_id, rec.tunnel_id, rec.version, psk=rec.psk,
-                pending_psk=rec.pending_psk if item.reconcile else None, previous_psk=rec.previous_psk,
-                state="pending" if item.reconcile else "active", rotation_id=rec.rotation_id,
-                rotated_at=rec.rotated_at, tunnel_name=item.tunnel.name, ipsec_id=rec.ipsec_id,
-                last_error=reason[:500],
-            ))
+        updates = [dataclasses.replace(i.record, pending_psk=i.record.pending_psk if i.reconcile else None,
+                                       state="pending" if i.reconcile else "active", tunnel_name=i.tunnel.name,
+                                       last_error=reason[:500])
+                   for i, reason in items]
         for tid, res in self.store.write_many(updates).items():
             if isinstance(res, VaultError):
                 # The pending key stays in Vault: harmless, the next run re-validates it.
@@ -463,20 +452,15 @@ class Engine:
         if not items:
             return
         now = rfc3339(self.clock())
-        records = []
-        for item in items:
-            rec = item.record
-            records.append(Record(
-                rec.account_id, rec.tunnel_id, rec.version, psk=item.key, pending_psk=None, previous_psk=rec.psk,
-                state="active", rotation_id=report.rotation_id, rotated_at=now, tunnel_name=item.tunnel.name,
-                ipsec_id=rec.ipsec_id, last_error=None,
-            ))
-        written = self.store.write_many(records)
-        by_id = {i.tunnel.id: i for i in items}
+        wanted = {i.tunnel.id: (i, dataclasses.replace(
+            i.record, psk=i.key, pending_psk=None, previous_psk=i.record.psk, state="active",
+            rotation_id=report.rotation_id, rotated_at=now, tunnel_name=i.tunnel.name, last_error=None))
+            for i in items}
+        written = self.store.write_many([record for _, record in wanted.values()])
         for tid, res in written.items():
-            item = by_id[tid]
+            item, record = wanted[tid]
             if isinstance(res, CasConflict):
-                res = self._promote_after_conflict(item, records[items.index(item)])
+                res = self._promote_after_conflict(item, record)
             if isinstance(res, VaultError):
                 self.log.warning("promote_failed", account=report.account_id, rotation_id=report.rotation_id,
                                  tunnel=tid, step="promote", error=str(res))

@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -55,15 +54,6 @@ class ServerThread:
         self.thread.join(timeout=10)
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[ServerThread]:
-    server = ServerThread(app).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def stop_on_signals() -> threading.Event:

@@ -132,6 +132,3 @@ class PskGenerator:
         rest = self._body.draw(count * (length - 1)).decode("ascii")
         step = length - 1
         return [Secret(firsts[i] + rest[i * step:(i + 1) * step]) for i in range(count)]
-
-    def one(self) -> Secret:
-        return self.generate(1)[0]

@@ -74,7 +74,6 @@ class VaultStore:
         self._concurrency = concurrency
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vault")
         self._observe = observe or (lambda op, outcome: None)
-        self.calls = 0
 
     def __repr__(self) -> str:
         return f"VaultStore(mount={self.mount!r}, prefix={self.prefix!r})"
@@ -84,9 +83,6 @@ class VaultStore:
 
     def path(self, account_id: str, tunnel_id: str) -> str:
         return f"{self.prefix}/{account_id}/{tunnel_id}"
-
-    def display_path(self, account_id: str, tunnel_id: str) -> str:
-        return f"{self.mount}/{self.path(account_id, tunnel_id)}"
 
     # -- checks -------------------------------------------------------------------------------
     def check(self) -> dict[str, Any]:
@@ -182,18 +178,6 @@ class VaultStore:
             results.update(zip(share, done, strict=True))
         return {k: results[k] for k in keys}
 
-    def list_tunnels(self, account_id: str) -> list[str]:
-        path = f"{self.prefix}/{account_id}"
-
-        def call() -> Any:
-            return self._client.secrets.kv.v2.list_secrets(path, mount_point=self.mount)
-
-        try:
-            resp = self._do("list", f"listing {self.mount}/{path}", call, missing_ok=True)
-        except _Missing:
-            return []
-        return [k for k in (resp.get("data") or {}).get("keys", []) if not k.endswith("/")]
-
     # -- leases -------------------------------------------------------------------------------
     def _lease_path(self, account_id: str) -> str:
         return f"{self.prefix}/_leases/{account_id}"
@@ -217,7 +201,6 @@ class VaultStore:
     # -- plumbing -----------------------------------------------------------------------------
     def _do(self, op: str, what: str, call: Callable[[], Any], *, write: bool = False,
             missing_ok: bool = False) -> Any:
-        self.calls += 1
         try:
             result = call()
         except hx.InvalidPath as exc:

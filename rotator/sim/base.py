@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from rotator.httpserver import ServerThread, serving
+from rotator.httpserver import ServerThread
 
-__all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp", "serving"]
+__all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
