@@ -17,7 +17,7 @@ from rotator import __version__
 from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
-    from rotator.engine import RunReport
+    from rotator.rotation.engine import RunReport
     from rotator.wiring import Runtime
 
 
@@ -89,11 +89,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency)
     if args.command == "demo":
-        from rotator.daemon import run_demo
+        from rotator.demo import run_demo
 
         return run_demo(args.listen)
     from rotator import config as config_mod
-    from rotator.logging import Redactor, configure
+    from rotator.service.logging import Redactor, configure
 
     settings = config_mod.load(args.config)
     redactor = Redactor()
@@ -107,7 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(settings.masked(), indent=2))
         return 0
     if args.command == "run":
-        from rotator.daemon import run_daemon
+        from rotator.service.daemon import run_daemon
 
         return run_daemon(settings, redactor)
     from rotator.wiring import build_runtime, preflight
@@ -123,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
-    from rotator.engine import RunRequest
+    from rotator.rotation.engine import RunRequest
 
     reconcile = args.command == "reconcile"
     req = RunRequest(

@@ -11,11 +11,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rotator.errors import ConfigError
-from rotator.psk import PRESETS, PskPolicy, Secret
+from rotator.psk import PRESETS, PskPolicy
+from rotator.schedule import Policy, Window, parse_cron
+from rotator.secret import Secret
 
 DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w)$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -32,28 +34,6 @@ def parse_duration(value: Any, key: str) -> float:
         if m:
             return float(int(m.group(1)) * DURATION_UNITS[m.group(2)])
     raise ConfigError(f"{key}: {value!r} is not a duration", "write it like 30d, 12h, 15m or 90s")
-
-
-@dataclass(frozen=True)
-class Window:
-    days: tuple[int, ...]  # 0 = Monday
-    start_minute: int
-    end_minute: int
-    timezone: str
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    every: float | None = None
-    cron: str | None = None
-    timezone: str = "UTC"
-    window: Window | None = None
-    max_age: float | None = None
-    jitter: float = 0.0
-    retry_backoff: float = 300.0
-    retry_backoff_max: float = 6 * 3600.0
-    psk: PskPolicy = field(default_factory=PskPolicy)
 
 
 @dataclass(frozen=True)
@@ -207,7 +187,6 @@ def _policy(name: str, t: _Table) -> Policy:
         raise ConfigError(f"{t.key('every')}: must be at least 10s", "rotate less often")
     tz = _timezone(t.get("timezone", str, "UTC"), t.key("timezone"))
     if cron is not None:
-        from rotator.schedule import parse_cron
 
         try:
             parse_cron(cron)

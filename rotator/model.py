@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.psk import Secret
+from rotator.secret import Secret
 
 SECRET_FIELDS = ("psk", "pending_psk", "previous_psk")
 
@@ -18,12 +18,22 @@ class TunnelInfo:
     id: str
     name: str
     last_generated_on: str | None = None
+    customer_endpoint: str | None = None
+    cloudflare_endpoint: str | None = None
+    # Set by the adapter when the listing's id (or name) is unusable, e.g. not 32 lowercase hex:
+    # such a tunnel is reported with this reason and never touches Vault.
+    problem: str | None = None
 
 
 @dataclass(slots=True)
 class PskSetResult:
     applied: set[str] = field(default_factory=set)
-    unapplied: dict[str, str] = field(default_factory=dict)
+    unapplied: dict[str, str] = field(default_factory=dict)  # tunnel id -> reason (redacted)
+    # Contradictory answers (a key echoed back that differs from the one sent, a tunnel both
+    # applied and unapplied): the outcome is unknown and the key must stay pending.
+    ambiguous: dict[str, str] = field(default_factory=dict)
+    generated_on: dict[str, str] = field(default_factory=dict)  # tunnel id -> psk_metadata.last_generated_on
+    ipsec_ids: dict[str, str] = field(default_factory=dict)  # tunnel id -> ipsec_id (IKE identity)
 
 
 @dataclass(slots=True)
@@ -42,6 +52,8 @@ class Record:
     tunnel_name: str | None = None
     ipsec_id: str | None = None
     last_error: str | None = None
+    cf_generated_on: str | None = None  # Cloudflare's last_generated_on right after our apply of psk
+    device: str | None = None  # the far-end device that holds the key, if any
 
     @classmethod
     def from_data(cls, account_id: str, tunnel_id: str, version: int, data: dict[str, Any]) -> Record:
@@ -55,7 +67,7 @@ class Record:
 
         return cls(account_id, tunnel_id, version, secret("psk"), secret("pending_psk"), secret("previous_psk"),
                    str(data.get("state") or "active"), text("rotation_id"), text("rotated_at"), text("tunnel_name"),
-                   text("ipsec_id"), text("last_error"))
+                   text("ipsec_id"), text("last_error"), text("cf_generated_on"), text("device"))
 
     def to_data(self) -> dict[str, str]:
         data: dict[str, str] = {"state": self.state, "account_id": self.account_id}
@@ -63,7 +75,7 @@ class Record:
             value = getattr(self, name)
             if value is not None:
                 data[name] = value.reveal()
-        for name in ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error"):
+        for name in ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error", "cf_generated_on", "device"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from rotator.errors import ConfigError
+from rotator.secret import Secret
 
 ALNUM: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 PRESETS: Final[dict[str, tuple[str, str]]] = {
@@ -24,32 +25,6 @@ PRESETS: Final[dict[str, tuple[str, str]]] = {
     "hex": ("0123456789abcdef", ""),
 }
 MIN_LENGTH, MAX_LENGTH, MIN_ENTROPY_BITS = 24, 128, 128
-
-
-class Secret:
-    """A value that never shows itself: repr and str are redacted; ``reveal()`` is explicit."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**redacted**')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError("a Secret is not picklable")
 
 
 @dataclass(frozen=True, slots=True)

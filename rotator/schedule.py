@@ -8,16 +8,38 @@ an outage never skips a rotation: an overdue tunnel is simply due now.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from rotator.config import Policy, Window
+from rotator.psk import PskPolicy
 
 _NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9,
           "oct": 10, "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
 _BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _HORIZON_DAYS = 4 * 366
+
+
+@dataclass(frozen=True)
+class Window:
+    days: tuple[int, ...]  # 0 = Monday
+    start_minute: int
+    end_minute: int
+    timezone: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    every: float | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    window: Window | None = None
+    max_age: float | None = None
+    jitter: float = 0.0
+    retry_backoff: float = 300.0
+    retry_backoff_max: float = 6 * 3600.0
+    psk: PskPolicy = field(default_factory=PskPolicy)
 
 
 @dataclass(frozen=True)

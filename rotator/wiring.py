@@ -23,13 +23,14 @@ import hvac.exceptions
 import requests
 import structlog
 
-from rotator.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.vault import VaultStore, build_hvac_client, translate
 from rotator.config import Settings
-from rotator.engine import Engine, LeaseManager
 from rotator.errors import ConfigError, VaultError
 from rotator.model import TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
-from rotator.vault import VaultStore, build_hvac_client, translate
+from rotator.rotation.engine import Engine
+from rotator.rotation.lease import LeaseManager
 
 
 @dataclass

@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from rotator.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
 from rotator.errors import CloudflareError
-from rotator.psk import Secret
+from rotator.secret import Secret
 
 A = "023e105f4ecef8ad9ca31a8372d0c353"
 

@@ -15,8 +15,8 @@ import pytest
 import structlog
 
 from rotator import config
-from rotator.daemon import build_daemon
-from rotator.logging import Redactor, configure
+from rotator.service.daemon import build_daemon
+from rotator.service.logging import Redactor, configure
 from tests.helpers import OUTPUTS, assert_invariant, start_cli, wait_for, write_config
 
 ADMIN = "a" * 32

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from rotator.engine import REFUSED, ROTATED, SKIPPED, UNAPPLIED, UNKNOWN, WOULD_ROTATE, RunRequest
+from rotator.rotation.engine import REFUSED, ROTATED, SKIPPED, UNAPPLIED, UNKNOWN, WOULD_ROTATE, RunRequest
 from tests.helpers import assert_invariant, custom_runtime, record, runtime
 
 

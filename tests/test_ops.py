@@ -53,7 +53,7 @@ def test_prometheus_config_is_valid():
 def test_dashboard_queries_only_exported_metrics():
     from prometheus_client import CollectorRegistry
 
-    from rotator.metrics import Metrics
+    from rotator.service.metrics import Metrics
 
     registry = CollectorRegistry()
     Metrics(registry)

@@ -7,8 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from rotator.config import Policy, Window
-from rotator.schedule import backoff, in_window, next_cron, next_due, parse_cron, spread
+from rotator.schedule import Policy, Window, backoff, in_window, next_cron, next_due, parse_cron, spread
 
 DAY = 86400.0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from rotator.psk import Secret
+from rotator.secret import Secret
 from rotator.sim import Simulators
 from tests import helpers
 

@@ -19,7 +19,7 @@ from tests.bench.common import Meter, counts, env_of, simulators
 def prepare_ours(info):
     """Start-up (imports, clients, Vault login) happens before the meter, as in a running daemon."""
     from rotator import config
-    from rotator.engine import RunRequest
+    from rotator.rotation.engine import RunRequest
     from rotator.wiring import build_runtime, preflight
 
     rt = build_runtime(config.load(None, env=env_of(info)))

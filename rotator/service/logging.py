@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from rotator.psk import Secret
+from rotator.secret import Secret
 
 SECRET_KEYS = frozenset({"psk", "pending_psk", "previous_psk", "token", "api_token", "api_key", "secret_id",
                          "vault_token", "authorization", "x-vault-token", "x-auth-key", "jwt", "password"})

@@ -15,38 +15,22 @@ import dataclasses
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from rotator.errors import CasConflict, CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Lease, PskSetResult, Record, TunnelInfo
-from rotator.psk import PskGenerator, Secret
+from rotator.model import Record, TunnelInfo
+from rotator.psk import PskGenerator
+from rotator.rotation.lease import LeaseManager
+from rotator.rotation.ports import RecordStore, TunnelApi
+from rotator.secret import Secret
 
 ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE = (
     "rotated", "refused", "unapplied", "skipped", "unknown", "would_rotate")
 RESULTS = (ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE)
-
-
-class TunnelApi(Protocol):
-    def list_tunnels(self, account_id: str) -> list[TunnelInfo]: ...
-
-    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
-                 deadline: float | None = None) -> PskSetResult: ...
-
-
-class RecordStore(Protocol):
-    def read(self, account_id: str, tunnel_id: str) -> Record: ...
-
-    def read_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, Record | VaultError]: ...
-
-    def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]: ...
-
-    def read_lease(self, account_id: str) -> Lease: ...
-
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -111,69 +95,6 @@ def rfc3339(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-class LeaseManager:
-    """Per-account leases in Vault (CAS + expiry) so one rotator acts on an account at a time.
-
-    Thread-safe: the daemon renews from its scheduler while runs renew before each apply.
-    """
-
-    def __init__(self, store: RecordStore, holder: str, ttl: float = 120.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.store, self.holder, self.ttl, self.clock = store, holder, ttl, clock
-        self._held: dict[str, Lease] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, account_id: str) -> Lease:
-        """Take or renew the lease; raises LeaseHeld if another live holder has it."""
-        with self._lock:
-            lease = self._held.get(account_id)
-            if lease is not None:
-                try:
-                    return self._write(account_id, lease.version)
-                except CasConflict:
-                    self._held.pop(account_id, None)
-            current = self.store.read_lease(account_id)
-            now = self.clock()
-            if current.holder and current.holder != self.holder and current.expires_at > now:
-                raise LeaseHeld(f"account {account_id} is leased to {current.holder} for another "
-                                f"{current.expires_at - now:.0f}s", "another replica is rotating it; this one stands by")
-            try:
-                return self._write(account_id, current.version)
-            except CasConflict as exc:
-                raise LeaseHeld(f"account {account_id}: another rotator took the lease first",
-                                "another replica is rotating it; this one stands by") from exc
-
-    def _write(self, account_id: str, cas: int) -> Lease:
-        expires = self.clock() + self.ttl
-        version = self.store.write_lease(account_id, self.holder, expires, cas)
-        lease = self._held[account_id] = Lease(self.holder, expires, version)
-        return lease
-
-    def expires_at(self, account_id: str) -> float | None:
-        with self._lock:
-            lease = self._held.get(account_id)
-            return lease.expires_at if lease is not None else None
-
-    def holds(self, account_id: str, margin: float = 0.0) -> bool:
-        with self._lock:
-            lease = self._held.get(account_id)
-            return lease is not None and lease.expires_at - margin > self.clock()
-
-    def release(self, account_id: str) -> None:
-        with self._lock:
-            lease = self._held.pop(account_id, None)
-            if lease is None:
-                return
-            try:
-                self.store.write_lease(account_id, "", 0.0, lease.version)
-            except VaultError:
-                pass  # it expires on its own
-
-    def held_accounts(self) -> list[str]:
-        with self._lock:
-            return [a for a, lease in self._held.items() if lease.expires_at > self.clock()]
-
-
 _NO_KEY = Secret("")
 
 
@@ -203,7 +124,7 @@ class Engine:
         self.batch_size = batch_size
         self.clock = clock
         self.on_step = on_step or (lambda account, step, seconds: None)
-        self.log = log or structlog.get_logger("rotator.engine")
+        self.log = log or structlog.get_logger("rotator.rotation.engine")
 
     # -- entry point --------------------------------------------------------------------------
     def run(self, req: RunRequest) -> RunReport:

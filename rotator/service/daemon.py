@@ -10,11 +10,6 @@ work, let the in-flight batch finish (bounded), release the leases and exit 0.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import json
-import os
-import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,16 +20,15 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from rotator import config as config_mod
-from rotator.admin import build_app
-from rotator.config import Policy, Settings
-from rotator.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
+from rotator.config import Settings
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.logging import Redactor, configure
-from rotator.metrics import Metrics
 from rotator.model import Record, TunnelInfo
-from rotator.schedule import next_due, parse_time
+from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
+from rotator.schedule import Policy, next_due, parse_time
+from rotator.service.admin import build_app
+from rotator.service.logging import Redactor
+from rotator.service.metrics import Metrics
 from rotator.wiring import Runtime, build_runtime
 
 SHUTDOWN_GRACE = 30.0
@@ -380,59 +374,3 @@ def serve_until_signal(daemon: Daemon) -> int:
 
 def run_daemon(settings: Settings, redactor: Redactor) -> int:
     return serve_until_signal(build_daemon(settings, redactor, tick_seconds=60.0))
-
-
-def run_demo(listen: str) -> int:
-    """The daemon against the built-in simulators, on a fast schedule."""
-    from rotator.sim import Simulators
-
-    stop = stop_on_signals()
-    sims = Simulators(accounts=2, tunnels=4).start()
-    workdir = tempfile.mkdtemp(prefix="psk-rotator-demo-")
-    token_file = os.path.join(workdir, "admin-token")
-    with open(token_file, "w", encoding="utf-8") as fh:
-        fh.write(secrets.token_urlsafe(24))
-    os.chmod(token_file, 0o600)
-    accounts = "".join(f'[[accounts]]\nid = "{acc}"\n' for acc in sims.tunnels_by_account)
-    cfg = os.path.join(workdir, "rotator.toml")
-    with open(cfg, "w", encoding="utf-8") as fh:
-        fh.write(f'[admin]\nlisten = "{listen}"\ntoken_file = "{token_file}"\n[rotation]\nlease_ttl = "30s"\n'
-                 f'[policies.default]\nevery = "20s"\njitter = "10s"\nmax_age = "60s"\nretry_backoff = "5s"\n'
-                 f'retry_backoff_max = "30s"\n{accounts}')
-    redactor = Redactor()
-    for value in (sims.vault_token, sims.cloudflare_api_token):
-        redactor.add(value)
-    configure(redactor)  # stderr: the demo's stdout carries its instructions
-    try:
-        settings = config_mod.load(cfg, env=sims.env())
-        daemon = build_daemon(settings, redactor, tick_seconds=5.0)
-    except RotatorError:
-        sims.stop()
-        raise
-    try:
-        daemon.start()
-    except OSError as exc:
-        sims.stop()
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}", "pass --listen HOST:PORT with a free port") \
-            from None
-    acc = next(iter(sims.tunnels_by_account))
-    url = daemon.admin_url
-    print(json.dumps({"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
-                      "accounts": list(sims.tunnels_by_account), "simulators": {
-                          "vault": sims.vault_addr, "cloudflare": sims.cloudflare_base_url}}), flush=True)
-    print(f"""
-psk-rotator demo: the daemon rotates {sum(map(len, sims.tunnels_by_account.values()))} simulated tunnels in
-{len(sims.tunnels_by_account)} accounts every 20-30 s (the first rotation within 10 s).
-  Admin API : {url}
-  Metrics   : {url}/metrics      e.g. curl -s {url}/metrics | grep psk_rotator_rotations_total
-  Rotate now: curl -s -X POST -H "Authorization: Bearer $(cat {token_file})" \\
-                -d '{{"account": "{acc}", "all": true}}' {url}/v1/rotations
-  Status    : curl -s -H "Authorization: Bearer $(cat {token_file})" {url}/v1/status
-Ctrl-C stops it.
-""", flush=True)
-    stop.wait()
-    daemon.stop()
-    sims.stop()
-    with contextlib.suppress(OSError):
-        os.remove(token_file)
-    return 0

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rotator.errors import ConfigError
-from rotator.psk import Secret
+from rotator.secret import Secret
 
 
 class Control(Protocol):

@@ -19,7 +19,7 @@ import stamina
 
 from rotator.errors import CloudflareError
 from rotator.model import PskSetResult, TunnelInfo
-from rotator.psk import Secret
+from rotator.secret import Secret
 
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
 _RATELIMIT_RE = re.compile(r";r=(\d+)")

@@ -1,0 +1,1 @@
+"""Adapters: the one place each foreign library (httpx, hvac, vici) is spoken."""

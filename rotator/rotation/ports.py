@@ -1,0 +1,97 @@
+"""The ports the protocol speaks through. Adapters implement them; tests fake them in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from rotator.errors import VaultError
+from rotator.model import Lease, PskSetResult, Record, TunnelInfo
+from rotator.secret import Secret
+
+
+class TunnelApi(Protocol):
+    def list_tunnels(self, account_id: str) -> list[TunnelInfo]: ...
+
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
+                 deadline: float | None = None) -> PskSetResult: ...
+
+
+class RecordStore(Protocol):
+    def read(self, account_id: str, tunnel_id: str) -> Record: ...
+
+    def read_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, Record | VaultError]: ...
+
+    def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]: ...
+
+    def read_lease(self, account_id: str) -> Lease: ...
+
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int: ...
+
+
+# -- far-end devices (DESIGN.md section 9) ---------------------------------------------------------
+
+class DeviceStatus(StrEnum):
+    """What a device said about one tunnel for one action."""
+
+    OK = "ok"            # done: the device holds (deliver/rollback) or runs on (verify) the key
+    FAILED = "failed"    # definitely not done (the device said so, or the call never reached it)
+    UNKNOWN = "unknown"  # no clear answer (timeout, killed, garbage): the device may hold the key
+    WAITING = "waiting"  # manual devices: the key waits for an operator's acknowledgement
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResult:
+    status: DeviceStatus
+    reason: str | None = None  # redacted against the batch's keys before it leaves the adapter
+
+    @property
+    def ok(self) -> bool:
+        return self.status is DeviceStatus.OK
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTunnel:
+    """One tunnel of one device call. ``psk`` is the key to hold after the call: the new key for
+    ``deliver`` and ``verify``, the old key for ``rollback``; ``previous_psk`` is the one it replaces."""
+
+    tunnel_id: str
+    tunnel_name: str
+    psk: Secret
+    previous_psk: Secret | None
+    customer_endpoint: str | None = None
+    cloudflare_endpoint: str | None = None
+
+
+class Device(Protocol):
+    """A far end. Every method answers for every tunnel it was given (a tunnel missing from the
+    answer counts as UNKNOWN), never raises for a known failure, and returns before ``deadline``
+    (``time.monotonic()`` value) has passed."""
+
+    name: str
+    kind: str
+
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]: ...
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]: ...
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]: ...
+
+
+class HealthState(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    DOWN = "down"
+    NO_DATA = "no_data"
+
+
+class Health(Protocol):
+    """Cloudflare's tunnel health checks (GraphQL), judged on what happened after ``since``."""
+
+    def tunnel_health(self, account_id: str, tunnel_names: Sequence[str], *, since: float,
+                      deadline: float) -> dict[str, HealthState]: ...

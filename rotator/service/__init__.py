@@ -1,0 +1,1 @@
+"""The long-running service: daemon, admin API, metrics and logging."""
