@@ -112,12 +112,12 @@ class _Retryable(Exception):
         self.wait = wait
 
 
-class _DeadlinePassed(Exception):
-    """Internal: the request's total deadline passed before a whole answer arrived."""
+class DeadlinePassed(Exception):
+    """The request's total deadline passed before a whole answer arrived."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
+class Answer:
     status: int
     headers: httpx.Headers
     body: bytes
@@ -132,11 +132,47 @@ class _Exchange:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.cancelled = False
-        self.answer: _Answer | None = None
+        self.answer: Answer | None = None
         self.error: BaseException | None = None
 
 
-def _auth_headers(api_token: str | None, email: str | None, api_key: str | None) -> dict[str, str]:
+def exchange(http: httpx.Client, method: str, url: str, headers: Mapping[str, str], total: float,
+             **kwargs: Any) -> Answer:
+    """Send one request and read its whole answer within ``total`` seconds, or raise
+    ``DeadlinePassed`` (or httpx's error). The request runs on its own thread, so the caller
+    stops waiting at the deadline whatever the socket does; that thread then closes the
+    connection at its next chunk (or its own per-read timeout, ``total``)."""
+    ex = _Exchange()
+
+    def work() -> None:
+        try:
+            with http.stream(method, url, headers=headers, timeout=httpx.Timeout(total), **kwargs) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in resp.iter_bytes():
+                    if ex.cancelled:
+                        return  # the caller gave up: close the connection now
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        raise ValueError("answer larger than 16 MiB")
+                    chunks.append(chunk)
+                ex.answer = Answer(resp.status_code, resp.headers, b"".join(chunks), resp.reason_phrase)
+        except BaseException as exc:  # handed to the caller's thread
+            ex.error = exc
+        finally:
+            ex.done.set()
+
+    threading.Thread(target=work, name="cloudflare-call", daemon=True).start()
+    if not ex.done.wait(max(0.0, total)):
+        ex.cancelled = True
+        raise DeadlinePassed
+    if ex.error is not None:
+        raise ex.error
+    assert ex.answer is not None
+    return ex.answer
+
+
+def auth_headers(api_token: str | None, email: str | None, api_key: str | None) -> dict[str, str]:
     if api_token:
         return {"Authorization": f"Bearer {api_token}"}
     if email and api_key:
@@ -159,7 +195,7 @@ class CloudflareClient:
             raise ConfigError("cloudflare.rate_reserve must be at least 0 and below 1", "e.g. 0.2 for 20 %")
         self._http = http
         self._base = base_url.rstrip("/")
-        self._headers = _auth_headers(api_token, email, api_key)
+        self._headers = auth_headers(api_token, email, api_key)
         self._retry = retry or RetryPolicy()
         self._observe = observe or (lambda endpoint, status: None)
         self._on_ratelimit = on_ratelimit or (lambda remaining: None)
@@ -319,46 +355,13 @@ class CloudflareClient:
             raise exc.error from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _exchange(self, method: str, url: str, **kwargs: Any) -> _Answer:
-        """Send one request and read its whole answer within ``call_timeout``, or raise."""
-        total = self.call_timeout
-        ex = _Exchange()
-
-        def work() -> None:
-            try:
-                with self._http.stream(method, url, headers=self._headers, timeout=httpx.Timeout(total),
-                                       **kwargs) as resp:
-                    chunks: list[bytes] = []
-                    size = 0
-                    for chunk in resp.iter_bytes():
-                        if ex.cancelled:
-                            return  # the caller gave up: close the connection now
-                        size += len(chunk)
-                        if size > MAX_BODY:
-                            raise ValueError("answer larger than 16 MiB")
-                        chunks.append(chunk)
-                    ex.answer = _Answer(resp.status_code, resp.headers, b"".join(chunks), resp.reason_phrase)
-            except BaseException as exc:  # handed to the caller's thread
-                ex.error = exc
-            finally:
-                ex.done.set()
-
-        threading.Thread(target=work, name="cloudflare-call", daemon=True).start()
-        if not ex.done.wait(total):
-            ex.cancelled = True
-            raise _DeadlinePassed
-        if ex.error is not None:
-            raise ex.error
-        assert ex.answer is not None
-        return ex.answer
-
     def _once(self, endpoint: str, method: str, path: str, *, mutating: bool, keys: tuple[str, ...],
               **kwargs: Any) -> Any:
         try:
-            resp = self._exchange(method, self._base + path, **kwargs)
-        except (httpx.RequestError, _DeadlinePassed, ValueError) as exc:
+            resp = exchange(self._http, method, self._base + path, self._headers, self.call_timeout, **kwargs)
+        except (httpx.RequestError, DeadlinePassed, ValueError) as exc:
             sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-            kind = f"no whole answer within {self.call_timeout:g}s" if isinstance(exc, _DeadlinePassed) \
+            kind = f"no whole answer within {self.call_timeout:g}s" if isinstance(exc, DeadlinePassed) \
                 else type(exc).__name__
             self._observe(endpoint, "error")
             error = CloudflareError(
@@ -447,14 +450,14 @@ def _psk_set_result(result: Any, psks: Mapping[str, Secret], keys: list[str], *,
     return out
 
 
-def _json_or_none(resp: _Answer) -> Any:
+def _json_or_none(resp: Answer) -> Any:
     try:
         return json.loads(resp.body)
     except ValueError:
         return None
 
 
-def _retry_after(resp: _Answer) -> float:
+def _retry_after(resp: Answer) -> float:
     try:
         wait = float(resp.headers.get("retry-after", "1"))
     except ValueError:
@@ -462,7 +465,7 @@ def _retry_after(resp: _Answer) -> float:
     return max(0.0, wait) if math.isfinite(wait) else 1.0
 
 
-def _status_error(resp: _Answer, body: Any, keys: tuple[str, ...], *, retryable: bool,
+def _status_error(resp: Answer, body: Any, keys: tuple[str, ...], *, retryable: bool,
                   ambiguous: bool) -> CloudflareError:
     errors = body.get("errors") if isinstance(body, dict) else None
     first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
