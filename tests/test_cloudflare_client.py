@@ -348,3 +348,21 @@ def test_edge_hook_sees_real_applies_only(env):
     sim.set_edge_hook(None)
     client().set_psks(A, {tunnels[0]: Secret("z" * 32)}, validate_only=False)
     assert len(calls) == 1 and sim.psk_of(A, tunnels[0]) == "z" * 32
+
+
+def test_rate_reserve_from_config(sims, tmp_path):
+    from rotator import config
+    from rotator.wiring import build_runtime
+    from tests.helpers import write_config
+
+    settings = config.load(write_config(tmp_path, "[cloudflare]\nrate_reserve = 0.35\n"), env=sims.env())
+    rt = build_runtime(settings)
+    try:
+        assert rt.cloudflare.rate_reserve == 0.35
+        assert config.load(None, env=sims.env()).rate_reserve == 0.2
+    finally:
+        rt.close()
+    for bad in ("1.5", "-0.1", '"20%"'):
+        with pytest.raises(ConfigError) as exc:
+            config.load(write_config(tmp_path, f"[cloudflare]\nrate_reserve = {bad}\n"), env=sims.env())
+        assert "cloudflare.rate_reserve" in str(exc.value) and "\n" not in str(exc.value)

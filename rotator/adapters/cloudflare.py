@@ -146,7 +146,8 @@ def exchange(http: httpx.Client, method: str, url: str, headers: Mapping[str, st
 
     def work() -> None:
         try:
-            with http.stream(method, url, headers=headers, timeout=httpx.Timeout(total), **kwargs) as resp:
+            timeout = httpx.Timeout(total, connect=min(total, http.timeout.connect or total))
+            with http.stream(method, url, headers=headers, timeout=timeout, **kwargs) as resp:
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in resp.iter_bytes():
