@@ -366,3 +366,15 @@ def test_rate_reserve_from_config(sims, tmp_path):
         with pytest.raises(ConfigError) as exc:
             config.load(write_config(tmp_path, f"[cloudflare]\nrate_reserve = {bad}\n"), env=sims.env())
         assert "cloudflare.rate_reserve" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_backoff_never_waits_past_the_deadline(env):
+    sim, client, tunnels, seen, _ = env
+    sim.fail_next("cf.psk_apply", count=5, status=503)
+    start = time.monotonic()
+    with pytest.raises(CloudflareError) as exc:
+        client(attempts=5, wait_initial=3, wait_jitter=0).set_psks(
+            A, {tunnels[0]: Secret("k" * 32)}, validate_only=False, deadline=time.time() + 1.5)
+    # The first backoff (3 s) would end past the deadline: no wait, no second attempt.
+    assert time.monotonic() - start < 1.5 and len(seen) == 1
+    assert "outlive" in str(exc.value) and exc.value.ambiguous

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import threading
 import time
@@ -321,17 +322,23 @@ class CloudflareClient:
         policy = self._retry
         keys = tuple(keys)
 
+        retries = 0
+
         def hook(exc: Exception) -> bool | float:
+            """How long to wait before the next attempt: Retry-After, else jittered exponential
+            backoff; never a wait that ends past the engine's deadline."""
+            nonlocal retries
             if not isinstance(exc, _Retryable):
                 return False
-            if deadline is not None and time.time() + (exc.wait or 0.0) > deadline:
+            retries += 1
+            if exc.wait is not None and exc.wait > policy.rate_limit_ceiling:
+                return False
+            wait = exc.wait if exc.wait is not None else \
+                min(policy.wait_max, policy.wait_initial * 2 ** (retries - 1)) + random.uniform(0, policy.wait_jitter)
+            if deadline is not None and time.time() + wait > deadline:
                 exc.error.hint = "retrying would outlive this rotator's account lease; the next run retries"
                 return False
-            if exc.wait is not None:
-                if exc.wait > policy.rate_limit_ceiling:
-                    return False
-                return exc.wait
-            return True
+            return wait
 
         try:
             for attempt in stamina.retry_context(
