@@ -171,6 +171,39 @@ def validate(ctx: Context, items: list[Item]) -> Result:
     return out
 
 
+def deliver(ctx: Context, items: list[Item]) -> Result:
+    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass."""
+    out = Result(moved=[i for i in items if i.device is None or i.record.acked])
+    for item in out.moved:
+        item.dev_may_hold = item.device is not None
+    calls = [i for i in items if i.device is not None and not i.record.acked]
+    for item in calls:
+        item.dev_may_hold = True
+    for item, res in device_call(ctx, calls, "deliver"):
+        if res.status is DeviceStatus.OK:
+            out.moved.append(item)
+        elif res.status is DeviceStatus.FAILED:
+            item.dev_refused = True
+            out.back.append(item.going_back(Outcome.REFUSED, f"device refused the key: {res.reason or 'no reason'}"))
+        elif res.status is DeviceStatus.WAITING:
+            _waiting(ctx, item, out)
+        else:
+            out.settle(item, Outcome.UNKNOWN, f"delivery outcome unknown: {res.reason or 'no answer'}; key left pending")
+    return out
+
+
+def _waiting(ctx: Context, item: Item, out: Result) -> None:
+    from rotator.schedule import parse_time
+
+    staged = parse_time(item.record.staged_at)
+    if ctx.ack_timeout is not None and staged is not None and ctx.clock() - staged > ctx.ack_timeout:
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {ctx.ack_timeout:.0f}s "
+                                        f"(ack_timeout): the key is withdrawn"))
+    else:
+        out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
+                   f"{item.device.name if item.device else '?'} (rotator ack)")
+
+
 def apply(ctx: Context, items: list[Item]) -> Result:
     """POST .../psk with the delivered keys."""
     out = Result()
@@ -219,6 +252,25 @@ def _apply_one(item: Item, verdict: PskSetResult, out: Result) -> None:
         out.back.append(item.going_back(Outcome.UNAPPLIED, f"unapplied: {verdict.unapplied[item.id]}"))
     else:
         out.settle(item, Outcome.UNKNOWN, "Cloudflare did not report this tunnel; key left pending for reconcile")
+
+
+def verify(ctx: Context, items: list[Item]) -> Result:
+    """The device forces a fresh IKE authentication with the new key; a failure rolls both ends back."""
+    checked = [i for i in items if i.device is not None and getattr(i.device, "verifies", True)]
+    out = Result(moved=[i for i in items if i not in checked])
+    for item, res in device_call(ctx, checked, "verify"):
+        if res.ok:
+            out.moved.append(item)
+        elif res.status is not DeviceStatus.FAILED:
+            out.settle(item, Outcome.UNKNOWN, f"verification outcome unknown: {res.reason or 'no answer'}; "
+                       "key left pending for reconcile")
+        elif item.record.psk is None:
+            item.final = (Outcome.FAILED, f"verification failed ({res.reason or 'no reason'}), and this is the "
+                          "tunnel's first key: there is no previous key to roll back to, so the new key is kept")
+            out.moved.append(item)
+        else:
+            out.back.append(item.going_back(Outcome.ROLLED_BACK, f"verification failed: {res.reason or 'no reason'}"))
+    return out
 
 
 def promote(ctx: Context, items: list[Item]) -> Result:
@@ -391,5 +443,12 @@ def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceRes
             for tid, r in answers.items() if isinstance(r, DeviceResult)}
 
 
-FORWARD: tuple[Step, ...] = (stage, validate, apply, promote)
+FORWARD: tuple[Step, ...] = (
+    stage,
+    validate,
+    deliver,
+    apply,
+    verify,
+    promote,
+)
 BACKWARD: tuple[Step, ...] = (mark_rolling_back, restore_cloudflare, restore_device, unstage)
