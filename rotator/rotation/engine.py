@@ -27,7 +27,7 @@ from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
 from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, plan
-from rotator.rotation.ports import Device, RecordStore, TunnelApi
+from rotator.rotation.ports import Device, Health, RecordStore, TunnelApi
 from rotator.rotation.steps import Context, Item, LeaseLost, Step
 from rotator.secret import Secret
 
@@ -103,6 +103,7 @@ class RunRequest:
     device_for: Callable[[TunnelInfo], Device | None] | None = None  # the far end of a tunnel, if any
     rollback: bool = False  # return both ends to previous_psk (the rollback command)
     ack_timeout: float | None = None  # seconds a manual device's key may wait for its ack
+    health: Health | None = None  # also judge Cloudflare's tunnel health after the apply (policy flag)
 
 
 def new_rotation_id(clock: Callable[[], float] = time.time) -> str:
@@ -278,7 +279,7 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
                           lambda: self._apply_deadline(req.account_id), tally.redact, pool, log, self.clock,
-                          req.ack_timeout)
+                          req.ack_timeout, req.health)
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
             self._steps(ctx, tally, going_back, self.backward)
             phases = self._phases(ctx, tally, req, total)
@@ -320,6 +321,7 @@ class Engine:
             result = step(ctx, items)
             self._timed(tally.report, step.__name__, started)
             tally.settled(result)
+            steps.note(ctx, result.settled)
             back.extend(result.back)
             items, halt = result.moved, halt or result.halt
         if back:

@@ -23,7 +23,16 @@ from typing import Any
 from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
 from rotator.model import Outcome, PskSetResult, Record, TunnelInfo
 from rotator.rotation.plan import Mode
-from rotator.rotation.ports import Device, DeviceResult, DeviceStatus, DeviceTunnel, RecordStore, TunnelApi
+from rotator.rotation.ports import (
+    Device,
+    DeviceResult,
+    DeviceStatus,
+    DeviceTunnel,
+    Health,
+    HealthState,
+    RecordStore,
+    TunnelApi,
+)
 from rotator.secret import Secret
 
 DEFAULT_DEVICE_TIMEOUT = 60.0
@@ -48,6 +57,7 @@ class Item:
     final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
     generated_on: str | None = None
     ipsec_id: str | None = None
+    applied_at: float | None = None
 
     @property
     def id(self) -> str:
@@ -92,6 +102,8 @@ class Context:
     log: Any
     clock: Callable[[], float] = time.time
     ack_timeout: float | None = None
+    health: Health | None = None  # Cloudflare's tunnel health, judged after the apply (optional)
+    health_timeout: float = 30.0
 
 
 Step = Callable[[Context, list[Item]], Result]
@@ -242,11 +254,11 @@ def _apply_one(item: Item, verdict: PskSetResult, out: Result) -> None:
     odd = _contradiction(item.id, verdict)
     if odd is not None or item.id in verdict.applied or item.id not in verdict.unapplied:
         item.cf_may_hold = True
+    item.ipsec_id = verdict.ipsec_ids.get(item.id, item.ipsec_id)
     if odd is not None:
         out.settle(item, Outcome.UNKNOWN, f"contradictory apply answer ({odd}); key left pending for reconcile")
     elif item.id in verdict.applied:
-        item.generated_on = verdict.generated_on.get(item.id)
-        item.ipsec_id = verdict.ipsec_ids.get(item.id)
+        item.generated_on, item.applied_at = verdict.generated_on.get(item.id), time.time()
         out.moved.append(item)
     elif item.id in verdict.unapplied:
         out.back.append(item.going_back(Outcome.UNAPPLIED, f"unapplied: {verdict.unapplied[item.id]}"))
@@ -271,6 +283,40 @@ def verify(ctx: Context, items: list[Item]) -> Result:
         else:
             out.back.append(item.going_back(Outcome.ROLLED_BACK, f"verification failed: {res.reason or 'no reason'}"))
     return out
+
+
+def check_health(ctx: Context, items: list[Item]) -> Result:
+    """Optionally, Cloudflare's health checks since the apply: a tunnel reported down rolls back."""
+    if ctx.health is None or not items:
+        return Result(moved=list(items))
+    out = Result()
+    since = min(i.applied_at or ctx.clock() for i in items)
+    try:
+        states = ctx.health.tunnel_health(ctx.account_id, [i.tunnel.name for i in items], since=since,
+                                          deadline=time.monotonic() + ctx.health_timeout)
+    except Exception as exc:  # health is a second opinion: no answer changes nothing
+        ctx.log.warning("health_failed", step="check_health", error=ctx.redact(str(exc)))
+        states = {}
+    for item in items:
+        if states.get(item.tunnel.name) is HealthState.DOWN and item.record.psk is not None:
+            out.back.append(item.going_back(Outcome.ROLLED_BACK, "Cloudflare's health checks report the tunnel "
+                                            "down since the new key was applied"))
+        else:
+            out.moved.append(item)
+    return out
+
+
+def note(ctx: Context, settled: Sequence[Settled]) -> None:
+    """Record why an attempt did not complete in a record that stays pending (last_error, ipsec_id)."""
+    if ctx.dry_run:
+        return
+    pairs = [(i, dataclasses.replace(i.record, last_error=ctx.redact(r)[:500], ipsec_id=i.ipsec_id or i.record.ipsec_id))
+             for i, o, r in settled if r and o in (Outcome.UNKNOWN, Outcome.WAITING)
+             and i.record.version and i.record.pending_psk is not None and i.record.last_error != ctx.redact(r)[:500]]
+    try:
+        _write(ctx, pairs)
+    except VaultError as exc:  # best effort: the outcome already says it
+        ctx.log.warning("note_failed", error=ctx.redact(str(exc)))
 
 
 def promote(ctx: Context, items: list[Item]) -> Result:
@@ -449,6 +495,7 @@ FORWARD: tuple[Step, ...] = (
     deliver,
     apply,
     verify,
+    check_health,
     promote,
 )
 BACKWARD: tuple[Step, ...] = (mark_rolling_back, restore_cloudflare, restore_device, unstage)

@@ -317,3 +317,42 @@ def test_a_contradictory_apply_with_a_device_stays_pending(w: World) -> None:
     assert w.by_id(report)[t1].result == Outcome.UNKNOWN
     w.invariant()
     settle(w)
+
+
+# -- Cloudflare's health as a second opinion; what a failed attempt leaves in the record -----------------
+
+def test_a_tunnel_cloudflare_reports_down_after_the_apply_is_rolled_back(w: World) -> None:
+    from rotator.rotation.ports import HealthState
+    from tests.fakes import FakeHealth
+
+    old = w.keys()
+    health = FakeHealth()
+    t1 = w.ids[0]
+    name = next(t.name for t in w.cf.tunnels[ACCOUNT] if t.id == t1)
+    health.faults.on("health", lambda names: {n: HealthState.DOWN if n == name else HealthState.HEALTHY
+                                              for n in names})
+    report = w.run(health=health)
+    assert w.by_id(report)[t1].result == Outcome.ROLLED_BACK and report.counts()[Outcome.ROTATED] == 3
+    assert w.cf.key_of(t1) == old[t1] == dev(w).keys[t1]
+    w.invariant(strict=True)
+
+
+def test_health_without_an_answer_changes_nothing(w: World) -> None:
+    from tests.fakes import FakeHealth
+
+    health = FakeHealth()
+    health.faults.on("health", raising(RuntimeError("GraphQL said no")))
+    assert w.run(health=health).ok
+    w.invariant(strict=True)
+
+
+def test_a_pending_key_records_why_and_the_ipsec_id(w: World) -> None:
+    dev(w).faults.on("verify", hang(takes_key=False))
+    w.run()
+    for t in w.ids:
+        rec = w.rec(t)
+        assert rec.pending_psk is not None and rec.ipsec_id
+        assert rec.last_error is not None and "verification outcome unknown" in rec.last_error
+    w.invariant()
+    settle(w)
+    assert all(w.rec(t).last_error is None for t in w.ids)
