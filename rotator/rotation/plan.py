@@ -97,8 +97,8 @@ def _mode(tunnel: TunnelInfo, rec: Record, due: bool, drifted: bool, rollback: b
 def plan(tunnels: Sequence[TunnelInfo], records: Mapping[str, Record | VaultError], policies: PolicyFor | None,
          now: float, *, due: DueFn | None = None, reconcile_only: bool = False, rollback: bool = False,
          on_drift: str = "rotate", failures: Mapping[str, tuple[int, float | None]] | None = None) -> Plan:
-    """Sort the selected tunnels into modes. ``policies`` None (or ``due`` None with no policies):
-    every selected tunnel is due (on-demand rotation). ``due`` overrides the policy predicate."""
+    """Sort the selected tunnels into modes. ``policies`` None: every selected tunnel is due (on-demand
+    rotation); a tunnel without a policy is not. ``due`` overrides the schedule's predicate."""
     out = Plan()
     for tunnel in tunnels:
         rec = records.get(tunnel.id)
@@ -111,7 +111,7 @@ def plan(tunnels: Sequence[TunnelInfo], records: Mapping[str, Record | VaultErro
         policy = policies(tunnel) if policies is not None else None
         fails, last_failure = (failures or {}).get(tunnel.id, (0, None))
         when = due_at(policy, tunnel, rec, now, fails, last_failure) if policy is not None else None
-        is_due = due(tunnel, rec) if due is not None else (when is None or when <= now)
+        is_due = due(tunnel, rec) if due is not None else policies is None or (when is not None and when <= now)
         drifted = is_drifted(tunnel, rec)
         if drifted:
             out.drifted.append(tunnel.id)

@@ -338,3 +338,10 @@ def test_a_vault_write_answer_lost_after_landing_is_not_promoted_twice(w: World)
     w.vault.faults.on("write", land_then_fail, times=100)
     assert w.run().ok
     w.invariant(strict=True)
+
+
+def test_a_tunnel_without_a_policy_is_never_due(w: World) -> None:
+    t1 = w.ids[0]
+    report = w.run(policy_for=lambda t: None if t.id == t1 else Policy("default", every=1e-6))
+    assert report.counts()[Outcome.ROTATED] == 5 and t1 not in w.by_id(report)
+    w.invariant(strict=True)
