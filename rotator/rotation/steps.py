@@ -266,6 +266,11 @@ def _apply_one(item: Item, verdict: PskSetResult, out: Result) -> None:
         out.settle(item, Outcome.UNKNOWN, "Cloudflare did not report this tunnel; key left pending for reconcile")
 
 
+def _undone(item: Item) -> Outcome:
+    """Both ends went back to psk: a rotation was rolled back; a rollback (to previous_psk) failed."""
+    return Outcome.FAILED if item.mode is Mode.ROLLBACK else Outcome.ROLLED_BACK
+
+
 def verify(ctx: Context, items: list[Item]) -> Result:
     """The device forces a fresh IKE authentication with the new key; a failure rolls both ends back."""
     checked = [i for i in items if i.device is not None and getattr(i.device, "verifies", True)]
@@ -281,7 +286,7 @@ def verify(ctx: Context, items: list[Item]) -> Result:
                           "tunnel's first key: there is no previous key to roll back to, so the new key is kept")
             out.moved.append(item)
         else:
-            out.back.append(item.going_back(Outcome.ROLLED_BACK, f"verification failed: {res.reason or 'no reason'}"))
+            out.back.append(item.going_back(_undone(item), f"verification failed: {res.reason or 'no reason'}"))
     return out
 
 
@@ -299,7 +304,7 @@ def check_health(ctx: Context, items: list[Item]) -> Result:
         states = {}
     for item in items:
         if states.get(item.tunnel.name) is HealthState.DOWN and item.record.psk is not None:
-            out.back.append(item.going_back(Outcome.ROLLED_BACK, "Cloudflare's health checks report the tunnel "
+            out.back.append(item.going_back(_undone(item), "Cloudflare's health checks report the tunnel "
                                             "down since the new key was applied"))
         else:
             out.moved.append(item)

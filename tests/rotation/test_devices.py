@@ -356,3 +356,15 @@ def test_a_pending_key_records_why_and_the_ipsec_id(w: World) -> None:
     w.invariant()
     settle(w)
     assert all(w.rec(t).last_error is None for t in w.ids)
+
+
+def test_a_rollback_that_fails_verification_leaves_both_ends_on_the_current_key(w: World) -> None:
+    t1 = w.ids[1]
+    assert w.run().ok
+    current = w.rec(t1).psk
+    assert current is not None
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed"))
+    report = w.run(rollback=True, tunnels=[t1])
+    assert [o.result for o in report.outcomes] == [Outcome.FAILED] and not report.ok
+    assert w.cf.key_of(t1) == current.reveal() == dev(w).keys[t1] and w.rec(t1).psk == current
+    w.invariant(strict=True)
