@@ -79,7 +79,8 @@ ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
 
 class FakeVault:
     """RecordStore: KV v2 semantics for records (CAS on version, history kept) and leases.
-    Ops for faults: ``read``, ``write`` (per record, args: the record), ``lease``."""
+    Ops for faults: ``read``, ``write`` (per record, args: the record), ``lease`` (read),
+    ``lease_write``."""
 
     def __init__(self) -> None:
         self.versions: dict[tuple[str, str], list[Record]] = defaultdict(list)
@@ -142,6 +143,9 @@ class FakeVault:
             return dataclasses.replace(lease) if lease else Lease("", 0.0, 0)
 
     def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int:
+        fault = self.faults.take("lease_write")
+        if fault is not None:
+            fault(account_id)
         with self._lock:
             current = self.leases.get(account_id, Lease("", 0.0, 0))
             if current.version != cas:

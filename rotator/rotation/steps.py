@@ -89,7 +89,8 @@ class Result:
 @dataclass
 class Context:
     """What steps may use. ``apply_deadline`` renews the lease if needed and returns the UNIX time
-    no Cloudflare attempt may start after; it raises LeaseLost when the lease is gone."""
+    no Cloudflare attempt may start after (and every device call must end before); it raises
+    LeaseLost when the lease is gone."""
 
     account_id: str
     rotation_id: str
@@ -460,23 +461,36 @@ def _device_tunnel(item: Item, action: str) -> DeviceTunnel:
 def device_call(ctx: Context, items: Iterable[Item], action: str) -> list[tuple[Item, DeviceResult]]:
     """One call per device and action, devices concurrently; a tunnel without an answer is UNKNOWN."""
     groups: dict[int, list[Item]] = {}
+    out: list[tuple[Item, DeviceResult]]
     for item in items:
         groups.setdefault(id(item.device), []).append(item)
-    futures = []
+    futures, out = [], []
     for group in groups.values():
         device = group[0].device
         assert device is not None
-        timeout = float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT))
-        method = getattr(device, action)
+        timeout = _call_budget(ctx, float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT)))
+        if timeout is None:  # never start a device call that could outlive the lease
+            out.extend((i, DeviceResult(DeviceStatus.UNKNOWN, "lease lost or too short for the device call; "
+                                        "not called")) for i in group)
+            continue
         tunnels = [_device_tunnel(i, action) for i in group]
-        futures.append((group, timeout, ctx.pool.submit(method, ctx.account_id, ctx.rotation_id, tunnels,
-                                                        deadline=time.monotonic() + timeout)))
-    out: list[tuple[Item, DeviceResult]] = []
+        futures.append((group, timeout, ctx.pool.submit(getattr(device, action), ctx.account_id, ctx.rotation_id,
+                                                        tunnels, deadline=time.monotonic() + timeout)))
     for group, timeout, future in futures:
         answers = _answers(ctx, future, timeout, action)
         out.extend((i, answers.get(i.id) or DeviceResult(DeviceStatus.UNKNOWN, "no answer for this tunnel"))
                    for i in group)
     return out
+
+
+def _call_budget(ctx: Context, timeout: float) -> float | None:
+    """The device call's total deadline, in seconds from now: its timeout, cut to end before the lease."""
+    try:
+        lease_end = ctx.apply_deadline()
+    except LeaseLost:
+        return None
+    budget = timeout if lease_end is None else min(timeout, lease_end - time.time())
+    return budget if budget > 0 else None
 
 
 def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceResult]], timeout: float,

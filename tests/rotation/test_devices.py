@@ -368,3 +368,21 @@ def test_a_rollback_that_fails_verification_leaves_both_ends_on_the_current_key(
     assert [o.result for o in report.outcomes] == [Outcome.FAILED] and not report.ok
     assert w.cf.key_of(t1) == current.reveal() == dev(w).keys[t1] and w.rec(t1).psk == current
     w.invariant(strict=True)
+
+
+def test_no_device_call_starts_without_the_lease(w: World) -> None:
+    calls = len(dev(w).calls)
+    w.engine.leases.ttl = 0.0  # every call must renew first, and renewing fails after validation
+
+    def seal(*_: object) -> None:
+        for op in ("lease", "lease_write"):
+            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
+
+    w.cf.faults.on("validate", seal)
+    report = w.run()
+    assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}
+    assert all("lease lost" in (o.reason or "") for o in report.outcomes)
+    assert len(dev(w).calls) == calls and w.cf.faults.counts["apply"] == 0
+    w.invariant()
+    w.engine.leases.ttl = 120.0
+    settle(w)

@@ -189,11 +189,18 @@ def test_stop_between_batches_takes_the_staged_ahead_keys_back(w: World) -> None
 
 
 def test_lease_lost_before_apply_leaves_keys_pending_for_the_holder(w: World) -> None:
-    w.engine.leases.ttl = 0.0  # every apply must renew first
-    w.vault.faults.on("lease", raising(VaultError("sealed")), times=100)
+    w.engine.leases.ttl = 0.0  # every apply must renew first, and renewing fails after validation
+
+    def seal(*_: object) -> None:
+        for op in ("lease", "lease_write"):
+            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
+
+    w.cf.faults.on("validate", seal)
     report = w.run()
-    assert {o.result for o in report.outcomes} <= {Outcome.SKIPPED, Outcome.UNKNOWN}
+    assert {o.result for o in report.outcomes} == {Outcome.SKIPPED} and len(report.outcomes) == 6
     assert w.cf.faults.counts["apply"] == 0
+    assert all(w.rec(t).pending_psk is not None for t in w.ids[:4])  # staged: left for the lease holder
+    assert all(w.rec(t).pending_psk is None for t in w.ids[4:])  # staged ahead, never sent: taken back
     w.invariant()
     w.engine.leases.ttl = 120.0
     w.vault.faults.clear()
