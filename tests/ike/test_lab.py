@@ -38,7 +38,7 @@ def test_five_tunnels_come_up_and_carry_traffic(lab):
     assert lab.sa_states("edge") == dict.fromkeys(psks, "ESTABLISHED")
     assert lab.sa_states("site") == dict.fromkeys(psks, "ESTABLISHED")
     with probe(lab, interval=0.02) as p:
-        helpers.wait_for(lambda: all(len(f.answered) >= 10 for f in p._flows), timeout=10, what="10 echoes per tunnel")
+        helpers.wait_for(lambda: p.answered_all(10), timeout=10, what="10 echoes per tunnel")
     results = p.stop()
     total = summary(results)
     assert total["tunnels"] == 5 and total["sent"] >= 50

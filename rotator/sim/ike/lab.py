@@ -367,6 +367,10 @@ class Lab:
             time.sleep(0.01)
         return Reauth(False, time.monotonic() - start, f"no fresh authentication within {timeout:.1f} s")
 
+    def probe_all(self, interval: float = 0.05) -> TrafficProbe:
+        """A traffic probe through every tunnel (not started; use it as a context manager)."""
+        return probe(self, None, interval)
+
     def events_since(self, mark: int) -> list[Event]:
         with self._cond:
             return list(self.events[mark:])

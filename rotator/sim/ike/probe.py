@@ -131,6 +131,13 @@ class TrafficProbe:
                                 seq, sent_at = PACKET.unpack(data)
                                 flow.answered[seq] = sent_at
 
+    def answered_count(self, name: str) -> int:
+        """Echoes received so far through the tunnel ``name``."""
+        return sum(len(f.answered) for f in self._flows if f.name == name)
+
+    def answered_all(self, at_least: int) -> bool:
+        return all(len(f.answered) >= at_least for f in self._flows)
+
     def stop(self) -> list[ProbeResult]:
         """Stop sending, wait for answers in flight (bounded), and report per tunnel."""
         if self._results is not None:
