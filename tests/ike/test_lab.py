@@ -105,3 +105,22 @@ def test_stop_removes_namespaces_and_daemons(lab_factory):
     assert not any(netns.exists(ns) for ns in names)
     assert not any(alive(pid) for pid in pids)
     assert not os.path.exists(lab.workdir)
+
+
+def test_health_source_follows_the_edge_child_sa(lab_factory):
+    lab = lab_factory(make_before_break=False)
+    psks = keys(2)
+    (a, b) = list(psks)
+    lab.add_tunnels([(a, "h-a"), (b, "h-b")], psks)
+    t0 = time.time()
+    lab.up(timeout=10)
+    assert lab.health_source("acc", "h-a", t0 - 60, t0) == [0.0]  # before it came up
+    assert lab.health_source("acc", "h-a", time.time(), time.time() + 60) == [1.0]
+    lab.load_edge_psk(b, keys(1).popitem()[1])
+    t1 = time.time()
+    assert not lab.reauth(b).ok  # break-before-make: the old SA is gone, the new one refused
+    helpers.wait_for(lambda: lab.health_source("acc", "h-b", time.time(), time.time() + 1) == [0.0], timeout=5,
+                     what="h-b down")
+    assert lab.health_source("acc", "h-b", t1, time.time() + 1)[0] == 1.0
+    assert lab.health_source("acc", "h-a", t1, time.time() + 1) == [1.0]
+    assert lab.health_source("acc", "unknown", t0, time.time()) == []

@@ -81,6 +81,7 @@ def _text(value: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class Event:
     at: float  # time.monotonic()
+    wall: float  # time.time(), for health timelines
     side: str
     kind: str  # ike-updown, child-updown, ike-rekey, child-rekey
     name: str  # the connection (IKE SA) name
@@ -193,14 +194,14 @@ class Charon:
 
     def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
         assert self.on_event is not None
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         up = not kind.endswith("updown") or _text(msg.get("up", b"no")) == "yes"
         for name, sa in msg.items():
             if not isinstance(sa, dict):
                 continue
             if not kind.endswith("updown"):
                 sa = sa.get("new", sa)
-            self.on_event(Event(now, self.side, kind, _text(name), up, _text(sa.get("state", "")),
+            self.on_event(Event(now, wall, self.side, kind, _text(name), up, _text(sa.get("state", "")),
                                 _text(sa.get("uniqueid", ""))))
 
     def list_sas(self, ike: str | None = None) -> list[tuple[str, dict[str, Any]]]:

@@ -127,6 +127,8 @@ class Lab:
     _by_name: dict[str, LabTunnel] = field(default_factory=dict, init=False)
     # The keys the lab itself loaded, per side (the strongswan device loads the site's without us).
     _keys: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
+    _edge_children: dict[str, int] = field(default_factory=dict, init=False)  # name -> CHILD_SAs installed
+    _edge_timeline: dict[str, list[tuple[float, float]]] = field(default_factory=dict, init=False)
 
     @property
     def edge_ns(self) -> str:
@@ -276,7 +278,22 @@ class Lab:
     def _on_event(self, event: Event) -> None:
         with self._cond:
             self.events.append(event)
+            if event.side == "edge" and event.kind == "child-updown":
+                count = self._edge_children.get(event.name, 0) + (1 if event.up else -1)
+                self._edge_children[event.name] = max(0, count)
+                self._edge_timeline.setdefault(event.name, []).append((event.wall, 1.0 if count > 0 else 0.0))
             self._cond.notify_all()
+
+    def health_source(self, account_id: str, tunnel_name: str, since: float, until: float) -> list[float]:
+        """The Cloudflare simulator's GraphQL health samples for a tunnel over [since, until) (UNIX
+        times), from the edge's real CHILD_SA events: 1 while a CHILD_SA is installed, else 0. The
+        state at ``since`` counts as a sample, then every change inside the window."""
+        if tunnel_name not in self._by_name:
+            return []
+        with self._cond:
+            timeline = list(self._edge_timeline.get(tunnel_name, []))
+        at_start = next((v for t, v in reversed(timeline) if t < since), 0.0)
+        return [at_start, *(v for t, v in timeline if since <= t < until)]
 
     def up(self, tunnels: Iterable[str] | None = None, timeout: float = 20.0) -> dict[str, float]:
         """Initiate every tunnel from the site (asynchronously) and wait until each has its CHILD_SA
