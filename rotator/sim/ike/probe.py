@@ -135,6 +135,10 @@ class TrafficProbe:
         """Echoes received so far through the tunnel ``name``."""
         return sum(len(f.answered) for f in self._flows if f.name == name)
 
+    def answered_min(self) -> int:
+        """The fewest echoes any tunnel has had so far."""
+        return min((len(f.answered) for f in self._flows), default=0)
+
     def answered_all(self, at_least: int) -> bool:
         return all(len(f.answered) >= at_least for f in self._flows)
 
