@@ -45,8 +45,8 @@ def config_text(vici_socket: str, log_path: str, threads: int, make_before_break
   block_threshold = 100000
   init_limit_half_open = 100000
   cookie_threshold = 100000
-  retransmit_tries = 2
-  retransmit_timeout = 1.0
+  retransmit_tries = 4
+  retransmit_timeout = 0.5
   retransmit_base = 1.4
   ikesa_table_size = 256
   ikesa_table_segments = 16

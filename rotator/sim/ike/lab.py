@@ -42,6 +42,7 @@ MAX_TUNNELS = 250 * 200
 SECRET_ID = "psk-rotator-{tunnel_id}"
 SITE_ID = "{tunnel_id}.site.lab"
 EDGE_ID = "edge.lab"
+INITIATE_WINDOW = 32
 REAUTH_FAILURES = ("AUTHENTICATION_FAILED", "MAC mismatched", "no shared key found")
 
 
@@ -296,23 +297,28 @@ class Lab:
         return [at_start, *(v for t, v in timeline if since <= t < until)]
 
     def up(self, tunnels: Iterable[str] | None = None, timeout: float = 20.0) -> dict[str, float]:
-        """Initiate every tunnel from the site (asynchronously) and wait until each has its CHILD_SA
-        up on both sides. Returns seconds to establish per tunnel id; LabError past ``timeout``."""
+        """Initiate every tunnel from the site (asynchronously, ``INITIATE_WINDOW`` at a time: a larger
+        burst overflows the peer's UDP receive buffer and costs retransmissions) and wait until each
+        has its CHILD_SA up on both sides. Returns seconds to establish per tunnel id; LabError past
+        ``timeout``."""
         todo = [self.tunnel(k) for k in (tunnels if tunnels is not None else list(self.tunnels))]
-        with self._cond:
-            mark = len(self.events)
-        started: dict[str, float] = {}
-        sess = self.site.session()
-        for t in todo:
-            started[t.name] = time.monotonic()
-            for _ in sess.initiate({"child": t.name, "ike": t.name, "timeout": "-1", "init-limits": "no"}):
-                pass
-        done = self._wait_children_up({t.name for t in todo}, mark, timeout)
-        return {self._by_name[name].tunnel_id: at - started[name] for name, at in done.items()}
-
-    def _wait_children_up(self, names: set[str], mark: int, timeout: float) -> dict[str, float]:
-        """Names -> time both sides reported the CHILD_SA up (events after index ``mark``)."""
         deadline = time.monotonic() + timeout
+        out: dict[str, float] = {}
+        sess = self.site.session()
+        for i in range(0, len(todo), INITIATE_WINDOW):
+            chunk = todo[i:i + INITIATE_WINDOW]
+            mark = self.event_mark()
+            started: dict[str, float] = {}
+            for t in chunk:
+                started[t.name] = time.monotonic()
+                for _ in sess.initiate({"child": t.name, "ike": t.name, "timeout": "-1", "init-limits": "no"}):
+                    pass
+            done = self._wait_children_up({t.name for t in chunk}, mark, deadline, timeout)
+            out.update({self._by_name[name].tunnel_id: at - started[name] for name, at in done.items()})
+        return out
+
+    def _wait_children_up(self, names: set[str], mark: int, deadline: float, timeout: float) -> dict[str, float]:
+        """Names -> time both sides reported the CHILD_SA up (events after index ``mark``)."""
         seen: dict[tuple[str, str], float] = {}
         with self._cond:
             while True:
