@@ -3,6 +3,7 @@ whose fresh authentication failed go down, and the others stay healthy."""
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 
@@ -30,6 +31,9 @@ def test_health_follows_the_edge_sa_state(lab_factory):
         checker = health.CloudflareHealth(http, base_url=sims.cloudflare_base_url,
                                           api_token=sims.cloudflare_api_token)
         names = [lab.tunnel(t).name for t in (ok_tunnel, broken)]
+        up_at = time.time()
+        # the adapter asks in whole seconds: start the window after the second the tunnels came up in
+        helpers.wait_for(lambda: time.time() >= math.floor(up_at) + 1, timeout=2, what="the next second")
         since = time.time()
         assert checker.tunnel_health(acc, names, since=since, deadline=time.monotonic() + 5) == \
             dict.fromkeys(names, HealthState.HEALTHY)
