@@ -34,6 +34,7 @@ class ProbeResult:
     answered: int
     longest_gap: float
     gaps: tuple[tuple[float, float], ...]  # (start, end) monotonic, of every gap over 3 intervals
+    lost_at: tuple[float, ...] = ()  # send times (monotonic) of the packets never answered
 
     @property
     def lost(self) -> int:
@@ -49,8 +50,12 @@ class _Flow:
     name: str
     site: socket.socket
     edge: socket.socket
-    sent: int = 0
+    sent_at: list[float] = field(default_factory=list)  # index: sequence number
     answered: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        return len(self.sent_at)
 
 
 class TrafficProbe:
@@ -99,7 +104,7 @@ class TrafficProbe:
             for flow in self._flows:
                 with contextlib.suppress(OSError):  # no route yet (tunnel down): counts as lost
                     flow.site.send(PACKET.pack(seq, now))
-                flow.sent += 1
+                flow.sent_at.append(now)
             seq += 1
             next_at += self.interval
             self._stop_sending.wait(max(0.0, next_at - time.monotonic()))
@@ -163,7 +168,8 @@ class TrafficProbe:
         gaps = list(itertools.pairwise(times))
         longest = max((b - a for a, b in gaps), default=0.0)
         big = tuple((a, b) for a, b in gaps if b - a > 3 * self.interval)
-        return ProbeResult(flow.name, flow.sent, len(flow.answered), longest, big)
+        lost = tuple(at for seq, at in enumerate(flow.sent_at) if seq not in flow.answered)
+        return ProbeResult(flow.name, flow.sent, len(flow.answered), longest, big, lost)
 
     def _close(self) -> None:
         for flow in self._flows:
