@@ -15,6 +15,7 @@ The last line of stdout is one JSON object with every figure. Nothing is asserte
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import secrets
@@ -45,11 +46,23 @@ class InstantDevice:
     deliver = verify = rollback = _ok
 
 
+CONCURRENCY = 4  # charon's vici backlog (about 10) refuses more simultaneous connects with EAGAIN
+
+
 def strongswan_device(lab: Lab, timeout: float):
     from rotator.adapters.devices.strongswan import StrongSwanDevice
 
     return StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"], timeout=timeout,
-                            poll_interval=0.02, concurrency=16)
+                            poll_interval=0.02, concurrency=CONCURRENCY)
+
+
+def reasons(results: dict[str, DeviceResult]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results.values():
+        if not r.ok:
+            key = (r.reason or r.status)[:80]
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 def device_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
@@ -67,7 +80,8 @@ def device_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
     keys.update(new)
     return {"deliver_s": round(t1 - t0, 3), "edge_load_s": round(t2 - t1, 3), "verify_s": round(t3 - t2, 3),
             "delivered_ok": sum(r.ok for r in delivered.values()),
-            "verified_ok": sum(r.ok for r in verified.values())}
+            "verified_ok": sum(r.ok for r in verified.values()),
+            "failures": {**reasons(delivered), **reasons(verified)}}
 
 
 def engine_phase(n: int) -> dict:
@@ -102,6 +116,8 @@ def engine_phase(n: int) -> dict:
             reauth = report.step_seconds.get("verify", 0.0)
             out[label] = {"wall_s": round(wall, 3), "per_tunnel_ms": round(wall / n * 1000, 2),
                           "rotated": report.counts().get("rotated", 0), "steps_s": steps,
+                          "not_rotated": collections.Counter(f"{o.result}: {(o.reason or '')[:60]}" for o in report.outcomes
+                                                             if o.result != "rotated"),
                           "reauth_share": round(reauth / wall, 3) if wall else None}
     out["ratio_to_instant"] = round(out["strongswan"]["wall_s"] / out["instant"]["wall_s"], 2)
     return out

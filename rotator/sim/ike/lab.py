@@ -103,7 +103,7 @@ def _conn(t: LabTunnel, *, edge: bool) -> dict[str, Any]:
     return {t.name: {
         "version": "2", "local_addrs": [me], "remote_addrs": [peer], "encap": "yes",
         "rekey_time": "0", "reauth_time": "0", "dpd_delay": "0", "keyingtries": "1",
-        "unique": "no",
+        "unique": "no", "mobike": "no",
         "local-1": {"auth": "psk", "id": my_id}, "remote-1": {"auth": "psk", "id": peer_id},
         "children": {t.name: {"local_ts": [f"{my_ts}/32"], "remote_ts": [f"{peer_ts}/32"], "mode": "tunnel",
                               "rekey_time": "0", "start_action": "none", "close_action": "none",
