@@ -4,7 +4,10 @@ Soundness: a check takes the Cloudflare simulator's lock and then the Vault simu
 reads, for every tunnel, the key Cloudflare holds and the latest version of the Vault record in the
 same critical section. Both simulators change state only under their own lock, so a check sees one
 instant of both; reading them one after the other could see a key Cloudflare applied after the Vault
-read and raise a false alarm. (Nothing else takes both locks, so the order cannot deadlock.)
+read and raise a false alarm. Far-end devices (``ends``: anything with a ``lock`` and
+``held(account, tunnel)``, such as the simulated device) are checked the same way; their locks are
+taken first, because a simulated device may ask Cloudflare's simulator for its peer key while it
+holds its own lock, and nothing holds Vault's lock while asking for another.
 
 Drift: a key someone set outside the rotator (here: ``psk_generate``, as a dashboard user would) is
 unknown to Vault by definition. While Cloudflare holds such a key the tunnel is *drifted*, not in
@@ -13,9 +16,10 @@ violation; the rotator must heal it (the round's strict check says whether it di
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +57,7 @@ class Monitor:
     wall0: float  # time.time() when the campaign started; trace times are relative to it
     round_of: Callable[[], int]
     interval: float = 0.02
+    ends: Sequence[tuple[str, Any]] = ()  # far-end devices: (name, object with .lock and .held(account, tunnel))
     figures: Figures = field(default_factory=Figures)
     violations: list[Violation] = field(default_factory=list)
     _bad: set[tuple[str, str]] = field(default_factory=set)
@@ -67,7 +72,11 @@ class Monitor:
         cf, vault = self.sims.cloudflare, self.sims.vault
         found: list[Violation] = []
         t0 = time.monotonic()
-        with cf.lock, vault.lock:
+        with contextlib.ExitStack() as locks:
+            for _, end in self.ends:
+                locks.enter_context(end.lock)
+            locks.enter_context(cf.lock)
+            locks.enter_context(vault.lock)
             history = cf.applied_history()
             for h in history[self._history_seen:]:
                 if h.via == "psk_generate":
@@ -76,7 +85,12 @@ class Monitor:
             for account, tunnels in self.sims.tunnels_by_account.items():
                 held = cf.psks(account)
                 for tunnel in tunnels:
-                    problem = self._judge(account, tunnel, held.get(tunnel), strict)
+                    data = vault.read_data(f"{PREFIX}/{account}/{tunnel}") or {}
+                    problem = self._judge(account, tunnel, held.get(tunnel), data, strict)
+                    for name, end in self.ends:
+                        key = end.held(account, tunnel)
+                        if problem is None and key is not None:  # a device that never got a key holds none
+                            problem = self._judge(account, tunnel, key, data, strict, end=name)
                     if problem is not None:
                         found.append(Violation(time.time() - self.wall0, self.round_of(), account, tunnel,
                                                kind, problem))
@@ -85,26 +99,27 @@ class Monitor:
         self.figures.longest_check_ms = max(self.figures.longest_check_ms, (time.monotonic() - t0) * 1000)
         return found
 
-    def _judge(self, account: str, tunnel: str, key: str | None, strict: bool) -> str | None:
-        data = self.sims.vault.read_data(f"{PREFIX}/{account}/{tunnel}") or {}
+    def _judge(self, account: str, tunnel: str, key: str | None, data: dict[str, Any], strict: bool,
+               end: str = "Cloudflare") -> str | None:
         psk, pending = data.get("psk"), data.get("pending_psk")
         if strict:
             if key != psk:
-                return "after the fault-free reconcile Cloudflare's key is not the record's psk; " + \
-                    self._explain(account, tunnel, key, data)
+                return f"after the fault-free reconcile {end}'s key is not the record's psk; " + \
+                    self._explain(account, tunnel, key, data, end)
             if pending is not None or data.get("state") != "active":
                 return f"after the fault-free reconcile the record is {data.get('state')!r}" + \
                     (" with a pending_psk" if pending is not None else "")
             return None
         if key is not None and key in (psk, pending):
             return None
-        if key is not None and key in self._oob.get((account, tunnel), ()):
+        if end == "Cloudflare" and key is not None and key in self._oob.get((account, tunnel), ()):
             self.figures.drifted_seen += 1
             return None  # drift: set outside the rotator; healing it is checked at the round's end
-        return "Cloudflare holds a key that is neither psk nor pending_psk of the latest record; " + \
-            self._explain(account, tunnel, key, data)
+        return f"{end} holds a key that is neither psk nor pending_psk of the latest record; " + \
+            self._explain(account, tunnel, key, data, end)
 
-    def _explain(self, account: str, tunnel: str, key: str | None, latest: dict[str, Any]) -> str:
+    def _explain(self, account: str, tunnel: str, key: str | None, latest: dict[str, Any],
+                 end: str = "Cloudflare") -> str:
         """Where the key Cloudflare holds came from, without showing it (caller holds both locks)."""
         where = []
         mount = self.sims.vault.namespaces.get("", {}).get("secret")
@@ -116,11 +131,11 @@ class Monitor:
                         where.append(f"{name} of v{number} (rotation {entry.data[number].get('rotation_id')})")
         applied = [h for h in self.sims.cloudflare.applied_history() if h.tunnel == tunnel and h.psk == key]
         origin = (f"applied via {applied[-1].via} at t=+{applied[-1].at - self.wall0:.2f}s"
-                  if applied else "never applied through the API")
+                  if applied else "never applied")
         version = entry.current_version if entry is not None else 0
         state = (f"latest v{version}: state={latest.get('state')!r}, pending={'pending_psk' in latest}, "
                  f"rotation={latest.get('rotation_id')!r}, last_error={str(latest.get('last_error'))[:120]!r}")
-        return f"Cloudflare's key was {', '.join(where) or 'never in Vault'}; {origin}; {state}"
+        return f"{end}'s key was {', '.join(where) or 'never in Vault'}; {origin} at Cloudflare; {state}"
 
     # -- the loop ----------------------------------------------------------------------------------
     def observe(self, found: list[Violation]) -> None:

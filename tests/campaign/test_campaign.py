@@ -6,6 +6,7 @@ the budget and the fault classes (see tests/campaign/harness.py). ``make campaig
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -92,3 +93,30 @@ def test_the_gate_contradicts_an_answer_after_the_simulator_applied_the_key():
         assert sims.cloudflare.psk_of(acc, t1) == "C" * 32
         assert _set(sims, acc, {t1: "D" * 32}, validate=True)["successfully_applied_psks"][t1]["psk"] == "D" * 32
         assert sims.cf_gate.inflight == 0 and sims.cf_gate.rewritten == 2
+
+
+class _Device:
+    """The shape the monitor needs from a far-end device: a lock and the key held per tunnel."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.keys = {}
+
+    def held(self, account, tunnel):
+        return self.keys.get((account, tunnel))
+
+
+def test_the_monitor_checks_the_far_end_device_too():
+    device = _Device()
+    with GatedSimulators(accounts=1, tunnels=2) as sims:
+        acc = next(iter(sims.tunnels_by_account))
+        t1, t2 = sims.tunnels_by_account[acc]
+        for t in (t1, t2):
+            _record(sims, acc, t, psk="K" * 32, pending_psk="N" * 32, state="pending")
+        _set(sims, acc, {t1: "K" * 32, t2: "K" * 32})
+        monitor = Monitor(sims, time.time(), lambda: 1, ends=[("device sim-device", device)])
+        assert monitor.check() == []  # a device that holds no key yet has nothing to check
+        device.keys[(acc, t1)] = "N" * 32  # delivered, not yet applied at Cloudflare: fine
+        device.keys[(acc, t2)] = "O" * 32  # a key Vault does not have
+        found = monitor.check()
+        assert [v.tunnel for v in found] == [t2] and found[0].detail.startswith("device sim-device holds a key")
