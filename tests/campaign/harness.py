@@ -9,7 +9,8 @@ fault-free ``rotator reconcile`` of each account must reach the strict form: eve
 no pending_psk, Cloudflare holding the record's psk.
 
 Environment: ``ROTATOR_CAMPAIGN_SEED`` (replay a schedule; process timing still varies),
-``ROTATOR_CAMPAIGN_SECONDS`` (the time budget for rounds), ``ROTATOR_CAMPAIGN_FAULTS`` (``all``, a
+``ROTATOR_CAMPAIGN_ROUND`` (start at this round number: with the seed, replays that round's schedule
+first), ``ROTATOR_CAMPAIGN_SECONDS`` (the time budget for rounds), ``ROTATOR_CAMPAIGN_FAULTS`` (``all``, a
 comma list of classes, or ``all,-drift`` to leave some out), ``ROTATOR_CAMPAIGN_TUNNELS`` (total, in two
 accounts; at least 200).
 """
@@ -158,8 +159,8 @@ class Result:
         lines = [self.summary()]
         if self.violations:
             first = min(self.violations, key=lambda v: v.at)
-            lines.append(f"first violation (replay with ROTATOR_CAMPAIGN_SEED={self.seed} "
-                         f"ROTATOR_CAMPAIGN_FAULTS={','.join(self.faults)}):")
+            lines.append(f"first violation (replay its round with ROTATOR_CAMPAIGN_SEED={self.seed} "
+                         f"ROTATOR_CAMPAIGN_ROUND={first.round} ROTATOR_CAMPAIGN_FAULTS={','.join(self.faults)}):")
             lines.append("  " + first.line())
             lines.append(f"fault schedule of round {first.round} up to it:")
             lines.extend("  " + e.line() for e in self.trace if e.at <= first.at + 0.5)
@@ -174,7 +175,7 @@ class Result:
 class Campaign:
     def __init__(self, seed: int, seconds: float, faults: tuple[str, ...], tunnels: int = 200,
                  stop_at_first: bool = False, log: Callable[[str], None] | None = None,
-                 max_rounds: int = 10_000) -> None:
+                 max_rounds: int = 10_000, first_round: int = 1) -> None:
         self.seed, self.seconds, self.faults = seed, seconds, faults
         self.tunnels = max(200, tunnels)
         self.stop_at_first = stop_at_first
@@ -182,7 +183,7 @@ class Campaign:
         self.say = log or (lambda line: None)
         self.rng = random.Random(seed)
         self.result = Result(seed, faults, self.tunnels)
-        self.round = 0
+        self.round = first_round - 1  # rounds are numbered from first_round (to replay one round's schedule)
         self.events: list[Event] = []
         self.procs: list[Proc] = []
         self.finished: list[Proc] = []
@@ -220,13 +221,16 @@ class Campaign:
         self.monitor = Monitor(self.sims, self.wall0, lambda: self.round).start()
         deadline = time.monotonic() + self.seconds
         try:
-            while time.monotonic() < deadline - 6 and self.round < self.max_rounds:
+            while time.monotonic() < deadline - 6 and self.result.rounds < self.max_rounds:
                 self.round += 1
+                # Each round draws from its own generator, so its schedule does not depend on how the
+                # rounds before it went (process timing varies): seed and round number replay it.
+                self.rng = random.Random(self.seed * 1_000_003 + self.round)
                 self.events = []
                 first_before = len(self.monitor.violations)
                 self._round(min(self.rng.uniform(4.0, 9.0), max(1.0, deadline - time.monotonic() - 5)))
                 self._settle()
-                self.result.rounds = self.round
+                self.result.rounds += 1
                 self.say(f"round {self.round}: {len(self.events)} events, {self.monitor.figures.snapshots} checks, "
                          f"{self.monitor.figures.violations} violations so far")
                 if len(self.monitor.violations) > first_before and not self.result.trace:
@@ -487,10 +491,10 @@ class Campaign:
             self._gate("vault", "kv.read", "wrong_types")
         else:
             acc = self.rng.choice(self.accounts)
-            self._root_write(f"{PREFIX}/_leases/{acc}", {"holder": "garbage", "expires_at": "soon",
-                                                          "account_id": acc})
+            status = self._root_write(f"{PREFIX}/_leases/{acc}", {"holder": "garbage", "expires_at": "soon",
+                                                                   "account_id": acc}, must=False)
             self.result.faults_armed += 1
-            self._event(f"lease of {acc[:8]}… rewritten with expires_at='soon'")
+            self._event(f"lease of {acc[:8]}… rewritten with expires_at='soon' ({status})")
 
     def _drift(self) -> None:
         acc = self.rng.choice(self.accounts)
@@ -564,10 +568,20 @@ class Campaign:
             data.update({"psk": key, "state": "active", "last_error": "repaired by the campaign"})
             self._root_write(path, data)
 
-    def _root_write(self, path: str, data: dict[str, Any]) -> None:
-        r = self.http.post(f"{self.sims.vault_addr}/v1/secret/data/{path}", json={"data": data},
-                           headers={"X-Vault-Token": self.sims.vault.root_token})
-        r.raise_for_status()
+    def _root_write(self, path: str, data: dict[str, Any], must: bool = True) -> int:
+        """Write as an operator would (root token); in a round it may meet the faults armed there."""
+        status = 0
+        for _ in range(5 if must else 1):
+            try:
+                status = self.http.post(f"{self.sims.vault_addr}/v1/secret/data/{path}", json={"data": data},
+                                        headers={"X-Vault-Token": self.sims.vault.root_token}).status_code
+            except httpx.HTTPError:
+                status = 0
+            if status == 200:
+                return status
+        if must:
+            raise RuntimeError(f"the campaign could not write {path} to the Vault simulator: {status}")
+        return status
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _event(self, text: str) -> None:
@@ -618,5 +632,6 @@ def from_env(default_seconds: float, default_faults: tuple[str, ...] = DEFAULT_F
         "seconds": float(os.environ.get("ROTATOR_CAMPAIGN_SECONDS", default_seconds)),
         "faults": parse_faults(os.environ.get("ROTATOR_CAMPAIGN_FAULTS"), default_faults),
         "tunnels": int(os.environ.get("ROTATOR_CAMPAIGN_TUNNELS", 200)),
+        "first_round": int(os.environ.get("ROTATOR_CAMPAIGN_ROUND", 1)),
     }
 
