@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -64,7 +65,8 @@ CLASSES: dict[str, str] = {
 DEFAULT_FAULTS = ("kill", "term", "latency", "drop", "late", "status", "trickle", "vault_refuse", "cf_garbage",
                   "daemon", "short_lease")
 
-ADMIN_TOKEN = "c" * 40
+ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
+TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # every character a key or token of this campaign can hold
 CF_TIMEOUT = 2.0  # seconds; every injected pre-handling latency stays below it
 LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
 
@@ -592,26 +594,45 @@ class Campaign:
         return "\n".join(text.splitlines()[-lines:])
 
     def _scan_outputs(self) -> None:
-        """No key in any output (DESIGN.md section 8); no traceback for a known failure."""
+        """No key or token in any output (DESIGN.md section 8); no traceback for a known failure."""
         from tests import helpers
 
-        keys = {h.psk for h in self.sims.cloudflare.applied_history()} - {None}
+        keys = {h.psk for h in self.sims.cloudflare.applied_history()}
         mount = self.sims.vault.namespaces.get("", {}).get("secret")
         for entry in (mount.keys.values() if mount else ()):
             for data in entry.data.values():
                 keys.update(v for k, v in (data or {}).items() if k.endswith("psk") and isinstance(v, str))
-        secrets = keys | {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token,
-                          ADMIN_TOKEN}
-        helpers.SECRETS.update(secrets)
+        tokens = {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token, ADMIN_TOKEN}
+        texts = []
         for proc in self.finished:
             for path in (proc.out, proc.err):
                 text = path.read_text(errors="replace") if path.exists() else ""
-                helpers.OUTPUTS.append(text)
-                if any(s in text for s in secrets if s):
-                    self.result.leaks += 1
+                texts.append(text)
                 if "Traceback" in text:
                     last = [ln for ln in text.splitlines() if ln.strip()][-1:]
                     self.result.tracebacks.append(f"{proc.name} ({proc.kind}): {last[0][:200] if last else ''}")
+        self.result.leaks = len(find_secrets(texts, keys | tokens))
+        # The suite's own end-of-session scan gets the outputs, the tokens and the keys in force now
+        # (every key of the campaign would make its substring search slow; ours above sees them all).
+        helpers.OUTPUTS.extend(texts)
+        helpers.SECRETS.update(tokens)
+        for account in self.accounts:
+            helpers.SECRETS.update(k for k in self.sims.cloudflare.psks(account).values() if k)
+
+
+def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:
+    """The secrets that occur in any text, in time linear in the texts (not texts x secrets):
+    every run of key-like characters is cut into windows of each secret length and looked up."""
+    by_length: dict[int, set[str]] = {}
+    for secret in secrets:
+        if secret and len(secret) >= 16:
+            by_length.setdefault(len(secret), set()).add(secret)
+    found: set[str] = set()
+    for text in texts:
+        for run in TOKEN_RUN.findall(text):
+            for length, group in by_length.items():
+                found.update(run[i:i + length] for i in range(len(run) - length + 1) if run[i:i + length] in group)
+    return found
 
 
 def _admin_url(out: Path) -> str | None:

@@ -12,7 +12,15 @@ import time
 import httpx
 import pytest
 
-from tests.campaign.harness import CLASSES, DEFAULT_FAULTS, Campaign, GatedSimulators, from_env, parse_faults
+from tests.campaign.harness import (
+    CLASSES,
+    DEFAULT_FAULTS,
+    Campaign,
+    GatedSimulators,
+    find_secrets,
+    from_env,
+    parse_faults,
+)
 from tests.campaign.monitor import PREFIX, Monitor
 
 pytestmark = pytest.mark.campaign
@@ -120,3 +128,10 @@ def test_the_monitor_checks_the_far_end_device_too():
         device.keys[(acc, t2)] = "O" * 32  # a key Vault does not have
         found = monitor.check()
         assert [v.tunnel for v in found] == [t2] and found[0].detail.startswith("device sim-device holds a key")
+
+
+def test_the_output_scan_finds_a_key_inside_any_run_of_characters():
+    key, token = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6", "hvs.CAESIabcdefghijklmnopqrstuv"
+    texts = ["nothing here", f'{{"detail": "psk={key}"}}', f"prefix{token}suffix and more"]
+    assert find_secrets(texts, {key, token, "Z" * 32, "short"}) == {key, token}
+    assert find_secrets(["A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p"], {key}) == set()
