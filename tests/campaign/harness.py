@@ -140,7 +140,12 @@ class Result:
     kills: int = 0
     faults_armed: int = 0
     rewritten: int = 0  # answers the gates rewrote (contradictions, garbage, trickles)
+    applies: int = 0  # bulk-set applies Cloudflare received during the rounds (the setup's not counted)
     trace: list[Event] = field(default_factory=list)  # the schedule of the round with the first violation
+    interrupted: bool = False
+    rounds_by_class: dict[str, int] = field(default_factory=dict)
+    violating_rounds_by_class: dict[str, int] = field(default_factory=dict)
+    violating_rounds: list[tuple[int, str]] = field(default_factory=list)  # (round, its active classes)
 
     @property
     def ok(self) -> bool:
@@ -148,14 +153,18 @@ class Result:
 
     def summary(self) -> str:
         f = self.figures
-        return (f"campaign seed={self.seed} faults={','.join(self.faults)}\n"
+        return (f"campaign seed={self.seed} faults={','.join(self.faults)}"
+                f"{' (interrupted)' if self.interrupted else ''}\n"
                 f"  {self.rounds} rounds in {self.seconds:.0f}s over {self.tunnels} tunnels in 2 accounts; "
                 f"{self.processes} rotator processes ({self.kills} signalled), {self.faults_armed} faults armed, "
-                f"{self.rewritten} answers rewritten\n"
+                f"{self.rewritten} answers rewritten, {self.applies} applies received\n"
                 f"  invariant checks: {f.snapshots} atomic snapshots, {f.tunnel_checks} tunnel checks "
                 f"(longest {f.longest_check_ms:.1f} ms); drifted tunnel sightings {f.drifted_seen}\n"
                 f"  violations: {f.violations} continuous, {self.strict_failures} strict after reconcile; "
-                f"tracebacks: {len(self.tracebacks)}; keys in output: {self.leaks}")
+                f"tracebacks: {len(self.tracebacks)}; keys in output: {self.leaks}\n"
+                f"  rounds with a violation / rounds active, by class: "
+                + ", ".join(f"{c} {self.violating_rounds_by_class.get(c, 0)}/{n}"
+                            for c, n in sorted(self.rounds_by_class.items())))
 
     def report(self) -> str:
         lines = [self.summary()]
@@ -164,6 +173,8 @@ class Result:
             lines.append(f"first violation (replay its round with ROTATOR_CAMPAIGN_SEED={self.seed} "
                          f"ROTATOR_CAMPAIGN_ROUND={first.round} ROTATOR_CAMPAIGN_FAULTS={','.join(self.faults)}):")
             lines.append("  " + first.line())
+            lines.append("rounds with a violation (round: active classes): "
+                         + "; ".join(f"{r}: {c}" for r, c in self.violating_rounds[:20]))
             lines.append(f"fault schedule of round {first.round} up to it:")
             lines.extend("  " + e.line() for e in self.trace if e.at <= first.at + 0.5)
             if len(self.violations) > 1:
@@ -185,6 +196,7 @@ class Campaign:
         self.say = log or (lambda line: None)
         self.rng = random.Random(seed)
         self.result = Result(seed, faults, self.tunnels)
+        self.active: set[str] = set()
         self.round = first_round - 1  # rounds are numbered from first_round (to replay one round's schedule)
         self.events: list[Event] = []
         self.procs: list[Proc] = []
@@ -220,6 +232,7 @@ class Campaign:
 
     def _run_rounds(self) -> None:
         self._setup()
+        applies_before = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0)
         self.monitor = Monitor(self.sims, self.wall0, lambda: self.round).start()
         deadline = time.monotonic() + self.seconds
         try:
@@ -233,14 +246,22 @@ class Campaign:
                 self._round(min(self.rng.uniform(4.0, 9.0), max(1.0, deadline - time.monotonic() - 5)))
                 self._settle()
                 self.result.rounds += 1
-                self.say(f"round {self.round}: {len(self.events)} events, {self.monitor.figures.snapshots} checks, "
-                         f"{self.monitor.figures.violations} violations so far")
-                if len(self.monitor.violations) > first_before and not self.result.trace:
-                    self.result.trace = list(self.events)
+                self.say(f"round {self.round} ({', '.join(sorted(self.active))}): {len(self.events)} events; so far "
+                         f"{self.monitor.figures.snapshots} checks, {self.monitor.figures.violations} violations, "
+                         f"{self.result.strict_failures} strict failures")
+                if len(self.monitor.violations) > first_before:
+                    for c in self.active:
+                        self.result.violating_rounds_by_class[c] = self.result.violating_rounds_by_class.get(c, 0) + 1
+                    self.result.violating_rounds.append((self.round, ",".join(sorted(self.active))))
+                    if not self.result.trace:
+                        self.result.trace = list(self.events)
                 if self.stop_at_first and self.monitor.violations:
                     break
+        except KeyboardInterrupt:  # Ctrl-C on the long mode: stop, clean up, report what was seen
+            self.result.interrupted = True
         finally:
             self.monitor.stop()
+            self.result.applies = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0) - applies_before
             self.result.figures = self.monitor.figures
             self.result.violations = self.monitor.violations
 
@@ -264,7 +285,14 @@ class Campaign:
 
     # -- one round ---------------------------------------------------------------------------------------
     def _round(self, length: float) -> None:
-        self._event(f"round of {length:.1f}s from the first rotator request")
+        # Like Jepsen's nemeses: each round stresses a few of the enabled classes, so every class gets
+        # rounds where it dominates, and a violation names the few classes that were active.
+        per_round = [c for c in self.faults if c != "oddids"]
+        self.active = set(self.rng.sample(per_round, self.rng.randint(1, min(4, len(per_round))))) if per_round else set()
+        self.active |= {"oddids"} & set(self.faults)  # the odd tunnels, once listed, are in every round
+        for c in self.active:
+            self.result.rounds_by_class[c] = self.result.rounds_by_class.get(c, 0) + 1
+        self._event(f"round of {length:.1f}s from the first rotator request; active: {', '.join(sorted(self.active))}")
         before = self._cf_requests()
         for _ in range(self.rng.choice((2, 2, 3))):
             self._start_random_rotator()
@@ -294,7 +322,7 @@ class Campaign:
 
     def _random_action(self) -> None:
         actions: list[tuple[float, Callable[[], None]]] = [(1.0, self._maybe_start)]
-        f = set(self.faults)
+        f = self.active
         if "kill" in f or "term" in f:
             actions.append((1.2, self._signal_one))
         if "latency" in f:
@@ -330,7 +358,7 @@ class Campaign:
 
     # -- rotators ------------------------------------------------------------------------------------------
     def _config(self, fault_free: bool = False, daemon: bool = False) -> Path:
-        short = "short_lease" in self.faults and not fault_free
+        short = "short_lease" in self.active and not fault_free
         lease = self.rng.choice((6, 8, 10)) if short else 60
         batch = 50 if fault_free else self.rng.choice((10, 25, 40, 100))
         timeout = 10.0 if fault_free else CF_TIMEOUT
@@ -364,7 +392,7 @@ class Campaign:
     def _start_random_rotator(self) -> None:
         acc = self.rng.choice(self.accounts)
         choices = ["rotate", "rotate", "rotate-some", "reconcile"]
-        if "daemon" in self.faults and not any(p.kind == "daemon" and p.alive() for p in self.procs):
+        if "daemon" in self.active and not any(p.kind == "daemon" and p.alive() for p in self.procs):
             choices.append("daemon")
         kind = self.rng.choice(choices)
         if kind == "daemon":
@@ -387,7 +415,7 @@ class Campaign:
         if not alive:
             return
         proc = self.rng.choice(alive)
-        kinds = [s for s in ("kill", "term") if s in self.faults]
+        kinds = [s for s in ("kill", "term") if s in self.active]
         sig = signal.SIGKILL if self.rng.choice(kinds) == "kill" else signal.SIGTERM
         with contextlib.suppress(ProcessLookupError):
             proc.popen.send_signal(sig)

@@ -26,15 +26,16 @@ from tests.campaign.monitor import PREFIX, Monitor
 pytestmark = pytest.mark.campaign
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_campaign_keeps_the_invariant(capsys):
     args = from_env(default_seconds=50.0)
     print(f"campaign seed {args['seed']} (ROTATOR_CAMPAIGN_SEED={args['seed']} replays it)")
     result = Campaign(**args, stop_at_first=True).run()
     with capsys.disabled():
         print("\n" + result.summary())
-    assert result.rounds >= 2, result.report()
-    assert result.figures.snapshots >= 100, result.report()
+    # It did real work: rounds, rotators that reached Cloudflare, faults, continuous checks.
+    assert result.rounds >= 1 and result.processes >= 4 and result.applies >= 1, result.report()
+    assert result.faults_armed + result.kills >= 1 and result.figures.snapshots >= 50, result.report()
     assert result.ok, result.report()
 
 
