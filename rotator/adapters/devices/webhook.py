@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -114,7 +115,10 @@ class WebhookDevice:
         self.url = url
         self.timeout = timeout
         self._secret = secret
-        self._client = httpx.Client(verify=cacert or True, transport=transport, follow_redirects=False,
+        self._recent: dict[str, int] = {}  # signatures sent in the current second
+        self._lock = threading.Lock()
+        verify = ssl.create_default_context(cafile=cacert) if cacert else True
+        self._client = httpx.Client(verify=verify, transport=transport, follow_redirects=False,
                                     headers={"User-Agent": f"psk-rotator/{__version__}",
                                              "Content-Type": "application/json"})
 
@@ -146,8 +150,9 @@ class WebhookDevice:
         if budget <= 0:
             return every(tunnels, DeviceStatus.FAILED, "not sent: no time left before the deadline")
         body = request_body(action, self.name, account_id, rotation_id, tunnels)
-        timestamp = str(int(time.time()))
-        headers = {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self._secret, timestamp, body)}
+        headers = self._signed_headers(body, end)
+        if headers is None:
+            return every(tunnels, DeviceStatus.FAILED, "not sent: no time left before the deadline")
         try:
             with self._client.stream("POST", self.url, content=body, headers=headers,
                                      timeout=httpx.Timeout(budget)) as resp:
@@ -173,6 +178,25 @@ class WebhookDevice:
                          f"the connection failed after the request went out ({type(exc).__name__}): "
                          "the device may hold the key")
         return self._judge(action, status, answer, tunnels, keys)
+
+    def _signed_headers(self, body: bytes, end: float) -> dict[str, str] | None:
+        """Timestamp and signature. A receiver refuses a signature it has seen (a replay), so the
+        same body is never signed twice with the same timestamp: a repeat within one second waits
+        for the next second (None when that would pass ``end``)."""
+        for _ in range(3):
+            with self._lock:
+                now = time.time()
+                timestamp = str(int(now))
+                signature = sign(self._secret, timestamp, body)
+                self._recent = {s: t for s, t in self._recent.items() if t >= int(now)}
+                if signature not in self._recent:
+                    self._recent[signature] = int(now)
+                    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature}
+            wait = int(now) + 1 - now
+            if time.monotonic() + wait >= end:
+                return None
+            time.sleep(wait)
+        return None
 
     def _judge(self, action: str, status: int, answer: bytes, tunnels: Sequence[DeviceTunnel],
                keys: list[str]) -> dict[str, DeviceResult]:
