@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.adapters.devices.webhook import SignatureError, WebhookReceiver
-from rotator.sim.base import Fault, Receive, Request, Response, Scope, Send, ServerThread, SimApp
+from rotator.sim.base import Fault, Receive, Request, Response, Scope, Send, ServerThread, SimApp, read_body
 
 JSON_CT = (b"content-type", b"application/json")
 ACTIONS = ("deliver", "verify", "rollback")
@@ -140,13 +140,7 @@ class DeviceSim(SimApp):
         holding the state lock, then hand the request to the shared request cycle."""
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         action, n = _peek(body)
         with self.lock:
             hang = self._take(self._hangs, action) if action else None

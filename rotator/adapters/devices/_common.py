@@ -52,6 +52,27 @@ def every(tunnels: Sequence[DeviceTunnel], status: DeviceStatus, reason: str | N
     return {t.tunnel_id: DeviceResult(status, reason) for t in tunnels}
 
 
+class ActionDevice:
+    """A device kind that makes one call per action and batch (exec, webhook): the three port
+    methods are the same call with the action named."""
+
+    def call(self, action: str, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel],
+             deadline: float) -> dict[str, DeviceResult]:
+        raise NotImplementedError
+
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]:
+        return self.call("deliver", account_id, rotation_id, tunnels, deadline)
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]:
+        return self.call("verify", account_id, rotation_id, tunnels, deadline)
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]:
+        return self.call("rollback", account_id, rotation_id, tunnels, deadline)
+
+
 # -- the JSON of DESIGN.md section 9 ---------------------------------------------------------------
 
 def request_body(action: str, device: str, account_id: str, rotation_id: str,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import structlog
 
 from rotator.adapters.devices._common import (
+    ActionDevice,
     Fields,
     Garbage,
     batch_keys,
@@ -73,7 +74,7 @@ def parse_settings(f: Fields) -> ExecSettings:
     return ExecSettings(tuple(command), tuple(pass_env))
 
 
-class ExecDevice:
+class ExecDevice(ActionDevice):
     kind = "exec"
 
     def __init__(self, name: str, command: Sequence[str], *, timeout: float = 60.0, pass_env: Sequence[str] = (),
@@ -88,18 +89,6 @@ class ExecDevice:
 
     def __repr__(self) -> str:
         return f"ExecDevice(name={self.name!r}, command={self.command[0]!r})"
-
-    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                deadline: float) -> dict[str, DeviceResult]:
-        return self.call("deliver", account_id, rotation_id, tunnels, deadline)
-
-    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-               deadline: float) -> dict[str, DeviceResult]:
-        return self.call("verify", account_id, rotation_id, tunnels, deadline)
-
-    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                 deadline: float) -> dict[str, DeviceResult]:
-        return self.call("rollback", account_id, rotation_id, tunnels, deadline)
 
     def call(self, action: str, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel],
              deadline: float) -> dict[str, DeviceResult]:

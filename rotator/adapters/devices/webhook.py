@@ -30,6 +30,7 @@ import structlog
 
 from rotator import __version__
 from rotator.adapters.devices._common import (
+    ActionDevice,
     Fields,
     Garbage,
     batch_keys,
@@ -106,7 +107,7 @@ def sign(secret: Secret | str | bytes, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-class WebhookDevice:
+class WebhookDevice(ActionDevice):
     kind = "webhook"
 
     def __init__(self, name: str, url: str, secret: Secret, *, timeout: float = 60.0, cacert: str = "",
@@ -127,18 +128,6 @@ class WebhookDevice:
 
     def close(self) -> None:
         self._client.close()
-
-    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                deadline: float) -> dict[str, DeviceResult]:
-        return self.call("deliver", account_id, rotation_id, tunnels, deadline)
-
-    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-               deadline: float) -> dict[str, DeviceResult]:
-        return self.call("verify", account_id, rotation_id, tunnels, deadline)
-
-    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                 deadline: float) -> dict[str, DeviceResult]:
-        return self.call("rollback", account_id, rotation_id, tunnels, deadline)
 
     def call(self, action: str, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel],
              deadline: float) -> dict[str, DeviceResult]:
