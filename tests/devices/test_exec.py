@@ -227,3 +227,29 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_hook_that_floods_its_output_is_unknown_and_memory_stays_bounded(tmp_path):
+    path = hook(tmp_path, """
+        sys.stdin.read()
+        chunk = "x" * 65536
+        for _ in range(80):  # 5 MiB on each stream
+            sys.stdout.write(chunk)
+            sys.stderr.write(chunk)
+        sys.stderr.write("\\nlast words\\n")
+    """)
+    tunnels = make_tunnels(1)
+    (r,) = ExecDevice("d", [path]).deliver(ACCOUNT, "r", tunnels, deadline=deadline()).values()
+    assert r.status is DeviceStatus.UNKNOWN and "more than 1048576 bytes on stdout, exit status 0" in r.reason
+
+
+def test_stderr_keeps_its_last_line_after_a_long_log(tmp_path):
+    path = hook(tmp_path, """
+        sys.stdin.read()
+        for i in range(100000):
+            print("progress line", i, file=sys.stderr)
+        print("giving up: router said no", file=sys.stderr)
+        sys.exit(4)
+    """)
+    (r,) = ExecDevice("d", [path]).deliver(ACCOUNT, "r", make_tunnels(1), deadline=deadline()).values()
+    assert (r.status, r.reason) == (DeviceStatus.FAILED, "exit status 4: giving up: router said no")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PSK|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 KILL_GRACE = 2.0  # seconds to reap a killed group before giving up on it
+MAX_OUTPUT = 1 << 20  # bytes of stdout kept; stderr keeps its last MAX_OUTPUT bytes (the reason is its last line)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class ExecDevice(ActionDevice):
         except OSError as exc:
             return every(tunnels, DeviceStatus.FAILED, f"cannot run {self.command[0]}: {exc.strerror or exc}")
         try:
-            stdout, stderr = proc.communicate(body, timeout=budget)
+            stdout, stderr, overflow = _exchange(proc, body, started + budget)
         except subprocess.TimeoutExpired:
             self._kill(proc)
             log.warning("device_hook_killed", device=self.name, action=action, tunnels=len(tunnels),
@@ -116,6 +118,10 @@ class ExecDevice(ActionDevice):
         finally:
             if proc.returncode is None:  # an exception other than the timeout: never leave it behind
                 self._kill(proc)
+        if overflow:
+            log.warning("device_hook_flood", device=self.name, action=action, limit=MAX_OUTPUT)
+            return every(tunnels, DeviceStatus.UNKNOWN, f"the hook wrote more than {MAX_OUTPUT} bytes on stdout, "
+                                                        f"exit status {proc.returncode}: the device may hold the key")
         return self._judge(action, proc.returncode, stdout, stderr, tunnels, keys)
 
     def _judge(self, action: str, code: int, stdout: bytes, stderr: bytes, tunnels: Sequence[DeviceTunnel],
@@ -152,3 +158,47 @@ class ExecDevice(ActionDevice):
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
+
+
+def _exchange(proc: subprocess.Popen[bytes], body: bytes, end: float) -> tuple[bytes, bytes, bool]:
+    """``communicate`` with bounded memory: write ``body`` to stdin, read stdout (at most MAX_OUTPUT
+    bytes; the rest is drained and dropped, ``overflow`` says so) and the tail of stderr, until both
+    close and the process exits. Raises TimeoutExpired at ``end``; a hook that floods its output
+    cannot exhaust the rotator's memory before then."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out, err, overflow = bytearray(), bytearray(), False
+    sent = 0
+    with selectors.DefaultSelector() as sel:
+        for pipe, event in ((proc.stdin, selectors.EVENT_WRITE), (proc.stdout, selectors.EVENT_READ),
+                            (proc.stderr, selectors.EVENT_READ)):
+            os.set_blocking(pipe.fileno(), False)
+            sel.register(pipe, event)
+        if not body:
+            sel.unregister(proc.stdin)
+            proc.stdin.close()
+        while sel.get_map():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            for key, _ in sel.select(left):
+                src = key.fileobj
+                if src is proc.stdin:
+                    try:
+                        sent += os.write(key.fd, body[sent:sent + 65536])
+                    except BrokenPipeError:  # the hook does not read its input: judged by what it says
+                        sent = len(body)
+                    if sent >= len(body):
+                        sel.unregister(src)
+                        proc.stdin.close()
+                    continue
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(src)
+                elif src is proc.stdout:
+                    room = MAX_OUTPUT - len(out)
+                    overflow = overflow or len(data) > room
+                    out += data[:max(room, 0)]
+                else:
+                    err = (err + data)[-MAX_OUTPUT:]
+    proc.wait(timeout=max(end - time.monotonic(), 0.001))
+    return bytes(out), bytes(err), overflow
