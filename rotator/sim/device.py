@@ -223,3 +223,11 @@ def serve(sim: DeviceSim) -> Iterator[str]:
         yield server.url + PATH
     finally:
         server.stop()
+
+
+def config_block(name: str, url: str, secret_file: str, tunnels: tuple[str, ...] = ("*",),
+                 timeout: str = "10s") -> str:
+    """A ``[[devices]]`` block pointing a rotator at a simulated device (for the demo and tests)."""
+    listed = ", ".join(json.dumps(t) for t in tunnels)
+    return (f'[[devices]]\nname = {json.dumps(name)}\nkind = "webhook"\ntunnels = [{listed}]\n'
+            f'timeout = "{timeout}"\nurl = {json.dumps(url)}\nsecret_file = {json.dumps(secret_file)}\n')

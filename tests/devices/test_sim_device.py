@@ -61,3 +61,27 @@ def test_with_cloudflare_as_its_peer_a_key_verifies_only_once_both_ends_hold_it(
                 assert sim.held(acc, t0) == sims.cloudflare.psk_of(acc, t0)
             finally:
                 device.close()
+
+
+def test_config_block_parses_into_a_webhook_device_for_the_simulator(tmp_path):
+    import tomllib
+
+    from rotator.adapters.devices import DeviceRegistry, parse_devices, secrets_of
+    from rotator.sim.device import config_block
+
+    sim = DeviceSim()
+    secret_file = tmp_path / "device.key"
+    secret_file.write_text(sim.secret)
+    with serve(sim) as url:
+        specs = parse_devices(tomllib.loads(config_block("sim", url, str(secret_file)))["devices"])
+        assert secrets_of(specs) == [Secret(sim.secret)]
+        registry = DeviceRegistry(specs)
+        try:
+            from rotator.model import TunnelInfo
+
+            device = registry.device_for("0" * 32, TunnelInfo("b" * 32, "any"))
+            t = DeviceTunnel("b" * 32, "any", Secret(new_key()), None)
+            assert device.deliver("0" * 32, "r", [t], deadline=time.monotonic() + 10)[t.tunnel_id].ok
+            assert registry.spec_named("sim").timeout == 10.0
+        finally:
+            registry.close()

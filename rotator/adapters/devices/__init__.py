@@ -28,9 +28,10 @@ from rotator.adapters.devices.webhook import WebhookDevice, WebhookSettings
 from rotator.errors import ConfigError
 from rotator.model import TunnelInfo
 from rotator.rotation.ports import Device
+from rotator.secret import Secret
 
 __all__ = ["KINDS", "DeviceRegistry", "DeviceSpec", "ExecDevice", "ManualDevice", "StrongSwanDevice",
-           "WebhookDevice", "build_device", "parse_devices"]
+           "WebhookDevice", "build_device", "parse_devices", "secrets_of"]
 
 KINDS = ("exec", "webhook", "strongswan", "manual")
 COMMON_KEYS = ("name", "kind", "accounts", "tunnels", "timeout", "verify", "concurrency")
@@ -134,6 +135,11 @@ def _parse_one(f: Fields, known_accounts: Collection[str]) -> DeviceSpec:
     return DeviceSpec(name, kind, tuple(tunnels), settings, tuple(accounts), timeout, verify, concurrency, f.path)
 
 
+def secrets_of(specs: Iterable[DeviceSpec]) -> list[Secret]:
+    """Every secret the device config holds (webhook signing keys), for the log redactor."""
+    return [s.settings.secret for s in specs if isinstance(s.settings, WebhookSettings)]
+
+
 def build_device(spec: DeviceSpec) -> Device:
     """The Device for one spec. Webhook devices hold an HTTP client: close them with ``close()``."""
     s = spec.settings
@@ -168,6 +174,9 @@ class DeviceRegistry:
 
     def by_name(self, name: str) -> Device | None:
         return self.devices.get(name)
+
+    def spec_named(self, name: str) -> DeviceSpec | None:
+        return next((s for s in self.specs if s.name == name), None)
 
     def unmatched_patterns(self, tunnels: Mapping[str, Iterable[TunnelInfo]]) -> list[str]:
         """Warnings for ``config check``: patterns that match no tunnel of the accounts they apply to
