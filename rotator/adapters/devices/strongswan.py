@@ -302,7 +302,7 @@ def _drain(call: Callable[[], Any]) -> None:
 def _ike_sas(session: Any) -> dict[str, dict[str, str]]:
     """IKE SA name -> {unique id: state}, from one list-sas."""
     out: dict[str, dict[str, str]] = {}
-    for event in session.list_sas():
+    for event in session.list_sas({"noblock": "yes"}):  # never wait for an SA busy elsewhere
         for name, sa in event.items():
             if isinstance(sa, dict):
                 uid = _text(sa.get("uniqueid"))
