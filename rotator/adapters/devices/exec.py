@@ -115,6 +115,10 @@ class ExecDevice(ActionDevice):
                         timeout=round(budget, 3))
             return every(tunnels, DeviceStatus.UNKNOWN,
                          f"the hook did not finish within {budget:.0f}s and was killed: the device may hold the key")
+        except OSError as exc:  # its pipes failed under us: what it did is unknown
+            self._kill(proc)
+            return every(tunnels, DeviceStatus.UNKNOWN,
+                         f"lost the hook's pipes ({exc.strerror or type(exc).__name__}): the device may hold the key")
         finally:
             if proc.returncode is None:  # an exception other than the timeout: never leave it behind
                 self._kill(proc)
