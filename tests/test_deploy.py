@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,12 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
                           timeout=60)
     OUTPUTS.extend([proc.stdout, proc.stderr])
     return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -240,7 +247,8 @@ def test_the_configmap_runs_the_daemon_with_kubernetes_auth_and_the_probes_answe
         account = next(iter(sims.tunnels_by_account))
         # Only what points at the cluster changes: the token path, the listen port, the account id.
         toml = re.sub(r'jwt_file = "[^"]+"', f'jwt_file = "{jwt_file}"', toml)
-        toml = re.sub(r'listen = "[^"]+"', 'listen = "127.0.0.1:0"', toml)
+        port = _free_port()
+        toml = re.sub(r'listen = "[^"]+"', f'listen = "127.0.0.1:{port}"', toml)
         toml = re.sub(r'id = "[0-9a-f]{32}"', f'id = "{account}"', toml)
         cfg = tmp_path / "rotator.toml"
         cfg.write_text(toml)
@@ -249,33 +257,31 @@ def test_the_configmap_runs_the_daemon_with_kubernetes_auth_and_the_probes_answe
                    CLOUDFLARE_API_TOKEN=sims.cloudflare_api_token, CLOUDFLARE_BASE_URL=sims.cloudflare_base_url)
         proc = subprocess.Popen([sys.executable, "-m", "rotator", *container["args"]], env=_clean_env(**env),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
+        admin = f"http://127.0.0.1:{port}"
         try:
-            admin = ""
-            for _ in range(200):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if '"daemon_started"' in line:
-                    admin = json.loads(line)["admin"]
-                    break
-            assert admin, "".join(lines)
-            logins = [t for t in sims.vault.tokens.values() if (t.meta or {}).get("service_account_name") == sa]
-            assert logins and logins[0].meta["service_account_namespace"] == ns
+
+            def answers(path: str) -> bool:
+                try:
+                    return httpx.get(admin + path, timeout=5).status_code == 200
+                except httpx.TransportError:
+                    assert proc.poll() is None, "the daemon exited"
+                    return False
+
             paths = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
             paths |= {e["path"] for e in objs[("ServiceMonitor", "psk-rotator")]["spec"]["endpoints"]}
             assert paths == {"/healthz", "/readyz", "/metrics"}
 
-            def all_answer() -> bool:
-                return all(httpx.get(admin + p, timeout=5).status_code == 200 for p in sorted(paths))
-
-            wait_for(all_answer, timeout=30, what="the probes and /metrics answering 200")
+            wait_for(lambda: all(answers(p) for p in sorted(paths)), timeout=30,
+                     what="the probes and /metrics answering 200")
             assert "psk_rotator_build_info" in httpx.get(admin + "/metrics", timeout=5).text
+            # Ready means logged in to Vault: as the ServiceAccount, through the Kubernetes auth role.
+            logins = [t for t in list(sims.vault.tokens.values())
+                      if (t.meta or {}).get("service_account_name") == sa]
+            assert logins and logins[0].meta["service_account_namespace"] == ns and logins[0].meta["role"] == role
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
-            OUTPUTS.extend(["".join(lines), out, err])
+            OUTPUTS.extend([out, err])
         assert proc.returncode == 0, err[-2000:]
         assert "Traceback" not in err
 
@@ -376,6 +382,7 @@ def test_the_image_builds_and_runs_help_and_the_demo():
     demo = result["demo"]
     assert demo["uid"] == 10001, "the demo ran as the image's user"
     assert demo["demo_ready"]["event"] == "demo_ready" and demo["healthz"] == 200
+    assert demo["healthcheck_exit"] == 0, "the image's HEALTHCHECK command passes against the running demo"
     assert demo["rotated"] >= 1 and demo["exit"] == 0 and not demo["traceback"]
 
 

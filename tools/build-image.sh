@@ -99,6 +99,8 @@ t_build=$(now)
 "${B[@]}" images --format '{{.Size}}' "$IMAGE" >"$WORK/size.txt" 2>/dev/null || echo "?" >"$WORK/size.txt"
 
 # --- 4. proof ------------------------------------------------------------------------------------
+# The image's own HEALTHCHECK command (run below against the demo's admin port).
+healthcheck=$(python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["Docker"]["config"]["Healthcheck"]["Test"][1:]))' "$WORK/inspect.json")
 c=$("${B[@]}" from -q "$IMAGE"); containers+=("$c")
 help_out=$("${B[@]}" run --isolation chroot "$c" -- rotator --help)
 grep -q "rotate" <<<"$help_out" || die "rotator --help in the image printed no command list"
@@ -115,6 +117,9 @@ try:
     assert ready["event"] == "demo_ready", line
     t_ready = time.monotonic() - t0
     health = urllib.request.urlopen(ready["admin_url"] + "/healthz", timeout=5).status
+    port = ready["admin_url"].rsplit(":", 1)[1]
+    check = [a.replace("127.0.0.1:9477", "127.0.0.1:" + port) for a in json.loads(sys.argv[1])]
+    healthcheck = subprocess.run(check, timeout=30).returncode
     deadline = time.monotonic() + 60
     rotated = 0.0
     while time.monotonic() < deadline and rotated < 1:
@@ -125,16 +130,16 @@ try:
 finally:
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-print(json.dumps({"uid": os.getuid(), "demo_ready": ready, "seconds_to_ready": round(t_ready, 2), "healthz": health,
+print(json.dumps({"uid": os.getuid(), "demo_ready": ready, "seconds_to_ready": round(t_ready, 2), "healthz": health, "healthcheck_exit": healthcheck,
                   "rotated": rotated, "exit": p.returncode, "traceback": "Traceback" in err}))
 PY
 )
-demo_out=$("${B[@]}" run --isolation chroot "$c" -- python -c "$probe" | tail -1)
+demo_out=$("${B[@]}" run --isolation chroot "$c" -- python -c "$probe" "$healthcheck" | tail -1)
 t_proof=$(now)
 python3 - "$demo_out" <<'PY' || die "the demo did not run cleanly in the image: $demo_out"
 import json, sys
 r = json.loads(sys.argv[1])
-sys.exit(0 if r["uid"] == 10001 and r["healthz"] == 200 and r["rotated"] >= 1 and r["exit"] == 0 and not r["traceback"] else 1)
+sys.exit(0 if r["uid"] == 10001 and r["healthz"] == 200 and r["healthcheck_exit"] == 0 and r["rotated"] >= 1 and r["exit"] == 0 and not r["traceback"] else 1)
 PY
 python3 - "$WORK" "$IMAGE" "$base_source" "$demo_out" "$t0" "$t_base" "$t_build" "$t_proof" <<'PY'
 import json, sys
