@@ -96,7 +96,7 @@ class DeviceSim(SimApp):
         with self.lock:
             self._hangs.append([action, float(seconds), int(count)])
 
-    def garbage_next(self, count: int = 1, action: str | None = None) -> None:
+    def answer_garbage(self, count: int = 1, action: str | None = None) -> None:
         """The next ``count`` requests are acted on and answered with a 200 that is not JSON."""
         with self.lock:
             self._garbage.append([action, int(count)])
@@ -117,7 +117,7 @@ class DeviceSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "refuse": lambda tunnel_ids, actions=("deliver",): self.refuse(tunnel_ids, tuple(actions)),
-            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "garbage_next": self.garbage_next,
+            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "garbage_next": self.answer_garbage,
             "set_verify_latency": self.set_verify_latency, "clear": self.clear,
         }
         if op in own:

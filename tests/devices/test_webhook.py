@@ -129,7 +129,7 @@ def test_a_dropped_answer_is_unknown(sim, device):
 
 
 def test_a_garbage_answer_is_unknown(sim, device):
-    sim.garbage_next()
+    sim.answer_garbage()
     tunnels = make_tunnels(2)
     with structlog.testing.capture_logs() as logs:
         results = device.deliver(ACCOUNT, "r", tunnels, deadline=deadline())
