@@ -183,7 +183,8 @@ class Engine:
                     self.leases.release(req.account_id)
         except LeaseHeld as exc:
             report.error = str(exc)
-            report.outcomes = [TunnelOutcome(t, t, SKIPPED, str(exc)) for t in (req.tunnels or [])]
+            for wanted in req.tunnels or []:
+                tally.settle(TunnelInfo(wanted, wanted), SKIPPED, str(exc))
         except (CloudflareError, VaultError) as exc:
             report.error = tally.redact(str(exc))
             log.error("run_failed", error=report.error)

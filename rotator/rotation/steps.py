@@ -394,6 +394,7 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     if not todo:
         return out
     keys = {i.id: i.record.psk for i in todo if i.record.psk is not None}
+    checked = PskSetResult()
     try:
         checked = ctx.api.set_psks(ctx.account_id, keys, validate_only=True)
         ok = [i for i in todo if i.id in checked.applied and _contradiction(i.id, checked) is None]
@@ -409,7 +410,8 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
             out.moved.append(item)
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
-                       f"({done.unapplied.get(item.id) or failure}): left {item.record.state} for reconcile")
+                       f"({done.unapplied.get(item.id) or checked.unapplied.get(item.id) or failure}): "
+                       f"left {item.record.state} for reconcile")
     return out
 
 

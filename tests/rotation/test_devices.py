@@ -386,3 +386,21 @@ def test_no_device_call_starts_without_the_lease(w: World) -> None:
     w.invariant()
     w.engine.leases.ttl = 120.0
     settle(w)
+
+
+def test_cloudflare_refusing_the_old_key_back_leaves_the_rollback_for_reconcile(w: World) -> None:
+    old = w.keys()
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed"))
+    w.cf.faults.on("validate", lambda *_: None)  # the forward validation passes
+
+    def refuse_old(_a: str, psks: Any) -> PskSetResult:
+        return PskSetResult(unapplied={t: "tunnel is being modified" for t in psks})
+
+    w.cf.faults.on("validate", refuse_old)
+    report = w.run()
+    assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}
+    assert all("being modified" in (o.reason or "") for o in report.outcomes)
+    assert all(w.rec(t).state == "rolling_back" for t in w.ids)
+    w.invariant()
+    settle(w)
+    assert w.keys() == old
