@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,15 +264,18 @@ class Engine:
         except (LeaseHeld, VaultError):
             return False
 
-    def _apply_deadline(self, account_id: str) -> float | None:
-        """Renew the lease if less than half is left; no attempt may start later than the deadline."""
+    @contextlib.contextmanager
+    def _cover(self, account_id: str, seconds: float, resend: bool) -> Iterator[float | None]:
+        """One mutating call under the lease (steps.Context.cover): the lease is renewed when less than
+        half is left, so a call of up to ``seconds`` (<= half the TTL) ends before it; yields the latest
+        start of a Cloudflare attempt. Raises LeaseLost, nothing sent, when the lease is gone."""
         if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
             try:
                 self.leases.acquire(account_id)
             except (LeaseHeld, VaultError) as exc:
                 raise LeaseLost(str(exc)) from exc
         expiry = self.leases.expires_at(account_id)
-        return None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
+        yield None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
 
     # -- running the steps ----------------------------------------------------------------------
     def _run(self, req: RunRequest, tally: Tally, log: Any) -> None:
@@ -279,8 +284,8 @@ class Engine:
                   drifted=len(the_plan.drifted))
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
-                          lambda: self._apply_deadline(req.account_id), tally.redact, pool, log, self.clock,
-                          req.ack_timeout, req.health)
+                          functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,
+                          req.ack_timeout, req.health, self.apply_guard)
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
             self._steps(ctx, tally, going_back, self.backward)
             phases = self._phases(ctx, tally, req, total)
