@@ -52,7 +52,7 @@ class Item:
     device: Device | None = None
     cf_may_hold: bool = False   # Cloudflare may hold ``key``: taking it back needs an apply of psk
     dev_may_hold: bool = False  # the device may hold ``key``: taking it back needs a device rollback
-    dev_refused: bool = False   # the device said it definitely did not take ``key``
+    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so, or never acked it)
     outcome: Outcome | None = None  # the outcome once taken back
     reason: str | None = None
     final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
@@ -212,8 +212,10 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
     from rotator.schedule import parse_time
 
     staged = parse_time(item.record.staged_at)
-    if ctx.ack_timeout is not None and staged is not None and ctx.clock() - staged > ctx.ack_timeout:
-        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {ctx.ack_timeout:.0f}s "
+    limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
+    if limit is not None and staged is not None and ctx.clock() - staged > limit:
+        item.dev_refused = True  # never acknowledged: by contract the device does not hold the key
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
                                         f"(ack_timeout): the key is withdrawn"))
     else:
         out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
@@ -429,7 +431,9 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")
     for item, res in device_call(ctx, todo, "rollback"):
-        if res.ok:
+        # A manual device answers WAITING: the operator is asked to go back; a key it never
+        # acknowledged was never confirmed on the device, so withdrawing it does not wait for that.
+        if res.ok or (res.status is DeviceStatus.WAITING and item.dev_refused):
             item.dev_may_hold = False
             out.moved.append(item)
         else:

@@ -228,12 +228,17 @@ def test_a_manual_key_waits_for_its_ack_then_is_applied() -> None:
     w.invariant(strict=True)
 
 
-def test_an_unacknowledged_key_times_out_and_is_withdrawn() -> None:
+@pytest.mark.parametrize("per", ["request", "device"])
+def test_an_unacknowledged_key_times_out_and_is_withdrawn(per: str) -> None:
     w = device_world(kind="manual", verify=False)
     dev(w).faults.on("deliver", waiting, times=2)
-    w.run(ack_timeout=3600.0)
+    dev(w).faults.on("rollback", waiting)  # the operator is asked to put the old key back
+    limit = {"ack_timeout": 3600.0} if per == "request" else {}
+    if per == "device":
+        dev(w).ack_timeout = 3600.0  # type: ignore[attr-defined]
+    w.run(**limit)
     w.engine.clock = lambda: 4e9  # much later
-    report = w.run(reconcile_only=True, ack_timeout=3600.0)
+    report = w.run(reconcile_only=True, **limit)
     assert {o.result for o in report.outcomes} == {Outcome.FAILED}
     assert all("not acknowledged" in (o.reason or "") for o in report.outcomes)
     assert all(w.rec(t).pending_psk is None for t in w.ids)
@@ -404,3 +409,20 @@ def test_cloudflare_refusing_the_old_key_back_leaves_the_rollback_for_reconcile(
     w.invariant()
     settle(w)
     assert w.keys() == old
+
+
+def test_an_acknowledged_manual_key_cloudflare_refuses_waits_for_the_operator_to_go_back() -> None:
+    w = device_world(kind="manual", verify=False)
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", waiting)
+    w.run(tunnels=[t1])
+    w.vault.put(ack(w.rec(t1)))
+    dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
+    w.cf.refuse([t1], "tunnel is being modified", stage="apply")
+    dev(w).faults.on("rollback", waiting)
+    report = w.run(tunnels=[t1], reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).pending_psk is not None  # the device holds it until the operator says otherwise
+    w.invariant()
+    w.cf.refused.clear()
+    settle(w)
