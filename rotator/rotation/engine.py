@@ -287,7 +287,11 @@ class Engine:
                           functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,
                           req.ack_timeout, req.health, self.apply_guard)
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
-            self._steps(ctx, tally, going_back, self.backward)
+            if req.dry_run:  # a dry run changes nothing, not even an interrupted rollback
+                for item in going_back:
+                    tally.settle(item.tunnel, SKIPPED, "dry run: a rollback is in flight; reconcile finishes it", True)
+            else:
+                self._steps(ctx, tally, going_back, self.backward)
             phases = self._phases(ctx, tally, req, total)
             batches = self._batches([i for i in items if i.mode is not Mode.ROLLING_BACK])
             (pipeline.run_pipelined if self.pipelined else pipeline.run_sequential)(batches, phases)

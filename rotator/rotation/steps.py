@@ -393,8 +393,8 @@ def mark_rolling_back(ctx: Context, items: list[Item]) -> Result:
 
 def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     """Validate, then apply, ``psk`` again where Cloudflare may hold the abandoned key."""
-    out = Result(moved=[i for i in items if not i.cf_may_hold])
-    todo = [i for i in items if i.cf_may_hold]
+    out = Result(moved=[i for i in items if not i.cf_may_hold or ctx.dry_run])
+    todo = [i for i in items if i not in out.moved]
     if not todo:
         return out
     keys = {i.id: i.record.psk for i in todo if i.record.psk is not None}
@@ -425,8 +425,9 @@ def _apply_back(ctx: Context, keys: dict[str, Secret]) -> PskSetResult:
 
 def restore_device(ctx: Context, items: list[Item]) -> Result:
     """Tell the device to go back to ``psk`` where it may hold the abandoned key."""
-    todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None]
-    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused)])
+    todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None
+            and not ctx.dry_run]
+    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)])
     for item in [i for i in items if i not in todo and i not in out.moved]:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")

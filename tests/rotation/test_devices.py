@@ -426,3 +426,24 @@ def test_an_acknowledged_manual_key_cloudflare_refuses_waits_for_the_operator_to
     w.invariant()
     w.cf.refused.clear()
     settle(w)
+
+
+def test_a_dry_run_changes_nothing_even_with_keys_in_flight(w: World) -> None:
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed"))
+    dev(w).faults.on("rollback", raising(Crash()))
+    with pytest.raises(Crash):
+        w.run(tunnels=w.ids[:2])  # two tunnels left rolling back
+    restart(w)
+    w.cf.faults.on("apply", lost_answer)
+    w.run(tunnels=w.ids[2:])  # two left pending
+    restart(w)
+    versions = {t: w.rec(t).version for t in w.ids}
+    before, calls, applies = w.keys(), len(dev(w).calls), w.cf.faults.counts["apply"]
+    w.cf.refuse(w.ids[2:], "tunnel is being modified", stage="validate")  # would send the pending keys back
+    report = w.run(dry_run=True)
+    assert not report.ok and {o.result for o in report.outcomes} <= {Outcome.SKIPPED, Outcome.REFUSED}
+    assert w.keys() == before and len(dev(w).calls) == calls and w.cf.faults.counts["apply"] == applies
+    assert {t: w.rec(t).version for t in w.ids} == versions
+    w.cf.refused.clear()
+    w.invariant()
+    settle(w)
