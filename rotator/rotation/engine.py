@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from rotator.errors import CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Outcome, Record, TunnelInfo
+from rotator.model import Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
@@ -255,6 +255,27 @@ class Engine:
                 raise ConfigError(f"no tunnel {wanted!r} in account {req.account_id}",
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
+
+    # -- acknowledgements (manual devices) -----------------------------------------------------
+    def acknowledge(self, account_id: str, tunnels: Sequence[str]) -> dict[str, str | None]:
+        """``rotator ack``: mark each named tunnel's pending key as held by its manual device (CAS
+        write of ``model.ack``). Returns tunnel id -> None when acknowledged, else why not; the
+        next run or reconcile applies acknowledged keys. Raises ConfigError for an unknown name."""
+        chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+        records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
+        out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
+        wanted: list[Record] = []
+        for tid, rec in records.items():
+            if isinstance(rec, VaultError):
+                out[tid] = f"reading Vault: {rec}"
+                continue
+            try:
+                wanted.append(ack(rec))
+            except ValueError as exc:
+                out[tid] = str(exc)
+        for tid, res in (self.store.write_many(wanted) if wanted else {}).items():
+            out[tid] = None if isinstance(res, Record) else f"writing the acknowledgement failed: {res}"
+        return out
 
     # -- the lease guard ------------------------------------------------------------------------
     def _still_leased(self, account_id: str) -> bool:

@@ -447,3 +447,19 @@ def test_a_dry_run_changes_nothing_even_with_keys_in_flight(w: World) -> None:
     w.cf.refused.clear()
     w.invariant()
     settle(w)
+
+
+def test_the_ack_command_acknowledges_pending_keys_by_name_or_id() -> None:
+    w = device_world(kind="manual", verify=False)
+    dev(w).faults.on("deliver", waiting)
+    w.run(tunnels=w.ids[:2])
+    names = {t.id: t.name for t in w.cf.tunnels[ACCOUNT]}
+    answer = w.engine.acknowledge(ACCOUNT, [names[w.ids[0]], w.ids[1], w.ids[2]])
+    assert answer[w.ids[0]] is None and answer[w.ids[1]] is None
+    assert "no key waiting" in (answer[w.ids[2]] or "")
+    assert w.rec(w.ids[0]).acked and w.rec(w.ids[1]).acked and not w.rec(w.ids[2]).acked
+    for t in w.ids[:2]:
+        dev(w).keys[t] = w.rec(t).pending_psk.reveal()  # type: ignore[union-attr]
+    report = w.run(reconcile_only=True)
+    assert report.ok and report.counts()[Outcome.ROTATED] == 2
+    w.invariant(strict=True)
