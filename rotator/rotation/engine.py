@@ -287,16 +287,28 @@ class Engine:
 
     @contextlib.contextmanager
     def _cover(self, account_id: str, seconds: float, resend: bool) -> Iterator[float | None]:
-        """One mutating call under the lease (steps.Context.cover): the lease is renewed when less than
-        half is left, so a call of up to ``seconds`` (<= half the TTL) ends before it; yields the latest
-        start of a Cloudflare attempt. Raises LeaseLost, nothing sent, when the lease is gone."""
-        if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
+        """One mutating call of total deadline ``seconds`` under the lease (steps.Context.cover); yields
+        the latest start of an attempt. Raises LeaseLost, nothing sent, when the lease is gone.
+
+        With a lease manager that offers ``covering`` (a keepalive during the call, late landings
+        remembered), that is used; otherwise the lease is renewed when less than half is left, so a
+        call of up to half the TTL ends before it."""
+        covering = getattr(self.leases, "covering", None)
+        with contextlib.ExitStack() as stack:
             try:
-                self.leases.acquire(account_id)
+                if covering is not None:
+                    deadline = stack.enter_context(covering(account_id, seconds, resend=resend))
+                else:
+                    deadline = self._renewed(account_id)
             except (LeaseHeld, VaultError) as exc:
                 raise LeaseLost(str(exc)) from exc
+            yield deadline
+
+    def _renewed(self, account_id: str) -> float | None:
+        if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
+            self.leases.acquire(account_id)
         expiry = self.leases.expires_at(account_id)
-        yield None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
+        return None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
 
     # -- running the steps ----------------------------------------------------------------------
     def _run(self, req: RunRequest, tally: Tally, log: Any) -> None:

@@ -463,3 +463,30 @@ def test_the_ack_command_acknowledges_pending_keys_by_name_or_id() -> None:
     report = w.run(reconcile_only=True)
     assert report.ok and report.counts()[Outcome.ROTATED] == 2
     w.invariant(strict=True)
+
+
+def test_every_mutating_call_runs_inside_the_lease_managers_cover_when_it_has_one() -> None:
+    import contextlib
+
+    from rotator.rotation.lease import LeaseManager
+
+    covered: list[tuple[float, bool]] = []
+
+    class Covering(LeaseManager):
+        @contextlib.contextmanager
+        def covering(self, account_id: str, seconds: float, *, resend: bool = False):  # type: ignore[no-untyped-def]
+            covered.append((seconds, resend))
+            yield None
+
+    w = device_world()
+    w.engine.leases = Covering(w.vault, "replica-a")
+    assert w.run().ok
+    # apply (fresh keys), then the device deliver and verify, each covered once per batch
+    assert sorted(covered) == sorted([(w.engine.apply_guard, False), (0.3, False), (0.3, True)])
+    covered.clear()
+    w.cf.faults.on("apply", lost_answer)
+    w.run()
+    restart(w)
+    assert w.run(reconcile_only=True).ok
+    assert (w.engine.apply_guard, True) in covered  # re-sending pending keys need not wait
+    w.invariant(strict=True)
