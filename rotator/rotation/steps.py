@@ -199,7 +199,7 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
         if res.status is DeviceStatus.OK:
             out.moved.append(item)
         elif res.status is DeviceStatus.FAILED:
-            item.dev_refused = True
+            item.dev_refused = not item.reconcile  # an earlier run may have delivered it
             out.back.append(item.going_back(Outcome.REFUSED, f"device refused the key: {res.reason or 'no reason'}"))
         elif res.status is DeviceStatus.WAITING:
             _waiting(ctx, item, out)

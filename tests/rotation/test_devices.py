@@ -490,3 +490,27 @@ def test_every_mutating_call_runs_inside_the_lease_managers_cover_when_it_has_on
     assert w.run(reconcile_only=True).ok
     assert (w.engine.apply_guard, True) in covered  # re-sending pending keys need not wait
     w.invariant(strict=True)
+
+
+def test_a_first_key_the_device_may_hold_from_an_earlier_run_is_never_unstaged() -> None:
+    w = world(1, device=FakeDevice("branch", timeout=0.3))
+    t1 = w.ids[0]
+    w.cf.faults.on("apply", raising(Crash()))
+    with pytest.raises(Crash):
+        w.run()  # delivered, then the process died before the apply
+    restart(w)
+    dev(w).faults.on("deliver", refuse("busy"))  # on resume the device refuses, but it holds the key
+    report = w.run(reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).pending_psk is not None
+    w.invariant()
+    settle(w)
+
+
+def test_a_first_key_the_device_refuses_is_withdrawn_and_both_ends_keep_their_key() -> None:
+    w = world(2, device=FakeDevice("branch", timeout=0.3))
+    dev(w).faults.on("deliver", refuse("busy"))
+    report = w.run()
+    assert {o.result for o in report.outcomes} == {Outcome.REFUSED}
+    assert all(w.rec(t).pending_psk is None and w.rec(t).psk is None for t in w.ids)
+    assert w.invariant(strict=True) == 2  # both ends still hold the key they had before
