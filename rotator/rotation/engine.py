@@ -40,6 +40,7 @@ ROLLED_BACK, FAILED, WAITING = Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.WAIT
 RESULTS = tuple(Outcome)
 rfc3339 = steps.rfc3339
 DEVICE_WORKERS = 16
+IN_FLIGHT = (Outcome.UNKNOWN, Outcome.WAITING)  # the key stays pending
 
 
 @dataclass(slots=True)
@@ -365,6 +366,7 @@ class Engine:
             self._timed(tally.report, step.__name__, started)
             tally.settled(result)
             steps.note(ctx, result.settled)
+            ctx.busy_pairs.update(i.pair for i, o, _ in result.settled if o in IN_FLIGHT and i.pair is not None)
             back.extend(result.back)
             items, halt = result.moved, halt or result.halt
         if back:
@@ -383,14 +385,14 @@ class Engine:
 
     def _batches(self, items: list[Item]) -> list[list[Item]]:
         """Batches of ``batch_size``; tunnels sharing a device and customer endpoint (a redundant pair)
-        go into different waves, so one is verified before the other starts."""
+        go into different waves, so one is verified before the other starts; a key already in flight
+        goes first, and its partner waits for a later run if it stays in flight."""
         waves: list[list[Item]] = [[]]
         seen: collections.Counter[tuple[str, str]] = collections.Counter()
-        for item in items:
+        for item in sorted(items, key=lambda i: not i.reconcile):  # keys in flight settle first
             wave = 0
-            if item.device is not None and item.tunnel.customer_endpoint:
-                pair = (item.device.name, item.tunnel.customer_endpoint)
-                wave, seen[pair] = seen[pair], seen[pair] + 1
+            if item.pair is not None:
+                wave, seen[item.pair] = seen[item.pair], seen[item.pair] + 1
             while len(waves) <= wave:
                 waves.append([])
             waves[wave].append(item)

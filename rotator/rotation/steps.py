@@ -65,6 +65,13 @@ class Item:
         return self.tunnel.id
 
     @property
+    def pair(self) -> tuple[str, str] | None:
+        """A redundant pair: tunnels that share a device and a customer endpoint."""
+        if self.device is None or not self.tunnel.customer_endpoint:
+            return None
+        return self.device.name, self.tunnel.customer_endpoint
+
+    @property
     def reconcile(self) -> bool:
         return self.mode in (Mode.RESUME, Mode.ROLLING_BACK)
 
@@ -108,6 +115,7 @@ class Context:
     health: Health | None = None  # Cloudflare's tunnel health, judged after the apply (optional)
     call_timeout: float = 30.0  # the total deadline of one Cloudflare call
     health_timeout: float = 30.0
+    busy_pairs: set[tuple[str, str]] = field(default_factory=set)  # pairs with a key left in flight
 
 
 Step = Callable[[Context, list[Item]], Result]
@@ -188,8 +196,13 @@ def validate(ctx: Context, items: list[Item]) -> Result:
 
 
 def deliver(ctx: Context, items: list[Item]) -> Result:
-    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass."""
-    out = Result(moved=[i for i in items if i.device is None or i.record.acked])
+    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass.
+    A fresh key waits while its redundant partner's key is still in flight (it goes back, untouched)."""
+    out = Result(back=[i.going_back(Outcome.SKIPPED, "its redundant partner on the same device and endpoint has "
+                                    "a key in flight; it is rotated once that one settles")
+                       for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
+    items = [i for i in items if i not in out.back]
+    out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None
     calls = [i for i in items if i.device is not None and not i.record.acked]

@@ -514,3 +514,19 @@ def test_a_first_key_the_device_refuses_is_withdrawn_and_both_ends_keep_their_ke
     assert {o.result for o in report.outcomes} == {Outcome.REFUSED}
     assert all(w.rec(t).pending_psk is None and w.rec(t).psk is None for t in w.ids)
     assert w.invariant(strict=True) == 2  # both ends still hold the key they had before
+
+
+def test_a_pair_partner_waits_while_the_other_key_stays_in_flight() -> None:
+    w = managed(world(2, 100, device=FakeDevice("hub", timeout=0.3), customer_endpoint="203.0.113.7"))
+    first, second = w.ids
+    before = w.keys()
+    dev(w).faults.on("deliver", hang())
+    report = w.run()
+    by = w.by_id(report)
+    assert by[first].result == Outcome.UNKNOWN and by[second].result == Outcome.SKIPPED
+    assert "redundant partner" in by[second].reason
+    assert w.cf.key_of(second) == before[second] == dev(w).keys[second] and w.rec(second).pending_psk is None
+    w.invariant()
+    report = w.run()  # the key in flight settles first, then its partner rotates
+    assert [o.tunnel_id for o in report.outcomes] == [first, second] and report.ok
+    w.invariant(strict=True)
