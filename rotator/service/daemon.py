@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from rotator.config import Settings
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
+from rotator.rotation.engine import ROTATED, UNKNOWN, WAITING, RunReport, RunRequest, new_rotation_id, rfc3339
 from rotator.schedule import Policy, next_due
 from rotator.service.admin import build_app
 from rotator.service.logging import Redactor
@@ -282,7 +282,7 @@ class Daemon:
                 st.failures += 1
                 st.last_failure = now
                 st.last_error = o.reason
-                st.pending = o.result == UNKNOWN or (o.reconciled and st.pending)
+                st.pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and st.pending)
         self.metrics.pending.labels(account=run.account).set(sum(st.pending for st in list(states.values())))
         self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok=str(report.ok).lower()).inc()
         counts = report.counts()
