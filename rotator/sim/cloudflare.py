@@ -215,11 +215,14 @@ class CloudflareSim(SimApp):
         """
         if kind not in CONTRADICTIONS:
             raise ValueError(f"kind must be one of {', '.join(CONTRADICTIONS)}")
+        self._mark(self.contradictions, tunnel_ids, stage, kind)
+
+    def _mark(self, book: dict[str, tuple[str, str]], tunnel_ids: list[str], stage: str, value: str) -> None:
         if stage not in ("apply", "validate"):
             raise ValueError("stage must be 'apply' or 'validate'")
         with self.lock:
             for tid in tunnel_ids:
-                self.contradictions[tid] = (stage, kind)
+                book[tid] = (stage, value)
 
     def clear_contradictions(self) -> None:
         with self.lock:
@@ -267,11 +270,7 @@ class CloudflareSim(SimApp):
     def refuse_tunnels(self, tunnel_ids: list[str], reason: str = "tunnel is being modified",
                        stage: str = "apply") -> None:
         """Refuse these tunnels in ``unapplied_psks``: on apply only, or already on validate_only."""
-        if stage not in ("apply", "validate"):
-            raise ValueError("stage must be 'apply' or 'validate'")
-        with self.lock:
-            for tid in tunnel_ids:
-                self.refusals[tid] = (stage, reason)
+        self._mark(self.refusals, tunnel_ids, stage, reason)
 
     def clear_refusals(self) -> None:
         with self.lock:
