@@ -378,3 +378,22 @@ def test_backoff_never_waits_past_the_deadline(env):
     # The first backoff (3 s) would end past the deadline: no wait, no second attempt.
     assert time.monotonic() - start < 1.5 and len(seen) == 1
     assert "outlive" in str(exc.value) and exc.value.ambiguous
+
+
+def test_error_texts_never_quote_the_credential(env, cf_sim):
+    sim, _, _, _, _ = env
+    token = "T" * 40
+    sim.add_token(token)
+    sim.fail_next("cf.list", status=400, message=f"token {token} is not allowed here")
+    with httpx.Client(timeout=5) as http, pytest.raises(CloudflareError) as exc:
+        CloudflareClient(http, base_url=cf_sim[1], api_token=token).list_tunnels(A)
+    assert token not in str(exc.value) and "[redacted]" in str(exc.value)
+
+
+def test_error_texts_never_quote_the_batch_keys(env):
+    sim, client, tunnels, _, _ = env
+    key = "w" * 32
+    sim.fail_next("cf.psk_validate", status=400, message=f"bad psk {key}")
+    with pytest.raises(CloudflareError) as exc:
+        client().set_psks(A, {tunnels[0]: Secret(key)}, validate_only=True)
+    assert key not in str(exc.value) and "[redacted]" in str(exc.value)

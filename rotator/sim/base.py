@@ -67,6 +67,7 @@ class Fault:
     retry_after: int | None = None
     delay: float = 0.0
     variant: str = "html"
+    message: str | None = None  # the error text a ``status`` fault answers with (e.g. one quoting a key)
 
 
 GARBAGE_VARIANTS = ("html", "not_json", "types")
@@ -169,10 +170,11 @@ class SimApp:
 
     def fail_next(
         self, route: str, count: int = 1, status: int = 503, html: bool = False,
-        retry_after: int | None = None,
+        retry_after: int | None = None, message: str | None = None,
     ) -> None:
         with self.lock:
-            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after))
+            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after,
+                                  message=message))
 
     def drop_next(self, route: str, count: int = 1) -> None:
         with self.lock:

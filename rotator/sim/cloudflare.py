@@ -346,6 +346,8 @@ class CloudflareSim(SimApp):
             error = _err(10001, "Internal server error")  # UNCONFIRMED code/message (7)
         else:
             error = _err(1000, "Request failed")
+        if fault.message is not None:
+            error["message"] = fault.message
         return Response(fault.status, _envelope(None, [error]), [JSON_CT, *headers])
 
     def garbage_response(self, fault: Fault, route: str) -> Response:

@@ -333,7 +333,8 @@ class VaultSim(SimApp):
         headers = list(JSON_HEADERS)
         if fault.retry_after is not None:
             headers.append((b"retry-after", str(fault.retry_after).encode()))
-        body = go_json({"errors": messages.get(fault.status, ["internal error"])}) + "\n"
+        errors = [fault.message] if fault.message is not None else messages.get(fault.status, ["internal error"])
+        body = go_json({"errors": errors}) + "\n"
         return Response(fault.status, body.encode(), headers)
 
     def garbage_response(self, fault: Fault, route: str) -> Response:
