@@ -63,3 +63,14 @@ def test_fault_verbs_over_http(cf_sim, op):
     with httpx.Client(base_url=base.removesuffix(sim.base_path)) as raw:
         assert raw.post("/_sim/control", json=op).status_code == 200
     assert len(sim.faults.faults) == 1
+
+
+def test_simulators_pass_the_edge_hook_and_health_source_on():
+    from rotator.sim import Simulators
+
+    seen: list[str] = []
+    sims = Simulators(accounts=1, tunnels=1, edge_hook=lambda a, t, p: seen.append(t),
+                      health_source=lambda a, n, s, u: [1.0])
+    acc, tunnel = next(iter(sims.tunnels_by_account.items()))
+    sims.cloudflare.change_psk_out_of_band(acc, tunnel[0])
+    assert seen == tunnel and sims.cloudflare.health_source is not None
