@@ -397,3 +397,21 @@ def test_error_texts_never_quote_the_batch_keys(env):
     with pytest.raises(CloudflareError) as exc:
         client().set_psks(A, {tunnels[0]: Secret(key)}, validate_only=True)
     assert key not in str(exc.value) and "[redacted]" in str(exc.value)
+
+
+def test_a_budget_spent_by_another_tool_is_respected(env, cf_sim):
+    """The budget belongs to the token: what others spent shows in the next answer's headers."""
+    sim, client, tunnels, seen, _ = env
+    sim.set_rate_limit(10, 300)
+    c = client(rate_limit_ceiling=5)
+    c.list_tunnels(A)                                        # 9 left
+    token = next(iter(sim.tokens))
+    with httpx.Client(base_url=cf_sim[1], headers={"Authorization": f"Bearer {token}"}) as other:
+        for _ in range(6):                                   # another tool spends 6: 3 left
+            assert other.get(f"/accounts/{A}/magic/ipsec_tunnels").status_code == 200
+    c.list_tunnels(A)                                        # its answer says 2 left: the reserve
+    budget = c.rate_budget
+    assert budget is not None and budget.remaining == 2 and budget.usable == 0
+    with pytest.raises(CloudflareError, match="kept in reserve"):
+        c.set_psks(A, {tunnels[0]: Secret("k" * 32)}, validate_only=True)
+    assert sim.request_counts().get("cf.psk_validate") is None and "429" not in [s for _, s in seen]
