@@ -161,3 +161,12 @@ def test_statuses_hvac_does_not_name_and_texts_that_look_like_transport_kinds():
     assert not refused.ambiguous and refused.status == 401 and "missing client token" in str(refused)
     multi = translate(hx.Forbidden(errors=["1 error occurred:\n\t* permission denied\n\n"]), "reading x")
     assert str(multi).startswith("reading x: Vault denied permission (403: permission denied)")
+
+
+def test_latest_under_is_one_consistent_view(env):
+    sim, store, _ = env
+    store.write(Record(A, T, psk=Secret("p" * 32)))
+    rec = store.write(Record(A, "d" * 32, psk=Secret("q" * 32)))
+    store.write(Record(A, "d" * 32, version=rec.version, psk=Secret("r" * 32)))
+    view = sim.latest_under(f"cloudflare/magic-ipsec/{A}/")
+    assert {p.rsplit("/", 1)[1]: d["psk"] for p, d in view.items()} == {T: "p" * 32, "d" * 32: "r" * 32}
