@@ -48,8 +48,14 @@ def test_a_contradictory_validation_never_applies(sims, rt):
     assert rt.engine.run(RunRequest(acc)).ok
     before = sims.cloudflare.psk_of(acc, victim)
     sims.cloudflare.contradict([victim], kind="echo_other_key", stage="validate")
-    rt.engine.run(RunRequest(acc))
+    report = rt.engine.run(RunRequest(acc))
     assert sims.cloudflare.psk_of(acc, victim) == before
+    # A contradiction is ambiguous: the key stays pending (never applied, never unstaged) ...
+    assert {o.tunnel_id: o.result for o in report.outcomes}[victim] == "unknown"
+    assert_invariant(sims, acc)
+    # ... and a fault-free reconcile settles it.
+    sims.cloudflare.clear_contradictions()
+    assert rt.engine.run(RunRequest(acc, reconcile_only=True)).ok
     assert_invariant(sims, acc, strict=True)
 
 
