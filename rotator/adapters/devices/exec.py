@@ -122,6 +122,7 @@ class ExecDevice(ActionDevice):
         finally:
             if proc.returncode is None:  # an exception other than the timeout: never leave it behind
                 self._kill(proc)
+            _close_pipes(proc)
         if overflow:
             log.warning("device_hook_flood", device=self.name, action=action, limit=MAX_OUTPUT)
             return every(tunnels, DeviceStatus.UNKNOWN, f"the hook wrote more than {MAX_OUTPUT} bytes on stdout, "
@@ -158,10 +159,14 @@ class ExecDevice(ActionDevice):
             proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=KILL_GRACE)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        _close_pipes(proc)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _exchange(proc: subprocess.Popen[bytes], body: bytes, end: float) -> tuple[bytes, bytes, bool]:
