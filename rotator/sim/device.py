@@ -6,8 +6,8 @@ answers ok when it holds ``psk`` and, if a ``peer`` is given (e.g. the Cloudflar
 the tunnel), when the peer holds the same key too: a fresh IKE authentication would succeed.
 
 Fault injection: refuse keys for some tunnels, fail their verification, hang (no answer for a
-while, then act), act and answer late or drop the connection (from the shared simulator base),
-act and answer garbage, answer 5xx; ``verify_latency`` seconds per verified tunnel (tunnels of
+while, then act), act and answer late, drop the connection, trickle, or answer garbage (the shared simulator
+base), act and then answer garbage, answer 5xx; ``verify_latency`` seconds per verified tunnel (tunnels of
 one request are verified one after another; requests overlap). ``held`` shows the key a tunnel
 holds, for invariant checks; the HTTP snapshot shows only fingerprints. Route names for counts and
 faults: ``device.deliver``, ``device.verify``, ``device.rollback``, ``device.other``.
@@ -96,8 +96,9 @@ class DeviceSim(SimApp):
         with self.lock:
             self._hangs.append([action, float(seconds), int(count)])
 
-    def garbage_next(self, count: int = 1, action: str | None = None) -> None:
-        """The next ``count`` requests are acted on and answered with a 200 that is not JSON."""
+    def act_then_garbage_next(self, count: int = 1, action: str | None = None) -> None:
+        """The next ``count`` requests are acted on and answered with a 200 that is not JSON (the
+        shared ``garbage_next`` answers garbage without acting)."""
         with self.lock:
             self._garbage.append([action, int(count)])
 
@@ -117,7 +118,8 @@ class DeviceSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "refuse": lambda tunnel_ids, actions=("deliver",): self.refuse(tunnel_ids, tuple(actions)),
-            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "garbage_next": self.garbage_next,
+            "fail_verify": self.fail_verify, "hang_next": self.hang_next,
+            "act_then_garbage_next": self.act_then_garbage_next,
             "set_verify_latency": self.set_verify_latency, "clear": self.clear,
         }
         if op in own:

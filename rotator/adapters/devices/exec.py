@@ -79,11 +79,12 @@ def parse_settings(f: Fields) -> ExecSettings:
 class ExecDevice(ActionDevice):
     kind = "exec"
 
-    def __init__(self, name: str, command: Sequence[str], *, timeout: float = 60.0, pass_env: Sequence[str] = (),
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, command: Sequence[str], *, timeout: float = 60.0, verify: bool = True,
+                 pass_env: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.command = tuple(command)
         self.timeout = timeout
+        self.verifies = verify
         source = os.environ if environ is None else environ
         env = {"PATH": source.get("PATH") or DEFAULT_PATH, "LANG": "C.UTF-8"}
         env.update({n: source[n] for n in pass_env if n in source and not SECRET_NAME.search(n)})

@@ -104,7 +104,7 @@ class StrongSwanDevice:
 
     def __init__(self, name: str, socket_path: str = DEFAULT_SOCKET, *, owners: Sequence[str],
                  secret_id: str = "psk-rotator-{tunnel_id}", ike: str = "{tunnel_name}",
-                 child: str = "{tunnel_name}", reauth: str = "rekey", timeout: float = 60.0,
+                 child: str = "{tunnel_name}", reauth: str = "rekey", timeout: float = 60.0, verify: bool = True,
                  concurrency: int = 16, poll_interval: float = POLL_INTERVAL) -> None:
         if reauth not in REAUTH_MODES:
             raise ValueError(f"reauth must be one of {REAUTH_MODES}")
@@ -115,7 +115,8 @@ class StrongSwanDevice:
         self.ike = ike
         self.child = child
         self.reauth = reauth
-        self.timeout = timeout
+        self.timeout = timeout  # read by the engine, with verifies
+        self.verifies = verify
         self.concurrency = concurrency
         self.poll_interval = poll_interval
 
