@@ -1,7 +1,8 @@
 """Device benchmark pieces: a trivial exec hook, the simulated device at 200 ms per verification, and
 a measurement of the device steps alone (deliver + verify of N tunnels, no Cloudflare, no Vault).
 
-    .venv/bin/python tests/bench/devices.py [N]
+    .venv/bin/python tests/bench/devices.py [N]          the device steps alone
+    .venv/bin/python tests/bench/devices.py engine [N]   through the engine, against the floor
 
 For the issue's end-to-end figure (1,000 tunnels through the engine with a device), a benchmark
 scenario configures ``[[devices]]`` with ``trivial_hook(dir)`` (exec) or with ``sim_device()``
@@ -100,6 +101,60 @@ def run(n: int = 1000, batch: int = BATCH, concurrency: int = CONCURRENCY,
     return {k: {m: round(v, 3) for m, v in d.items()} for k, d in out.items()}
 
 
+def engine(n: int = 1000, verify_latency: float = VERIFY_LATENCY, concurrency: int = CONCURRENCY,
+           cf_latency: float = 0.08, vault_latency: float = 0.002) -> dict[str, dict[str, float]]:
+    """The issue's benchmark: N tunnels in one account through the engine, Cloudflare only, with a
+    trivial exec hook, and with the simulated device at ``verify_latency`` per verification. The
+    Vault and Cloudflare simulators run in their own process (tests/bench/common.py)."""
+    import logging
+
+    import structlog
+
+    from rotator import config
+    from rotator.adapters.devices import DeviceRegistry, parse_devices
+    from rotator.rotation.engine import RunRequest
+    from rotator.wiring import build_runtime, preflight
+    from tests.bench.common import env_of, simulators
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    out: dict[str, dict[str, float]] = {}
+    with simulators(1, n, cf_latency, vault_latency) as info, \
+            tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp, sim_device(verify_latency) as (_, url, key):
+        acc = next(iter(info["accounts"]))
+        rt = build_runtime(config.load(None, env=env_of(info)))
+        preflight(rt)
+        batches = math.ceil(n / rt.settings.batch_size)
+        # As tests/bench/run.py: Cloudflare round trips, and 3 Vault calls per tunnel at its concurrency.
+        cf_floor = (1 + 2 * batches) * cf_latency + 3 * math.ceil(n / rt.settings.vault_concurrency) * vault_latency
+        specs = {
+            "warm_up": (),  # the first run of a process pays for imports, pools and first records
+            "cloudflare_only": (),
+            "exec": parse_devices([{"name": "hook", "kind": "exec", "tunnels": ["*"],
+                                    "command": [trivial_hook(tmp)]}]),
+            "sim": parse_devices([{"name": "sim", "kind": "webhook", "tunnels": ["*"], "url": url,
+                                   "secret_file": key, "concurrency": concurrency}]),
+        }
+        try:
+            for name, device_specs in specs.items():
+                registry = DeviceRegistry(tuple(device_specs))
+                t0 = time.perf_counter()
+                report = rt.engine.run(RunRequest(acc, device_for=registry.for_account(acc)))
+                wall = time.perf_counter() - t0
+                registry.close()
+                floor = cf_floor + (n * verify_latency / concurrency if name == "sim" else 0.0)
+                out[name] = {"wall": round(wall, 3), "rotated": report.counts()["rotated"], "floor": round(floor, 3),
+                             "ratio_to_floor": round(wall / floor, 2)}
+        finally:
+            rt.close()
+    del out["warm_up"]
+    base = out["cloudflare_only"]["wall"]
+    for figures in out.values():
+        figures["ratio_to_cloudflare_only"] = round(figures["wall"] / base, 2)
+    return out
+
+
 if __name__ == "__main__":
-    figures = run(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
-    print(json.dumps(figures))
+    if len(sys.argv) > 1 and sys.argv[1] == "engine":
+        print(json.dumps(engine(int(sys.argv[2]) if len(sys.argv) > 2 else 1000)))
+    else:
+        print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)))
