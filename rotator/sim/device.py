@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -233,3 +234,36 @@ def config_block(name: str, url: str, secret_file: str, tunnels: tuple[str, ...]
     listed = ", ".join(json.dumps(t) for t in tunnels)
     return (f'[[devices]]\nname = {json.dumps(name)}\nkind = "webhook"\ntunnels = [{listed}]\n'
             f'timeout = "{timeout}"\nurl = {json.dumps(url)}\nsecret_file = {json.dumps(secret_file)}\n')
+
+
+@dataclass
+class RunningDevice:
+    """A simulated device served in the background, with its signing key in a file (see ``start``)."""
+
+    sim: DeviceSim
+    server: ServerThread
+    secret_file: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url + PATH
+
+    def config(self, name: str = "sim-device", tunnels: tuple[str, ...] = ("*",), timeout: str = "10s") -> str:
+        return config_block(name, self.url, self.secret_file, tunnels, timeout)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start(workdir: str, *, peer: Callable[[str, str], str | None] | None = None,
+          verify_latency: float = 0.0) -> RunningDevice:
+    """Serve a simulated device on loopback and write its signing key to ``workdir`` (mode 0600).
+    For ``rotator demo``: ``dev = start(workdir, peer=sims.cloudflare.psk_of)``, add ``dev.config()``
+    to the config file, ``dev.stop()`` at the end."""
+    sim = DeviceSim(peer=peer)
+    sim.set_verify_latency(verify_latency)
+    secret_file = os.path.join(workdir, "sim-device.key")
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(sim.secret)
+    return RunningDevice(sim, ServerThread(sim).start(), secret_file)

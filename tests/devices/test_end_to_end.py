@@ -6,12 +6,13 @@ record's psk or pending_psk (strictly psk once nothing is in flight)."""
 from __future__ import annotations
 
 import sys
+import tomllib
 
 import pytest
 
 from rotator.adapters.devices import DeviceRegistry, parse_devices
 from rotator.rotation.engine import RunRequest
-from rotator.sim.device import DeviceSim, config_block, serve
+from rotator.sim.device import start as start_device
 from tests import helpers
 from tests.helpers import assert_invariant, record, runtime
 
@@ -19,22 +20,16 @@ from tests.helpers import assert_invariant, record, runtime
 @pytest.fixture
 def world(sims, tmp_path):
     acc = next(iter(sims.tunnels_by_account))
-    device_sim = DeviceSim(peer=sims.cloudflare.psk_of)
-    secret_file = tmp_path / "device.key"
-    secret_file.write_text(device_sim.secret)
+    device = start_device(str(tmp_path), peer=sims.cloudflare.psk_of)
     rt = runtime(sims, "[cloudflare]\nbatch_size = 4\nretry_attempts = 2\n", tmp_path)
-    with serve(device_sim) as url:
-        import tomllib
-
-        specs = parse_devices(tomllib.loads(config_block("site", url, str(secret_file), timeout="3s"))["devices"])
-        registry = DeviceRegistry(specs)
-        try:
-            yield sims, rt, acc, device_sim, registry
-        finally:
-            registry.close()
-            rt.close()
-            for key in device_sim.keys.values():
-                helpers.SECRETS.add(key)
+    registry = DeviceRegistry(parse_devices(tomllib.loads(device.config("site", timeout="3s"))["devices"]))
+    try:
+        yield sims, rt, acc, device.sim, registry
+    finally:
+        registry.close()
+        rt.close()
+        device.stop()
+        helpers.SECRETS.update(device.sim.keys.values())
 
 
 def run(rt, acc, registry, **kw):
