@@ -195,13 +195,18 @@ def _exchange(proc: subprocess.Popen[bytes], body: bytes, end: float) -> tuple[b
                 if src is proc.stdin:
                     try:
                         sent += os.write(key.fd, body[sent:sent + 65536])
+                    except BlockingIOError:
+                        continue
                     except BrokenPipeError:  # the hook does not read its input: judged by what it says
                         sent = len(body)
                     if sent >= len(body):
                         sel.unregister(src)
                         proc.stdin.close()
                     continue
-                data = os.read(key.fd, 65536)
+                try:
+                    data = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
                 if not data:
                     sel.unregister(src)
                 elif src is proc.stdout:
