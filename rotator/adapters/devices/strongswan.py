@@ -14,6 +14,11 @@ official ``vici`` binding) on its unix socket.
   out in the middle of a call: UNKNOWN for the tunnel in flight, FAILED for those not yet sent.
 
 Every wait is bounded by the call's deadline: the vici transport here reads with the time left.
+
+Known limit: an IKE SA *rekey* (not a re-authentication) that the site's own timers start during
+the few seconds of a verification also yields a new unique id, and would be taken for the fresh
+authentication. Cloudflare never initiates rekeys; keep the site's IKE rekey interval long, as the
+guides do (8-24 h), and the window is negligible.
 """
 
 from __future__ import annotations
