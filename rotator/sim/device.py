@@ -97,7 +97,7 @@ class DeviceSim(SimApp):
         with self.lock:
             self._hangs.append([action, float(seconds), int(count)])
 
-    def act_then_garbage_next(self, count: int = 1, action: str | None = None) -> None:
+    def answer_garbage(self, count: int = 1, action: str | None = None) -> None:
         """The next ``count`` requests are acted on and answered with a 200 that is not JSON (the
         shared ``garbage_next`` answers garbage without acting)."""
         with self.lock:
@@ -119,8 +119,7 @@ class DeviceSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "refuse": lambda tunnel_ids, actions=("deliver",): self.refuse(tunnel_ids, tuple(actions)),
-            "fail_verify": self.fail_verify, "hang_next": self.hang_next,
-            "act_then_garbage_next": self.act_then_garbage_next,
+            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "answer_garbage": self.answer_garbage,
             "set_verify_latency": self.set_verify_latency, "clear": self.clear,
         }
         if op in own:

@@ -99,7 +99,7 @@ def test_an_unclear_device_answer_leaves_the_key_pending_until_reconcile(world, 
     if fault == "hang_verify":
         device_sim.hang_next(5.0, count=1, action="verify")  # past the device's 3 s timeout
     else:
-        device_sim.act_then_garbage_next(count=1, action="deliver")
+        device_sim.answer_garbage(count=1, action="deliver")
     verified_before = len(device_sim.calls_of("verify"))
     report = run(rt, acc, registry, tunnels=sims.tunnels_by_account[acc][:1])
     assert list(outcomes(report).values()) == ["unknown"]

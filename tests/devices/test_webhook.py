@@ -131,7 +131,7 @@ def test_a_dropped_answer_is_unknown(sim, device):
 @pytest.mark.parametrize("acted", [True, False])
 def test_a_garbage_answer_is_unknown(sim, device, acted):
     if acted:
-        sim.act_then_garbage_next()
+        sim.answer_garbage()
     else:
         sim.garbage_next("device.deliver", variant="html")
     tunnels = make_tunnels(2)
