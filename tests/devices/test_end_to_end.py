@@ -66,27 +66,19 @@ def test_a_rotation_reaches_both_ends_and_verifies(world):
     assert (record(sims, acc, sims.tunnels_by_account[acc][0]) or {}).get("device") == "site"
 
 
-def test_a_refused_delivery_never_reaches_cloudflare(world):
+@pytest.mark.parametrize("fault, outcome, reason", [
+    ("refuse", "refused", "sim-device refused the key"),  # Cloudflare never sees the key
+    ("fail_verify", "rolled_back", "AUTHENTICATION_FAILED"),  # both ends go back to the old key
+])
+def test_a_device_that_says_no_leaves_both_ends_on_the_old_key(world, fault, outcome, reason):
     sims, rt, acc, device_sim, registry = world
     assert run(rt, acc, registry).ok
-    refused = sims.tunnels_by_account[acc][1]
-    before = sims.cloudflare.psk_of(acc, refused)
-    device_sim.refuse([refused])
-    report = run(rt, acc, registry)
-    assert outcomes(report)[refused] == "refused"
-    assert "sim-device refused the key" in next(o.reason for o in report.outcomes if o.tunnel_id == refused)
-    assert sims.cloudflare.psk_of(acc, refused) == before == device_sim.held(acc, refused)
-    both_ends(sims, acc, device_sim, strict=True)
-
-
-def test_a_failed_verification_returns_both_ends_to_the_old_key(world):
-    sims, rt, acc, device_sim, registry = world
-    assert run(rt, acc, registry).ok
-    bad = sims.tunnels_by_account[acc][2]
+    bad = sims.tunnels_by_account[acc][1]
     before = sims.cloudflare.psk_of(acc, bad)
-    device_sim.fail_verify([bad])
+    getattr(device_sim, fault)([bad])
     report = run(rt, acc, registry)
-    assert outcomes(report)[bad] == "rolled_back"
+    assert outcomes(report)[bad] == outcome
+    assert reason in next(o.reason for o in report.outcomes if o.tunnel_id == bad)
     assert sims.cloudflare.psk_of(acc, bad) == before == device_sim.held(acc, bad)
     assert sum(1 for r in outcomes(report).values() if r == "rotated") == 5
     both_ends(sims, acc, device_sim, strict=True)
