@@ -128,3 +128,26 @@ def test_an_exec_hook_that_prints_a_key_and_fails_is_refused_and_redacted(sims, 
         data = record(sims, acc, tid) or {}
         assert "pending_psk" not in data
     assert_invariant(sims, acc, strict=True)
+
+
+def test_an_unreachable_device_keeps_cloudflare_on_the_old_key(world, tmp_path):
+    sims, rt, acc, device_sim, registry = world
+    key_file = tmp_path / "gone.key"
+    key_file.write_text(device_sim.secret)
+    assert run(rt, acc, registry).ok
+    tid = sims.tunnels_by_account[acc][0]
+    before = sims.cloudflare.psk_of(acc, tid)
+    gone = DeviceRegistry(parse_devices([{"name": "site", "kind": "webhook", "tunnels": ["*"], "timeout": "2s",
+                                          "url": "http://127.0.0.1:9/psk", "secret_file": str(key_file)}]))
+    try:
+        report = run(rt, acc, gone, tunnels=[tid])
+    finally:
+        gone.close()
+    (outcome,) = report.outcomes
+    # The device is also told to roll back, which cannot reach it either: the key stays pending.
+    assert outcome.result == "unknown" and "cannot connect" in outcome.reason
+    assert sims.cloudflare.psk_of(acc, tid) == before == device_sim.held(acc, tid)  # nothing reached anyone
+    both_ends(sims, acc, device_sim)
+    report = run(rt, acc, registry, reconcile_only=True)  # the device answers again
+    assert report.ok, outcomes(report)
+    both_ends(sims, acc, device_sim, strict=True)
