@@ -20,7 +20,7 @@ from rotator.rotation.engine import RunRequest
 from rotator.rotation.ports import DeviceResult, DeviceStatus
 from rotator.sim.ike import summary
 from tests import helpers
-from tests.ike.conftest import lab_sims, link
+from tests.ike.conftest import attach_all, lab_sims
 
 strongswan = pytest.importorskip("rotator.adapters.devices.strongswan", reason="the strongswan device has not landed")
 
@@ -93,9 +93,8 @@ def rig(lab, tmp_path):
     with lab_sims(20) as sims:
         requirements(sims)
         acc = next(iter(sims.tunnels_by_account))
-        tids = link(sims, lab, acc)
+        tids = attach_all(sims, lab, acc)
         established = lab.up(timeout=20)
-        sims.cloudflare.set_edge_hook(lab.edge_hook)
         rt = helpers.runtime(sims, tmp_path=tmp_path)
         try:
             yield sims, lab, rt, acc, tids, established
