@@ -55,12 +55,12 @@ def _objects() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _tool(name: str) -> str:
+def _tool(name: str, package: str = "") -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is missing: CI must install it (.ci/run)")
-        pytest.skip(f"{name} not installed (apt-get install systemd)")
+        pytest.skip(f"{name} not installed (apt-get install {package or name})")
     return path
 
 
@@ -304,7 +304,7 @@ def _unit_root(tmp_path: Path, unit_text: str) -> Path:
 
 
 def _verify(root: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_tool("systemd-analyze"), "verify", f"--root={root}", UNIT.name], capture_output=True,
+    return subprocess.run([_tool("systemd-analyze", "systemd"), "verify", f"--root={root}", UNIT.name], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -323,7 +323,7 @@ def test_the_unit_is_hardened_by_systemds_own_measure(tmp_path):
     if not Path("/usr/lib/systemd/system/multi-user.target").exists():
         pytest.skip("no systemd unit files here (apt-get install systemd)")
     root = _unit_root(tmp_path, UNIT.read_text())
-    proc = subprocess.run([_tool("systemd-analyze"), "security", "--offline=yes", f"--root={root}", "--no-pager",
+    proc = subprocess.run([_tool("systemd-analyze", "systemd"), "security", "--offline=yes", f"--root={root}", "--no-pager",
                            UNIT.name], capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert match, proc.stdout + proc.stderr
@@ -366,7 +366,8 @@ def test_the_env_file_and_the_example_config_pass_config_check(tmp_path):
                     reason="builds the image with buildah (minutes, root): set ROTATOR_IMAGE_TEST=1")
 @pytest.mark.timeout(1800)
 def test_the_image_builds_and_runs_help_and_the_demo():
-    """tools/build-image.sh: the Dockerfile through buildah, then `rotator --help` and `rotator demo` inside."""
+    """tools/build-image.sh: the Dockerfile through buildah, then `rotator --help` and `rotator demo` inside,
+    once as buildah runs the container and once on its root file system mounted read-only."""
     if os.geteuid() != 0:
         pytest.skip("buildah with vfs storage and chroot isolation needs root")
     for name in ("buildah", "debootstrap"):
@@ -379,11 +380,13 @@ def test_the_image_builds_and_runs_help_and_the_demo():
     assert result["event"] == "image_built"
     assert result["user"] == "10001" and result["entrypoint"] == ["rotator"] and result["cmd"] == ["run"]
     assert result["healthcheck"] and "/healthz" in " ".join(result["healthcheck"])
-    demo = result["demo"]
-    assert demo["uid"] == 10001, "the demo ran as the image's user"
-    assert demo["demo_ready"]["event"] == "demo_ready" and demo["healthz"] == 200
-    assert demo["healthcheck_exit"] == 0, "the image's HEALTHCHECK command passes against the running demo"
-    assert demo["rotated"] >= 1 and demo["exit"] == 0 and not demo["traceback"]
+    for demo in (result["demo"], result["demo_read_only_root"]):
+        assert demo["uid"] == 10001, "the demo ran as the image's user"
+        assert demo["demo_ready"]["event"] == "demo_ready" and demo["healthz"] == 200
+        assert demo["healthcheck_exit"] == 0, "the image's HEALTHCHECK command passes against the running demo"
+        assert demo["rotated"] >= 1 and demo["exit"] == 0 and not demo["traceback"]
+    # As config/deploy/kubernetes runs it: readOnlyRootFilesystem, /tmp an emptyDir.
+    assert result["demo_read_only_root"]["root_read_only"] and not result["demo"]["root_read_only"]
 
 
 # --- the docs -------------------------------------------------------------------------------------------
