@@ -417,3 +417,41 @@ def test_every_link_in_the_deployment_docs_resolves():
                 assert anchor in _anchors(file.read_text()), target
             checked += 1
     assert checked >= 20
+
+
+def test_the_kubernetes_walkthrough_names_what_the_manifests_use():
+    """The Vault role, the Secret command and the image step in docs/kubernetes.md match the manifests."""
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    objs = _objects()
+    dep = objs[("Deployment", "psk-rotator")]
+    ns, sa = dep["metadata"]["namespace"], dep["spec"]["template"]["spec"]["serviceAccountName"]
+    toml = objs[("ConfigMap", "psk-rotator")]["data"]["rotator.toml"]
+    role = re.search(r'role = "([^"]+)"', toml).group(1)
+    auth_mount = re.search(r'mount = "([^"]+)"', toml[toml.index("[vault.auth]"):]).group(1)
+    assert f"vault write auth/{auth_mount}/role/{role} " in doc
+    assert re.findall(r"bound_service_account_names=(\S+)", doc) == [sa]
+    assert re.findall(r"bound_service_account_namespaces=(\S+)", doc) == [ns]
+    policy = re.search(r"token_policies=(\S+)", doc).group(1)
+    assert f"vault policy write {policy} " in doc
+    # The `kubectl create secret` command creates the Secret the pod reads, with every required key.
+    command = re.search(r"kubectl -n (\S+) create secret generic (\S+) ((?:.*\\\n)*.*)", doc)
+    assert command and command.group(1) == ns
+    secret = objs[("Secret", command.group(2))]
+    assert set(re.findall(r"--from-literal=(\w+)=", command.group(3))) == set(secret["stringData"])
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    kust = _docs(K8S / "kustomization.yaml")[0]
+    assert f"kustomize edit set image {container['image']}=" in doc and kust["namespace"] == ns
+
+
+def test_the_systemd_walkthrough_names_what_the_unit_uses():
+    doc = (ROOT / "docs" / "systemd.md").read_text()
+    unit = UNIT.read_text()
+    user = re.search(r"^User=(\S+)$", unit, re.M).group(1)
+    env_file = re.search(r"^EnvironmentFile=-?(\S+)$", unit, re.M).group(1)
+    config = re.search(r"^Environment=ROTATOR_CONFIG=(\S+)$", unit, re.M).group(1)
+    venv = re.search(r"^ExecStart=(\S+)/bin/rotator run$", unit, re.M).group(1)
+    assert re.search(rf"useradd (?:.*\\\n)*.*\b{user}$", doc, re.M), "the user the unit runs as is created"
+    assert f"python3 -m venv {venv}" in doc
+    assert re.search(rf"install -m 0640 -o root -g {user} \S+ {config}$", doc, re.M)
+    assert re.search(rf"install -m 0640 -o root -g {user} \S*psk-rotator.env.example {env_file}$", doc, re.M)
+    assert f"install -m 0644 config/deploy/systemd/{UNIT.name} /etc/systemd/system/" in doc
