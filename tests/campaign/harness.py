@@ -109,6 +109,7 @@ class Proc:
     started: float
     admin_url: str | None = None
     signalled: str | None = None
+    doom: tuple[float, signal.Signals] | None = None  # (monotonic time, signal) chosen at its start
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -197,6 +198,7 @@ class Campaign:
         self.rng = random.Random(seed)
         self.result = Result(seed, faults, self.tunnels)
         self.active: set[str] = set()
+        self.startup = 1.0  # seconds from a rotator's start to its first request, as last measured
         self.round = first_round - 1  # rounds are numbered from first_round (to replay one round's schedule)
         self.events: list[Event] = []
         self.procs: list[Proc] = []
@@ -243,7 +245,7 @@ class Campaign:
                 self.rng = random.Random(self.seed * 1_000_003 + self.round)
                 self.events = []
                 first_before = len(self.monitor.violations)
-                self._round(min(self.rng.uniform(4.0, 9.0), max(1.0, deadline - time.monotonic() - 5)))
+                self._round(min(self.rng.uniform(5.0, 12.0), max(1.0, deadline - time.monotonic() - 5)))
                 self._settle()
                 self.result.rounds += 1
                 self.say(f"round {self.round} ({', '.join(sorted(self.active))}): {len(self.events)} events; so far "
@@ -267,8 +269,8 @@ class Campaign:
 
     def _setup(self) -> None:
         """A fault-free first rotation (every tunnel managed from now on), then tunnels with odd ids if enabled."""
-        procs = [self._start("rotate", acc, ["rotate", "--account", acc, "--all"], self._config(fault_free=True))
-                 for acc in self.accounts]
+        procs = [self._start("rotate", acc, ["rotate", "--account", acc, "--all"], self._config(fault_free=True),
+                             fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 120)
         self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0)
@@ -293,7 +295,7 @@ class Campaign:
         for c in self.active:
             self.result.rounds_by_class[c] = self.result.rounds_by_class.get(c, 0) + 1
         self._event(f"round of {length:.1f}s from the first rotator request; active: {', '.join(sorted(self.active))}")
-        before = self._cf_requests()
+        before, began = self._cf_requests(), time.monotonic()
         for _ in range(self.rng.choice((2, 2, 3))):
             self._start_random_rotator()
         # Start-up of a Python process takes from 0.3 s to several seconds on a loaded machine; the
@@ -302,15 +304,17 @@ class Campaign:
         while self._cf_requests() == before and time.monotonic() < waited and any(p.alive() for p in self.procs):
             time.sleep(0.01)
         start = time.monotonic()
-        self._event("first rotator request")
+        self.startup = start - began
+        self._event(f"first rotator request, {self.startup:.1f}s after the start")
         # The schedule: a fault or a process action every 0.1-0.9 s.
         next_at = start + self.rng.uniform(0.05, 0.5)
         while True:
             now = time.monotonic()
             if now >= start + length:
                 break
+            self._signal_due()
             if now < next_at:
-                time.sleep(min(next_at - now, start + length - now))  # pacing the schedule, not synchronising
+                time.sleep(min(next_at - now, start + length - now, 0.05))  # pacing the schedule, not synchronising
                 continue
             self._reap()
             self._random_action()
@@ -323,8 +327,6 @@ class Campaign:
     def _random_action(self) -> None:
         actions: list[tuple[float, Callable[[], None]]] = [(1.0, self._maybe_start)]
         f = self.active
-        if "kill" in f or "term" in f:
-            actions.append((1.2, self._signal_one))
         if "latency" in f:
             actions.append((0.8, self._latency))
         if "drop" in f:
@@ -375,7 +377,8 @@ class Campaign:
         self._described[path] = f"batch {batch}, lease {lease}s, call timeout {timeout}s"
         return path
 
-    def _start(self, kind: str, account: str | None, args: list[str], cfg: Path, shown: str = "") -> Proc:
+    def _start(self, kind: str, account: str | None, args: list[str], cfg: Path, shown: str = "",
+               fault_free: bool = False) -> Proc:
         self._n += 1
         name = f"p{self._n}"
         out, err = self.workdir / f"{name}.out", self.workdir / f"{name}.err"
@@ -385,6 +388,8 @@ class Campaign:
         proc = Proc(name, kind, account, popen, out, err, time.monotonic())
         self.procs.append(proc)
         self.result.processes += 1
+        if not fault_free:
+            self._doom(proc)
         shown = shown or " ".join(a if len(a) < 32 else a[:8] + "…" for a in args)
         self._event(f"start {name} (pid {popen.pid}): rotator {shown} [{self._described[cfg]}]")
         return proc
@@ -410,18 +415,26 @@ class Campaign:
         if sum(1 for p in self.procs if p.alive()) < 3:
             self._start_random_rotator()
 
-    def _signal_one(self) -> None:
-        alive = [p for p in self.procs if p.alive()]
-        if not alive:
-            return
-        proc = self.rng.choice(alive)
-        kinds = [s for s in ("kill", "term") if s in self.active]
-        sig = signal.SIGKILL if self.rng.choice(kinds) == "kill" else signal.SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            proc.popen.send_signal(sig)
-        proc.signalled = sig.name
-        self.result.kills += 1
-        self._event(f"{sig.name} {proc.name} ({proc.kind}) {time.monotonic() - proc.started:.2f}s after its start")
+    def _doom(self, proc: Proc) -> None:
+        """Pick the random moment of its life at which this process will be signalled, if at all."""
+        kinds = [k for k in ("kill", "term") if k in self.active]
+        if kinds and self.rng.random() < 0.6:
+            sig = signal.SIGKILL if self.rng.choice(kinds) == "kill" else signal.SIGTERM
+            # Anywhere in its life: start-up (as long as the last round's took) and some seconds of work.
+            proc.doom = (proc.started + self.rng.uniform(0.2, self.startup + 6.0), sig)
+
+    def _signal_due(self) -> None:
+        now = time.monotonic()
+        for proc in self.procs:
+            if proc.doom is None or proc.doom[0] > now or not proc.alive():
+                continue
+            sig = proc.doom[1]
+            proc.doom = None
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(sig)
+            proc.signalled = sig.name
+            self.result.kills += 1
+            self._event(f"{sig.name} {proc.name} ({proc.kind}) {now - proc.started:.2f}s after its start")
 
     def _reap(self) -> None:
         for proc in [p for p in self.procs if not p.alive()]:
@@ -572,11 +585,15 @@ class Campaign:
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
             time.sleep(0.01)
-        # Every holder is dead and nothing is in flight: clear the leases, as `rotator unlock` would.
+        # Every holder is dead and nothing is in flight: remove the lease records (a garbage one too),
+        # as an operator would with `vault kv metadata delete`; the next rotator starts a fresh one.
         for acc in self.accounts:
-            self._root_write(f"{PREFIX}/_leases/{acc}", {"holder": "", "expires_at": "0", "account_id": acc})
-        procs = [self._start("reconcile", acc, ["reconcile", "--account", acc], self._config(fault_free=True))
-                 for acc in self.accounts]
+            r = self.http.delete(f"{self.sims.vault_addr}/v1/secret/metadata/{PREFIX}/_leases/{acc}",
+                                 headers={"X-Vault-Token": self.sims.vault.root_token})
+            if r.status_code not in (200, 204):
+                raise RuntimeError(f"the campaign could not remove the lease of {acc}: {r.status_code}")
+        procs = [self._start("reconcile", acc, ["reconcile", "--account", acc], self._config(fault_free=True),
+                             fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 90)
         bad = self.monitor.check(strict=True, kind="strict")
