@@ -502,14 +502,18 @@ class Campaign:
     def _gate(self, which: str, route: str, kind: str) -> None:
         gate = self.sims.cf_gate if which == "cf" else self.sims.vault_gate
         seconds = self.rng.uniform(CF_TIMEOUT * 1.5, CF_TIMEOUT * 3) if kind == "trickle" else 0.0
-        gate.arm(route, kind, 1, seconds=seconds, seed=self.rng.randrange(1 << 30))
+        gate.arm(route, kind, 1, seconds=seconds)
         self.result.faults_armed += 1
         self._event(f"next {route} answer: {kind}" + (f" over {seconds:.1f}s" if seconds else ""))
 
     def _contradict(self) -> None:
-        route = self.rng.choice(("cf.psk_apply", "cf.psk_apply", "cf.psk_validate"))
-        kind = "echo_other" if route == "cf.psk_validate" else self.rng.choice(("echo_other", "both_maps"))
-        self._gate("cf", route, kind)
+        acc = self.rng.choice(self.accounts)
+        picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 5))
+        kind = self.rng.choice(("echo_other_key", "both_maps"))
+        stage = self.rng.choice(("apply", "apply", "validate"))
+        self.sims.cloudflare.contradict(picks, kind=kind, stage=stage)
+        self.result.faults_armed += 1
+        self._event(f"Cloudflare contradicts itself ({kind}) on {stage} for {len(picks)} tunnels of {acc[:8]}…")
 
     def _vault_refuse(self) -> None:
         roll = self.rng.random()
@@ -527,11 +531,13 @@ class Campaign:
 
     def _vault_garbage(self) -> None:
         roll = self.rng.random()
-        if roll < 0.4:
-            route = self.rng.choice(("kv.read", "kv.write"))
-            self._gate("vault", route, "html")
+        if roll < 0.3:
+            self._gate("vault", "kv.write", "html")  # the write took effect; a login page answers
         elif roll < 0.8:
-            self._gate("vault", "kv.read", "wrong_types")
+            variant, count = self.rng.choice(("html", "not_json", "types")), self.rng.randint(1, 3)
+            self.sims.vault.garbage_next("kv.read", variant=variant, count=count)
+            self.result.faults_armed += 1
+            self._event(f"the next {count} kv.read answered with garbage ({variant})")
         else:
             acc = self.rng.choice(self.accounts)
             status = self._root_write(f"{PREFIX}/_leases/{acc}", {"holder": "garbage", "expires_at": "soon",
@@ -570,6 +576,7 @@ class Campaign:
         for sim in (self.sims.cloudflare, self.sims.vault):
             sim.clear_faults()
         self.sims.cloudflare.clear_refusals()
+        self.sims.cloudflare.clear_contradictions()
         self.sims.vault.refuse_writes(None)
         self.sims.vault.unseal()
         self.sims.cf_gate.clear()

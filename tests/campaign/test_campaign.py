@@ -88,20 +88,19 @@ def test_the_monitor_sees_a_key_vault_does_not_have_and_tells_drift_apart():
         assert monitor.figures.violations == 1  # one episode, however long it lasts
 
 
-def test_the_gate_contradicts_an_answer_after_the_simulator_applied_the_key():
+def test_the_gate_answers_a_login_page_after_the_simulator_applied_the_key():
     with GatedSimulators(accounts=1, tunnels=2) as sims:
         acc = next(iter(sims.tunnels_by_account))
         t1, t2 = sims.tunnels_by_account[acc]
-        sims.cf_gate.arm("cf.psk_apply", "echo_other", seed=3)
-        echoed = _set(sims, acc, {t1: "A" * 32, t2: "B" * 32})["successfully_applied_psks"]
-        assert sims.cloudflare.psks(acc) == {t1: "A" * 32, t2: "B" * 32}
-        assert sorted(e["psk"] == k for e, k in ((echoed[t1], "A" * 32), (echoed[t2], "B" * 32))) == [False, True]
-        sims.cf_gate.arm("cf.psk_apply", "both_maps")
-        result = _set(sims, acc, {t1: "C" * 32})
-        assert t1 in result["successfully_applied_psks"] and t1 in result["unapplied_psks"]
-        assert sims.cloudflare.psk_of(acc, t1) == "C" * 32
-        assert _set(sims, acc, {t1: "D" * 32}, validate=True)["successfully_applied_psks"][t1]["psk"] == "D" * 32
-        assert sims.cf_gate.inflight == 0 and sims.cf_gate.rewritten == 2
+        sims.cf_gate.arm("cf.psk_apply", "html")
+        r = httpx.post(f"{sims.cloudflare_base_url}/accounts/{acc}/magic/ipsec_tunnels/psk",
+                       json={"psks": [{"id": t1, "psk": "A" * 32}]},
+                       headers={"Authorization": f"Bearer {sims.cloudflare_api_token}"})
+        assert r.status_code == 200 and r.headers["content-type"] == "text/html" and b"<form" in r.content
+        assert sims.cloudflare.psk_of(acc, t1) == "A" * 32  # it took effect all the same
+        sims.cf_gate.arm("cf.psk_validate", "html")
+        assert _set(sims, acc, {t2: "B" * 32})["successfully_applied_psks"][t2]["psk"] == "B" * 32  # other route
+        assert sims.cf_gate.inflight == 0 and sims.cf_gate.rewritten == 1
 
 
 class _Device:
