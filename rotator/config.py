@@ -100,6 +100,7 @@ class Settings:
     policies: dict[str, Policy]
     accounts: tuple[Account, ...]
     source: str
+    rate_reserve: float = 0.2  # share of Cloudflare's rate budget left to other tools
 
     def masked(self) -> dict[str, Any]:
         """The effective config with every secret masked, for ``rotator config check``."""
@@ -114,7 +115,7 @@ class Settings:
             "cloudflare": {"base_url": self.cloudflare_base_url, "api_token": mask(self.cloudflare_token),
                            "email": self.cloudflare_email or "<unset>", "api_key": mask(self.cloudflare_key),
                            "batch_size": self.batch_size, "retry_attempts": self.retry_attempts,
-                           "rate_limit_ceiling": self.rate_limit_ceiling},
+                           "rate_limit_ceiling": self.rate_limit_ceiling, "rate_reserve": self.rate_reserve},
             "rotation": {"lease_ttl": self.lease_ttl},
             "admin": {"listen": self.admin_listen, "token": mask(self.admin_token)},
             "policies": {n: {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age,
@@ -258,7 +259,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts"})
     v, c, r, a = root.table("vault"), root.table("cloudflare"), root.table("rotation"), root.table("admin")
     v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
-    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
+    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling",
+                      "rate_reserve"})
     r.reject_unknown({"lease_ttl"})
     a.reject_unknown({"listen", "token_file"})
 
@@ -331,6 +333,10 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
     retry_timeout = parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout")
     ceiling = parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling")
+    rate_reserve = float(c.get("rate_reserve", (int, float), 0.2))
+    if not 0 <= rate_reserve < 1:
+        raise ConfigError(f"cloudflare.rate_reserve: {rate_reserve} is outside 0 (none) to below 1",
+                          "the default 0.2 leaves 20 % of the token's rate budget to other tools")
     if lease_ttl < 2:
         raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
     listen = a.get("listen", str, "127.0.0.1:9477")
@@ -351,7 +357,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
         batch_size=batch_size, cloudflare_timeout=parse_duration(c.data.get("timeout", 30), "cloudflare.timeout"),
         retry_attempts=c.get("retry_attempts", int, 5), retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
         lease_ttl=lease_ttl, admin_listen=listen, admin_token=Secret(admin_token) if admin_token else None,
-        policies=policies, accounts=tuple(accounts), source=path or "environment only",
+        policies=policies, accounts=tuple(accounts), source=path or "environment only", rate_reserve=rate_reserve,
     )
 
 

@@ -162,7 +162,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None
         api_key=settings.cloudflare_key.reveal() if settings.cloudflare_key else None,
         retry=RetryPolicy(attempts=settings.retry_attempts, timeout=settings.retry_timeout,
                           rate_limit_ceiling=settings.rate_limit_ceiling),
-        observe=observe_cf, on_ratelimit=on_ratelimit,
+        observe=observe_cf, on_ratelimit=on_ratelimit, rate_reserve=settings.rate_reserve,
     )
     store = VaultStore(client, mount=settings.vault_mount, prefix=settings.vault_prefix,
                        concurrency=settings.vault_concurrency, observe=observe_vault)

@@ -23,9 +23,8 @@ from prometheus_client import CollectorRegistry
 from rotator.config import Settings
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.model import Record, TunnelInfo
 from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
-from rotator.schedule import Policy, next_due, parse_time
+from rotator.schedule import Policy, next_due
 from rotator.service.admin import build_app
 from rotator.service.logging import Redactor
 from rotator.service.metrics import Metrics
@@ -216,35 +215,35 @@ class Daemon:
             self._listed[acc.id] = now
             self._execute(Run(new_rotation_id(), acc.id, None, False, "schedule"))
 
-    def _due_fn(self, account_id: str) -> tuple[Callable[[TunnelInfo], bool], Callable[[TunnelInfo, Record], bool]]:
-        account = next(a for a in self.settings.accounts if a.id == account_id)
+    def _request(self, run: Run) -> RunRequest:
+        """The run's request: the schedule decides in the engine's pure plan (rotation/plan.py)."""
+        account = next(a for a in self.settings.accounts if a.id == run.account)
+        states = self.tunnels.setdefault(run.account, {})
+        forced = run.trigger != "schedule"
+        return RunRequest(
+            run.account, tunnels=sorted(run.tunnels) if run.tunnels else None,
+            select=None if forced else (lambda t: account.policy_for(t.id, t.name) is not None),
+            policy_for=lambda t: self._policy(run.account, t.id, t.name),
+            due=(lambda t, rec: True) if forced else None,
+            failures={tid: (st.failures, st.last_failure) for tid, st in list(states.items())},
+            dry_run=run.dry_run, rotation_id=run.id, psk_for=self.runtime.psk_for(run.account))
+
+    def _observe(self, account_id: str, report: RunReport) -> None:
+        """The schedule view and its metrics, from what the plan saw."""
         states = self.tunnels.setdefault(account_id, {})
-
-        def select(t: TunnelInfo) -> bool:
-            return account.policy_for(t.id, t.name) is not None
-
-        def due(t: TunnelInfo, rec: Record) -> bool:
-            policy = self._policy(account_id, t.id, t.name)
-            st = states.setdefault(t.id, TunnelState(t.name))
-            st.name = t.name
-            st.state = "unmanaged" if rec.version == 0 else rec.state
-            st.pending = rec.pending_psk is not None
-            st.last_error = rec.last_error
-            rotated = parse_time(rec.rotated_at)
-            st.last_rotated = rotated or parse_time(t.last_generated_on)
-            # A tunnel whose key is not in Vault yet is due now: managing it is what makes it safe.
-            st.next_due = next_due(policy, t.id, rotated if rec.psk else None,
-                                   self.clock(), st.failures, st.last_failure)
-            labels = {"account": account_id, "tunnel": t.id}
-            self.metrics.next_due.labels(**labels).set(st.next_due)
-            if st.last_rotated is not None:
-                self.metrics.last_success.labels(**labels).set(st.last_rotated)
+        for view in report.views:
+            st = states.setdefault(view.tunnel_id, TunnelState(view.name))
+            st.name, st.state, st.pending, st.last_error = view.name, view.state, view.pending, view.last_error
+            st.last_rotated, st.next_due = view.last_rotated, view.next_due
+            labels = {"account": account_id, "tunnel": view.tunnel_id}
+            if view.next_due is not None:
+                self.metrics.next_due.labels(**labels).set(view.next_due)
+            if view.last_rotated is not None:
+                self.metrics.last_success.labels(**labels).set(view.last_rotated)
+            policy = self._policy(account_id, view.tunnel_id, view.name)
             age = policy.max_age or (policy.every or 0) * 1.2
             if age:
                 self.metrics.max_age.labels(**labels).set(age)
-            return st.next_due <= self.clock()
-
-        return select, due
 
     def _execute(self, run: Run) -> None:
         lock = self._account_locks.setdefault(run.account, threading.Lock())
@@ -253,17 +252,14 @@ class Daemon:
                 run.state, run.error = "done", "shutting down"
                 return
             run.state = "running"
-            select, due = self._due_fn(run.account)
-            forced = run.trigger != "schedule"
-            req = RunRequest(run.account, tunnels=sorted(run.tunnels) if run.tunnels else None,
-                             select=None if forced else select, due=_always(due) if forced else due,
-                             dry_run=run.dry_run, rotation_id=run.id, psk_for=self.runtime.psk_for(run.account))
+            req = self._request(run)
             try:
                 report = self.runtime.engine.run(req)
             except ConfigError as exc:
                 run.state, run.error = "done", str(exc)
                 return
             run.report, run.state = report, "done"
+            self._observe(run.account, report)
             self._record(run, report)
 
     def _policy(self, account_id: str, tunnel_id: str, name: str) -> Policy:
@@ -332,15 +328,6 @@ class Daemon:
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None
-
-
-def _always(due: Callable[[TunnelInfo, Record], bool]) -> Callable[[TunnelInfo, Record], bool]:
-    """On-demand runs rotate what was asked, but still refresh the schedule view."""
-    def forced(t: TunnelInfo, rec: Record) -> bool:
-        due(t, rec)
-        return True
-
-    return forced
 
 
 def _now_dt() -> Any:
