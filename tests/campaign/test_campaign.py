@@ -42,6 +42,7 @@ def test_campaign_keeps_the_invariant(capsys):
 def test_fault_classes_parse():
     assert parse_faults(None) == DEFAULT_FAULTS
     assert parse_faults("all") == tuple(CLASSES)
+    assert set(CLASSES) - set(DEFAULT_FAULTS) <= {"takeover"}
     assert parse_faults("all,-drift,-oddids") == tuple(c for c in CLASSES if c not in ("drift", "oddids"))
     assert "drift" not in parse_faults("all,-drift")
     assert parse_faults("kill,drift") == ("kill", "drift")
