@@ -112,6 +112,7 @@ class Proc:
     admin_url: str | None = None
     signalled: str | None = None
     doom: tuple[float, signal.Signals] | None = None  # (monotonic time, signal) chosen at its start
+    fault_free: bool = False
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -389,7 +390,7 @@ class Campaign:
         with out.open("wb") as o, err.open("wb") as e:
             popen = subprocess.Popen([sys.executable, "-m", "rotator", "--config", str(cfg), *args], env=self.env,
                                      stdout=o, stderr=e, stdin=subprocess.DEVNULL)
-        proc = Proc(name, kind, account, popen, out, err, time.monotonic())
+        proc = Proc(name, kind, account, popen, out, err, time.monotonic(), fault_free=fault_free)
         self.procs.append(proc)
         self.result.processes += 1
         if not fault_free:
@@ -444,7 +445,8 @@ class Campaign:
         for proc in [p for p in self.procs if not p.alive()]:
             self.procs.remove(proc)
             self.finished.append(proc)
-            self._event(f"{proc.name} exited {proc.popen.returncode}")
+            why = f": {self._tail(proc, 1)[:240]}" if proc.fault_free and proc.popen.returncode else ""
+            self._event(f"{proc.name} exited {proc.popen.returncode}{why}")
 
     def _wait(self, proc: Proc, timeout: float) -> None:
         try:
