@@ -18,6 +18,7 @@ accounts; at least 200).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -56,6 +57,8 @@ CLASSES: dict[str, str] = {
     "daemon": "a `rotator run` daemon among the rotators, with on-demand rotations through its admin API",
     "short_lease": "leases of a few seconds (otherwise 60s)",
     "oddids": "tunnels whose ids are not 32 hex digits (../other-account/tunnel, ../_leases/account, sub/dir, ..)",
+    "devices": "a simulated far-end device (webhook) for every tunnel: refusals, failed verifications, "
+               "hangs, garbage, late and lost answers; its key is checked like Cloudflare's",
     "takeover": "the fault-free reconcile finds the leases the killed rotators held and must take them over at once",
 }
 # What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
@@ -65,6 +68,7 @@ CLASSES: dict[str, str] = {
 # reconcile of the account crashed with a traceback, leaving keys pending) and vault_garbage (seed 202:
 # tracebacks). All four pass since the adapters and core branches were merged.
 # takeover waits for the lease branch (issue 9 item 8: a dead holder on this host is taken over at once).
+# devices is skipped, with a note, while the configuration has no [[devices]].
 DEFAULT_FAULTS = tuple(c for c in CLASSES if c != "takeover")
 
 ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
@@ -147,6 +151,7 @@ class Result:
     applies: int = 0  # bulk-set applies Cloudflare received during the rounds (the setup's not counted)
     trace: list[Event] = field(default_factory=list)  # the schedule of the round with the first violation
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
     rounds_by_class: dict[str, int] = field(default_factory=dict)
     violating_rounds_by_class: dict[str, int] = field(default_factory=dict)
     violating_rounds: list[tuple[int, str]] = field(default_factory=list)  # (round, its active classes)
@@ -171,7 +176,7 @@ class Result:
                             for c, n in sorted(self.rounds_by_class.items())))
 
     def report(self) -> str:
-        lines = [self.summary()]
+        lines = [self.summary(), *self.notes]
         if self.violations:
             first = min(self.violations, key=lambda v: v.at)
             lines.append(f"first violation (replay its round with ROTATOR_CAMPAIGN_SEED={self.seed} "
@@ -223,10 +228,13 @@ class Campaign:
                 self.env = {**os.environ, **sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN_TOKEN}
                 self.env.pop("ROTATOR_CONFIG", None)
                 self.http = httpx.Client(timeout=10)
+                device_server = self._start_device()
                 try:
                     self._run_rounds()
                 finally:
                     self._kill_all()
+                    if device_server is not None:
+                        device_server.stop()
                     self.http.close()
                     self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
                     self._scan_outputs()
@@ -235,10 +243,31 @@ class Campaign:
         self.result.seconds = time.time() - self.wall0
         return self.result
 
+    def _start_device(self) -> ServerThread | None:
+        """The simulated far-end device, when the class is on and this code base configures devices."""
+        self.device: Any = None
+        self.device_gate: Gate | None = None
+        if "devices" not in self.faults:
+            return None
+        if not devices_wired():
+            self.faults = self.result.faults = tuple(c for c in self.faults if c != "devices")
+            self.result.notes.append("devices: skipped, [[devices]] is not part of the configuration yet")
+            return None
+        from rotator.sim.device import PATH, DeviceSim
+
+        self.device = DeviceSim(name="sim-device", peer=self.sims.cloudflare.psk_of)
+        self.device_gate = Gate(self.device)
+        server = ServerThread(self.device_gate).start()
+        self.device_url = server.url + PATH
+        self.device_secret = self.workdir / "device.key"
+        self.device_secret.write_text(self.device.secret)
+        return server
+
     def _run_rounds(self) -> None:
         self._setup()
         applies_before = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0)
-        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round).start()
+        ends = [("device sim-device", self.device)] if self.device is not None else []
+        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=ends).start()
         deadline = time.monotonic() + self.seconds
         try:
             while time.monotonic() < deadline - 6 and self.result.rounds < self.max_rounds:
@@ -276,7 +305,8 @@ class Campaign:
                              fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 120)
-        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0)
+        ends = [("device sim-device", self.device)] if self.device is not None else []
+        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=ends)
         bad = self.monitor_setup.check(strict=True, kind="strict")
         if bad:
             raise RuntimeError("the fault-free first rotation did not reach the strict form: " + bad[0].line()
@@ -355,6 +385,8 @@ class Campaign:
             actions.append((0.6, self._drift))
         if "daemon" in f:
             actions.append((0.6, self._trigger_daemon))
+        if "devices" in f and self.device is not None:
+            actions.append((1.0, self._device_fault))
         total = sum(w for w, _ in actions)
         pick = self.rng.uniform(0, total)
         for weight, action in actions:
@@ -375,7 +407,9 @@ class Campaign:
                 f'rate_limit_ceiling = 2\n'
                 f'[rotation]\nlease_ttl = "{lease}s"\n'
                 f'[admin]\nlisten = "127.0.0.1:0"\n'
-                f'[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n{accounts}')
+                + (f'[[devices]]\nname = "sim-device"\nkind = "webhook"\ntunnels = ["*"]\ntimeout = {timeout}\n'
+                   f'url = "{self.device_url}"\nsecret_file = "{self.device_secret}"\n' if self.device is not None else "")
+                + f'[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n{accounts}')
         self._configs += 1
         path = self.workdir / f"rotator-{self._configs}.toml"
         path.write_text(text)
@@ -579,6 +613,33 @@ class Campaign:
         except httpx.HTTPError as exc:
             self._event(f"on-demand rotation through {daemon.name}: {type(exc).__name__}")
 
+    def _device_fault(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 5))
+        roll, action = self.rng.random(), self.rng.choice(("deliver", "verify", "rollback"))
+        if roll < 0.25:
+            self.device.refuse(picks, actions=(action,))
+            text = f"device refuses {action} for {len(picks)} tunnels of {acc[:8]}…"
+        elif roll < 0.45:
+            self.device.fail_verify(picks)
+            text = f"device fails verification of {len(picks)} tunnels of {acc[:8]}…"
+        elif roll < 0.6:
+            seconds = self.rng.uniform(0.2, CF_TIMEOUT * 0.6)  # below the call deadline, as latency
+            self.device.hang_next(seconds, action=action)
+            text = f"device hangs {seconds:.1f}s on the next {action}, then acts"
+        elif roll < 0.75:
+            self.device.answer_garbage(action=action)
+            text = f"device acts on the next {action} and answers garbage"
+        elif roll < 0.9:
+            delay = self.rng.uniform(*LATE_DELAY)
+            self.device.late_next(f"device.{action}", delay)
+            text = f"device acts on the next {action} and answers {delay:.1f}s late"
+        else:
+            self.device.drop_next(f"device.{action}")
+            text = f"device acts on the next {action} and drops the connection"
+        self.result.faults_armed += 1
+        self._event(text)
+
     def _lift_faults(self) -> None:
         for sim in (self.sims.cloudflare, self.sims.vault):
             sim.clear_faults()
@@ -588,6 +649,8 @@ class Campaign:
         self.sims.vault.unseal()
         self.sims.cf_gate.clear()
         self.sims.vault_gate.clear()
+        if self.device is not None:
+            self.device.clear()
 
     # -- end of round: quiesce, fault-free reconcile, strict form -----------------------------------------
     def _settle(self) -> None:
@@ -595,7 +658,8 @@ class Campaign:
         self._lift_faults()
         self._event("every rotator killed, faults lifted")
         deadline = time.monotonic() + 30
-        while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight:
+        while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
+                self.device_gate is not None and self.device_gate.inflight):
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
             time.sleep(0.01)
@@ -695,6 +759,13 @@ def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:
             for length, group in by_length.items():
                 found.update(run[i:i + length] for i in range(len(run) - length + 1) if run[i:i + length] in group)
     return found
+
+
+def devices_wired() -> bool:
+    """Whether this code base's configuration has ``[[devices]]`` (DESIGN.md section 9)."""
+    from rotator import config
+
+    return any(f.name == "devices" for f in dataclasses.fields(config.Settings))
 
 
 def _admin_url(out: Path) -> str | None:
