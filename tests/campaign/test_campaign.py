@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.campaign.gate import Gate
 from tests.campaign.harness import (
     CLASSES,
     DEFAULT_FAULTS,
@@ -137,3 +138,25 @@ def test_the_output_scan_finds_a_key_inside_any_run_of_characters():
     texts = ["nothing here", f'{{"detail": "psk={key}"}}', f"prefix{token}suffix and more"]
     assert find_secrets(texts, {key, token, "Z" * 32, "short"}) == {key, token}
     assert find_secrets(["A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p"], {key}) == set()
+
+
+def test_the_gate_serves_the_simulated_device_and_counts_its_requests():
+    device_mod = pytest.importorskip("rotator.sim.device")
+    from rotator.adapters.devices.webhook import WebhookDevice
+
+    from rotator.httpserver import ServerThread
+    from rotator.rotation.ports import DeviceStatus, DeviceTunnel
+    from rotator.secret import Secret
+
+    device = device_mod.DeviceSim(name="sim-device")
+    gate = Gate(device)
+    server = ServerThread(gate).start()
+    try:
+        client = WebhookDevice("sim-device", server.url + device_mod.PATH, Secret(device.secret), timeout=5)
+        acc, tid = "a" * 32, "b" * 32
+        tunnel = DeviceTunnel(tid, "tun1", Secret("K" * 32), None)
+        result = client.deliver(acc, "r1", [tunnel], deadline=time.monotonic() + 5)
+        assert result[tid].status == DeviceStatus.OK and device.held(acc, tid) == "K" * 32
+        assert gate.inflight == 0
+    finally:
+        server.stop()
