@@ -7,6 +7,7 @@ effective config can be printed (``rotator config check``) without showing them.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,7 +17,7 @@ from typing import Any
 
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
-from rotator.schedule import Policy, Window, parse_cron
+from rotator.schedule import Policy, Window, next_cron, parse_cron
 from rotator.secret import Secret
 
 DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w)$")
@@ -97,6 +98,7 @@ class Settings:
     lease_ttl: float
     admin_listen: str
     admin_token: Secret | None
+    admin_queue: int
     policies: dict[str, Policy]
     accounts: tuple[Account, ...]
     source: str
@@ -116,7 +118,7 @@ class Settings:
                            "batch_size": self.batch_size, "retry_attempts": self.retry_attempts,
                            "rate_limit_ceiling": self.rate_limit_ceiling},
             "rotation": {"lease_ttl": self.lease_ttl},
-            "admin": {"listen": self.admin_listen, "token": mask(self.admin_token)},
+            "admin": {"listen": self.admin_listen, "token": mask(self.admin_token), "queue": self.admin_queue},
             "policies": {n: {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age,
                              "jitter": p.jitter, "window": None if p.window is None else {
                                  "days": [DAYS[d] for d in p.window.days],
@@ -189,10 +191,15 @@ def _policy(name: str, t: _Table) -> Policy:
     if cron is not None:
 
         try:
-            parse_cron(cron)
+            parsed = parse_cron(cron)
         except ValueError as exc:
             raise ConfigError(f"{t.key('cron')}: {exc}", "use 5 fields: minute hour day-of-month month day-of-week") \
                 from None
+        try:
+            next_cron(parsed, 0.0, tz)
+        except ValueError:
+            raise ConfigError(f"{t.key('cron')}: {cron!r} never fires (no such date)",
+                              "pick a day that exists, e.g. \"0 3 28 2 *\"") from None
     window = None
     if "window" in t.data:
         w = t.table("window")
@@ -208,6 +215,13 @@ def _policy(name: str, t: _Table) -> Policy:
         window = Window(tuple(sorted({DAYS.index(str(d).lower()[:3]) for d in days})), start, end,
                         _timezone(w.get("timezone", str, tz), w.key("timezone")))
     max_age = parse_duration(t.data["max_age"], t.key("max_age")) if "max_age" in t.data else None
+    jitter = parse_duration(t.data.get("jitter", 0), t.key("jitter"))
+    if every is not None and max_age is not None and max_age < every:
+        raise ConfigError(f"{t.key('max_age')}: {max_age:g}s is shorter than every ({every:g}s)",
+                          "max_age is the oldest a key may get: make it at least 'every'")
+    if every is not None and jitter > every:
+        raise ConfigError(f"{t.key('jitter')}: {jitter:g}s is longer than the interval every ({every:g}s)",
+                          "keep jitter below 'every', e.g. a tenth of it")
     charset = t.get("psk_charset", str, "alnum")
     if charset not in PRESETS:
         raise ConfigError(f"{t.key('psk_charset')}: unknown preset {charset!r}", f"use one of {', '.join(PRESETS)}")
@@ -219,8 +233,7 @@ def _policy(name: str, t: _Table) -> Policy:
     except ConfigError as exc:
         raise ConfigError(f"{t.path}: {exc.message}", exc.hint) from None
     return Policy(
-        name, every, cron, tz, window, max_age,
-        parse_duration(t.data.get("jitter", 0), t.key("jitter")),
+        name, every, cron, tz, window, max_age, jitter,
         parse_duration(t.data.get("retry_backoff", 300), t.key("retry_backoff")),
         parse_duration(t.data.get("retry_backoff_max", "6h"), t.key("retry_backoff_max")), psk,
     )
@@ -232,11 +245,48 @@ def _selection(t: _Table, policies: Mapping[str, Policy]) -> Selection:
     if policy not in policies:
         raise ConfigError(f"{t.key('policy')}: no policy named {policy!r}",
                           f"define [policies.{policy}] or use one of {', '.join(policies) or 'none'}")
-    sel = Selection(policy, tuple(t.get("ids", list, [])), tuple(t.get("names", list, [])),
-                    tuple(t.get("exclude", list, [])), t.get("all", bool, False))
+    sel = Selection(policy, _strings(t, "ids"), _strings(t, "names"), _strings(t, "exclude"),
+                    t.get("all", bool, False))
     if not (sel.all or sel.ids or sel.names):
         raise ConfigError(f"{t.path}: selects no tunnels", "set all = true, ids = [...] or names = [\"glob*\"]")
     return sel
+
+
+def _strings(t: _Table, name: str) -> tuple[str, ...]:
+    values = t.get(name, list, [])
+    for j, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ConfigError(f"{t.key(name)}[{j}]: expected a string, got {type(value).__name__} {value!r}",
+                              "quote it: tunnel ids and name globs are strings")
+    return tuple(values)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ConfigError naming admin.listen otherwise."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", listen) or re.match(r"^([^:\[\]]+):(\d{1,5})$", listen)
+    hint = "e.g. 127.0.0.1:9477, or [::1]:9477 for IPv6"
+    if not m:
+        raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT", hint)
+    host, port = m.group(1), int(m.group(2))
+    if port > 65535:
+        raise ConfigError(f"admin.listen: port {port} is out of range (0-65535)", hint)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if listen.startswith("[") or not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host) or \
+                re.match(r"^[\d.]+$", host):
+            raise ConfigError(f"admin.listen: {host!r} is not an IP address or host name", hint) from None
+    return host, port
+
+
+def check_for_daemon(settings: Settings) -> None:
+    """What ``rotator run`` needs beyond what every command needs."""
+    if not settings.accounts:
+        raise ConfigError("accounts: no [[accounts]] configured for 'run'",
+                          "list the accounts to manage in the config file")
+    if settings.admin_token is None:
+        raise ConfigError("admin token is not set: 'run' protects its admin API with it",
+                          "set ROTATOR_ADMIN_TOKEN or admin.token_file")
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -250,6 +300,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
                 raw = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist", "check --config or ROTATOR_CONFIG") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})",
+                              "save it as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
         except OSError as exc:
@@ -260,7 +313,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
     c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
     r.reject_unknown({"lease_ttl"})
-    a.reject_unknown({"listen", "token_file"})
+    a.reject_unknown({"listen", "token_file", "queue"})
 
     auth_t = v.table("auth")
     auth_t.reject_unknown({"method", "mount", "role_id", "secret_id_file", "role", "jwt_file"})
@@ -282,18 +335,19 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
 
     vault_addr = env.get("VAULT_ADDR") or v.get("addr", str, "")
     vault_token = env.get("VAULT_TOKEN")
-    if not vault_addr:
-        raise ConfigError("Vault address is not set", "set VAULT_ADDR (or vault.addr in the config file)")
-    if not re.match(r"^https?://", vault_addr):
-        raise ConfigError(f"VAULT_ADDR {vault_addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
-    if method == "token" and not vault_token:
-        raise ConfigError("VAULT_TOKEN is not set", "export VAULT_TOKEN, or configure vault.auth for approle/kubernetes")
-
     cf_token, cf_email = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_EMAIL")
     cf_key = env.get("CLOUDFLARE_API_KEY")
+    missing = []  # every missing variable in one message, not one per try
+    if not vault_addr:
+        missing.append("VAULT_ADDR (or vault.addr)")
+    if method == "token" and not vault_token:
+        missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
     if not cf_token and not (cf_email and cf_key):
-        raise ConfigError("no Cloudflare credential is set",
-                          "export CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
+        missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
+    if missing:
+        raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
+    if not re.match(r"^https?://", vault_addr):
+        raise ConfigError(f"VAULT_ADDR {vault_addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
 
     admin_token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
@@ -334,25 +388,41 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     if lease_ttl < 2:
         raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
     listen = a.get("listen", str, "127.0.0.1:9477")
-    if not re.match(r"^[^:]+:\d{1,5}$", listen):
-        raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT", "e.g. 127.0.0.1:9477")
+    split_listen(listen)
+    retry_attempts = c.get("retry_attempts", int, 5)
+    if not 1 <= retry_attempts <= 100:
+        raise ConfigError(f"cloudflare.retry_attempts: {retry_attempts} is outside 1..100",
+                          "it counts every try, the first included; the default is 5")
+    queue = a.get("queue", int, 16)
+    if not 1 <= queue <= 1000:
+        raise ConfigError(f"admin.queue: {queue} is outside 1..1000", "the default is 16")
+    vault_timeout = _positive(v.data.get("timeout", 15), "vault.timeout")
+    cf_timeout = _positive(c.data.get("timeout", 30), "cloudflare.timeout")
     return Settings(
         vault_addr=vault_addr.rstrip("/"), vault_token=Secret(vault_token) if vault_token else None,
         vault_namespace=env.get("VAULT_NAMESPACE") or v.get("namespace", str, ""),
         vault_cacert=env.get("VAULT_CACERT") or v.get("cacert", str, ""),
         vault_mount=v.get("mount", str, "secret").strip("/"),
         vault_prefix=v.get("prefix", str, "cloudflare/magic-ipsec").strip("/"),
-        vault_concurrency=concurrency, vault_timeout=parse_duration(v.data.get("timeout", 15), "vault.timeout"),
+        vault_concurrency=concurrency, vault_timeout=vault_timeout,
         vault_auth=auth,
         cloudflare_base_url=(env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "")
                              or "https://api.cloudflare.com/client/v4").rstrip("/"),
         cloudflare_token=Secret(cf_token) if cf_token else None, cloudflare_email=cf_email or "",
         cloudflare_key=Secret(cf_key) if cf_key and not cf_token else None,
-        batch_size=batch_size, cloudflare_timeout=parse_duration(c.data.get("timeout", 30), "cloudflare.timeout"),
-        retry_attempts=c.get("retry_attempts", int, 5), retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
+        batch_size=batch_size, cloudflare_timeout=cf_timeout,
+        retry_attempts=retry_attempts, retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
         lease_ttl=lease_ttl, admin_listen=listen, admin_token=Secret(admin_token) if admin_token else None,
+        admin_queue=queue,
         policies=policies, accounts=tuple(accounts), source=path or "environment only",
     )
+
+
+def _positive(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than 0s", "a call with no time to finish always fails")
+    return seconds
 
 
 def _read_secret_file(path: str, key: str) -> str:

@@ -175,7 +175,7 @@ def test_high_availability_standby_takes_over_when_the_leader_dies(sims, tmp_pat
         b.tick()  # the new leader acts; the schedule lives in Vault, so nothing is due again yet
         assert b.metrics.runs.labels(account=acc, trigger="schedule", ok="true")._value.get() == 1
         assert b.metrics.rotations.labels(account=acc, result="rotated")._value.get() == 0
-        assert all(st.next_due > time.time() + 3000 for st in b.tunnels[acc].values())
+        assert all(v.next_due > time.time() + 3000 for v in b.views[acc].values())
         assert_invariant(sims, acc, strict=True)
     finally:
         b.stop()
@@ -197,4 +197,100 @@ def test_sigterm_stops_the_daemon_gracefully(sims, tmp_path):
     logs = [json.loads(line) for line in out.splitlines() if line.strip()]  # JSON lines on stdout
     assert {"daemon_started", "rotation_run", "daemon_stopped"} <= {e["event"] for e in logs}
     assert (sims.vault.read_data(f"cloudflare/magic-ipsec/_leases/{acc}") or {}).get("holder") == ""
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- the run boundary, the queue and the request body (issue 9 item 6, issue 13 items 2 and 5) -------
+
+def _finished(url, auth, run_id):
+    return httpx.get(f"{url}/v1/rotations/{run_id}", headers=auth).json()["state"] in ("done", "failed")
+
+
+def test_a_run_that_blows_up_ends_and_frees_the_account(sims, daemon):
+    """A garbage Vault answer inside a run once left it 'running' forever, and every later request was
+    deduplicated onto the wedged run."""
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_runs_total", account=acc,
+                            trigger="schedule") is not None, what="the first scheduled run")
+    sims.vault.fail_next("kv.read", count=50, status=200, html=True)  # a login proxy answering for Vault
+    first = httpx.post(url + "/v1/rotations", json={"account": acc, "all": True}, headers=auth).json()
+    wait_for(lambda: _finished(url, auth, first["id"]), timeout=30, what="the broken run to end")
+    sims.vault.clear_faults()
+    second = httpx.post(url + "/v1/rotations", json={"account": acc, "all": True}, headers=auth).json()
+    assert second["id"] != first["id"] and second["deduplicated"] is False
+    wait_for(lambda: _finished(url, auth, second["id"]), timeout=30, what="the next run")
+    view = httpx.get(f"{url}/v1/rotations/{second['id']}", headers=auth).json()
+    assert view["state"] == "done" and view["result"]["counts"]["rotated"] == 6
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_the_on_demand_queue_is_bounded(sims, tmp_path):
+    acc = next(iter(sims.tunnels_by_account))
+    d = build_daemon(config.load(write_config(tmp_path, _with_queue(sims, 2)),
+                                 env={**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}), tick_seconds=3600)
+    d.start()
+    try:
+        url, auth = d.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_runs_total", account=acc,
+                                trigger="schedule") is not None, what="the first scheduled run")
+        sims.cloudflare.set_latency(0.5, route="cf.psk_validate")
+        tunnels = sims.tunnels_by_account[acc]
+        answers = [httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [t]}, headers=auth)
+                   for t in tunnels[:4]]
+        # One runs, two wait, the fourth is refused with a hint when to come back.
+        assert [r.status_code for r in answers] == [202, 202, 202, 429]
+        assert int(answers[3].headers["Retry-After"]) > 0 and "waiting" in answers[3].json()["error"]
+        for r in answers[:3]:
+            wait_for(lambda r=r: _finished(url, auth, r.json()["id"]), timeout=30, what="queued runs")
+        sims.cloudflare.set_latency(0, route="cf.psk_validate")
+        assert httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [tunnels[3]]},
+                          headers=auth).status_code == 202
+    finally:
+        d.stop()
+    assert_invariant(sims, acc)
+
+
+def _with_queue(sims, queue):
+    accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in sims.tunnels_by_account)
+    return f'[admin]\nlisten = "127.0.0.1:0"\nqueue = {queue}\n[policies.default]\nevery = "1h"\n{accounts}'
+
+
+@pytest.mark.parametrize("body", [
+    {"all": True, "dry_run": "false"}, {"all": True, "dry_run": 0}, {"all": "yes"},
+    {"reconcile": "true"}, {"reconcile": True, "all": True}, {"tunnels": ["no-such-tunnel"]},
+])
+def test_bad_rotation_requests_are_refused_at_once(sims, daemon, body):
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(url + "/v1/rotations", json={"account": acc, **body}, headers=auth)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]
+    assert not daemon.runs.get(r.json().get("id", "")), "nothing was queued"
+
+
+def test_reconcile_through_the_admin_api(sims, daemon):
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(url + "/v1/rotations", json={"account": acc, "reconcile": True}, headers=auth)
+    assert r.status_code == 202
+    wait_for(lambda: _finished(url, auth, r.json()["id"]), timeout=30, what="reconcile")
+    view = httpx.get(f"{url}/v1/rotations/{r.json()['id']}", headers=auth).json()
+    assert view["kind"] == "reconcile" and view["state"] == "done"
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_dry_runs_are_not_counted_as_rotations(sims, daemon):
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                            result="rotated") == 6, what="first rotation")
+    r = httpx.post(url + "/v1/rotations", json={"account": acc, "all": True, "dry_run": True}, headers=auth)
+    wait_for(lambda: _finished(url, auth, r.json()["id"]), timeout=30, what="the dry run")
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, "psk_rotator_rotations_total", account=acc, result="would_rotate") in (None, 0.0)
+    assert metric(text, "psk_rotator_rotations_total", account=acc, result="rotated") == 6
+    tunnel = sims.tunnels_by_account[acc][0]
+    assert metric(text, "psk_rotator_next_rotation_timestamp_seconds", account=acc, tunnel=tunnel,
+                  tunnel_name="tun00001") is not None
     assert_invariant(sims, acc, strict=True)
