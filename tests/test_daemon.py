@@ -294,3 +294,100 @@ def test_dry_runs_are_not_counted_as_rotations(sims, daemon):
     assert metric(text, "psk_rotator_next_rotation_timestamp_seconds", account=acc, tunnel=tunnel,
                   tunnel_name="tun00001") is not None
     assert_invariant(sims, acc, strict=True)
+
+
+# -- the CLI next to the daemon (issue 13 item 1) ------------------------------------------------------
+
+def test_cli_hands_rotate_and_reconcile_to_the_leading_daemon(sims, daemon):
+    from tests.helpers import run_cli
+
+    acc = next(iter(sims.tunnels_by_account))
+    url = daemon.admin_url
+    wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                            result="rotated") == 6, what="first rotation")
+    env = {**sims.env(), "ROTATOR_ADMIN_URL": url, "ROTATOR_ADMIN_TOKEN": ADMIN}
+    tunnel = sims.tunnels_by_account[acc][0]
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--verbose"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "handed to the daemon" in proc.stderr and "leased to" not in proc.stderr
+    assert proc.stdout.startswith("Rotation ") and tunnel in proc.stdout and "Summary: 1 rotated" in proc.stdout
+    assert metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                  result="rotated") == 7  # the daemon did it
+    proc = run_cli(["reconcile", "--account", acc, "--output", "json"], env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+    # Same exit code as a local run when a tunnel is not rotated.
+    sims.cloudflare.refuse_tunnels([tunnel], stage="validate")
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel], env)
+    assert proc.returncode == 1 and "refused" in proc.stdout
+    # Without the daemon's lead (or with --local) the CLI runs itself, and meets the lease.
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--local"], env)
+    assert proc.returncode == 1 and "handed" not in proc.stderr
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- safe start-up (issue 13 item 2) ---------------------------------------------------------------
+
+def test_a_taken_admin_port_is_one_line_and_leaves_no_lease(sims, tmp_path):
+    import socket
+
+    acc = next(iter(sims.tunnels_by_account))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, f'[admin]\nlisten = "127.0.0.1:{port}"\n[[accounts]]\nid = "{acc}"\n')
+        proc = start_cli(["run", "--config", cfg], {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
+        out, err = proc.communicate(timeout=60)
+    OUTPUTS.extend([out, err])
+    assert proc.returncode == 2, err
+    assert err.strip() == (f"rotator: configuration error: cannot listen on 127.0.0.1:{port}: address in use "
+                           "(set admin.listen to a free HOST:PORT or stop what holds it)")
+    assert not (sims.vault.read_data(f"cloudflare/magic-ipsec/_leases/{acc}") or {}).get("holder")
+    assert sims.cloudflare.request_counts() == {}
+
+
+def test_starts_without_vault_and_becomes_ready_when_it_answers(sims, tmp_path):
+    acc = next(iter(sims.tunnels_by_account))
+    sims.vault.seal()
+    d = build_daemon(daemon_config(sims, tmp_path), tick_seconds=1)
+    d.start()
+    try:
+        url = d.admin_url
+        assert httpx.get(url + "/healthz").status_code == 200
+        r = httpx.get(url + "/readyz")
+        assert r.status_code == 503 and "sealed" in r.json()["vault"]
+        assert not sims.vault.keys_under(f"cloudflare/magic-ipsec/{acc}/")
+        sims.vault.unseal()
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=20, what="ready after unseal")
+        assert httpx.get(url + "/readyz").json()["role"] == "leader"
+        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                                result="rotated") == 6, timeout=20, what="the first rotation")
+    finally:
+        d.stop()
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_unreachable_vault_at_start_is_not_a_crash(sims, tmp_path):
+    acc = next(iter(sims.tunnels_by_account))
+    cfg = write_config(tmp_path, f'[admin]\nlisten = "[::1]:0"\n[vault]\ntimeout = 2\n[[accounts]]\nid = "{acc}"\n')
+    env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN, "VAULT_ADDR": "http://127.0.0.1:9"}
+    proc = start_cli(["run", "--config", cfg], env)
+    try:
+        lines: list[str] = []
+
+        def started():
+            lines.append(proc.stdout.readline())
+            return '"daemon_started"' in lines[-1]
+
+        wait_for(started, timeout=30, what="daemon_started")
+        url = json.loads(lines[-1])["admin"]
+        assert url.startswith("http://[::1]:")
+        assert httpx.get(url + "/healthz").status_code == 200
+        r = httpx.get(url + "/readyz")
+        assert r.status_code == 503 and "Vault" in r.json()["vault"]
+        assert proc.poll() is None  # still running, retrying with backoff
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=40)
+        OUTPUTS.extend(["".join(lines), out, err])
+    assert proc.returncode == 0 and "Traceback" not in err + out
