@@ -52,6 +52,7 @@ class Daemon:
     views: dict[str, dict[str, TunnelView]] = field(default_factory=dict)
     runs: Runs = field(default_factory=Runs)
     _failures: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
+    _waiting: dict[str, set[str]] = field(default_factory=dict)  # tunnels whose key waits for an ack
     _stopping: threading.Event = field(default_factory=threading.Event)
     _account_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _queue: concurrent.futures.ThreadPoolExecutor | None = None
@@ -301,6 +302,8 @@ class Daemon:
             if report.dry_run:
                 continue  # a dry run changes nothing: not a rotation, not a failure
             self.metrics.rotations.labels(account=run.account, result=o.result).inc()
+            waiting = self._waiting.setdefault(run.account, set())
+            (waiting.add if o.result == "waiting" else waiting.discard)(o.tunnel_id)
             if o.result == ROTATED:
                 failures.pop(o.tunnel_id, None)
                 tunnel = TunnelInfo(o.tunnel_id, o.name)
@@ -322,6 +325,7 @@ class Daemon:
                                                              last_error=o.reason, failures=count + 1)
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
+        self.metrics.waiting_ack.labels(account=run.account).set(len(self._waiting.get(run.account, ())))
         self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok=str(report.ok).lower()).inc()
         counts = report.counts()
         if report.error:

@@ -6,11 +6,14 @@ Labels carry account and tunnel ids, never a key.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rotator import __version__
+from rotator.rotation.ports import Device, DeviceResult, DeviceTunnel
 
 if TYPE_CHECKING:
     from rotator.service.inventory import TunnelView
@@ -77,10 +80,6 @@ class Metrics:
             self.cloudflare_ok = True
             self.cloudflare_up.set(1)
 
-    def observe_device(self, device: str, action: str, result: str, seconds: float) -> None:
-        self.device_calls.labels(device=device, action=action, result=result).inc()
-        self.device_call_duration.labels(device=device, action=action).observe(seconds)
-
     def observe_tunnel(self, account: str, view: TunnelView) -> None:
         """Per-tunnel series from the one view of a tunnel (service/inventory.py)."""
         labels = {"account": account, "tunnel": view.tunnel_id, "tunnel_name": view.name}
@@ -97,3 +96,40 @@ class Metrics:
 
     def observe_step(self, account: str, step: str, seconds: float) -> None:
         self.step_duration.labels(step=step).observe(seconds)
+
+
+class MeasuredDevice:
+    """A Device (rotation/ports.py) that counts each tunnel's result and times each call.
+
+    Wiring wraps every configured device in one, so the engine and the device adapters stay
+    free of metrics.
+    """
+
+    def __init__(self, device: Device, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device, self.metrics, self.clock = device, metrics, clock
+        self.name, self.kind = device.name, device.kind
+
+    def _measured(self, action: str, call: Callable[..., dict[str, DeviceResult]], account_id: str,
+                  rotation_id: str, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
+        started = self.clock()
+        try:
+            results = call(account_id, rotation_id, tunnels, deadline=deadline)
+        finally:
+            self.metrics.device_call_duration.labels(device=self.name, action=action).observe(self.clock() - started)
+        for tunnel in tunnels:
+            result = results.get(tunnel.tunnel_id)
+            status = result.status.value if result is not None else "unknown"
+            self.metrics.device_calls.labels(device=self.name, action=action, result=status).inc()
+        return results
+
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("deliver", self.device.deliver, account_id, rotation_id, tunnels, deadline)
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("verify", self.device.verify, account_id, rotation_id, tunnels, deadline)
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("rollback", self.device.rollback, account_id, rotation_id, tunnels, deadline)
