@@ -169,16 +169,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         handed = _via_daemon(settings, args)
         if handed is not None:
             return handed
-    from rotator.wiring import build_runtime, preflight
+    from rotator.wiring import RunOptions, build_runtime, preflight
 
-    runtime = build_runtime(settings)
+    progress = None
+    if args.command != "status" and args.output == "text" and sys.stderr.isatty():
+        progress = _Progress(args.account, args.command)
+    runtime = build_runtime(settings, options=RunOptions(on_progress=progress.update if progress else None))
     try:
         preflight(runtime)
         if args.command == "status":
             return _status(runtime, args)
-        return _rotate(runtime, args)
+        report = _rotate(runtime, args)
     finally:
+        if progress:
+            progress.done()
         runtime.close()
+    return _show_run(report, args)
 
 
 def _retries_as_one_line() -> None:
@@ -194,7 +200,7 @@ def _retries_as_one_line() -> None:
     stamina.instrumentation.set_on_retry_hooks([hook])
 
 
-def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
+def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     from rotator.rotation.engine import RunRequest
 
     reconcile = args.command == "reconcile"
@@ -204,13 +210,7 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
         reconcile_only=reconcile, dry_run=getattr(args, "dry_run", False),
         psk_for=runtime.psk_for(args.account),
     )
-    progress = _Progress(args.account, args.command) if args.output == "text" and sys.stderr.isatty() else None
-    if progress:
-        runtime.engine.on_progress = progress.update
-    report = runtime.engine.run(req)
-    if progress:
-        progress.done()
-    return _show_run(report.as_dict(), args)
+    return runtime.engine.run(req).as_dict()
 
 
 def _show_run(report: dict[str, Any], args: argparse.Namespace) -> int:
@@ -288,6 +288,7 @@ class _Progress:
     def __init__(self, account: str, command: str) -> None:
         self.account = account
         self.started = time.monotonic()
+        self.open = True
         sys.stderr.write(f"{account[:8]}… {command}: listing tunnels and reading their Vault records")
         sys.stderr.flush()
 
@@ -299,8 +300,10 @@ class _Progress:
         sys.stderr.flush()
 
     def done(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import httpx
@@ -31,19 +31,44 @@ from rotator.model import TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager
+from rotator.rotation.ports import RecordStore, TunnelApi
 
 
-@dataclass
+class Observer(Protocol):
+    """Every callback the parts make, in one place (the daemon's Metrics implements it)."""
+
+    def observe_cloudflare(self, endpoint: str, status: str) -> None: ...
+
+    def observe_vault(self, operation: str, outcome: str) -> None: ...
+
+    def observe_ratelimit(self, remaining: float) -> None: ...
+
+    def observe_step(self, account: str, step: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the engine behaves for this process, fixed at construction."""
+
+    keep_leases: bool = False  # a daemon keeps its lease between runs (leadership); a one-shot command releases it
+    should_stop: Callable[[], bool] | None = None  # checked between batches (shutdown)
+    on_progress: Callable[[int, int], None] | None = None  # tunnels settled, of those selected
+
+
+@dataclass(frozen=True)
 class Runtime:
+    """The connected parts. The engine and the commands see ports (TunnelApi, RecordStore), never
+    the Vault or HTTP client libraries."""
+
     settings: Settings
-    hvac: hvac.Client
-    http: httpx.Client
-    store: VaultStore
-    cloudflare: CloudflareClient
+    cloudflare: TunnelApi
+    store: RecordStore
     leases: LeaseManager
     engine: Engine
     generators: dict[str, PskGenerator]
     vault_auth: VaultAuthenticator
+    check_vault: Callable[[], object]  # raises a one-line VaultError when Vault cannot be used
+    close: Callable[[], None]
 
     def psk_for(self, account_id: str) -> Callable[[TunnelInfo], PskGenerator]:
         account = next((a for a in self.settings.accounts if a.id == account_id), None)
@@ -53,10 +78,6 @@ class Runtime:
             return self.generators[policy or "default"]
 
         return choose
-
-    def close(self) -> None:
-        self.store.close()
-        self.http.close()
 
 
 def holder_id() -> str:
@@ -143,8 +164,8 @@ class VaultAuthenticator:
             return "relogin"
 
 
-def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None, observe_vault: Any = None,
-                  on_ratelimit: Any = None, on_step: Any = None, holder: str | None = None) -> Runtime:
+def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | None = None,
+                  options: RunOptions = RunOptions(), holder: str | None = None) -> Runtime:
     log = log or structlog.get_logger("rotator")
     warn_plain_http(settings.vault_addr, log)
     client = build_hvac_client(
@@ -162,19 +183,27 @@ def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None
         api_key=settings.cloudflare_key.reveal() if settings.cloudflare_key else None,
         retry=RetryPolicy(attempts=settings.retry_attempts, timeout=settings.retry_timeout,
                           rate_limit_ceiling=settings.rate_limit_ceiling),
-        observe=observe_cf, on_ratelimit=on_ratelimit,
+        observe=observer.observe_cloudflare if observer else None,
+        on_ratelimit=observer.observe_ratelimit if observer else None,
     )
     store = VaultStore(client, mount=settings.vault_mount, prefix=settings.vault_prefix,
-                       concurrency=settings.vault_concurrency, observe=observe_vault)
+                       concurrency=settings.vault_concurrency, observe=observer.observe_vault if observer else None)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.lease_ttl)
     engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.batch_size,
-                    on_step=on_step, log=log, apply_guard=settings.cloudflare_timeout + 5)
-    return Runtime(settings, client, http, store, cloudflare, leases, engine, generators, authenticator)
+                    on_step=observer.observe_step if observer else None, log=log,
+                    apply_guard=settings.cloudflare_timeout + 5, release_lease=not options.keep_leases,
+                    should_stop=options.should_stop, on_progress=options.on_progress)
+
+    def close() -> None:
+        store.close()
+        http.close()
+
+    return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close)
 
 
 def preflight(runtime: Runtime) -> None:
     """Log in and check the mount before doing anything; raises a one-line RotatorError."""
     runtime.vault_auth.login()
-    runtime.store.check()
+    runtime.check_vault()

@@ -227,24 +227,26 @@ def test_a_run_that_blows_up_ends_and_frees_the_account(sims, daemon):
 
 def test_the_on_demand_queue_is_bounded(sims, tmp_path):
     acc = next(iter(sims.tunnels_by_account))
-    d = build_daemon(config.load(write_config(tmp_path, _with_queue(sims, 2)),
+    d = build_daemon(config.load(write_config(tmp_path, _with_queue(sims, 1)),
                                  env={**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}), tick_seconds=3600)
     d.start()
     try:
         url, auth = d.admin_url, {"Authorization": f"Bearer {ADMIN}"}
         wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_runs_total", account=acc,
                                 trigger="schedule") is not None, what="the first scheduled run")
-        sims.cloudflare.set_latency(0.5, route="cf.psk_validate")
+        sims.cloudflare.set_latency(3, route="cf.psk_validate")  # the first run stays at Cloudflare
         tunnels = sims.tunnels_by_account[acc]
+        first = httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [tunnels[0]]}, headers=auth)
+        wait_for(lambda: httpx.get(url + first.json()["href"], headers=auth).json()["state"] == "running")
         answers = [httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [t]}, headers=auth)
-                   for t in tunnels[:4]]
-        # One runs, two wait, the fourth is refused with a hint when to come back.
-        assert [r.status_code for r in answers] == [202, 202, 202, 429]
-        assert int(answers[3].headers["Retry-After"]) > 0 and "waiting" in answers[3].json()["error"]
-        for r in answers[:3]:
-            wait_for(lambda r=r: _finished(url, auth, r.json()["id"]), timeout=30, what="queued runs")
+                   for t in tunnels[1:3]]
+        # One runs, one waits, the next is refused with a hint when to come back.
+        assert [r.status_code for r in answers] == [202, 429]
+        assert int(answers[1].headers["Retry-After"]) > 0 and "waiting" in answers[1].json()["error"]
         sims.cloudflare.set_latency(0, route="cf.psk_validate")
-        assert httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [tunnels[3]]},
+        for r in (first, answers[0]):
+            wait_for(lambda r=r: _finished(url, auth, r.json()["id"]), timeout=30, what="queued runs")
+        assert httpx.post(url + "/v1/rotations", json={"account": acc, "tunnels": [tunnels[2]]},
                           headers=auth).status_code == 202
     finally:
         d.stop()

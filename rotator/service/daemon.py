@@ -34,7 +34,7 @@ from rotator.service.inventory import TunnelView, assess, summary
 from rotator.service.logging import Redactor
 from rotator.service.metrics import Metrics
 from rotator.service.runs import DONE, FAILED, RUNNING, Run, Runs
-from rotator.wiring import Runtime, build_runtime
+from rotator.wiring import RunOptions, Runtime, build_runtime
 
 SHUTDOWN_GRACE = 30.0
 RELIST_SECONDS = 600.0  # new tunnels are noticed within this long even when nothing is due
@@ -70,9 +70,6 @@ class Daemon:
             self.views[acc.id] = {}
             self._failures[acc.id] = {}
         self.runs = Runs(queue_limit=self.settings.admin_queue)
-        self.runtime.engine.release_lease = False
-        self.runtime.engine.should_stop = self._stopping.is_set
-        self.runtime.engine.on_step = self.metrics.observe_step
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, serve_admin: bool = True) -> None:
@@ -139,7 +136,7 @@ class Daemon:
 
     def _connect_vault(self) -> None:
         self.runtime.vault_auth.login()
-        self.runtime.store.check()
+        self.runtime.check_vault()
 
     def _attempt(self, what: str, action: Callable[[], object]) -> bool:
         failures, at = self._retry_at.get(what, (0, 0.0))
@@ -190,7 +187,7 @@ class Daemon:
     def _vault_state(self) -> str:
         """``ok`` or why Vault cannot be used; keeps psk_rotator_vault_up in step."""
         try:
-            self.runtime.store.check()
+            self.runtime.check_vault()
         except RotatorError as exc:
             self.metrics.vault_up.set(0)
             return str(exc)
@@ -415,10 +412,10 @@ def build_daemon(settings: Settings, redactor: Redactor | None = None, tick_seco
     check_for_daemon(settings)
     log = structlog.get_logger("rotator")
     metrics = Metrics(CollectorRegistry())
-    runtime = build_runtime(settings, log=log, observe_cf=metrics.observe_cloudflare,
-                            observe_vault=metrics.observe_vault, on_ratelimit=metrics.ratelimit_remaining.set,
-                            on_step=metrics.observe_step, holder=holder)
-    return Daemon(settings, runtime, metrics, log, tick_seconds=tick_seconds)
+    stopping = threading.Event()
+    runtime = build_runtime(settings, log=log, observer=metrics, holder=holder,
+                            options=RunOptions(keep_leases=True, should_stop=stopping.is_set))
+    return Daemon(settings, runtime, metrics, log, tick_seconds=tick_seconds, _stopping=stopping)
 
 
 def serve_until_signal(daemon: Daemon) -> int:

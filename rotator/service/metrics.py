@@ -91,6 +91,9 @@ class Metrics:
             self.max_age.labels(**labels).set(view.max_age)
         self.drifted.labels(**labels).set(1 if view.drifted else 0)
 
+    def observe_ratelimit(self, remaining: float) -> None:
+        self.ratelimit_remaining.set(remaining)
+
     def observe_vault(self, operation: str, outcome: str) -> None:
         self.vault_operations.labels(operation=operation, outcome=outcome).inc()
 
