@@ -147,9 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     settings = config_mod.load(args.config)
     redactor = Redactor()
-    for value in (settings.vault_token, settings.cloudflare_token, settings.cloudflare_key, settings.admin_token):
-        if value is not None:
-            redactor.add(value)
+    for value in settings.secrets:
+        redactor.add(value)
     if args.command == "config":
         if not args.one_shot:
             config_mod.check_for_daemon(settings)
@@ -229,12 +228,12 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
     url = os.environ.get("ROTATOR_ADMIN_URL", "").rstrip("/")
     if not url:
         return None
-    if settings.admin_token is None:
+    if settings.admin.token is None:
         raise ConfigError("ROTATOR_ADMIN_URL is set but no admin token is",
                           "export ROTATOR_ADMIN_TOKEN (or pass --local to run here)")
     import httpx
 
-    auth = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
+    auth = {"Authorization": f"Bearer {settings.admin.token.reveal()}"}
     try:
         with httpx.Client(base_url=url, headers=auth, timeout=10.0) as client:
             status = client.get("/v1/status")

@@ -76,61 +76,93 @@ class VaultAuth:
 
 
 @dataclass(frozen=True)
+class VaultSettings:
+    addr: str
+    token: Secret | None
+    namespace: str = ""
+    cacert: str = ""
+    mount: str = "secret"
+    prefix: str = "cloudflare/magic-ipsec"
+    concurrency: int = 16
+    timeout: float = 15.0
+    auth: VaultAuth = VaultAuth()
+
+
+@dataclass(frozen=True)
+class CloudflareSettings:
+    base_url: str
+    token: Secret | None
+    email: str = ""
+    key: Secret | None = None
+    batch_size: int = 100
+    timeout: float = 30.0
+    retry_attempts: int = 5
+    retry_timeout: float = 60.0
+    rate_limit_ceiling: float = 330.0
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    lease_ttl: float = 120.0
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: str = "127.0.0.1:9477"
+    token: Secret | None = None
+    queue: int = 16  # on-demand runs that may wait; more are refused with 429
+
+
+@dataclass(frozen=True)
 class Settings:
-    vault_addr: str
-    vault_token: Secret | None
-    vault_namespace: str
-    vault_cacert: str
-    vault_mount: str
-    vault_prefix: str
-    vault_concurrency: int
-    vault_timeout: float
-    vault_auth: VaultAuth
-    cloudflare_base_url: str
-    cloudflare_token: Secret | None
-    cloudflare_email: str
-    cloudflare_key: Secret | None
-    batch_size: int
-    cloudflare_timeout: float
-    retry_attempts: int
-    retry_timeout: float
-    rate_limit_ceiling: float
-    lease_ttl: float
-    admin_listen: str
-    admin_token: Secret | None
-    admin_queue: int
+    """The validated configuration, one part per section of the file."""
+
+    vault: VaultSettings
+    cloudflare: CloudflareSettings
+    rotation: RotationSettings
+    admin: AdminSettings
     policies: dict[str, Policy]
     accounts: tuple[Account, ...]
     source: str
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every credential, for the log redactor."""
+        values = (self.vault.token, self.vault.auth.secret_id, self.cloudflare.token, self.cloudflare.key,
+                  self.admin.token)
+        return tuple(v for v in values if v is not None)
 
     def masked(self) -> dict[str, Any]:
         """The effective config with every secret masked, for ``rotator config check``."""
         def mask(value: Secret | None) -> str:
             return "<set>" if value is not None else "<unset>"
 
+        v, c, a = self.vault, self.cloudflare, self.admin
         return {
             "source": self.source,
-            "vault": {"addr": self.vault_addr, "token": mask(self.vault_token), "namespace": self.vault_namespace,
-                      "cacert": self.vault_cacert, "mount": self.vault_mount, "prefix": self.vault_prefix,
-                      "concurrency": self.vault_concurrency, "auth": self.vault_auth.method},
-            "cloudflare": {"base_url": self.cloudflare_base_url, "api_token": mask(self.cloudflare_token),
-                           "email": self.cloudflare_email or "<unset>", "api_key": mask(self.cloudflare_key),
-                           "batch_size": self.batch_size, "retry_attempts": self.retry_attempts,
-                           "rate_limit_ceiling": self.rate_limit_ceiling},
-            "rotation": {"lease_ttl": self.lease_ttl},
-            "admin": {"listen": self.admin_listen, "token": mask(self.admin_token), "queue": self.admin_queue},
-            "policies": {n: {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age,
-                             "jitter": p.jitter, "window": None if p.window is None else {
-                                 "days": [DAYS[d] for d in p.window.days],
-                                 "start": f"{p.window.start_minute // 60:02d}:{p.window.start_minute % 60:02d}",
-                                 "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
-                                 "timezone": p.window.timezone},
-                             "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
-                         for n, p in self.policies.items()},
-            "accounts": [{"id": a.id, "selections": [
+            "vault": {"addr": v.addr, "token": mask(v.token), "namespace": v.namespace, "cacert": v.cacert,
+                      "mount": v.mount, "prefix": v.prefix, "concurrency": v.concurrency, "timeout": v.timeout,
+                      "auth": v.auth.method},
+            "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
+                           "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
+                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling},
+            "rotation": {"lease_ttl": self.rotation.lease_ttl},
+            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
+            "policies": {n: _policy_view(p) for n, p in self.policies.items()},
+            "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
-                 "exclude": list(s.exclude)} for s in a.selections]} for a in self.accounts],
+                 "exclude": list(s.exclude)} for s in acc.selections]} for acc in self.accounts],
         }
+
+
+def _policy_view(p: Policy) -> dict[str, Any]:
+    window = None if p.window is None else {
+        "days": [DAYS[d] for d in p.window.days],
+        "start": f"{p.window.start_minute // 60:02d}:{p.window.start_minute % 60:02d}",
+        "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
+        "timezone": p.window.timezone}
+    return {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age, "jitter": p.jitter,
+            "window": window, "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
 
 
 class _Table:
@@ -284,7 +316,7 @@ def check_for_daemon(settings: Settings) -> None:
     if not settings.accounts:
         raise ConfigError("accounts: no [[accounts]] configured for 'run'",
                           "list the accounts to manage in the config file")
-    if settings.admin_token is None:
+    if settings.admin.token is None:
         raise ConfigError("admin token is not set: 'run' protects its admin API with it",
                           "set ROTATOR_ADMIN_TOKEN or admin.token_file")
 
@@ -293,71 +325,124 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use)."""
     env = os.environ if env is None else env
     path = path or env.get("ROTATOR_CONFIG") or None
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist", "check --config or ROTATOR_CONFIG") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})",
-                              "save it as UTF-8") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
-    root = _Table(raw, "")
+    root = _Table(_read(path) if path else {}, "")
     root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts"})
-    v, c, r, a = root.table("vault"), root.table("cloudflare"), root.table("rotation"), root.table("admin")
-    v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
-    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
-    r.reject_unknown({"lease_ttl"})
-    a.reject_unknown({"listen", "token_file", "queue"})
+    v, c = root.table("vault"), root.table("cloudflare")
+    auth = _vault_auth(v.table("auth"), env)
+    _require_environment(v, auth, env)
+    policies_t = root.table("policies")
+    policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
+    if "default" not in policies:
+        policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
+    return Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
+                    _admin(root.table("admin"), env), policies, _accounts(root, policies),
+                    source=path or "environment only")
 
-    auth_t = v.table("auth")
-    auth_t.reject_unknown({"method", "mount", "role_id", "secret_id_file", "role", "jwt_file"})
-    method = auth_t.get("method", str, "token")
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", "check --config or ROTATOR_CONFIG") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
+
+
+def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> None:
+    """Every missing variable in one message, not one per try."""
+    missing = []
+    if not (env.get("VAULT_ADDR") or v.get("addr", str, "")):
+        missing.append("VAULT_ADDR (or vault.addr)")
+    if auth.method == "token" and not env.get("VAULT_TOKEN"):
+        missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
+    if not env.get("CLOUDFLARE_API_TOKEN") and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
+        missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
+    if missing:
+        raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
+
+
+def _vault_auth(t: _Table, env: Mapping[str, str]) -> VaultAuth:
+    t.reject_unknown({"method", "mount", "role_id", "secret_id_file", "role", "jwt_file"})
+    method = t.get("method", str, "token")
     if method not in ("token", "approle", "kubernetes"):
         raise ConfigError(f"vault.auth.method: unknown method {method!r}", "use token, approle or kubernetes")
     secret_id = env.get("VAULT_SECRET_ID")
-    if auth_t.get("secret_id_file", str, ""):
-        secret_id = _read_secret_file(auth_t.data["secret_id_file"], "vault.auth.secret_id_file")
-    auth = VaultAuth(method, auth_t.get("mount", str, method if method != "token" else ""),
-                     auth_t.get("role_id", str, env.get("VAULT_ROLE_ID", "")), Secret(secret_id) if secret_id else None,
-                     auth_t.get("role", str, ""),
-                     auth_t.get("jwt_file", str, "/var/run/secrets/kubernetes.io/serviceaccount/token"))
+    if t.get("secret_id_file", str, ""):
+        secret_id = _read_secret_file(t.data["secret_id_file"], "vault.auth.secret_id_file")
+    auth = VaultAuth(method, t.get("mount", str, method if method != "token" else ""),
+                     t.get("role_id", str, env.get("VAULT_ROLE_ID", "")), Secret(secret_id) if secret_id else None,
+                     t.get("role", str, ""), t.get("jwt_file", str, VaultAuth.jwt_file))
     if method == "approle" and (not auth.role_id or auth.secret_id is None):
         raise ConfigError("vault.auth: approle needs role_id and a secret id",
                           "set vault.auth.role_id and vault.auth.secret_id_file (or VAULT_ROLE_ID/VAULT_SECRET_ID)")
     if method == "kubernetes" and not auth.role:
         raise ConfigError("vault.auth.role: kubernetes auth needs a role", "set vault.auth.role")
+    return auth
 
-    vault_addr = env.get("VAULT_ADDR") or v.get("addr", str, "")
-    vault_token = env.get("VAULT_TOKEN")
-    cf_token, cf_email = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_EMAIL")
-    cf_key = env.get("CLOUDFLARE_API_KEY")
-    missing = []  # every missing variable in one message, not one per try
-    if not vault_addr:
-        missing.append("VAULT_ADDR (or vault.addr)")
-    if method == "token" and not vault_token:
-        missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
-    if not cf_token and not (cf_email and cf_key):
-        missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
-    if missing:
-        raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
-    if not re.match(r"^https?://", vault_addr):
-        raise ConfigError(f"VAULT_ADDR {vault_addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
 
-    admin_token = env.get("ROTATOR_ADMIN_TOKEN")
+def _vault(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> VaultSettings:
+    v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
+    addr = env.get("VAULT_ADDR") or v.get("addr", str, "")
+    if not re.match(r"^https?://", addr):
+        raise ConfigError(f"VAULT_ADDR {addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
+    concurrency = v.get("concurrency", int, 16)
+    if not 1 <= concurrency <= 256:
+        raise ConfigError(f"vault.concurrency: {concurrency} is outside 1..256", "the default is 16")
+    token = env.get("VAULT_TOKEN")
+    return VaultSettings(
+        addr.rstrip("/"), Secret(token) if token else None, env.get("VAULT_NAMESPACE") or v.get("namespace", str, ""),
+        env.get("VAULT_CACERT") or v.get("cacert", str, ""), v.get("mount", str, "secret").strip("/"),
+        v.get("prefix", str, "cloudflare/magic-ipsec").strip("/"), concurrency,
+        _positive(v.data.get("timeout", 15), "vault.timeout"), auth)
+
+
+def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
+    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
+    batch_size = c.get("batch_size", int, 100)
+    if not 1 <= batch_size <= 1000:
+        raise ConfigError(f"cloudflare.batch_size: {batch_size} is outside 1..1000", "the default is 100")
+    retry_attempts = c.get("retry_attempts", int, 5)
+    if not 1 <= retry_attempts <= 100:
+        raise ConfigError(f"cloudflare.retry_attempts: {retry_attempts} is outside 1..100",
+                          "it counts every try, the first included; the default is 5")
+    token, key = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_API_KEY")
+    return CloudflareSettings(
+        (env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "") or "https://api.cloudflare.com/client/v4")
+        .rstrip("/"),
+        Secret(token) if token else None, env.get("CLOUDFLARE_EMAIL") or "",
+        Secret(key) if key and not token else None, batch_size,
+        _positive(c.data.get("timeout", 30), "cloudflare.timeout"), retry_attempts,
+        parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout"),
+        parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling"))
+
+
+def _rotation(r: _Table) -> RotationSettings:
+    r.reject_unknown({"lease_ttl"})
+    lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
+    if lease_ttl < 2:
+        raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
+    return RotationSettings(lease_ttl)
+
+
+def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
+    a.reject_unknown({"listen", "token_file", "queue"})
+    listen = a.get("listen", str, "127.0.0.1:9477")
+    split_listen(listen)
+    queue = a.get("queue", int, 16)
+    if not 1 <= queue <= 1000:
+        raise ConfigError(f"admin.queue: {queue} is outside 1..1000", "the default is 16")
+    token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
-        admin_token = _read_secret_file(a.data["token_file"], "admin.token_file")
+        token = _read_secret_file(a.data["token_file"], "admin.token_file")
+    return AdminSettings(listen, Secret(token) if token else None, queue)
 
-    policies_t = root.table("policies")
-    policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
-    if "default" not in policies:
-        policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
 
+def _accounts(root: _Table, policies: Mapping[str, Policy]) -> tuple[Account, ...]:
     accounts = []
     seen: set[str] = set()
     for i, acc_raw in enumerate(root.get("accounts", list, [])):
@@ -373,49 +458,12 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
             raise ConfigError(f"{t.key('id')}: account {acc_id} is listed twice", "merge the two blocks")
         seen.add(acc_id)
         sels_raw = t.get("select", list, [{"all": True, "policy": "default"}])
+        for j, sel in enumerate(sels_raw):
+            if not isinstance(sel, dict):
+                raise ConfigError(f"{t.key('select')}[{j}]: expected a table", "write [[accounts.select]] blocks")
         sels = tuple(_selection(_Table(s, f"{t.key('select')}[{j}]"), policies) for j, s in enumerate(sels_raw))
         accounts.append(Account(acc_id, sels))
-
-    batch_size = c.get("batch_size", int, 100)
-    if not 1 <= batch_size <= 1000:
-        raise ConfigError(f"cloudflare.batch_size: {batch_size} is outside 1..1000", "the default is 100")
-    concurrency = v.get("concurrency", int, 16)
-    if not 1 <= concurrency <= 256:
-        raise ConfigError(f"vault.concurrency: {concurrency} is outside 1..256", "the default is 16")
-    lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
-    retry_timeout = parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout")
-    ceiling = parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling")
-    if lease_ttl < 2:
-        raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
-    listen = a.get("listen", str, "127.0.0.1:9477")
-    split_listen(listen)
-    retry_attempts = c.get("retry_attempts", int, 5)
-    if not 1 <= retry_attempts <= 100:
-        raise ConfigError(f"cloudflare.retry_attempts: {retry_attempts} is outside 1..100",
-                          "it counts every try, the first included; the default is 5")
-    queue = a.get("queue", int, 16)
-    if not 1 <= queue <= 1000:
-        raise ConfigError(f"admin.queue: {queue} is outside 1..1000", "the default is 16")
-    vault_timeout = _positive(v.data.get("timeout", 15), "vault.timeout")
-    cf_timeout = _positive(c.data.get("timeout", 30), "cloudflare.timeout")
-    return Settings(
-        vault_addr=vault_addr.rstrip("/"), vault_token=Secret(vault_token) if vault_token else None,
-        vault_namespace=env.get("VAULT_NAMESPACE") or v.get("namespace", str, ""),
-        vault_cacert=env.get("VAULT_CACERT") or v.get("cacert", str, ""),
-        vault_mount=v.get("mount", str, "secret").strip("/"),
-        vault_prefix=v.get("prefix", str, "cloudflare/magic-ipsec").strip("/"),
-        vault_concurrency=concurrency, vault_timeout=vault_timeout,
-        vault_auth=auth,
-        cloudflare_base_url=(env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "")
-                             or "https://api.cloudflare.com/client/v4").rstrip("/"),
-        cloudflare_token=Secret(cf_token) if cf_token else None, cloudflare_email=cf_email or "",
-        cloudflare_key=Secret(cf_key) if cf_key and not cf_token else None,
-        batch_size=batch_size, cloudflare_timeout=cf_timeout,
-        retry_attempts=retry_attempts, retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
-        lease_ttl=lease_ttl, admin_listen=listen, admin_token=Secret(admin_token) if admin_token else None,
-        admin_queue=queue,
-        policies=policies, accounts=tuple(accounts), source=path or "environment only",
-    )
+    return tuple(accounts)
 
 
 def _positive(value: Any, key: str) -> float:

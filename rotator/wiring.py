@@ -110,7 +110,7 @@ class VaultAuthenticator:
         self._lock = threading.Lock()
 
     def login(self) -> None:
-        auth = self.settings.vault_auth
+        auth = self.settings.vault.auth
         try:
             if auth.method == "approle":
                 assert auth.secret_id is not None
@@ -158,7 +158,7 @@ class VaultAuthenticator:
                     return "renewed"
                 except (hvac.exceptions.VaultError, requests.exceptions.RequestException, KeyError, TypeError):
                     pass  # the token is gone or not renewable after all: log in afresh below
-            if self.settings.vault_auth.method == "token":
+            if self.settings.vault.auth.method == "token":
                 return "none"  # a plain token cannot log in again; readiness reports it
             self.login()
             return "relogin"
@@ -167,33 +167,33 @@ class VaultAuthenticator:
 def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | None = None,
                   options: RunOptions = RunOptions(), holder: str | None = None) -> Runtime:
     log = log or structlog.get_logger("rotator")
-    warn_plain_http(settings.vault_addr, log)
+    warn_plain_http(settings.vault.addr, log)
     client = build_hvac_client(
-        settings.vault_addr, settings.vault_token.reveal() if settings.vault_token else None,
-        namespace=settings.vault_namespace, cacert=settings.vault_cacert, concurrency=settings.vault_concurrency,
-        timeout=settings.vault_timeout,
+        settings.vault.addr, settings.vault.token.reveal() if settings.vault.token else None,
+        namespace=settings.vault.namespace, cacert=settings.vault.cacert, concurrency=settings.vault.concurrency,
+        timeout=settings.vault.timeout,
     )
     authenticator = VaultAuthenticator(client, settings)
-    http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare_timeout, connect=5.0),
+    http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare.timeout, connect=5.0),
                         limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
     cloudflare = CloudflareClient(
-        http, base_url=settings.cloudflare_base_url,
-        api_token=settings.cloudflare_token.reveal() if settings.cloudflare_token else None,
-        email=settings.cloudflare_email or None,
-        api_key=settings.cloudflare_key.reveal() if settings.cloudflare_key else None,
-        retry=RetryPolicy(attempts=settings.retry_attempts, timeout=settings.retry_timeout,
-                          rate_limit_ceiling=settings.rate_limit_ceiling),
+        http, base_url=settings.cloudflare.base_url,
+        api_token=settings.cloudflare.token.reveal() if settings.cloudflare.token else None,
+        email=settings.cloudflare.email or None,
+        api_key=settings.cloudflare.key.reveal() if settings.cloudflare.key else None,
+        retry=RetryPolicy(attempts=settings.cloudflare.retry_attempts, timeout=settings.cloudflare.retry_timeout,
+                          rate_limit_ceiling=settings.cloudflare.rate_limit_ceiling),
         observe=observer.observe_cloudflare if observer else None,
         on_ratelimit=observer.observe_ratelimit if observer else None,
     )
-    store = VaultStore(client, mount=settings.vault_mount, prefix=settings.vault_prefix,
-                       concurrency=settings.vault_concurrency, observe=observer.observe_vault if observer else None)
+    store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
+                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
-    leases = LeaseManager(store, holder or holder_id(), ttl=settings.lease_ttl)
-    engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.batch_size,
+    leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)
+    engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.cloudflare.batch_size,
                     on_step=observer.observe_step if observer else None, log=log,
-                    apply_guard=settings.cloudflare_timeout + 5, release_lease=not options.keep_leases,
+                    apply_guard=settings.cloudflare.timeout + 5, release_lease=not options.keep_leases,
                     should_stop=options.should_stop, on_progress=options.on_progress)
 
     def close() -> None:

@@ -69,27 +69,27 @@ class Daemon:
             self._account_locks[acc.id] = threading.Lock()
             self.views[acc.id] = {}
             self._failures[acc.id] = {}
-        self.runs = Runs(queue_limit=self.settings.admin_queue)
+        self.runs = Runs(queue_limit=self.settings.admin.queue)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, serve_admin: bool = True) -> None:
         """Bind the admin port first (a clash is a one-line ConfigError before any lease is taken),
         then connect and lead. Vault or Cloudflare unreachable: start anyway, not ready, retry."""
         if serve_admin:
-            host, port = split_listen(self.settings.admin_listen)
-            app = build_app(self, self.metrics.registry, self.settings.admin_token)
+            host, port = split_listen(self.settings.admin.listen)
+            app = build_app(self, self.metrics.registry, self.settings.admin.token)
             try:
                 self._server = ServerThread(app, host=host, port=port, name="admin").start()
             except OSError as exc:
                 reason = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-                raise ConfigError(f"cannot listen on {self.settings.admin_listen}: {reason}",
+                raise ConfigError(f"cannot listen on {self.settings.admin.listen}: {reason}",
                                   "set admin.listen to a free HOST:PORT or stop what holds it") from None
         self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="on-demand")
         self.connect()
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "max_instances": 1, "coalesce": True, "misfire_grace_time": 30})
         scheduler.add_job(self.connect, "interval", seconds=1.0, id="connect")
-        scheduler.add_job(self.maintain_leases, "interval", seconds=max(1.0, self.settings.lease_ttl / 3),
+        scheduler.add_job(self.maintain_leases, "interval", seconds=max(1.0, self.settings.rotation.lease_ttl / 3),
                           id="leases")
         scheduler.add_job(self.tick, "interval", seconds=self.tick_seconds, id="tick", next_run_time=_now_dt())
         scheduler.start()
