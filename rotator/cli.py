@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rotator import __version__
-from rotator.errors import CloudflareError, ConfigError, RotatorError
+from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
     from rotator.config import Settings
@@ -341,14 +341,7 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     from rotator.service.inventory import assess, summary
 
     account = next((a for a in runtime.settings.accounts if a.id == args.account), None)
-    try:
-        tunnels = runtime.cloudflare.list_tunnels(args.account)
-    except CloudflareError as exc:
-        if exc.status == 403:
-            raise CloudflareError(f"{exc.message}; is --account {args.account} right?",
-                                  exc.hint or "check the account id and the token's access to it",
-                                  status=exc.status, code=exc.code) from None
-        raise
+    tunnels = runtime.cloudflare.list_tunnels(args.account)
     records = runtime.store.read_many(args.account, [t.id for t in tunnels])
     now = time.time()
     policies = runtime.settings.policies

@@ -12,7 +12,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -26,12 +26,13 @@ import structlog
 from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
 from rotator.adapters.vault import VaultStore, build_hvac_client, translate
 from rotator.config import Settings
-from rotator.errors import ConfigError, VaultError
-from rotator.model import TunnelInfo
+from rotator.errors import CloudflareError, ConfigError, VaultError
+from rotator.model import PskSetResult, TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager
 from rotator.rotation.ports import RecordStore, TunnelApi
+from rotator.secret import Secret
 
 
 class Observer(Protocol):
@@ -78,6 +79,27 @@ class Runtime:
             return self.generators[policy or "default"]
 
         return choose
+
+
+class AccountHint:
+    """A TunnelApi whose 403 on a tunnel listing asks whether the account id is right: a mistyped id
+    and a token without access to the account look the same from here."""
+
+    def __init__(self, api: CloudflareClient) -> None:
+        self.api = api
+
+    def list_tunnels(self, account_id: str) -> list[TunnelInfo]:
+        try:
+            return self.api.list_tunnels(account_id)
+        except CloudflareError as exc:
+            if exc.status != 403:
+                raise
+            raise CloudflareError(f"{exc.message}; is the account id {account_id} right?", exc.hint,
+                                  status=exc.status, code=exc.code) from exc
+
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
+                 deadline: float | None = None) -> PskSetResult:
+        return self.api.set_psks(account_id, psks, validate_only=validate_only, deadline=deadline)
 
 
 def holder_id() -> str:
@@ -176,7 +198,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
     authenticator = VaultAuthenticator(client, settings)
     http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare.timeout, connect=5.0),
                         limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
-    cloudflare = CloudflareClient(
+    client_cf = CloudflareClient(
         http, base_url=settings.cloudflare.base_url,
         api_token=settings.cloudflare.token.reveal() if settings.cloudflare.token else None,
         email=settings.cloudflare.email or None,
@@ -186,6 +208,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
         observe=observer.observe_cloudflare if observer else None,
         on_ratelimit=observer.observe_ratelimit if observer else None,
     )
+    cloudflare = AccountHint(client_cf)
     store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
                        concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}

@@ -266,8 +266,9 @@ def test_status_filters_and_summary(sims):
     assert_invariant(sims, acc, strict=True)
 
 
-def test_a_403_on_the_listing_asks_whether_the_account_is_right(sims):
+@pytest.mark.parametrize("command", [["status"], ["rotate", "--all"], ["reconcile"]])
+def test_a_403_on_the_listing_asks_whether_the_account_is_right(sims, command):
     other = "f" * 32  # a well-formed id the token has no access to
-    proc = run_cli(["status", "--account", other], sims.env())
-    assert proc.returncode == 1 and f"is --account {other} right?" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli([*command, "--account", other], sims.env())
+    assert proc.returncode == 1 and f"is the account id {other} right?" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
