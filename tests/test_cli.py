@@ -272,3 +272,14 @@ def test_a_403_on_the_listing_asks_whether_the_account_is_right(sims, command):
     proc = run_cli([*command, "--account", other], sims.env())
     assert proc.returncode == 1 and f"is the account id {other} right?" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_retry_is_one_short_line(sims):
+    acc = account(sims)
+    sims.cloudflare.fail_next("cf.list", count=1, status=503)
+    proc = run_cli(["rotate", "--account", acc, "--all"], sims.env())
+    assert proc.returncode == 0, proc.stderr
+    retries = [ln for ln in proc.stderr.splitlines() if "retr" in ln.lower()]
+    assert len(retries) == 1 and retries[0].startswith("rotator: retrying (attempt 2) in "), proc.stderr
+    assert "stamina" not in proc.stderr and len(retries[0]) < 160
+    assert_invariant(sims, acc, strict=True)

@@ -69,3 +69,12 @@ def test_ipv6_listen_and_a_good_config_pass(tmp_path):
     out = json.loads(proc.stdout)
     assert out["admin"]["listen"] == "[::1]:9477" and out["admin"]["token"] == "<set>"
     assert ENV["VAULT_TOKEN"] not in proc.stdout and ENV["ROTATOR_ADMIN_TOKEN"] not in proc.stdout
+
+
+def test_the_example_config_passes_the_check():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "config" / "rotator.example.toml"
+    proc = run_cli(["config", "check", "--config", str(example)], ENV, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["admin"]["queue"] == 16
