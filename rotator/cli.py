@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "with secrets masked.")
     check.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     check.add_argument("--one-shot", action="store_true",
-                       help="check only what one-shot commands need (no accounts or admin token required)")
+                       help="check only what one-shot commands need (no accounts or admin token required); "
+                            "the default when no config file is given")
 
     command("run", "run the daemon: schedules, admin API, metrics", account=False)
 
@@ -150,7 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     for value in settings.secrets:
         redactor.add(value)
     if args.command == "config":
-        if not args.one_shot:
+        # 'run' needs a file (accounts live there): with one, check everything 'run' would refuse.
+        if not args.one_shot and settings.source != config_mod.ENV_ONLY:
             config_mod.check_for_daemon(settings)
         print(json.dumps(settings.masked(), indent=2))
         return 0

@@ -24,6 +24,7 @@ DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w)$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
+ENV_ONLY = "environment only"  # Settings.source when no file was read
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -336,7 +337,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
         policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
     return Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
                     _admin(root.table("admin"), env), policies, _accounts(root, policies),
-                    source=path or "environment only")
+                    source=path or ENV_ONLY)
 
 
 def _read(path: str) -> dict[str, Any]:

@@ -393,3 +393,22 @@ def test_unreachable_vault_at_start_is_not_a_crash(sims, tmp_path):
         out, err = proc.communicate(timeout=40)
         OUTPUTS.extend(["".join(lines), out, err])
     assert proc.returncode == 0 and "Traceback" not in err + out
+
+
+def test_a_failed_run_is_logged_at_level_error(sims, tmp_path):
+    acc = next(iter(sims.tunnels_by_account))
+    stream = io.StringIO()
+    configure(Redactor(), stream=stream, json=True)
+    try:
+        d = build_daemon(daemon_config(sims, tmp_path, extra="[cloudflare]\nretry_attempts = 1\n"), tick_seconds=3600)
+        # The start-up check of Cloudflare takes the first failure, the first scheduled run the second.
+        sims.cloudflare.fail_next("cf.list", count=2, status=500)
+        d.start()
+        wait_for(lambda: '"rotation_run"' in stream.getvalue(), timeout=60, what="the failed run's log line")
+        d.stop()
+    finally:
+        structlog.reset_defaults()
+    runs = [json.loads(line) for line in stream.getvalue().splitlines() if '"rotation_run"' in line]
+    OUTPUTS.append(stream.getvalue())
+    assert runs[0]["level"] == "error" and runs[0]["ok"] is False and "500" in runs[0]["error"]
+    assert_invariant(sims, acc)
