@@ -100,6 +100,7 @@ class CloudflareSettings:
     retry_attempts: int = 5
     retry_timeout: float = 60.0
     rate_limit_ceiling: float = 330.0
+    rate_reserve: float = 0.2  # share of Cloudflare's rate budget left to other tools
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class Settings:
                       "auth": v.auth.method},
             "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
                            "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
-                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling},
+                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
+                           "rate_reserve": c.rate_reserve},
             "rotation": {"lease_ttl": self.rotation.lease_ttl},
             "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
             "policies": {n: _policy_view(p) for n, p in self.policies.items()},
@@ -403,7 +405,8 @@ def _vault(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> VaultSettings:
 
 
 def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
-    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
+    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling",
+                      "rate_reserve"})
     batch_size = c.get("batch_size", int, 100)
     if not 1 <= batch_size <= 1000:
         raise ConfigError(f"cloudflare.batch_size: {batch_size} is outside 1..1000", "the default is 100")
@@ -411,6 +414,10 @@ def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
     if not 1 <= retry_attempts <= 100:
         raise ConfigError(f"cloudflare.retry_attempts: {retry_attempts} is outside 1..100",
                           "it counts every try, the first included; the default is 5")
+    rate_reserve = float(c.get("rate_reserve", (int, float), 0.2))
+    if not 0 <= rate_reserve < 1:
+        raise ConfigError(f"cloudflare.rate_reserve: {rate_reserve} is outside 0 (none) to below 1",
+                          "the default 0.2 leaves 20 % of the token's rate budget to other tools")
     token, key = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_API_KEY")
     return CloudflareSettings(
         (env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "") or "https://api.cloudflare.com/client/v4")
@@ -419,7 +426,7 @@ def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
         Secret(key) if key and not token else None, batch_size,
         _positive(c.data.get("timeout", 30), "cloudflare.timeout"), retry_attempts,
         parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout"),
-        parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling"))
+        parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling"), rate_reserve)
 
 
 def _rotation(r: _Table) -> RotationSettings:

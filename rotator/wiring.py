@@ -206,7 +206,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
         retry=RetryPolicy(attempts=settings.cloudflare.retry_attempts, timeout=settings.cloudflare.retry_timeout,
                           rate_limit_ceiling=settings.cloudflare.rate_limit_ceiling),
         observe=observer.observe_cloudflare if observer else None,
-        on_ratelimit=observer.observe_ratelimit if observer else None,
+        on_ratelimit=observer.observe_ratelimit if observer else None, rate_reserve=settings.cloudflare.rate_reserve,
     )
     cloudflare = AccountHint(client_cf)
     store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,

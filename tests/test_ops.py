@@ -165,7 +165,8 @@ def test_assess_is_the_one_rule_for_state_drift_and_due():
     assert unmanaged.state == "unmanaged" and unmanaged.next_due == now  # not in Vault yet: due now
     ours = Record("b" * 32, t.id, 3, psk=Secret("k" * 32), rotated_at="2027-01-15T07:59:58Z",
                   cf_generated_on="2027-01-15T07:59:59Z")
-    assert assess(policy, t, ours, now).state == "drifted" and assess(policy, t, ours, now).drifted
+    drifted = assess(policy, t, ours, now)
+    assert drifted.state == "active" and drifted.drifted and drifted.matches("drifted") and drifted.attention
     ours.cf_generated_on = "2027-01-15T08:00:00Z"
     view = assess(policy, t, ours, now)
     assert view.state == "active" and not view.drifted and view.next_due is not None

@@ -25,12 +25,11 @@ from prometheus_client import CollectorRegistry
 from rotator.config import Settings, check_for_daemon, split_listen
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.model import Record, TunnelInfo
-from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id, rfc3339
+from rotator.model import TunnelInfo
+from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id
 from rotator.schedule import Policy
-from rotator.secret import Secret
 from rotator.service.admin import build_app
-from rotator.service.inventory import TunnelView, assess, summary
+from rotator.service.inventory import TunnelView, from_plan, rotated, summary
 from rotator.service.logging import Redactor
 from rotator.service.metrics import Metrics
 from rotator.service.runs import DONE, FAILED, RUNNING, Run, Runs
@@ -230,30 +229,20 @@ class Daemon:
         name = account.policy_for(tunnel.id, tunnel.name)
         return None if name is None else self.settings.policies[name]
 
-    def _observe(self, account_id: str, tunnel: TunnelInfo, record: Record | Exception) -> TunnelView:
-        """Assess one tunnel (service/inventory.py), keep the view for /v1/status, export it."""
-        failures, last_failure = self._failures.setdefault(account_id, {}).get(tunnel.id, (0, None))
-        view = assess(self._policy(account_id, tunnel) or self.settings.policies["default"], tunnel, record,
-                      self.clock(), failures, last_failure)
+    def _observe(self, account_id: str, report: RunReport) -> None:
+        """Keep what the plan saw of each tunnel (service/inventory.py) for /v1/status, and export it."""
         views = self.views.setdefault(account_id, {})
-        before = views.get(tunnel.id)
-        views[tunnel.id] = view
-        if view.drifted and not (before and before.drifted):
-            self.metrics.drift_detected.labels(account=account_id).inc()
-            self.log.warning("drift_detected", account=account_id, tunnel=tunnel.id, tunnel_name=tunnel.name,
-                             message="Cloudflare reports a key set outside the rotator")
-        self.metrics.observe_tunnel(account_id, view)
-        return view
-
-    def _due_fn(self, account_id: str) -> tuple[Callable[[TunnelInfo], bool], Callable[[TunnelInfo, Record], bool]]:
-        def select(t: TunnelInfo) -> bool:
-            return self._policy(account_id, t) is not None
-
-        def due(t: TunnelInfo, rec: Record) -> bool:
-            view = self._observe(account_id, t, rec)
-            return view.next_due is not None and view.next_due <= self.clock()
-
-        return select, due
+        failures = self._failures.setdefault(account_id, {})
+        for seen in report.views:
+            policy = self._policy(account_id, TunnelInfo(seen.tunnel_id, seen.name))
+            before = views.get(seen.tunnel_id)
+            view = from_plan(seen, policy, failures.get(seen.tunnel_id, (0, None))[0])
+            views[seen.tunnel_id] = view
+            if view.drifted and not (before and before.drifted):
+                self.metrics.drift_detected.labels(account=account_id).inc()
+                self.log.warning("drift_detected", account=account_id, tunnel=view.tunnel_id, tunnel_name=view.name,
+                                 message="Cloudflare reports a key set outside the rotator")
+            self.metrics.observe_tunnel(account_id, view)
 
     def _execute(self, run: Run) -> None:
         """One run, whatever happens inside it: it ends done or failed, and the account is free again."""
@@ -279,17 +268,27 @@ class Daemon:
                 self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok="false").inc()
                 return
             run.report, run.state = report, DONE
+            self._observe(run.account, report)
             self._record(run, report)
 
     def _request(self, run: Run) -> RunRequest:
-        select, due = self._due_fn(run.account)
+        """The run's request: the schedule decides in the engine's pure plan (rotation/plan.py)."""
+        account = run.account
+        common: dict[str, Any] = {
+            "rotation_id": run.id, "psk_for": self.runtime.psk_for(account),
+            "policy_for": lambda t: self._policy(account, t),
+            "failures": dict(self._failures.get(account, {})),
+        }
+
+        def select(t: TunnelInfo) -> bool:
+            return self._policy(account, t) is not None
+
         if run.trigger == "schedule":
-            return RunRequest(run.account, select=select, due=due, rotation_id=run.id,
-                              psk_for=self.runtime.psk_for(run.account))
-        return RunRequest(run.account, tunnels=None if run.reconcile or not run.tunnels else sorted(run.tunnels),
-                          select=select if run.reconcile else None, due=_always(due),
-                          reconcile_only=run.reconcile, dry_run=run.dry_run, rotation_id=run.id,
-                          psk_for=self.runtime.psk_for(run.account))
+            return RunRequest(account, select=select, **common)
+        if run.reconcile:
+            return RunRequest(account, select=select, reconcile_only=True, dry_run=run.dry_run, **common)
+        return RunRequest(account, tunnels=sorted(run.tunnels) if run.tunnels else None, due=lambda t, rec: True,
+                          dry_run=run.dry_run, **common)
 
     def _record(self, run: Run, report: RunReport) -> None:
         failures = self._failures.setdefault(run.account, {})
@@ -306,10 +305,7 @@ class Daemon:
                 tunnel = TunnelInfo(o.tunnel_id, o.name)
                 policy = self._policy(run.account, tunnel) or self.settings.policies["default"]
                 before = views.get(o.tunnel_id)
-                view = assess(policy, tunnel, Record(run.account, o.tunnel_id, 1, psk=_ROTATED_KEY,
-                                                     rotated_at=rfc3339(now), rotation_id=report.rotation_id,
-                                                     device=before.device if before else None,
-                                                     ipsec_id=before.ipsec_id if before else None), now)
+                view = rotated(before, tunnel, policy, now)
                 views[o.tunnel_id] = view
                 self.metrics.observe_tunnel(run.account, view)
             else:
@@ -386,18 +382,6 @@ class Daemon:
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None
-
-
-_ROTATED_KEY = Secret("rotated")  # a stand-in: the view only needs to know a psk is there
-
-
-def _always(due: Callable[[TunnelInfo, Record], bool]) -> Callable[[TunnelInfo, Record], bool]:
-    """On-demand runs rotate what was asked, but still refresh the schedule view."""
-    def forced(t: TunnelInfo, rec: Record) -> bool:
-        due(t, rec)
-        return True
-
-    return forced
 
 
 def _now_dt() -> Any:

@@ -13,9 +13,11 @@ from typing import Any
 
 from rotator.model import Record, TunnelInfo
 from rotator.rotation.engine import rfc3339
-from rotator.schedule import Policy, next_due, parse_time
+from rotator.rotation.plan import TunnelView as PlanView
+from rotator.rotation.plan import due_at, is_drifted, view_of
+from rotator.schedule import Policy, next_due
 
-STATES = ("active", "pending", "rolling_back", "unmanaged", "drifted", "failed", "refused", "error")
+STATES = ("active", "pending", "rolling_back", "unmanaged", "refused", "error")
 # What ``status --state`` filters on; "failed" and "drifted" are flags beside the record's state.
 FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active")
 
@@ -24,7 +26,7 @@ FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active"
 class TunnelView:
     tunnel_id: str
     name: str
-    state: str  # one of STATES: the record's state, or why there is none to show
+    state: str  # one of STATES: the record's state (plan.view_of), or why there is none to show
     pending: bool
     drifted: bool
     failed: bool  # the last attempt did not complete (last_error is set)
@@ -57,15 +59,10 @@ class TunnelView:
                 "ipsec_id": self.ipsec_id, "last_error": self.last_error, "consecutive_failures": self.failures}
 
 
-def drifted(tunnel: TunnelInfo, record: Record) -> bool:
-    """Cloudflare reports a key generated after the one we applied: someone set it outside the rotator."""
-    seen, ours = parse_time(tunnel.last_generated_on), parse_time(record.cf_generated_on)
-    return record.psk is not None and seen is not None and ours is not None and seen > ours
-
-
 def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception, now: float,
            failures: int = 0, last_failure: float | None = None) -> TunnelView:
-    """The tunnel as an operator should see it. ``policy`` None: no selection of the config covers it."""
+    """The tunnel as an operator should see it, by the plan's own rules (rotation/plan.py: state,
+    drift, when due). ``policy`` None: no selection of the config covers it."""
     name = policy.name if policy else None
     if tunnel.problem:
         return TunnelView(tunnel.id, tunnel.name, "refused", False, False, True, None, None, None,
@@ -73,28 +70,30 @@ def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception
     if isinstance(record, Exception):
         return TunnelView(tunnel.id, tunnel.name, "error", False, False, True, None, None, None,
                           last_error=str(record), policy=name, failures=failures)
-    rotated = parse_time(record.rotated_at)
-    last_rotated = rotated if rotated is not None else parse_time(tunnel.last_generated_on)
     due: float | None = None
     if policy is not None:
         try:
-            # A tunnel whose key is not in Vault yet is due now: managing it is what makes it safe.
-            due = next_due(policy, tunnel.id, rotated if record.psk else None, now, failures, last_failure)
+            due = due_at(policy, tunnel, record, now, failures, last_failure)
         except ValueError:
             due = None  # a schedule that never fires (config check refuses it): never due
-    managed = record.version > 0 and (record.psk is not None or record.pending_psk is not None)
-    drift = drifted(tunnel, record)
-    if not managed:
-        state = "unmanaged"
-    elif drift and record.state == "active" and record.pending_psk is None:
-        state = "drifted"
-    else:
-        state = record.state
-    max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
-    return TunnelView(tunnel.id, tunnel.name, state, record.pending_psk is not None, drift,
-                      record.last_error is not None, last_rotated, due, max_age, record.last_error,
-                      record.rotation_id, record.device, record.ipsec_id, name, failures)
+    return from_plan(view_of(tunnel, record, due, is_drifted(tunnel, record)), policy, failures, record)
 
+
+def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: Record | None = None) -> TunnelView:
+    """The plan's view of a tunnel (a run's report carries one per tunnel), with what operators add."""
+    max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
+    return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted, seen.last_error is not None,
+                      seen.last_rotated, seen.next_due, max_age, seen.last_error,
+                      record.rotation_id if record else None, record.device if record else None,
+                      record.ipsec_id if record else None, policy.name if policy else None, failures)
+
+
+def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float) -> TunnelView:
+    """The view right after this process rotated the tunnel (until the next plan looks again)."""
+    max_age = policy.max_age or (policy.every or 0) * 1.2 or None
+    return TunnelView(tunnel.id, tunnel.name, "active", False, False, False, now, next_due(policy, tunnel.id, now, now),
+                      max_age, None, None, before.device if before else None, before.ipsec_id if before else None,
+                      policy.name)
 
 
 def summary(views: Iterable[TunnelView]) -> dict[str, int]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from rotator.httpserver import ServerThread
 
@@ -51,7 +51,12 @@ class Fault:
 
     kind: ``status`` answers ``status`` instead of handling the request (nothing takes effect);
     ``drop`` handles the request (it takes effect) and then drops the connection unanswered;
-    ``late`` handles it and answers only after ``delay`` seconds.
+    ``late`` handles it and answers only after ``delay`` seconds;
+    ``trickle`` handles it and sends the answer's body one byte every ``delay`` seconds (a slow
+    proxy: each read sees progress, so only a total deadline ends the wait);
+    ``garbage`` answers what the spec never says, without handling the request: ``variant`` ``html``
+    (a login proxy's 200 HTML page), ``not_json`` (a 200 JSON content type with a cut-off body) or
+    ``types`` (the right envelope with wrong JSON types inside; what that means is the simulator's).
     """
 
     route: str
@@ -61,12 +66,18 @@ class Fault:
     html: bool = False
     retry_after: int | None = None
     delay: float = 0.0
+    variant: str = "html"
+
+
+GARBAGE_VARIANTS = ("html", "not_json", "types")
+LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form action=\"/login\">"
+              b"<input name=\"user\"></form></body></html>\n")
 
 
 class FaultBook:
     """Faults and latency keyed by route name; ``*`` matches every route. Not thread-safe alone."""
 
-    KINDS = ("status", "drop", "late")
+    KINDS = ("status", "drop", "late", "trickle", "garbage")
 
     def __init__(self) -> None:
         self.faults: list[Fault] = []
@@ -77,6 +88,8 @@ class FaultBook:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         if fault.remaining < 1:
             raise ValueError("a fault needs a count of at least 1")
+        if fault.kind == "garbage" and fault.variant not in GARBAGE_VARIANTS:
+            raise ValueError(f"unknown garbage variant {fault.variant!r}; one of {', '.join(GARBAGE_VARIANTS)}")
         self.faults.append(fault)
 
     def take(self, route: str) -> Fault | None:
@@ -137,6 +150,12 @@ class SimApp:
     def fault_response(self, fault: Fault) -> Response:
         raise NotImplementedError
 
+    def garbage_response(self, fault: Fault, route: str) -> Response:
+        """What a ``garbage`` fault answers; subclasses add their ``types`` variant."""
+        if fault.variant == "not_json":
+            return Response(200, b'{"result": {"truncat', [(b"content-type", b"application/json")])
+        return Response(200, LOGIN_PAGE, [(b"content-type", b"text/html; charset=utf-8")])
+
     def control(self, op: str, args: dict[str, Any]) -> Any:
         raise NotImplementedError
 
@@ -163,6 +182,16 @@ class SimApp:
         with self.lock:
             self.faults.arm(Fault(route, "late", count, delay=delay))
 
+    def trickle_next(self, route: str, interval: float, count: int = 1) -> None:
+        """Handle the next request(s) and send the answer body one byte every ``interval`` seconds."""
+        with self.lock:
+            self.faults.arm(Fault(route, "trickle", count, delay=interval))
+
+    def garbage_next(self, route: str, variant: str = "html", count: int = 1) -> None:
+        """Answer the next request(s) with garbage (see ``Fault``); nothing takes effect."""
+        with self.lock:
+            self.faults.arm(Fault(route, "garbage", count, variant=variant))
+
     def clear_faults(self) -> None:
         with self.lock:
             self.faults.clear()
@@ -187,8 +216,9 @@ class SimApp:
                 break
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         raw_qs = scope.get("query_string", b"").decode("latin-1")
+        # The server decoded the path once (as Vault's and Cloudflare's servers do); never again.
         req = Request(
-            scope["method"], unquote(scope["path"]), dict(parse_qsl(raw_qs, keep_blank_values=True)),
+            scope["method"], scope["path"], dict(parse_qsl(raw_qs, keep_blank_values=True)),
             headers, b"".join(chunks),
         )
         if req.path.startswith("/_sim/"):
@@ -203,6 +233,8 @@ class SimApp:
             await asyncio.sleep(delay)
         if fault is not None and fault.kind == "status":
             resp = self.fault_response(fault)
+        elif fault is not None and fault.kind == "garbage":
+            resp = self.garbage_response(fault, route)
         else:
             with self.lock:
                 resp = self.handle(req, route)
@@ -212,7 +244,21 @@ class SimApp:
             await asyncio.sleep(fault.delay)
         if fault is not None and fault.kind == "drop" and drop_connection(send):
             return
+        if fault is not None and fault.kind == "trickle":
+            await self._trickle(send, resp, fault.delay)
+            return
         await self._send(send, resp)
+
+    @staticmethod
+    async def _trickle(send: Send, resp: Response, interval: float) -> None:
+        headers = [*resp.headers, (b"content-length", str(len(resp.body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        for i in range(len(resp.body)):  # bounded by the body's length
+            if getattr(getattr(send, "__self__", None), "disconnected", False):
+                return  # the client gave up: stop at once, so the server can shut down
+            await send({"type": "http.response.body", "body": resp.body[i:i + 1], "more_body": True})
+            await asyncio.sleep(interval)
+        await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
     async def _send(send: Send, resp: Response) -> None:
@@ -241,6 +287,8 @@ class SimApp:
             "fail_next": self.fail_next,
             "drop_next": self.drop_next,
             "late_next": self.late_next,
+            "trickle_next": self.trickle_next,
+            "garbage_next": self.garbage_next,
             "clear_faults": self.clear_faults,
             "request_counts": self.request_counts,
         }

@@ -336,6 +336,18 @@ class VaultSim(SimApp):
         body = go_json({"errors": messages.get(fault.status, ["internal error"])}) + "\n"
         return Response(fault.status, body.encode(), headers)
 
+    def garbage_response(self, fault: Fault, route: str) -> Response:
+        if fault.variant != "types":
+            return super().garbage_response(fault, route)
+        if route == "kv.read":
+            data: Any = {"data": ["not", "an", "object"], "metadata": {"version": "seven", "destroyed": "no"}}
+        elif route == "kv.write":
+            data = {"version": "eight", "created_time": 0}
+        else:
+            data = ["not", "an", "object"]
+        return Response(200, (go_json({**self._envelope_dict(None), "data": data}) + "\n").encode(),
+                        list(JSON_HEADERS))
+
     def route_of(self, req: Request) -> str:
         path = req.path[4:] if req.path.startswith("/v1/") else req.path
         if path.startswith("sys/"):
