@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = command("reconcile", "finish every rotation left pending in Vault")
     run_options(reconcile)
 
+    rollback = command("rollback", "return both ends of tunnels to their previous key, Vault first")
+    rollback.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME",
+                          help="a tunnel (repeatable)")
+    run_options(rollback)
+
+    ack = command("ack", "acknowledge that a manual device holds its tunnel's pending key, then apply it")
+    ack.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    run_options(ack)
+
     status = command("status", "per tunnel: state, PSK age, pending, drift, last error (never a key)")
     status.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
     status.add_argument("--state", choices=FILTERS, help="only tunnels in this state (pending, failed, drifted ...)")
@@ -166,11 +175,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     # command prints itself (a failed run's error, retries) is not logged a second time.
     configure(redactor, stream=sys.stderr, drop=frozenset({"run_failed"}))
     _retries_as_one_line()
-    if args.command in ("rotate", "reconcile") and not args.local:
+    from rotator.wiring import RunOptions, build_runtime, preflight
+
+    if args.command == "ack":
+        runtime = build_runtime(settings)
+        try:
+            preflight(runtime)
+            _ack(runtime, args)
+        finally:
+            runtime.close()
+    if args.command in RUN_KINDS and not args.local:
         handed = _via_daemon(settings, args)
         if handed is not None:
             return handed
-    from rotator.wiring import RunOptions, build_runtime, preflight
 
     progress = None
     if args.command != "status" and args.output == "text" and sys.stderr.isatty():
@@ -201,17 +218,50 @@ def _retries_as_one_line() -> None:
     stamina.instrumentation.set_on_retry_hooks([hook])
 
 
+# The commands that run the protocol, and what each runs: an ack is followed by a reconcile.
+RUN_KINDS = {"rotate": "rotate", "reconcile": "reconcile", "rollback": "rollback", "ack": "reconcile"}
+
+
 def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     from rotator.rotation.engine import RunRequest
 
-    reconcile = args.command == "reconcile"
+    kind = RUN_KINDS[args.command]
     req = RunRequest(
         account_id=args.account,
-        tunnels=None if reconcile or getattr(args, "all", False) else args.tunnel,
-        reconcile_only=reconcile, dry_run=getattr(args, "dry_run", False),
+        tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
+        reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
         psk_for=runtime.psk_for(args.account),
     )
     return runtime.engine.run(req).as_dict()
+
+
+def _ack(runtime: Runtime, args: argparse.Namespace) -> None:
+    """Record in Vault (CAS) that each named tunnel's manual device holds its pending key."""
+    from rotator.errors import VaultError
+    from rotator.model import ack
+
+    tunnels = runtime.cloudflare.list_tunnels(args.account)
+    ids = []
+    for wanted in args.tunnel:
+        match = [t.id for t in tunnels if wanted in (t.id, t.name)]
+        if len(match) != 1:
+            raise ConfigError(f"{'no' if not match else 'more than one'} tunnel {wanted!r} in account {args.account}",
+                              "name the tunnel by its id")
+        ids.append(match[0])
+    records = runtime.store.read_many(args.account, ids)
+    acked = []
+    for tid in ids:
+        record = records[tid]
+        if isinstance(record, VaultError):
+            raise record
+        try:
+            acked.append(ack(record))
+        except ValueError as exc:
+            raise RotatorError(str(exc), "rotator status --state pending lists the keys waiting") from None
+    for tid, result in runtime.store.write_many(acked).items():
+        if isinstance(result, VaultError):
+            raise RotatorError(f"acknowledging tunnel {tid} failed: {result}", "run the ack again")
+    print(f"rotator: acknowledged {len(acked)} pending key(s); applying them", file=sys.stderr)
 
 
 def _show_run(report: dict[str, Any], args: argparse.Namespace) -> int:
@@ -247,8 +297,11 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
                       file=sys.stderr)
                 return None
             body: dict[str, Any] = {"account": args.account}
-            if args.command == "reconcile":
+            kind = RUN_KINDS[args.command]
+            if kind == "reconcile":
                 body["reconcile"] = True
+            elif kind == "rollback":
+                body.update({"rollback": True, "tunnels": args.tunnel})
             else:
                 body.update({"all": True} if args.all else {"tunnels": args.tunnel})
                 body["dry_run"] = bool(args.dry_run)
@@ -326,9 +379,12 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
     tunnels = report.get("tunnels") or []
     if report.get("error") and not tunnels:
         return
-    title = "Dry run" if report.get("dry_run") else ("Reconcile" if command == "reconcile" else "Rotation")
+    kind = RUN_KINDS.get(command, command)
+    title = "Dry run" if report.get("dry_run") else {"reconcile": "Reconcile", "rollback": "Rollback"}.get(
+        kind, "Rotation")
     print(f"{title} {report['rotation_id']} on account {report['account_id']}")
-    shown = tunnels if verbose else [t for t in tunnels if t["result"] not in DONE_RESULTS]
+    done = ("rolled_back",) if kind == "rollback" else DONE_RESULTS
+    shown = tunnels if verbose else [t for t in tunnels if t["result"] not in done]
     if shown:
         rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
                  " ".join((t.get("reason") or "").split())] for t in shown]

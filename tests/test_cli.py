@@ -283,3 +283,34 @@ def test_a_retry_is_one_short_line(sims):
     assert len(retries) == 1 and retries[0].startswith("rotator: retrying (attempt 2) in "), proc.stderr
     assert "stamina" not in proc.stderr and len(retries[0]) < 160
     assert_invariant(sims, acc, strict=True)
+
+
+def test_rollback_returns_both_ends_to_the_previous_key(sims):
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    for _ in range(2):
+        assert run_cli(["rotate", "--account", acc, "--tunnel", tunnel], sims.env()).returncode == 0
+    before = record(sims, acc, tunnel)
+    proc = run_cli(["rollback", "--account", acc, "--tunnel", tunnel, "--verbose"], sims.env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("Rollback ") and "rolled_back" in proc.stdout
+    assert sims.cloudflare.psk_of(acc, tunnel) == before["previous_psk"]
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_ack_records_the_acknowledgement_and_applies_the_pending_key(sims):
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    proc = run_cli(["ack", "--account", acc, "--tunnel", tunnel], sims.env())
+    assert proc.returncode == 1 and "no key waiting for an acknowledgement" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    sims.cloudflare.drop_next("cf.psk_apply", count=10)  # every answer to the apply is lost: the key stays pending
+    assert run_cli(["rotate", "--account", acc, "--tunnel", tunnel], sims.env()).returncode == 1
+    sims.cloudflare.clear_faults()
+    pending = record(sims, acc, tunnel)
+    assert pending["state"] == "pending"
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--verbose"], sims.env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "acknowledged 1 pending key" in proc.stderr and proc.stdout.startswith("Reconcile ")
+    assert record(sims, acc, tunnel)["psk"] == pending["pending_psk"]
+    assert_invariant(sims, acc, strict=True)

@@ -261,6 +261,7 @@ def _with_queue(sims, queue):
 @pytest.mark.parametrize("body", [
     {"all": True, "dry_run": "false"}, {"all": True, "dry_run": 0}, {"all": "yes"},
     {"reconcile": "true"}, {"reconcile": True, "all": True}, {"tunnels": ["no-such-tunnel"]},
+    {"rollback": True, "all": True}, {"rollback": True, "reconcile": True}, {"rollback": 1, "tunnels": ["x"]},
 ])
 def test_bad_rotation_requests_are_refused_at_once(sims, daemon, body):
     acc = next(iter(sims.tunnels_by_account))
@@ -317,6 +318,8 @@ def test_cli_hands_rotate_and_reconcile_to_the_leading_daemon(sims, daemon):
                   result="rotated") == 7  # the daemon did it
     proc = run_cli(["reconcile", "--account", acc, "--output", "json"], env)
     assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+    proc = run_cli(["rollback", "--account", acc, "--tunnel", tunnel], env)  # back to the key before the last
+    assert proc.returncode == 0 and "handed to the daemon" in proc.stderr and proc.stdout.startswith("Rollback ")
     # Same exit code as a local run when a tunnel is not rotated.
     sims.cloudflare.refuse_tunnels([tunnel], stage="validate")
     proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel], env)

@@ -27,7 +27,7 @@ class Control(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def trigger(self, account: str, tunnels: list[str] | None, dry_run: bool,
-                reconcile: bool = False) -> tuple[str, bool]: ...
+                kind: str = "rotate") -> tuple[str, bool]: ...
 
     def run_view(self, run_id: str) -> dict[str, Any] | None: ...
 
@@ -71,21 +71,26 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         if not isinstance(body, dict) or not isinstance(body.get("account"), str):
             return JSONResponse({"error": "give an account and tunnels: [...], all: true or reconcile: true"},
                                 status_code=400)
-        for flag in ("all", "dry_run", "reconcile"):
+        for flag in ("all", "dry_run", "reconcile", "rollback"):
             if flag in body and not isinstance(body[flag], bool):
                 return JSONResponse({"error": f"{flag} must be a JSON boolean (true or false)"}, status_code=400)
         tunnels = body.get("tunnels")
-        every, reconcile = body.get("all", False), body.get("reconcile", False)
+        every, reconcile, rollback = body.get("all", False), body.get("reconcile", False), body.get("rollback", False)
         named = isinstance(tunnels, list) and bool(tunnels) and all(isinstance(t, str) for t in tunnels)
+        if reconcile and rollback:
+            return JSONResponse({"error": "give reconcile: true or rollback: true, not both"}, status_code=400)
         if reconcile:
             if tunnels is not None or every:
                 return JSONResponse({"error": "reconcile: true takes no tunnels or all: it settles every pending "
                                               "record of the account"}, status_code=400)
+        elif rollback and not named:
+            return JSONResponse({"error": "rollback: true needs tunnels: [ids or names]"}, status_code=400)
         elif every == named or (tunnels is not None and not named):
             return JSONResponse({"error": "give exactly one of tunnels: [ids or names] or all: true"}, status_code=400)
+        kind = "reconcile" if reconcile else "rollback" if rollback else "rotate"
         try:
             run_id, deduplicated = await run_in_threadpool(
-                control.trigger, body["account"], tunnels if named else None, body.get("dry_run", False), reconcile)
+                control.trigger, body["account"], tunnels if named else None, body.get("dry_run", False), kind)
         except ConfigError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except QueueFull as exc:

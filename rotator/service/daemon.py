@@ -288,7 +288,7 @@ class Daemon:
         if run.reconcile:
             return RunRequest(account, select=select, reconcile_only=True, dry_run=run.dry_run, **common)
         return RunRequest(account, tunnels=sorted(run.tunnels) if run.tunnels else None, due=lambda t, rec: True,
-                          dry_run=run.dry_run, **common)
+                          dry_run=run.dry_run, rollback=run.rollback, **common)
 
     def _record(self, run: Run, report: RunReport) -> None:
         failures = self._failures.setdefault(run.account, {})
@@ -346,14 +346,15 @@ class Daemon:
         return out
 
     def trigger(self, account: str, tunnels: list[str] | None, dry_run: bool,
-                reconcile: bool = False) -> tuple[str, bool]:
+                kind: str = "rotate") -> tuple[str, bool]:
         """Queue an on-demand run. ConfigError: unknown account or tunnel; QueueFull: too many waiting."""
         if account not in self._account_locks:
             raise ConfigError(f"account {account} is not configured", "add it to [[accounts]] in the config")
         if tunnels:
             self._check_tunnels(account, tunnels)
         wanted = frozenset(tunnels) if tunnels else None
-        run, deduplicated = self.runs.admit(Run(new_rotation_id(), account, wanted, dry_run, "api", reconcile))
+        run, deduplicated = self.runs.admit(Run(new_rotation_id(), account, wanted, dry_run, "api",
+                                                reconcile=kind == "reconcile", rollback=kind == "rollback"))
         if not deduplicated:
             assert self._queue is not None
             self._queue.submit(self._execute, run)

@@ -27,22 +27,24 @@ class Run:
     dry_run: bool
     trigger: str
     reconcile: bool = False
+    rollback: bool = False
     state: str = QUEUED
     report: RunReport | None = None
     error: str | None = None
 
     @property
     def kind(self) -> str:
-        return "reconcile" if self.reconcile else "rotate"
+        return "reconcile" if self.reconcile else "rollback" if self.rollback else "rotate"
 
     @property
     def active(self) -> bool:
         return self.state in (QUEUED, RUNNING)
 
-    def covers(self, account: str, wanted: frozenset[str] | None, dry_run: bool, reconcile: bool) -> bool:
-        """True when this queued or running run already does what the request asks."""
-        if not self.active or self.account != account or self.dry_run != dry_run or self.reconcile != reconcile:
+    def covers(self, other: Run) -> bool:
+        """True when this queued or running run already does what ``other`` asks."""
+        if not self.active or (self.account, self.dry_run, self.kind) != (other.account, other.dry_run, other.kind):
             return False
+        wanted = other.tunnels
         return self.tunnels is None or (wanted is not None and wanted <= self.tunnels)
 
     def view(self) -> dict[str, Any]:
@@ -75,7 +77,7 @@ class Runs:
         """Register ``run`` unless an active run covers it; returns (the run to follow, deduplicated)."""
         with self._lock:
             for existing in self._runs.values():
-                if existing.covers(run.account, run.tunnels, run.dry_run, run.reconcile):
+                if existing.covers(run):
                     return existing, True
             waiting = sum(1 for r in self._runs.values() if r.state == QUEUED)
             if waiting >= self.queue_limit:
