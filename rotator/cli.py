@@ -230,7 +230,7 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
         account_id=args.account,
         tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
         reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
-        psk_for=runtime.psk_for(args.account),
+        psk_for=runtime.psk_for(args.account), on_drift=runtime.settings.rotation.on_drift,
     )
     return runtime.engine.run(req).as_dict()
 

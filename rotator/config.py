@@ -106,6 +106,7 @@ class CloudflareSettings:
 @dataclass(frozen=True)
 class RotationSettings:
     lease_ttl: float = 120.0
+    on_drift: str = "rotate"  # a key changed outside the rotator: "rotate" re-keys it from Vault, "report" only reports
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Settings:
                            "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
                            "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
                            "rate_reserve": c.rate_reserve},
-            "rotation": {"lease_ttl": self.rotation.lease_ttl},
+            "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
             "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
             "policies": {n: _policy_view(p) for n, p in self.policies.items()},
             "accounts": [{"id": acc.id, "selections": [
@@ -430,11 +431,15 @@ def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
 
 
 def _rotation(r: _Table) -> RotationSettings:
-    r.reject_unknown({"lease_ttl"})
+    r.reject_unknown({"lease_ttl", "on_drift"})
     lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
     if lease_ttl < 2:
         raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
-    return RotationSettings(lease_ttl)
+    on_drift = r.get("on_drift", str, "rotate")
+    if on_drift not in ("rotate", "report"):
+        raise ConfigError(f"rotation.on_drift: {on_drift!r} is neither \"rotate\" nor \"report\"",
+                          "rotate re-keys a drifted tunnel from Vault; report only reports it")
+    return RotationSettings(lease_ttl, on_drift)
 
 
 def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:

@@ -17,14 +17,14 @@ import structlog
 from rotator import config
 from rotator.service.daemon import build_daemon
 from rotator.service.logging import Redactor, configure
-from tests.helpers import OUTPUTS, assert_invariant, start_cli, wait_for, write_config
+from tests.helpers import OUTPUTS, assert_invariant, record, start_cli, wait_for, write_config
 
 ADMIN = "a" * 32
 
 
-def daemon_config(sims, tmp_path, extra="", lease_ttl="30s"):
+def daemon_config(sims, tmp_path, extra="", lease_ttl="30s", on_drift="rotate"):
     accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in sims.tunnels_by_account)
-    text = (f'[admin]\nlisten = "127.0.0.1:0"\n[rotation]\nlease_ttl = "{lease_ttl}"\n'
+    text = (f'[admin]\nlisten = "127.0.0.1:0"\n[rotation]\nlease_ttl = "{lease_ttl}"\non_drift = "{on_drift}"\n'
             f'[policies.default]\nevery = "1h"\n{extra}{accounts}')
     return config.load(write_config(tmp_path, text), env={**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
 
@@ -415,3 +415,30 @@ def test_a_failed_run_is_logged_at_level_error(sims, tmp_path):
     OUTPUTS.append(stream.getvalue())
     assert runs[0]["level"] == "error" and runs[0]["ok"] is False and "500" in runs[0]["error"]
     assert_invariant(sims, acc)
+
+
+@pytest.mark.parametrize("on_drift", ["rotate", "report"])
+def test_a_key_changed_outside_the_rotator_is_counted_shown_and_healed(sims, tmp_path, on_drift):
+    acc = next(iter(sims.tunnels_by_account))
+    tunnel = sims.tunnels_by_account[acc][1]
+    d = build_daemon(daemon_config(sims, tmp_path, on_drift=on_drift), tick_seconds=3600)
+    d.start()
+    try:
+        url, auth = d.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                                result="rotated") == 6, what="first rotation")
+        sims.cloudflare.change_psk_out_of_band(acc, tunnel)  # the dashboard, Terraform or psk_generate
+        r = httpx.post(url + "/v1/rotations", json={"account": acc, "reconcile": True}, headers=auth)
+        wait_for(lambda: _finished(url, auth, r.json()["id"]), timeout=30, what="the reconcile")
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, "psk_rotator_drift_detected_total", account=acc) == 1
+        status = httpx.get(url + "/v1/status", headers=auth).json()["accounts"][acc]
+        if on_drift == "rotate":
+            assert sims.cloudflare.psk_of(acc, tunnel) == record(sims, acc, tunnel)["psk"]  # healed from Vault
+        else:
+            assert status["tunnels"][tunnel]["drifted"] is True and status["summary"]["drifted"] == 1
+            assert metric(text, "psk_rotator_tunnel_drifted", account=acc, tunnel=tunnel, tunnel_name="tun00002") == 1
+    finally:
+        d.stop()
+    if on_drift == "rotate":
+        assert_invariant(sims, acc, strict=True)

@@ -277,7 +277,7 @@ class Daemon:
         common: dict[str, Any] = {
             "rotation_id": run.id, "psk_for": self.runtime.psk_for(account),
             "policy_for": lambda t: self._policy(account, t),
-            "failures": dict(self._failures.get(account, {})),
+            "failures": dict(self._failures.get(account, {})), "on_drift": self.settings.rotation.on_drift,
         }
 
         def select(t: TunnelInfo) -> bool:
