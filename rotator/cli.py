@@ -164,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.one_shot and settings.source != config_mod.ENV_ONLY:
             config_mod.check_for_daemon(settings)
         print(json.dumps(settings.masked(), indent=2))
+        for warning in _device_warnings(settings):
+            print(f"rotator: warning: {warning}", file=sys.stderr)
         return 0
     if args.command == "run":
         # The daemon logs to stdout, where container runtimes and journald look.
@@ -205,6 +207,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _show_run(report, args)
 
 
+def _device_warnings(settings: Settings) -> list[str]:
+    """Device tunnel patterns that match no listed tunnel: a warning, since tunnels come and go."""
+    if not settings.devices or not settings.accounts:
+        return []
+    from rotator.wiring import build_runtime
+
+    runtime = build_runtime(settings)
+    try:
+        listing = {a.id: runtime.cloudflare.list_tunnels(a.id) for a in settings.accounts}
+    except RotatorError as exc:
+        return [f"cannot list tunnels to check the devices' tunnel patterns: {exc}"]
+    finally:
+        runtime.close()
+    return runtime.devices.unmatched_patterns(listing)
+
+
 def _retries_as_one_line() -> None:
     """A retry is one short line on stderr with its attempt number, not the retry library's internals."""
     import stamina.instrumentation
@@ -230,7 +248,7 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
         account_id=args.account,
         tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
         reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
-        psk_for=runtime.psk_for(args.account), on_drift=runtime.settings.rotation.on_drift,
+        **runtime.request_options(args.account),
     )
     return runtime.engine.run(req).as_dict()
 

@@ -13,12 +13,15 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
 from rotator.schedule import Policy, Window, next_cron, parse_cron
 from rotator.secret import Secret
+
+if TYPE_CHECKING:
+    from rotator.adapters.devices import DeviceSpec
 
 DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w)$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -127,13 +130,16 @@ class Settings:
     policies: dict[str, Policy]
     accounts: tuple[Account, ...]
     source: str
+    devices: tuple[DeviceSpec, ...] = ()  # [[devices]]: the far ends (rotator/adapters/devices)
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
         """Every credential, for the log redactor."""
+        from rotator.adapters.devices import secrets_of  # the device kinds import this module's parsers
+
         values = (self.vault.token, self.vault.auth.secret_id, self.cloudflare.token, self.cloudflare.key,
                   self.admin.token)
-        return tuple(v for v in values if v is not None)
+        return tuple(v for v in values if v is not None) + tuple(secrets_of(self.devices))
 
     def masked(self) -> dict[str, Any]:
         """The effective config with every secret masked, for ``rotator config check``."""
@@ -156,6 +162,7 @@ class Settings:
             "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
                  "exclude": list(s.exclude)} for s in acc.selections]} for acc in self.accounts],
+            "devices": [d.masked() for d in self.devices],
         }
 
 
@@ -330,7 +337,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     env = os.environ if env is None else env
     path = path or env.get("ROTATOR_CONFIG") or None
     root = _Table(_read(path) if path else {}, "")
-    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts"})
+    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices"})
     v, c = root.table("vault"), root.table("cloudflare")
     auth = _vault_auth(v.table("auth"), env)
     _require_environment(v, auth, env)
@@ -338,9 +345,12 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
     if "default" not in policies:
         policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
+    from rotator.adapters.devices import parse_devices  # the device kinds import this module's parsers
+
+    accounts = _accounts(root, policies)
+    devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
     return Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
-                    _admin(root.table("admin"), env), policies, _accounts(root, policies),
-                    source=path or ENV_ONLY)
+                    _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
 
 
 def _read(path: str) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import requests
 import structlog
 
 from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.devices import DeviceRegistry
+from rotator.adapters.devices.manual import ManualSettings
 from rotator.adapters.vault import VaultStore, build_hvac_client, translate
 from rotator.config import Settings
 from rotator.errors import CloudflareError, ConfigError, VaultError
@@ -31,7 +33,7 @@ from rotator.model import PskSetResult, TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager
-from rotator.rotation.ports import RecordStore, TunnelApi
+from rotator.rotation.ports import Device, RecordStore, TunnelApi
 from rotator.secret import Secret
 
 
@@ -45,6 +47,8 @@ class Observer(Protocol):
     def observe_ratelimit(self, remaining: float) -> None: ...
 
     def observe_step(self, account: str, step: str, seconds: float) -> None: ...
+
+    def measure_device(self, device: Device) -> Device: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,18 @@ class Runtime:
     vault_auth: VaultAuthenticator
     check_vault: Callable[[], object]  # raises a one-line VaultError when Vault cannot be used
     close: Callable[[], None]
+    devices: DeviceRegistry
+    measured: dict[str, Device]  # the registry's devices as the engine calls them (with metrics when observed)
+
+    def request_options(self, account_id: str) -> dict[str, Any]:
+        """What every RunRequest for the account carries: PSK policy, far-end devices, drift handling."""
+        def device_for(tunnel: TunnelInfo) -> Device | None:
+            spec = self.devices.spec_for(account_id, tunnel)
+            return self.measured[spec.name] if spec is not None else None
+
+        manual = [s.settings.ack_timeout for s in self.settings.devices if isinstance(s.settings, ManualSettings)]
+        return {"psk_for": self.psk_for(account_id), "device_for": device_for if self.measured else None,
+                "ack_timeout": min(manual) if manual else None, "on_drift": self.settings.rotation.on_drift}
 
     def psk_for(self, account_id: str) -> Callable[[TunnelInfo], PskGenerator]:
         account = next((a for a in self.settings.accounts if a.id == account_id), None)
@@ -219,11 +235,19 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
                     apply_guard=settings.cloudflare.timeout + 5, release_lease=not options.keep_leases,
                     should_stop=options.should_stop, on_progress=options.on_progress)
 
+    registry = DeviceRegistry(settings.devices)
+    measured = {name: observer.measure_device(d) if observer else d for name, d in registry.devices.items()}
+
     def close() -> None:
         store.close()
         http.close()
+        for device in registry.devices.values():
+            closer = getattr(device, "close", None)
+            if callable(closer):
+                closer()
 
-    return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close)
+    return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close,
+                   registry, measured)
 
 
 def preflight(runtime: Runtime) -> None:

@@ -78,3 +78,24 @@ def test_the_example_config_passes_the_check():
     proc = run_cli(["config", "check", "--config", str(example)], ENV, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["admin"]["queue"] == 16
+
+
+@pytest.mark.parametrize(("devices", "needle"), [
+    ('[[devices]]\nname = "a"\nkind = "telnet"\ntunnels = ["*"]\n', "devices[0].kind"),
+    ('[[devices]]\nname = "a"\nkind = "manual"\ntunnels = ["*"]\n[[devices]]\nname = "a"\nkind = "manual"\n'
+     'tunnels = ["x"]\n', "devices[1].name"),
+])
+def test_device_config_errors_name_the_key(tmp_path, devices, needle):
+    proc = check(tmp_path, GOOD + devices)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_device_pattern_no_tunnel_matches_is_a_warning(sims, tmp_path):
+    acc = next(iter(sims.tunnels_by_account))
+    cfg = write_config(tmp_path, f'[[accounts]]\nid = "{acc}"\n[[devices]]\nname = "branch"\nkind = "manual"\n'
+                                 'tunnels = ["tun0000*", "nowhere-*"]\n')
+    proc = run_cli(["config", "check", "--config", cfg], {**sims.env(), "ROTATOR_ADMIN_TOKEN": "t" * 32}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["devices"][0]["name"] == "branch"
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("rotator: warning:")]
+    assert len(warnings) == 1 and "devices[0].tunnels[1]" in warnings[0] and "nowhere-*" in warnings[0]

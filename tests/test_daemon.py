@@ -442,3 +442,31 @@ def test_a_key_changed_outside_the_rotator_is_counted_shown_and_healed(sims, tmp
         d.stop()
     if on_drift == "rotate":
         assert_invariant(sims, acc, strict=True)
+
+
+def test_a_manual_device_waits_for_its_ack_and_the_metrics_say_so(sims, tmp_path):
+    from tests.helpers import run_cli
+
+    acc = next(iter(sims.tunnels_by_account))
+    tunnel = sims.tunnels_by_account[acc][0]
+    device = '[[devices]]\nname = "unifi"\nkind = "manual"\ntunnels = ["tun00001"]\n'
+    d = build_daemon(daemon_config(sims, tmp_path, extra=device), tick_seconds=3600)
+    d.start()
+    try:
+        url = d.admin_url
+        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                                result="rotated") == 5, what="the first run")
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, "psk_rotator_tunnels_waiting_ack", account=acc) == 1
+        assert metric(text, "psk_rotator_device_calls_total", device="unifi", action="deliver", result="waiting") == 1
+        assert record(sims, acc, tunnel)["state"] == "pending"
+        env = {**sims.env(), "ROTATOR_ADMIN_URL": url, "ROTATOR_ADMIN_TOKEN": ADMIN, "ROTATOR_CONFIG": d.settings.source}
+        proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001"], env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "handed to the daemon" in proc.stderr and proc.stdout.startswith("Reconcile ")
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, "psk_rotator_tunnels_waiting_ack", account=acc) == 0
+        assert metric(text, "psk_rotator_rotations_total", account=acc, result="rotated") == 6
+    finally:
+        d.stop()
+    assert_invariant(sims, acc, strict=True)

@@ -275,9 +275,8 @@ class Daemon:
         """The run's request: the schedule decides in the engine's pure plan (rotation/plan.py)."""
         account = run.account
         common: dict[str, Any] = {
-            "rotation_id": run.id, "psk_for": self.runtime.psk_for(account),
-            "policy_for": lambda t: self._policy(account, t),
-            "failures": dict(self._failures.get(account, {})), "on_drift": self.settings.rotation.on_drift,
+            "rotation_id": run.id, "policy_for": lambda t: self._policy(account, t),
+            "failures": dict(self._failures.get(account, {})), **self.runtime.request_options(account),
         }
 
         def select(t: TunnelInfo) -> bool:

@@ -91,6 +91,9 @@ class Metrics:
             self.max_age.labels(**labels).set(view.max_age)
         self.drifted.labels(**labels).set(1 if view.drifted else 0)
 
+    def measure_device(self, device: Device) -> Device:
+        return MeasuredDevice(device, self)
+
     def observe_ratelimit(self, remaining: float) -> None:
         self.ratelimit_remaining.set(remaining)
 
