@@ -359,7 +359,7 @@ def test_rate_reserve_from_config(sims, tmp_path):
     rt = build_runtime(settings)
     try:
         assert rt.cloudflare.rate_reserve == 0.35
-        assert config.load(None, env=sims.env()).rate_reserve == 0.2
+        assert config.load(None, env=sims.env()).cloudflare.rate_reserve == 0.2
     finally:
         rt.close()
     for bad in ("1.5", "-0.1", '"20%"'):
