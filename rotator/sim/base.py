@@ -109,6 +109,16 @@ class FaultBook:
         self.latency.clear()
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI request cycle."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
 def drop_connection(send: Send) -> bool:
     """Close the client connection without a response, as a lost reply looks on the wire.
 
@@ -208,18 +218,13 @@ class SimApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         raw_qs = scope.get("query_string", b"").decode("latin-1")
         # The server decoded the path once (as Vault's and Cloudflare's servers do); never again.
         req = Request(
             scope["method"], scope["path"], dict(parse_qsl(raw_qs, keep_blank_values=True)),
-            headers, b"".join(chunks),
+            headers, body,
         )
         if req.path.startswith("/_sim/"):
             await self._send(send, self._control(req))
