@@ -358,8 +358,8 @@ def test_rate_reserve_from_config(sims, tmp_path):
     settings = config.load(write_config(tmp_path, "[cloudflare]\nrate_reserve = 0.35\n"), env=sims.env())
     rt = build_runtime(settings)
     try:
-        assert rt.cloudflare.rate_reserve == 0.35
-        assert config.load(None, env=sims.env()).rate_reserve == 0.2
+        assert rt.cloudflare.api.rate_reserve == 0.35
+        assert config.load(None, env=sims.env()).cloudflare.rate_reserve == 0.2
     finally:
         rt.close()
     for bad in ("1.5", "-0.1", '"20%"'):

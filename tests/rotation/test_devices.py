@@ -12,7 +12,7 @@ from rotator.errors import VaultError
 from rotator.model import Outcome, PskSetResult, Record, ack
 from rotator.secret import Secret
 from tests.fakes import ACCOUNT, Crash, FakeDevice, after_landing, garbage, hang, lost_answer, raising, refuse, waiting
-from tests.rotation.world import World, managed, world
+from tests.rotation.world import World, lose_lease_after_validation, managed, world
 
 
 def device_world(n: int = 4, batch_size: int = 4, **kw: Any) -> World:
@@ -377,13 +377,7 @@ def test_a_rollback_that_fails_verification_leaves_both_ends_on_the_current_key(
 
 def test_no_device_call_starts_without_the_lease(w: World) -> None:
     calls = len(dev(w).calls)
-    w.engine.leases.ttl = 0.0  # every call must renew first, and renewing fails after validation
-
-    def seal(*_: object) -> None:
-        for op in ("lease", "lease_write"):
-            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
-
-    w.cf.faults.on("validate", seal)
+    lose_lease_after_validation(w)
     report = w.run()
     assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}
     assert all("lease lost" in (o.reason or "") for o in report.outcomes)
