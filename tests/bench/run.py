@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench import sim_throughput  # noqa: E402
+from tests.bench import ike, sim_throughput  # noqa: E402
 from tests.bench.common import env_of, machine, simulators  # noqa: E402
 
 CF_LATENCY, VAULT_LATENCY, BATCH, CONCURRENCY = 0.08, 0.002, 100, 16
@@ -200,18 +200,8 @@ def devices_markdown(r: dict) -> list[str]:
         lines.append(f"| {names[x['kind']]} | {x['wall_s']} | {x['floor_s']} | {x['over_floor']} | "
                      f"{x['over_cloudflare_only']} | {x['device_s']} ({x['device_floor_s']}) | {x['cloudflare_calls']} | "
                      f"{x.get('device_calls', '')} |")
-    ike = r.get("ike", {})
-    lines += ["", "| IKE lab, real tunnels end to end | wall s | ms per tunnel | share in re-authentication | "
-                  "vs simulated device (target < 2) | rotated |", "|---|---|---|---|---|---|"]
-    engine = ike.get("engine", {})
-    if "skipped" in ike or "skipped" in engine:
-        lines.append(f"| {IKE_TUNNELS} tunnels | skipped: {ike.get('skipped') or engine.get('skipped')} | | | | |")
-    else:
-        for label in ("strongswan", "simulated", "instant"):
-            x = engine[label]
-            ratio = f"{engine['ratio_to_simulated']}x" if label == "strongswan" else ""
-            lines.append(f"| {ike['tunnels']} tunnels, {label} device | {x['wall_s']} | {x['per_tunnel_ms']} | "
-                         f"{x['reauth_share']} | {ratio} | {x['rotated']} |")
+    if "ike" in r:
+        lines += ["", *ike.markdown(r["ike"]).splitlines()]
     return lines
 
 
