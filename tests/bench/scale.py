@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 
 from tests.bench.common import Meter, counts, device_process, env_of, simulators
+from tests.bench.devices import trivial_hook
 
 
 def prepare_ours(info, config_text: str = "", workdir: str = ""):
@@ -72,14 +73,6 @@ def peer(cf, vault, accounts):
                                                         secret={"psk": new.psk})
             rotated += 1
     return rotated
-
-
-def trivial_hook(directory: str) -> str:
-    """An exec hook that reads its input and succeeds: the cost of the exec machinery alone."""
-    path = Path(directory) / "trivial-hook"
-    path.write_text("#!/bin/sh\ncat >/dev/null\n")
-    path.chmod(0o755)
-    return str(path)
 
 
 def main() -> None:
