@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "run the daemon against the built-in simulators", account=False)
     demo.add_argument("--listen", default="127.0.0.1:9477", help="admin API address (HOST:PORT or [IPV6]:PORT)")
+    demo.add_argument("--ike", action="store_true", help="real IKE peers (strongSwan in network namespaces; root)")
 
     sim = command("sim", "start the Vault and Cloudflare simulators on loopback", account=False)
     sim.add_argument("--json", action="store_true", help="print one JSON line with addresses and credentials")
@@ -151,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from rotator.demo import run_demo
 
-        return run_demo(args.listen)
+        return run_demo(args.listen, ike=args.ike)
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
