@@ -171,7 +171,7 @@ def test_refusal_reasons_are_redacted_against_the_batch(env):
     key = "q" * 32
     sim.refuse_tunnels([tunnels[0]], reason=f"psk {key} is too weak", stage="validate")
     result = client().set_psks(A, {tunnels[0]: Secret(key)}, validate_only=True)
-    assert key not in result.unapplied[tunnels[0]] and "[redacted]" in result.unapplied[tunnels[0]]
+    assert key not in result.unapplied[tunnels[0]] and "**redacted**" in result.unapplied[tunnels[0]]
 
 
 # -- identifiers (issue 9.2) --------------------------------------------------------------------
