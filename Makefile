@@ -25,7 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py
 
-# The long fault campaign (issue 9): every fault class for 20 minutes unless told otherwise;
+# The long fault campaign (issue 9): the suite's fault classes for 20 minutes unless told otherwise;
 # prints its seed, the checks made and the violations found. ROTATOR_CAMPAIGN_SEED replays a schedule.
 campaign: $(STAMP)
 	ROTATOR_CAMPAIGN_SECONDS=$${ROTATOR_CAMPAIGN_SECONDS:-1200} $(BIN)/python -m tests.campaign

@@ -26,7 +26,7 @@ from rotator.config import Settings, check_for_daemon, split_listen
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
 from rotator.model import TunnelInfo
-from rotator.rotation.engine import ROTATED, UNKNOWN, RunReport, RunRequest, new_rotation_id
+from rotator.rotation.engine import ROTATED, UNKNOWN, WAITING, RunReport, RunRequest, new_rotation_id
 from rotator.schedule import Policy
 from rotator.service.admin import build_app
 from rotator.service.inventory import TunnelView, from_plan, rotated, summary
@@ -312,7 +312,7 @@ class Daemon:
                 failures[o.tunnel_id] = (count + 1, now)
                 before = views.get(o.tunnel_id)
                 if before is not None:
-                    pending = o.result == UNKNOWN or (o.reconciled and before.pending)
+                    pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
                     views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
                                                              last_error=o.reason, failures=count + 1)
         current = list(views.values())

@@ -2,17 +2,16 @@
 
 The campaign needs two things the simulators' own fault API does not give: to know when no request
 is in flight any more (so a round can end without a late request landing after the fault-free
-reconcile), and answers that are hostile *after* the simulator acted (a contradictory echo, a proxy's
-HTML page, a body that trickles in). The request always reaches the simulator unchanged; only the
-answer is rewritten, so the simulator's state stays the truth the monitor checks.
+reconcile), and answers that are hostile *after* the simulator acted (a proxy's HTML page where the
+apply or the write took effect; a body that trickles in for a bounded total time). The request always
+reaches the simulator unchanged; only the answer is rewritten, so the simulator's state stays the
+truth the monitor checks. (Contradictions and garbage where nothing takes effect come from the
+simulators' own fault API.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import random
-import string
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -27,14 +26,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 PROXY_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form action=\"/login\">"
               b"<input name=\"user\"></form></body></html>")
-ALNUM = string.ascii_letters + string.digits
 
 # kind -> what it does to a handled answer (the request took effect before the answer is rewritten)
 KINDS = (
-    "echo_other",  # successfully_applied_psks[tid].psk is another key than the one sent (apply or validate)
-    "both_maps",  # one tunnel id in successfully_applied_psks and in unapplied_psks
     "html",  # 200 text/html instead of the JSON answer (a login proxy in the way)
-    "wrong_types",  # 200 JSON with the wrong shape
     "trickle",  # the same answer, its body dripping in over `seconds`
 )
 
@@ -45,7 +40,6 @@ class Rewrite:
     kind: str
     remaining: int
     seconds: float = 0.0
-    seed: int = 0
 
 
 class Gate:
@@ -60,11 +54,11 @@ class Gate:
         self.rewritten = 0
 
     # -- control (thread-safe) -------------------------------------------------------------------
-    def arm(self, route: str, kind: str, count: int = 1, seconds: float = 0.0, seed: int = 0) -> None:
+    def arm(self, route: str, kind: str, count: int = 1, seconds: float = 0.0) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown rewrite {kind!r}")
         with self._lock:
-            self._rewrites.append(Rewrite(route, kind, count, seconds, seed))
+            self._rewrites.append(Rewrite(route, kind, count, seconds))
 
     def clear(self) -> None:
         with self._lock:
@@ -148,25 +142,6 @@ class _Capture:
 
 def _rewrite(rw: Rewrite, status: int, headers: list[tuple[bytes, bytes]],
              body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    if rw.kind == "trickle":
-        return status, headers, body
     if rw.kind == "html":
         return 200, [(b"content-type", b"text/html")], PROXY_PAGE
-    if rw.kind == "wrong_types":
-        garbage = {"data": {"data": ["not", "an", "object"], "metadata": {"version": "seven"}},
-                   "success": "yes", "result": "nothing"}
-        return 200, [(b"content-type", b"application/json")], json.dumps(garbage).encode()
-    try:
-        doc = json.loads(body)
-        applied = doc["result"]["successfully_applied_psks"]
-        unapplied = doc["result"]["unapplied_psks"]
-    except (ValueError, KeyError, TypeError):
-        return status, headers, body  # not a bulk-set answer (an error): nothing to contradict
-    if not applied:
-        return status, headers, body
-    tid = random.Random(rw.seed).choice(sorted(applied))
-    if rw.kind == "echo_other":
-        applied[tid]["psk"] = "".join(random.Random(rw.seed + 1).choice(ALNUM) for _ in range(32))
-    else:  # both_maps
-        unapplied[tid] = "tunnel is being modified"
-    return status, headers, json.dumps(doc, separators=(",", ":")).encode()
+    return status, headers, body  # trickle: the same answer, sent slowly

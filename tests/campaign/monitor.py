@@ -9,7 +9,7 @@ read and raise a false alarm. Far-end devices (``ends``: anything with a ``lock`
 taken first, because a simulated device may ask Cloudflare's simulator for its peer key while it
 holds its own lock, and nothing holds Vault's lock while asking for another.
 
-Drift: a key someone set outside the rotator (here: ``psk_generate``, as a dashboard user would) is
+Drift: a key someone set outside the rotator (``psk_generate``, the dashboard, Terraform) is
 unknown to Vault by definition. While Cloudflare holds such a key the tunnel is *drifted*, not in
 violation; the rotator must heal it (the round's strict check says whether it did).
 """
@@ -26,6 +26,7 @@ from typing import Any
 from rotator.sim import Simulators
 
 PREFIX = "cloudflare/magic-ipsec"
+OUT_OF_BAND = ("psk_generate", "out_of_band")  # how the Cloudflare simulator's history names keys set outside
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Monitor:
             locks.enter_context(vault.lock)
             history = cf.applied_history()
             for h in history[self._history_seen:]:
-                if h.via == "psk_generate":
+                if h.via in OUT_OF_BAND:
                     self._oob.setdefault((h.account, h.tunnel), set()).add(h.psk)
             self._history_seen = len(history)
             for account, tunnels in self.sims.tunnels_by_account.items():

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.campaign.gate import Gate
 from tests.campaign.harness import (
     CLASSES,
     DEFAULT_FAULTS,
@@ -42,6 +43,8 @@ def test_campaign_keeps_the_invariant(capsys):
 def test_fault_classes_parse():
     assert parse_faults(None) == DEFAULT_FAULTS
     assert parse_faults("all") == tuple(CLASSES)
+    assert set(CLASSES) - set(DEFAULT_FAULTS) <= {"takeover"}
+    assert parse_faults("all,-drift,-oddids") == tuple(c for c in CLASSES if c not in ("drift", "oddids"))
     assert "drift" not in parse_faults("all,-drift")
     assert parse_faults("kill,drift") == ("kill", "drift")
     with pytest.raises(ValueError, match="unknown fault class 'nope'"):
@@ -88,20 +91,19 @@ def test_the_monitor_sees_a_key_vault_does_not_have_and_tells_drift_apart():
         assert monitor.figures.violations == 1  # one episode, however long it lasts
 
 
-def test_the_gate_contradicts_an_answer_after_the_simulator_applied_the_key():
+def test_the_gate_answers_a_login_page_after_the_simulator_applied_the_key():
     with GatedSimulators(accounts=1, tunnels=2) as sims:
         acc = next(iter(sims.tunnels_by_account))
         t1, t2 = sims.tunnels_by_account[acc]
-        sims.cf_gate.arm("cf.psk_apply", "echo_other", seed=3)
-        echoed = _set(sims, acc, {t1: "A" * 32, t2: "B" * 32})["successfully_applied_psks"]
-        assert sims.cloudflare.psks(acc) == {t1: "A" * 32, t2: "B" * 32}
-        assert sorted(e["psk"] == k for e, k in ((echoed[t1], "A" * 32), (echoed[t2], "B" * 32))) == [False, True]
-        sims.cf_gate.arm("cf.psk_apply", "both_maps")
-        result = _set(sims, acc, {t1: "C" * 32})
-        assert t1 in result["successfully_applied_psks"] and t1 in result["unapplied_psks"]
-        assert sims.cloudflare.psk_of(acc, t1) == "C" * 32
-        assert _set(sims, acc, {t1: "D" * 32}, validate=True)["successfully_applied_psks"][t1]["psk"] == "D" * 32
-        assert sims.cf_gate.inflight == 0 and sims.cf_gate.rewritten == 2
+        sims.cf_gate.arm("cf.psk_apply", "html")
+        r = httpx.post(f"{sims.cloudflare_base_url}/accounts/{acc}/magic/ipsec_tunnels/psk",
+                       json={"psks": [{"id": t1, "psk": "A" * 32}]},
+                       headers={"Authorization": f"Bearer {sims.cloudflare_api_token}"})
+        assert r.status_code == 200 and r.headers["content-type"] == "text/html" and b"<form" in r.content
+        assert sims.cloudflare.psk_of(acc, t1) == "A" * 32  # it took effect all the same
+        sims.cf_gate.arm("cf.psk_validate", "html")
+        assert _set(sims, acc, {t2: "B" * 32})["successfully_applied_psks"][t2]["psk"] == "B" * 32  # other route
+        assert sims.cf_gate.inflight == 0 and sims.cf_gate.rewritten == 1
 
 
 class _Device:
@@ -136,3 +138,24 @@ def test_the_output_scan_finds_a_key_inside_any_run_of_characters():
     texts = ["nothing here", f'{{"detail": "psk={key}"}}', f"prefix{token}suffix and more"]
     assert find_secrets(texts, {key, token, "Z" * 32, "short"}) == {key, token}
     assert find_secrets(["A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p"], {key}) == set()
+
+
+def test_the_gate_serves_the_simulated_device_and_counts_its_requests():
+    device_mod = pytest.importorskip("rotator.sim.device")
+    from rotator.adapters.devices.webhook import WebhookDevice
+    from rotator.httpserver import ServerThread
+    from rotator.rotation.ports import DeviceStatus, DeviceTunnel
+    from rotator.secret import Secret
+
+    device = device_mod.DeviceSim(name="sim-device")
+    gate = Gate(device)
+    server = ServerThread(gate).start()
+    try:
+        client = WebhookDevice("sim-device", server.url + device_mod.PATH, Secret(device.secret), timeout=5)
+        acc, tid = "a" * 32, "b" * 32
+        tunnel = DeviceTunnel(tid, "tun1", Secret("K" * 32), None)
+        result = client.deliver(acc, "r1", [tunnel], deadline=time.monotonic() + 5)
+        assert result[tid].status == DeviceStatus.OK and device.held(acc, tid) == "K" * 32
+        assert gate.inflight == 0
+    finally:
+        server.stop()
