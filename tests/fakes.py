@@ -164,6 +164,7 @@ class FakeCloudflare:
     def __init__(self) -> None:
         self.tunnels: dict[str, list[TunnelInfo]] = defaultdict(list)
         self.keys: dict[str, str] = {}
+        self.initial: dict[str, str] = {}  # the key each tunnel had before the rotator managed it
         self.generated_on: dict[str, str] = {}
         self.refused: dict[tuple[str, str], str] = {}  # (stage, tunnel) -> reason
         self.faults = Faults()
@@ -174,7 +175,7 @@ class FakeCloudflare:
         ids = [tid(start + i + 1) for i in range(n)]
         for i, t in enumerate(ids):
             self.tunnels[account_id].append(TunnelInfo(t, f"tun{start + i + 1:05d}", **info))
-            self.keys[t] = f"initial-{t}"
+            self.keys[t] = self.initial[t] = f"initial-{t}"
         return ids
 
     def key_of(self, tunnel_id: str) -> str:
@@ -344,22 +345,26 @@ def assert_invariant(cloudflare: FakeCloudflare, vault: FakeVault, account_id: s
     Returns how many managed tunnels were checked.
 
     Non-strict: for every managed tunnel, Cloudflare's key and the device's key are each the latest
-    record's psk or pending_psk. Strict (no rotation in flight): both are psk and nothing is pending."""
+    record's psk or pending_psk (during a tunnel's first rotation, also the key it had before).
+    Strict (no rotation in flight): both are psk and nothing is pending."""
     checked = 0
     for tunnel in cloudflare.tunnels[account_id]:
         rec = vault.latest(account_id, tunnel.id)
-        if rec is None or (rec.psk is None and rec.pending_psk is None):
+        if rec is None or (rec.psk is None and rec.pending_psk is None and tunnel.id not in cloudflare.initial):
             continue  # never rotated by us: not managed yet
         checked += 1
         allowed = {k.reveal() for k in (rec.psk, rec.pending_psk) if k is not None}
+        if rec.psk is None and tunnel.id in cloudflare.initial:
+            allowed.add(cloudflare.initial[tunnel.id])  # a first rotation in flight: the ends may still
+            # hold the key they had before the rotator managed them
         ends = {"Cloudflare": cloudflare.key_of(tunnel.id)}
         device = (devices or {}).get(tunnel.id)
         if device is not None and tunnel.id in device.keys:
             ends[f"device {device.name}"] = device.keys[tunnel.id]
         for end, held in ends.items():
             if strict:
-                assert rec.psk is not None and held == rec.psk.reveal(), \
-                    f"{tunnel.id}: {end} holds a key that is not the record's psk"
+                expected = rec.psk.reveal() if rec.psk is not None else cloudflare.initial.get(tunnel.id)
+                assert held == expected, f"{tunnel.id}: {end} holds a key that is not the record's psk"
             else:
                 assert held in allowed, f"{tunnel.id}: {end} holds a key Vault does not have (invariant broken)"
         if strict:

@@ -55,12 +55,12 @@ def _objects() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _tool(name: str) -> str:
+def _tool(name: str, package: str = "") -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is missing: CI must install it (.ci/run)")
-        pytest.skip(f"{name} not installed (apt-get install systemd)")
+        pytest.skip(f"{name} not installed (apt-get install {package or name})")
     return path
 
 
@@ -304,7 +304,7 @@ def _unit_root(tmp_path: Path, unit_text: str) -> Path:
 
 
 def _verify(root: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_tool("systemd-analyze"), "verify", f"--root={root}", UNIT.name], capture_output=True,
+    return subprocess.run([_tool("systemd-analyze", "systemd"), "verify", f"--root={root}", UNIT.name], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -323,7 +323,7 @@ def test_the_unit_is_hardened_by_systemds_own_measure(tmp_path):
     if not Path("/usr/lib/systemd/system/multi-user.target").exists():
         pytest.skip("no systemd unit files here (apt-get install systemd)")
     root = _unit_root(tmp_path, UNIT.read_text())
-    proc = subprocess.run([_tool("systemd-analyze"), "security", "--offline=yes", f"--root={root}", "--no-pager",
+    proc = subprocess.run([_tool("systemd-analyze", "systemd"), "security", "--offline=yes", f"--root={root}", "--no-pager",
                            UNIT.name], capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert match, proc.stdout + proc.stderr
@@ -366,7 +366,8 @@ def test_the_env_file_and_the_example_config_pass_config_check(tmp_path):
                     reason="builds the image with buildah (minutes, root): set ROTATOR_IMAGE_TEST=1")
 @pytest.mark.timeout(1800)
 def test_the_image_builds_and_runs_help_and_the_demo():
-    """tools/build-image.sh: the Dockerfile through buildah, then `rotator --help` and `rotator demo` inside."""
+    """tools/build-image.sh: the Dockerfile through buildah, then `rotator --help` and `rotator demo` inside,
+    once as buildah runs the container and once on its root file system mounted read-only."""
     if os.geteuid() != 0:
         pytest.skip("buildah with vfs storage and chroot isolation needs root")
     for name in ("buildah", "debootstrap"):
@@ -379,11 +380,13 @@ def test_the_image_builds_and_runs_help_and_the_demo():
     assert result["event"] == "image_built"
     assert result["user"] == "10001" and result["entrypoint"] == ["rotator"] and result["cmd"] == ["run"]
     assert result["healthcheck"] and "/healthz" in " ".join(result["healthcheck"])
-    demo = result["demo"]
-    assert demo["uid"] == 10001, "the demo ran as the image's user"
-    assert demo["demo_ready"]["event"] == "demo_ready" and demo["healthz"] == 200
-    assert demo["healthcheck_exit"] == 0, "the image's HEALTHCHECK command passes against the running demo"
-    assert demo["rotated"] >= 1 and demo["exit"] == 0 and not demo["traceback"]
+    for demo in (result["demo"], result["demo_read_only_root"]):
+        assert demo["uid"] == 10001, "the demo ran as the image's user"
+        assert demo["demo_ready"]["event"] == "demo_ready" and demo["healthz"] == 200
+        assert demo["healthcheck_exit"] == 0, "the image's HEALTHCHECK command passes against the running demo"
+        assert demo["rotated"] >= 1 and demo["exit"] == 0 and not demo["traceback"]
+    # As config/deploy/kubernetes runs it: readOnlyRootFilesystem, /tmp an emptyDir.
+    assert result["demo_read_only_root"]["root_read_only"] and not result["demo"]["root_read_only"]
 
 
 # --- the docs -------------------------------------------------------------------------------------------
@@ -409,8 +412,45 @@ def test_every_link_in_the_deployment_docs_resolves():
             path, _, anchor = target.partition("#")
             file = (page.parent / path).resolve() if path else page
             assert file.exists(), target
-            # The "Far-end devices" chapter comes with device support; every other anchor must exist now.
-            if anchor and file.suffix == ".md" and anchor != "far-end-devices":
+            if anchor and file.suffix == ".md":
                 assert anchor in _anchors(file.read_text()), target
             checked += 1
     assert checked >= 20
+
+
+def test_the_kubernetes_walkthrough_names_what_the_manifests_use():
+    """The Vault role, the Secret command and the image step in docs/kubernetes.md match the manifests."""
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    objs = _objects()
+    dep = objs[("Deployment", "psk-rotator")]
+    ns, sa = dep["metadata"]["namespace"], dep["spec"]["template"]["spec"]["serviceAccountName"]
+    toml = objs[("ConfigMap", "psk-rotator")]["data"]["rotator.toml"]
+    role = re.search(r'role = "([^"]+)"', toml).group(1)
+    auth_mount = re.search(r'mount = "([^"]+)"', toml[toml.index("[vault.auth]"):]).group(1)
+    assert f"vault write auth/{auth_mount}/role/{role} " in doc
+    assert re.findall(r"bound_service_account_names=(\S+)", doc) == [sa]
+    assert re.findall(r"bound_service_account_namespaces=(\S+)", doc) == [ns]
+    policy = re.search(r"token_policies=(\S+)", doc).group(1)
+    assert f"vault policy write {policy} " in doc
+    # The `kubectl create secret` command creates the Secret the pod reads, with every required key.
+    command = re.search(r"kubectl -n (\S+) create secret generic (\S+) ((?:.*\\\n)*.*)", doc)
+    assert command and command.group(1) == ns
+    secret = objs[("Secret", command.group(2))]
+    assert set(re.findall(r"--from-literal=(\w+)=", command.group(3))) == set(secret["stringData"])
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    kust = _docs(K8S / "kustomization.yaml")[0]
+    assert f"kustomize edit set image {container['image']}=" in doc and kust["namespace"] == ns
+
+
+def test_the_systemd_walkthrough_names_what_the_unit_uses():
+    doc = (ROOT / "docs" / "systemd.md").read_text()
+    unit = UNIT.read_text()
+    user = re.search(r"^User=(\S+)$", unit, re.M).group(1)
+    env_file = re.search(r"^EnvironmentFile=-?(\S+)$", unit, re.M).group(1)
+    config = re.search(r"^Environment=ROTATOR_CONFIG=(\S+)$", unit, re.M).group(1)
+    venv = re.search(r"^ExecStart=(\S+)/bin/rotator run$", unit, re.M).group(1)
+    assert re.search(rf"useradd (?:.*\\\n)*.*\b{user}$", doc, re.M), "the user the unit runs as is created"
+    assert f"python3 -m venv {venv}" in doc
+    assert re.search(rf"install -m 0640 -o root -g {user} \S+ {config}$", doc, re.M)
+    assert re.search(rf"install -m 0640 -o root -g {user} \S*psk-rotator.env.example {env_file}$", doc, re.M)
+    assert f"install -m 0644 config/deploy/systemd/{UNIT.name} /etc/systemd/system/" in doc

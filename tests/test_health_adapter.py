@@ -103,3 +103,15 @@ def test_retries_a_server_error_within_the_deadline(env):
     assert health.tunnel_health(A, ["site-0"], since=time.time() - 60, deadline=soon()) == \
         {"site-0": HealthState.HEALTHY}
     assert sim.request_counts()["cf.graphql"] == 2
+
+
+def test_error_texts_never_quote_the_credential(cf_sim):
+    sim, base = cf_sim
+    sim.add_account(A)
+    token = "H" * 40
+    sim.add_token(token)
+    sim.fail_next("cf.graphql", status=400, message=f"token {token} lacks Analytics Read")
+    with httpx.Client() as http, pytest.raises(CloudflareError) as exc:
+        CloudflareHealth(http, base_url=base, api_token=token).tunnel_health(
+            A, ["x"], since=time.time() - 60, deadline=soon())
+    assert token not in str(exc.value) and token not in repr(exc.value) and "lacks Analytics Read" in str(exc.value)

@@ -150,3 +150,23 @@ def test_paths_are_decoded_once_as_vault_does(vault_sim):
         root.secrets.kv.v2.read_secret_version("enc/x/y", raise_on_deleted_version=True)
     assert root.secrets.kv.v2.read_secret_version("enc/x%2Fy", raise_on_deleted_version=True)["data"]["data"] \
         == {"v": "1"}
+
+
+def test_statuses_hvac_does_not_name_and_texts_that_look_like_transport_kinds():
+    import hvac.exceptions as hx
+
+    odd = translate(hx.UnexpectedError("http: request body too large"), "writing x", write=True)
+    assert "unexpected status" in str(odd) and odd.ambiguous  # unknown status: the write may have landed
+    refused = translate(hx.Unauthorized("missing client token"), "writing x", write=True)
+    assert not refused.ambiguous and refused.status == 401 and "missing client token" in str(refused)
+    multi = translate(hx.Forbidden(errors=["1 error occurred:\n\t* permission denied\n\n"]), "reading x")
+    assert str(multi).startswith("reading x: Vault denied permission (403: permission denied)")
+
+
+def test_latest_under_is_one_consistent_view(env):
+    sim, store, _ = env
+    store.write(Record(A, T, psk=Secret("p" * 32)))
+    rec = store.write(Record(A, "d" * 32, psk=Secret("q" * 32)))
+    store.write(Record(A, "d" * 32, version=rec.version, psk=Secret("r" * 32)))
+    view = sim.latest_under(f"cloudflare/magic-ipsec/{A}/")
+    assert {p.rsplit("/", 1)[1]: d["psk"] for p, d in view.items()} == {T: "p" * 32, "d" * 32: "r" * 32}

@@ -10,7 +10,9 @@
 #    --fresh makes it again.
 # 3. `buildah build` runs the Dockerfile's two stages (pip installs from PyPI inside the build).
 # 4. Proof, inside a container of the built image, as its user: `rotator --help`, then `rotator demo`
-#    until it prints demo_ready, GET /healthz and /metrics, SIGINT, exit 0.
+#    until it prints demo_ready, GET /healthz, the image's HEALTHCHECK command, rotations in /metrics,
+#    SIGINT, exit 0; then the demo again on the image's root mounted read-only with a tmpfs /tmp, as
+#    the Kubernetes manifests run it.
 # The last line printed is one JSON object with the figures. Everything made is removed on exit
 # except the base cache and, with --keep, the image (then: buildah --root $WORK/storage ... push).
 set -euo pipefail
@@ -130,20 +132,43 @@ try:
 finally:
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-print(json.dumps({"uid": os.getuid(), "demo_ready": ready, "seconds_to_ready": round(t_ready, 2), "healthz": health, "healthcheck_exit": healthcheck,
+print(json.dumps({"uid": os.getuid(), "root_read_only": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
+                  "demo_ready": ready, "seconds_to_ready": round(t_ready, 2), "healthz": health, "healthcheck_exit": healthcheck,
                   "rotated": rotated, "exit": p.returncode, "traceback": "Traceback" in err}))
 PY
 )
 demo_out=$("${B[@]}" run --isolation chroot "$c" -- python -c "$probe" "$healthcheck" | tail -1)
+# The same again as the Kubernetes pod runs it (config/deploy/kubernetes): the image's root file
+# system read-only, /tmp a small tmpfs, uid and gid 10001, no environment but the image's.
+mnt=$("${B[@]}" mount "$c")
+mkdir -p "$mnt/tmp" "$mnt/dev" "$mnt/proc"  # in this throwaway container, not in the image
+# shellcheck disable=SC2016  # the inner script expands its own arguments
+ro_out=$(unshare --mount --fork -- sh -ec '
+  mnt=$1; shift
+  mount --bind "$mnt" "$mnt"
+  mount -o remount,bind,ro "$mnt"
+  mount -t tmpfs -o size=16m,mode=1777 tmpfs "$mnt/tmp"
+  mount --rbind /dev "$mnt/dev"
+  mount -t proc proc "$mnt/proc"
+  exec chroot --userspec=10001:10001 "$mnt" /usr/bin/env -i PATH=/opt/psk-rotator/bin:/usr/bin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/nonexistent python -c "$@"
+' sh "$mnt" "$probe" "$healthcheck" | tail -1)
+"${B[@]}" umount "$c" >/dev/null
 t_proof=$(now)
-python3 - "$demo_out" <<'PY' || die "the demo did not run cleanly in the image: $demo_out"
+check_demo() {
+  python3 - "$1" "$2" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
-sys.exit(0 if r["uid"] == 10001 and r["healthz"] == 200 and r["healthcheck_exit"] == 0 and r["rotated"] >= 1 and r["exit"] == 0 and not r["traceback"] else 1)
+ok = (r["uid"] == 10001 and r["healthz"] == 200 and r["healthcheck_exit"] == 0 and r["rotated"] >= 1
+      and r["exit"] == 0 and not r["traceback"] and (r["root_read_only"] or sys.argv[2] != "ro"))
+sys.exit(0 if ok else 1)
 PY
-python3 - "$WORK" "$IMAGE" "$base_source" "$demo_out" "$t0" "$t_base" "$t_build" "$t_proof" <<'PY'
+}
+check_demo "$demo_out" rw || die "the demo did not run cleanly in the image: $demo_out"
+check_demo "$ro_out" ro || die "the demo did not run cleanly on the image's read-only root: $ro_out"
+python3 - "$WORK" "$IMAGE" "$base_source" "$demo_out" "$ro_out" "$t0" "$t_base" "$t_build" "$t_proof" <<'PY'
 import json, sys
-work, image, base, demo, t0, t_base, t_build, t_proof = sys.argv[1:]
+work, image, base, demo, demo_ro, t0, t_base, t_build, t_proof = sys.argv[1:]
 config = json.load(open(f"{work}/inspect.json"))["Docker"]["config"]
 t0, t_base, t_build, t_proof = map(float, (t0, t_base, t_build, t_proof))
 print(json.dumps({"event": "image_built", "image": image, "base": base, "user": config.get("User"),
@@ -152,5 +177,5 @@ print(json.dumps({"event": "image_built", "image": image, "base": base, "user": 
                   "size": open(f"{work}/size.txt").read().strip(),
                   "seconds": {"base": round(t_base - t0, 1), "build": round(t_build - t_base, 1),
                               "proof": round(t_proof - t_build, 1)},
-                  "help_ok": True, "demo": json.loads(demo)}))
+                  "help_ok": True, "demo": json.loads(demo), "demo_read_only_root": json.loads(demo_ro)}))
 PY

@@ -198,6 +198,7 @@ class CloudflareClient:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = auth_headers(api_token, email, api_key)
+        self._credentials = tuple(v for v in (api_token, api_key) if v)  # redacted from texts, like keys
         self._retry = retry or RetryPolicy()
         self._observe = observe or (lambda endpoint, status: None)
         self._on_ratelimit = on_ratelimit or (lambda remaining: None)
@@ -320,7 +321,7 @@ class CloudflareClient:
               keys: Iterable[str] = (), need: int = 1, reserve: bool = True, **kwargs: Any) -> Any:
         ambiguous = False
         policy = self._retry
-        keys = tuple(keys)
+        keys = (*keys, *self._credentials)
 
         retries = 0
 

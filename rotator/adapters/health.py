@@ -22,7 +22,14 @@ from typing import Any
 
 import httpx
 
-from rotator.adapters.cloudflare import DEFAULT_BASE_URL, DeadlinePassed, auth_headers, check_account_id, exchange
+from rotator.adapters.cloudflare import (
+    DEFAULT_BASE_URL,
+    DeadlinePassed,
+    auth_headers,
+    check_account_id,
+    exchange,
+    redact,
+)
 from rotator.errors import CloudflareError
 from rotator.rotation.ports import HealthState
 
@@ -71,6 +78,7 @@ class CloudflareHealth:
         self._http = http
         self._url = base_url.rstrip("/") + "/graphql"
         self._headers = auth_headers(api_token, email, api_key)
+        self._credentials = tuple(v for v in (api_token, api_key) if v)
         self._attempts = max(1, attempts)
         self._clock = clock
 
@@ -114,7 +122,12 @@ class CloudflareHealth:
                 last = CloudflareError(f"Cloudflare's GraphQL API answered {answer.status}", HINT,
                                        status=answer.status, retryable=True)
                 continue
-            return _groups(answer.status, answer.body)
+            try:
+                return _groups(answer.status, answer.body)
+            except CloudflareError as exc:
+                exc.message = redact(exc.message, self._credentials)
+                exc.args = (exc.message,)
+                raise
         raise last or CloudflareError("no time left to ask Cloudflare for tunnel health", HINT, retryable=True)
 
 

@@ -60,6 +60,8 @@ ERROR_TABLE: tuple[_Row, ...] = (
 )
 _SERVER_ERROR: _Row = (None, None, VaultError, "Vault had a server-side problem", "check the Vault server logs",
                        True, True)
+_CLIENT_ERROR: _Row = (None, None, VaultError, "Vault refused the request", "check the Vault server logs",
+                       False, False)
 _OTHER_ERROR: _Row = (None, None, VaultError, "Vault answered an unexpected status", "check the Vault server logs",
                       False, True)
 _STATUS_OF: dict[type[hx.VaultError], int] = {
@@ -73,7 +75,7 @@ def _key_of(exc: Exception) -> tuple[int | None, str] | None:
     """(status, error text) of a failure from hvac or requests; None for anything else."""
     if isinstance(exc, hx.VaultError):
         text = ", ".join(str(e) for e in exc.errors) if isinstance(exc.errors, list) else str(exc.args[0] or "")
-        return _STATUS_OF.get(type(exc)), text
+        return _STATUS_OF.get(type(exc), 0), text  # 0: a status hvac does not name
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return None, "refused"
     if isinstance(exc, requests.exceptions.Timeout):
@@ -98,10 +100,11 @@ def translate(exc: Exception, what: str, *, write: bool = False) -> VaultError:
     status, text = key
     row = next((r for r in ERROR_TABLE if r[0] == status and (r[1] is None or r[1] in text)), None)
     if row is None:
-        row = _SERVER_ERROR if (status or 0) >= 500 else _OTHER_ERROR
+        code = status or 0
+        row = _SERVER_ERROR if code >= 500 else _CLIENT_ERROR if code >= 400 else _OTHER_ERROR
     _, _, cls, happened, hint, retryable, ambiguous = row
-    detail = _one_line(text) if status is not None and status != 200 else ""
-    label = f"{status}" + (f": {detail}" if detail else "") if status not in (None, 200) else ""
+    detail = _one_line(text) if status not in (None, 200) else ""
+    label = (f"{status or 'status'}" + (f": {detail}" if detail else "")) if status not in (None, 200) else ""
     message = f"{what}: {happened}" + (f" ({label})" if label else "")
     return cls(message, hint, status=status, retryable=retryable, ambiguous=write and ambiguous)
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from rotator.errors import CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Outcome, Record, TunnelInfo
+from rotator.model import Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
@@ -38,6 +40,7 @@ ROLLED_BACK, FAILED, WAITING = Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.WAIT
 RESULTS = tuple(Outcome)
 rfc3339 = steps.rfc3339
 DEVICE_WORKERS = 16
+IN_FLIGHT = (Outcome.UNKNOWN, Outcome.WAITING)  # the key stays pending
 
 
 @dataclass(slots=True)
@@ -183,7 +186,8 @@ class Engine:
                     self.leases.release(req.account_id)
         except LeaseHeld as exc:
             report.error = str(exc)
-            report.outcomes = [TunnelOutcome(t, t, SKIPPED, str(exc)) for t in (req.tunnels or [])]
+            for wanted in req.tunnels or []:
+                tally.settle(TunnelInfo(wanted, wanted), SKIPPED, str(exc))
         except (CloudflareError, VaultError) as exc:
             report.error = tally.redact(str(exc))
             log.error("run_failed", error=report.error)
@@ -253,6 +257,27 @@ class Engine:
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
 
+    # -- acknowledgements (manual devices) -----------------------------------------------------
+    def acknowledge(self, account_id: str, tunnels: Sequence[str]) -> dict[str, str | None]:
+        """``rotator ack``: mark each named tunnel's pending key as held by its manual device (CAS
+        write of ``model.ack``). Returns tunnel id -> None when acknowledged, else why not; the
+        next run or reconcile applies acknowledged keys. Raises ConfigError for an unknown name."""
+        chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+        records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
+        out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
+        wanted: list[Record] = []
+        for tid, rec in records.items():
+            if isinstance(rec, VaultError):
+                out[tid] = f"reading Vault: {rec}"
+                continue
+            try:
+                wanted.append(ack(rec))
+            except ValueError as exc:
+                out[tid] = str(exc)
+        for tid, res in (self.store.write_many(wanted) if wanted else {}).items():
+            out[tid] = None if isinstance(res, Record) else f"writing the acknowledgement failed: {res}"
+        return out
+
     # -- the lease guard ------------------------------------------------------------------------
     def _still_leased(self, account_id: str) -> bool:
         try:
@@ -261,13 +286,28 @@ class Engine:
         except (LeaseHeld, VaultError):
             return False
 
-    def _apply_deadline(self, account_id: str) -> float | None:
-        """Renew the lease if less than half is left; no attempt may start later than the deadline."""
-        if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
+    @contextlib.contextmanager
+    def _cover(self, account_id: str, seconds: float, resend: bool) -> Iterator[float | None]:
+        """One mutating call of total deadline ``seconds`` under the lease (steps.Context.cover); yields
+        the latest start of an attempt. Raises LeaseLost, nothing sent, when the lease is gone.
+
+        With a lease manager that offers ``covering`` (a keepalive during the call, late landings
+        remembered), that is used; otherwise the lease is renewed when less than half is left, so a
+        call of up to half the TTL ends before it."""
+        covering = getattr(self.leases, "covering", None)
+        with contextlib.ExitStack() as stack:
             try:
-                self.leases.acquire(account_id)
+                if covering is not None:
+                    deadline = stack.enter_context(covering(account_id, seconds, resend=resend))
+                else:
+                    deadline = self._renewed(account_id)
             except (LeaseHeld, VaultError) as exc:
                 raise LeaseLost(str(exc)) from exc
+            yield deadline
+
+    def _renewed(self, account_id: str) -> float | None:
+        if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
+            self.leases.acquire(account_id)
         expiry = self.leases.expires_at(account_id)
         return None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
 
@@ -278,10 +318,14 @@ class Engine:
                   drifted=len(the_plan.drifted))
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
-                          lambda: self._apply_deadline(req.account_id), tally.redact, pool, log, self.clock,
-                          req.ack_timeout, req.health)
+                          functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,
+                          req.ack_timeout, req.health, self.apply_guard)
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
-            self._steps(ctx, tally, going_back, self.backward)
+            if req.dry_run:  # a dry run changes nothing, not even an interrupted rollback
+                for item in going_back:
+                    tally.settle(item.tunnel, SKIPPED, "dry run: a rollback is in flight; reconcile finishes it", True)
+            else:
+                self._steps(ctx, tally, going_back, self.backward)
             phases = self._phases(ctx, tally, req, total)
             batches = self._batches([i for i in items if i.mode is not Mode.ROLLING_BACK])
             (pipeline.run_pipelined if self.pipelined else pipeline.run_sequential)(batches, phases)
@@ -322,6 +366,7 @@ class Engine:
             self._timed(tally.report, step.__name__, started)
             tally.settled(result)
             steps.note(ctx, result.settled)
+            ctx.busy_pairs.update(i.pair for i, o, _ in result.settled if o in IN_FLIGHT and i.pair is not None)
             back.extend(result.back)
             items, halt = result.moved, halt or result.halt
         if back:
@@ -340,14 +385,14 @@ class Engine:
 
     def _batches(self, items: list[Item]) -> list[list[Item]]:
         """Batches of ``batch_size``; tunnels sharing a device and customer endpoint (a redundant pair)
-        go into different waves, so one is verified before the other starts."""
+        go into different waves, so one is verified before the other starts; a key already in flight
+        goes first, and its partner waits for a later run if it stays in flight."""
         waves: list[list[Item]] = [[]]
         seen: collections.Counter[tuple[str, str]] = collections.Counter()
-        for item in items:
+        for item in sorted(items, key=lambda i: not i.reconcile):  # keys in flight settle first
             wave = 0
-            if item.device is not None and item.tunnel.customer_endpoint:
-                pair = (item.device.name, item.tunnel.customer_endpoint)
-                wave, seen[pair] = seen[pair], seen[pair] + 1
+            if item.pair is not None:
+                wave, seen[item.pair] = seen[item.pair], seen[item.pair] + 1
             while len(waves) <= wave:
                 waves.append([])
             waves[wave].append(item)

@@ -78,7 +78,7 @@ def due_at(policy: Policy, tunnel: TunnelInfo, record: Record, now: float, failu
     return next_due(policy, tunnel.id, rotated, now, failures, last_failure)
 
 
-def _view(tunnel: TunnelInfo, rec: Record, due: float | None, drifted: bool) -> TunnelView:
+def view_of(tunnel: TunnelInfo, rec: Record, due: float | None, drifted: bool) -> TunnelView:
     state = "unmanaged" if rec.version == 0 else rec.state
     last = parse_time(rec.rotated_at) or parse_time(tunnel.last_generated_on)
     return TunnelView(tunnel.id, tunnel.name, state, rec.pending_psk is not None, rec.last_error, last, due, drifted)
@@ -115,7 +115,7 @@ def plan(tunnels: Sequence[TunnelInfo], records: Mapping[str, Record | VaultErro
         drifted = is_drifted(tunnel, rec)
         if drifted:
             out.drifted.append(tunnel.id)
-        out.views.append(_view(tunnel, rec, when, drifted))
+        out.views.append(view_of(tunnel, rec, when, drifted))
         mode = _mode(tunnel, rec, is_due and not reconcile_only, drifted, rollback, on_drift)
         if mode is Mode.ROLLBACK and rec.previous_psk is None:
             out.settled.append((tunnel, Outcome.REFUSED, "no previous key to roll back to"))

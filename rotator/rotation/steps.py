@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ class Item:
     device: Device | None = None
     cf_may_hold: bool = False   # Cloudflare may hold ``key``: taking it back needs an apply of psk
     dev_may_hold: bool = False  # the device may hold ``key``: taking it back needs a device rollback
-    dev_refused: bool = False   # the device said it definitely did not take ``key``
+    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so, or never acked it)
     outcome: Outcome | None = None  # the outcome once taken back
     reason: str | None = None
     final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
@@ -62,6 +63,13 @@ class Item:
     @property
     def id(self) -> str:
         return self.tunnel.id
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """A redundant pair: tunnels that share a device and a customer endpoint."""
+        if self.device is None or not self.tunnel.customer_endpoint:
+            return None
+        return self.device.name, self.tunnel.customer_endpoint
 
     @property
     def reconcile(self) -> bool:
@@ -88,23 +96,26 @@ class Result:
 
 @dataclass
 class Context:
-    """What steps may use. ``apply_deadline`` renews the lease if needed and returns the UNIX time
-    no Cloudflare attempt may start after (and every device call must end before); it raises
-    LeaseLost when the lease is gone."""
+    """What steps may use. ``cover(seconds, resend)`` runs one mutating call of total deadline
+    ``seconds`` under the lease (the engine's lease guard): it yields the latest UNIX time an attempt
+    may start (None: no bound), or raises LeaseLost before anything is sent. ``resend``: the call
+    only re-sends keys already pending in Vault."""
 
     account_id: str
     rotation_id: str
     dry_run: bool
     api: TunnelApi
     store: RecordStore
-    apply_deadline: Callable[[], float | None]
+    cover: Callable[[float, bool], AbstractContextManager[float | None]]
     redact: Callable[[str], str]
     pool: concurrent.futures.Executor
     log: Any
     clock: Callable[[], float] = time.time
     ack_timeout: float | None = None
     health: Health | None = None  # Cloudflare's tunnel health, judged after the apply (optional)
+    call_timeout: float = 30.0  # the total deadline of one Cloudflare call
     health_timeout: float = 30.0
+    busy_pairs: set[tuple[str, str]] = field(default_factory=set)  # pairs with a key left in flight
 
 
 Step = Callable[[Context, list[Item]], Result]
@@ -185,8 +196,13 @@ def validate(ctx: Context, items: list[Item]) -> Result:
 
 
 def deliver(ctx: Context, items: list[Item]) -> Result:
-    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass."""
-    out = Result(moved=[i for i in items if i.device is None or i.record.acked])
+    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass.
+    A fresh key waits while its redundant partner's key is still in flight (it goes back, untouched)."""
+    out = Result(back=[i.going_back(Outcome.SKIPPED, "its redundant partner on the same device and endpoint has "
+                                    "a key in flight; it is rotated once that one settles")
+                       for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
+    items = [i for i in items if i not in out.back]
+    out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None
     calls = [i for i in items if i.device is not None and not i.record.acked]
@@ -196,7 +212,7 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
         if res.status is DeviceStatus.OK:
             out.moved.append(item)
         elif res.status is DeviceStatus.FAILED:
-            item.dev_refused = True
+            item.dev_refused = not item.reconcile  # an earlier run may have delivered it
             out.back.append(item.going_back(Outcome.REFUSED, f"device refused the key: {res.reason or 'no reason'}"))
         elif res.status is DeviceStatus.WAITING:
             _waiting(ctx, item, out)
@@ -209,8 +225,10 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
     from rotator.schedule import parse_time
 
     staged = parse_time(item.record.staged_at)
-    if ctx.ack_timeout is not None and staged is not None and ctx.clock() - staged > ctx.ack_timeout:
-        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {ctx.ack_timeout:.0f}s "
+    limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
+    if limit is not None and staged is not None and ctx.clock() - staged > limit:
+        item.dev_refused = True  # never acknowledged: by contract the device does not hold the key
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
                                         f"(ack_timeout): the key is withdrawn"))
     else:
         out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
@@ -221,16 +239,15 @@ def apply(ctx: Context, items: list[Item]) -> Result:
     """POST .../psk with the delivered keys."""
     out = Result()
     try:
-        deadline = ctx.apply_deadline()
+        with ctx.cover(ctx.call_timeout, all(i.reconcile for i in items)) as deadline:
+            verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=False,
+                                       deadline=deadline)
     except LeaseLost as exc:
         for item in items:  # not applying is always safe: the keys stay pending for the lease holder
             out.settle(item, Outcome.SKIPPED, f"lease lost before apply ({exc}); the staged key is left for the "
                        "lease holder to reconcile")
         out.halt = "lease lost"
         return out
-    try:
-        verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=False,
-                                   deadline=deadline)
     except CloudflareError as exc:
         return _apply_failed(ctx, items, exc)
     for item in items:
@@ -389,16 +406,16 @@ def mark_rolling_back(ctx: Context, items: list[Item]) -> Result:
 
 def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     """Validate, then apply, ``psk`` again where Cloudflare may hold the abandoned key."""
-    out = Result(moved=[i for i in items if not i.cf_may_hold])
-    todo = [i for i in items if i.cf_may_hold]
+    out = Result(moved=[i for i in items if not i.cf_may_hold or ctx.dry_run])
+    todo = [i for i in items if i not in out.moved]
     if not todo:
         return out
     keys = {i.id: i.record.psk for i in todo if i.record.psk is not None}
+    checked = PskSetResult()
     try:
         checked = ctx.api.set_psks(ctx.account_id, keys, validate_only=True)
         ok = [i for i in todo if i.id in checked.applied and _contradiction(i.id, checked) is None]
-        done = ctx.api.set_psks(ctx.account_id, {i.id: keys[i.id] for i in ok}, validate_only=False,
-                                deadline=ctx.apply_deadline()) if ok else PskSetResult()
+        done = _apply_back(ctx, {i.id: keys[i.id] for i in ok}) if ok else PskSetResult()
     except (CloudflareError, LeaseLost) as exc:
         done, failure = PskSetResult(), str(exc)
     else:
@@ -409,19 +426,28 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
             out.moved.append(item)
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
-                       f"({done.unapplied.get(item.id) or failure}): left {item.record.state} for reconcile")
+                       f"({done.unapplied.get(item.id) or checked.unapplied.get(item.id) or failure}): "
+                       f"left {item.record.state} for reconcile")
     return out
+
+
+def _apply_back(ctx: Context, keys: dict[str, Secret]) -> PskSetResult:
+    with ctx.cover(ctx.call_timeout, False) as deadline:
+        return ctx.api.set_psks(ctx.account_id, keys, validate_only=False, deadline=deadline)
 
 
 def restore_device(ctx: Context, items: list[Item]) -> Result:
     """Tell the device to go back to ``psk`` where it may hold the abandoned key."""
-    todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None]
-    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused)])
+    todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None
+            and not ctx.dry_run]
+    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)])
     for item in [i for i in items if i not in todo and i not in out.moved]:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")
     for item, res in device_call(ctx, todo, "rollback"):
-        if res.ok:
+        # A manual device answers WAITING: the operator is asked to go back; a key it never
+        # acknowledged was never confirmed on the device, so withdrawing it does not wait for that.
+        if res.ok or (res.status is DeviceStatus.WAITING and item.dev_refused):
             item.dev_may_hold = False
             out.moved.append(item)
         else:
@@ -462,50 +488,48 @@ def device_call(ctx: Context, items: Iterable[Item], action: str) -> list[tuple[
     """One call per device and action, devices concurrently; a tunnel without an answer is UNKNOWN."""
     groups: dict[int, list[Item]] = {}
     out: list[tuple[Item, DeviceResult]]
+    futures: list[tuple[list[Item], float, concurrent.futures.Future[dict[str, DeviceResult]]]]
     for item in items:
         groups.setdefault(id(item.device), []).append(item)
-    futures, out = [], []
+    futures = []
     for group in groups.values():
         device = group[0].device
         assert device is not None
-        timeout = _call_budget(ctx, float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT)))
-        if timeout is None:  # never start a device call that could outlive the lease
-            out.extend((i, DeviceResult(DeviceStatus.UNKNOWN, "lease lost or too short for the device call; "
-                                        "not called")) for i in group)
-            continue
+        timeout = float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT))
+        resend = action == "verify" or (action == "deliver" and all(i.reconcile for i in group))
         tunnels = [_device_tunnel(i, action) for i in group]
-        futures.append((group, timeout, ctx.pool.submit(getattr(device, action), ctx.account_id, ctx.rotation_id,
-                                                        tunnels, deadline=time.monotonic() + timeout)))
+        futures.append((group, timeout, ctx.pool.submit(_covered, ctx, getattr(device, action), tunnels, timeout,
+                                                        resend)))
+    out = []
     for group, timeout, future in futures:
-        answers = _answers(ctx, future, timeout, action)
-        out.extend((i, answers.get(i.id) or DeviceResult(DeviceStatus.UNKNOWN, "no answer for this tunnel"))
-                   for i in group)
+        answers, missing = _answers(ctx, future, timeout, action)
+        out.extend((i, answers.get(i.id) or DeviceResult(DeviceStatus.UNKNOWN, missing)) for i in group)
     return out
 
 
-def _call_budget(ctx: Context, timeout: float) -> float | None:
-    """The device call's total deadline, in seconds from now: its timeout, cut to end before the lease."""
-    try:
-        lease_end = ctx.apply_deadline()
-    except LeaseLost:
-        return None
-    budget = timeout if lease_end is None else min(timeout, lease_end - time.time())
-    return budget if budget > 0 else None
+def _covered(ctx: Context, method: Callable[..., dict[str, DeviceResult]], tunnels: list[DeviceTunnel],
+             timeout: float, resend: bool) -> dict[str, DeviceResult]:
+    """One device call under the lease: never started without it, over before the lease could end."""
+    with ctx.cover(timeout, resend):
+        return method(ctx.account_id, ctx.rotation_id, tunnels, deadline=time.monotonic() + timeout)
 
 
 def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceResult]], timeout: float,
-             action: str) -> dict[str, DeviceResult]:
+             action: str) -> tuple[dict[str, DeviceResult], str]:
+    """The device's answers (reasons redacted), and the reason for a tunnel it did not answer for."""
     try:
         answers = future.result(timeout=timeout + 5.0)
     except concurrent.futures.TimeoutError:
-        return {}
+        return {}, "no answer within the device's timeout"
+    except LeaseLost as exc:
+        return {}, f"lease lost before the device call ({exc}); not called"
     except Exception as exc:  # a device must not raise; if it does, its outcome is unknown
         ctx.log.warning("device_error", step=action, error=ctx.redact(str(exc)))
-        return {}
+        return {}, "the device call failed without an answer"
     if not isinstance(answers, dict):
-        return {}
+        return {}, "the device gave no usable answer"
     return {tid: DeviceResult(r.status, ctx.redact(r.reason) if r.reason else None)
-            for tid, r in answers.items() if isinstance(r, DeviceResult)}
+            for tid, r in answers.items() if isinstance(r, DeviceResult)}, "no answer for this tunnel"
 
 
 FORWARD: tuple[Step, ...] = (

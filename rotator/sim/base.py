@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -67,6 +69,7 @@ class Fault:
     retry_after: int | None = None
     delay: float = 0.0
     variant: str = "html"
+    message: str | None = None  # the error text a ``status`` fault answers with (e.g. one quoting a key)
 
 
 GARBAGE_VARIANTS = ("html", "not_json", "types")
@@ -82,15 +85,27 @@ class FaultBook:
     def __init__(self) -> None:
         self.faults: list[Fault] = []
         self.latency: dict[str, float] = {}
+        # Seeded random faults: route -> (probability, fault templates, generator). Armed faults go first.
+        self.chaos: dict[str, tuple[float, list[Fault], random.Random]] = {}
+
+    def arm_chaos(self, route: str, probability: float, templates: list[Fault], seed: int) -> None:
+        if not 0 <= probability <= 1 or not templates:
+            raise ValueError("chaos needs a probability in 0..1 and at least one fault")
+        for template in templates:
+            self._check(template)
+        self.chaos[route] = (probability, templates, random.Random(seed))
 
     def arm(self, fault: Fault) -> None:
+        self._check(fault)
+        self.faults.append(fault)
+
+    def _check(self, fault: Fault) -> None:
         if fault.kind not in self.KINDS:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         if fault.remaining < 1:
             raise ValueError("a fault needs a count of at least 1")
         if fault.kind == "garbage" and fault.variant not in GARBAGE_VARIANTS:
             raise ValueError(f"unknown garbage variant {fault.variant!r}; one of {', '.join(GARBAGE_VARIANTS)}")
-        self.faults.append(fault)
 
     def take(self, route: str) -> Fault | None:
         for fault in self.faults:
@@ -99,6 +114,11 @@ class FaultBook:
                 if fault.remaining == 0:
                     self.faults.remove(fault)
                 return fault
+        chaos = self.chaos.get(route) or self.chaos.get("*")
+        if chaos is not None:
+            probability, templates, rng = chaos
+            if rng.random() < probability:
+                return dataclasses.replace(rng.choice(templates), route=route, remaining=1)
         return None
 
     def delay_for(self, route: str) -> float:
@@ -107,6 +127,7 @@ class FaultBook:
     def clear(self) -> None:
         self.faults.clear()
         self.latency.clear()
+        self.chaos.clear()
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -179,10 +200,11 @@ class SimApp:
 
     def fail_next(
         self, route: str, count: int = 1, status: int = 503, html: bool = False,
-        retry_after: int | None = None,
+        retry_after: int | None = None, message: str | None = None,
     ) -> None:
         with self.lock:
-            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after))
+            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after,
+                                  message=message))
 
     def drop_next(self, route: str, count: int = 1) -> None:
         with self.lock:
@@ -201,6 +223,14 @@ class SimApp:
         """Answer the next request(s) with garbage (see ``Fault``); nothing takes effect."""
         with self.lock:
             self.faults.arm(Fault(route, "garbage", count, variant=variant))
+
+    def chaos(self, route: str, probability: float, faults: list[dict[str, Any]], seed: int = 0) -> None:
+        """From now on, each request on ``route`` (``*``: any) meets, with ``probability``, one of
+        ``faults`` (each the keywords of a ``Fault``: ``kind`` and e.g. ``status``, ``delay``,
+        ``variant``), drawn from a generator seeded with ``seed`` so a failing run can be replayed."""
+        templates = [Fault(route=route, remaining=1, **f) for f in faults]
+        with self.lock:
+            self.faults.arm_chaos(route, probability, templates, seed)
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -294,6 +324,7 @@ class SimApp:
             "late_next": self.late_next,
             "trickle_next": self.trickle_next,
             "garbage_next": self.garbage_next,
+            "chaos": self.chaos,
             "clear_faults": self.clear_faults,
             "request_counts": self.request_counts,
         }

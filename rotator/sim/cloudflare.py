@@ -4,7 +4,14 @@ Faithful to ``shared/specs/cloudflare-magic-ipsec.md`` (section numbers in comme
 conformance tests in ``tests/sim/test_cloudflare_conformance.py`` drive it with the official
 ``cloudflare`` SDK. It keeps, per tunnel, the PSK really in force, so tests can check the
 invariant against what "Cloudflare" holds. Route names for counting and faults: ``cf.list``,
-``cf.get``, ``cf.psk_validate``, ``cf.psk_apply``, ``cf.psk_generate``, ``cf.other``.
+``cf.get``, ``cf.psk_validate``, ``cf.psk_apply``, ``cf.psk_generate``, ``cf.graphql``, ``cf.other``.
+
+Beyond the shared faults (status, drop, late, trickle, garbage; see ``sim/base.py``), each also a
+``/_sim/control`` op: ``refuse_tunnels``, ``contradict`` (a contradictory PSK-set answer),
+``add_tunnel`` (with any id, e.g. ``../<other>/<t>``, to test id checks), ``set_endpoints``,
+``change_psk_out_of_band`` (drift), ``set_health``/``add_health_sample`` (GraphQL tunnel health),
+``set_rate_limit``. ``edge_hook`` sees every key applied for real; ``health_source`` can replace
+the health timelines (an IKE lab feeds both from real SAs).
 """
 
 from __future__ import annotations
@@ -215,11 +222,14 @@ class CloudflareSim(SimApp):
         """
         if kind not in CONTRADICTIONS:
             raise ValueError(f"kind must be one of {', '.join(CONTRADICTIONS)}")
+        self._mark(self.contradictions, tunnel_ids, stage, kind)
+
+    def _mark(self, book: dict[str, tuple[str, str]], tunnel_ids: list[str], stage: str, value: str) -> None:
         if stage not in ("apply", "validate"):
             raise ValueError("stage must be 'apply' or 'validate'")
         with self.lock:
             for tid in tunnel_ids:
-                self.contradictions[tid] = (stage, kind)
+                book[tid] = (stage, value)
 
     def clear_contradictions(self) -> None:
         with self.lock:
@@ -267,11 +277,7 @@ class CloudflareSim(SimApp):
     def refuse_tunnels(self, tunnel_ids: list[str], reason: str = "tunnel is being modified",
                        stage: str = "apply") -> None:
         """Refuse these tunnels in ``unapplied_psks``: on apply only, or already on validate_only."""
-        if stage not in ("apply", "validate"):
-            raise ValueError("stage must be 'apply' or 'validate'")
-        with self.lock:
-            for tid in tunnel_ids:
-                self.refusals[tid] = (stage, reason)
+        self._mark(self.refusals, tunnel_ids, stage, reason)
 
     def clear_refusals(self) -> None:
         with self.lock:
@@ -287,7 +293,9 @@ class CloudflareSim(SimApp):
             return {
                 "request_counts": dict(self.counts),
                 "accounts": {a: {t.id: {"name": t.name, "psk": t.psk,
-                                        "last_generated_on": t.last_generated and cf_time(t.last_generated)}
+                                        "last_generated_on": t.last_generated and cf_time(t.last_generated),
+                                        "customer_endpoint": t.view(False)["customer_endpoint"],
+                                        "cloudflare_endpoint": t.cloudflare_endpoint}
                                  for t in ts.values()} for a, ts in self.accounts.items()},
                 "history": [dataclasses.asdict(h) for h in self.history],
             }
@@ -338,6 +346,8 @@ class CloudflareSim(SimApp):
             error = _err(10001, "Internal server error")  # UNCONFIRMED code/message (7)
         else:
             error = _err(1000, "Request failed")
+        if fault.message is not None:
+            error["message"] = fault.message
         return Response(fault.status, _envelope(None, [error]), [JSON_CT, *headers])
 
     def garbage_response(self, fault: Fault, route: str) -> Response:

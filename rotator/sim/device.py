@@ -6,8 +6,8 @@ answers ok when it holds ``psk`` and, if a ``peer`` is given (e.g. the Cloudflar
 the tunnel), when the peer holds the same key too: a fresh IKE authentication would succeed.
 
 Fault injection: refuse keys for some tunnels, fail their verification, hang (no answer for a
-while, then act), act and answer late or drop the connection (from the shared simulator base),
-act and answer garbage, answer 5xx; ``verify_latency`` seconds per verified tunnel (tunnels of
+while, then act), act and answer late, drop the connection, trickle, or answer garbage (the shared simulator
+base), act and then answer garbage, answer 5xx; ``verify_latency`` seconds per verified tunnel (tunnels of
 one request are verified one after another; requests overlap). ``held`` shows the key a tunnel
 holds, for invariant checks; the HTTP snapshot shows only fingerprints. Route names for counts and
 faults: ``device.deliver``, ``device.verify``, ``device.rollback``, ``device.other``.
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ class DeviceSim(SimApp):
             self._hangs.append([action, float(seconds), int(count)])
 
     def answer_garbage(self, count: int = 1, action: str | None = None) -> None:
-        """The next ``count`` requests are acted on and answered with a 200 that is not JSON."""
+        """The next ``count`` requests are acted on and answered with a 200 that is not JSON (the
+        shared ``garbage_next`` answers garbage without acting)."""
         with self.lock:
             self._garbage.append([action, int(count)])
 
@@ -117,7 +119,7 @@ class DeviceSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "refuse": lambda tunnel_ids, actions=("deliver",): self.refuse(tunnel_ids, tuple(actions)),
-            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "garbage_next": self.answer_garbage,
+            "fail_verify": self.fail_verify, "hang_next": self.hang_next, "answer_garbage": self.answer_garbage,
             "set_verify_latency": self.set_verify_latency, "clear": self.clear,
         }
         if op in own:
@@ -231,3 +233,36 @@ def config_block(name: str, url: str, secret_file: str, tunnels: tuple[str, ...]
     listed = ", ".join(json.dumps(t) for t in tunnels)
     return (f'[[devices]]\nname = {json.dumps(name)}\nkind = "webhook"\ntunnels = [{listed}]\n'
             f'timeout = "{timeout}"\nurl = {json.dumps(url)}\nsecret_file = {json.dumps(secret_file)}\n')
+
+
+@dataclass
+class RunningDevice:
+    """A simulated device served in the background, with its signing key in a file (see ``start``)."""
+
+    sim: DeviceSim
+    server: ServerThread
+    secret_file: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url + PATH
+
+    def config(self, name: str = "sim-device", tunnels: tuple[str, ...] = ("*",), timeout: str = "10s") -> str:
+        return config_block(name, self.url, self.secret_file, tunnels, timeout)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start(workdir: str, *, peer: Callable[[str, str], str | None] | None = None,
+          verify_latency: float = 0.0) -> RunningDevice:
+    """Serve a simulated device on loopback and write its signing key to ``workdir`` (mode 0600).
+    For ``rotator demo``: ``dev = start(workdir, peer=sims.cloudflare.psk_of)``, add ``dev.config()``
+    to the config file, ``dev.stop()`` at the end."""
+    sim = DeviceSim(peer=peer)
+    sim.set_verify_latency(verify_latency)
+    secret_file = os.path.join(workdir, "sim-device.key")
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(sim.secret)
+    return RunningDevice(sim, ServerThread(sim).start(), secret_file)

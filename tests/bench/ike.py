@@ -53,7 +53,7 @@ def strongswan_device(lab: Lab, timeout: float):
     from rotator.adapters.devices.strongswan import StrongSwanDevice
 
     return StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"], timeout=timeout,
-                            poll_interval=0.02, concurrency=CONCURRENCY)
+                            concurrency=CONCURRENCY)
 
 
 def reasons(results: dict[str, DeviceResult]) -> dict[str, int]:

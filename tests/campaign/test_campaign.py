@@ -143,7 +143,6 @@ def test_the_output_scan_finds_a_key_inside_any_run_of_characters():
 def test_the_gate_serves_the_simulated_device_and_counts_its_requests():
     device_mod = pytest.importorskip("rotator.sim.device")
     from rotator.adapters.devices.webhook import WebhookDevice
-
     from rotator.httpserver import ServerThread
     from rotator.rotation.ports import DeviceStatus, DeviceTunnel
     from rotator.secret import Secret

@@ -73,8 +73,11 @@ def test_every_kind_parses_with_defaults(secret_file):
     assert (manual.verify, manual.settings.ack_timeout) == (False, 172800.0)
     registry = DeviceRegistry(specs)
     try:
-        assert [type(registry.by_name(s.name)) for s in specs] == [ExecDevice, WebhookDevice, StrongSwanDevice,
-                                                                   ManualDevice]
+        built = [registry.by_name(s.name) for s in specs]
+        assert [type(d) for d in built] == [ExecDevice, WebhookDevice, StrongSwanDevice, ManualDevice]
+        # What the engine reads from a device (rotation/ports.py): its timeout and whether it verifies.
+        assert [(d.timeout, d.verifies) for d in built] == [(90.0, True), (60.0, True), (60.0, True), (60.0, False)]
+        assert (built[1].concurrency, built[2].concurrency) == (4, 16)
     finally:
         registry.close()
 
@@ -181,7 +184,7 @@ def test_the_first_matching_device_owns_a_tunnel():
         {"name": "late", "kind": "manual", "tunnels": ["site-1", "nothing-*"]},
     ])
     registry = DeviceRegistry(specs)
-    owner = lambda acc, t: (d.name if (d := registry.device_for(acc, t)) else None)
+    owner = lambda acc, t: (d.name if (d := registry.for_account(acc)(t)) else None)
     assert owner(OTHER, tunnel("anything")) == "only-other"
     assert owner(ACCOUNT, tunnel("site-1", "a" * 32)) == "by-id"
     assert owner(ACCOUNT, tunnel("site-1")) == "sites"

@@ -253,3 +253,15 @@ def test_stderr_keeps_its_last_line_after_a_long_log(tmp_path):
     """)
     (r,) = ExecDevice("d", [path]).deliver(ACCOUNT, "r", make_tunnels(1), deadline=deadline()).values()
     assert (r.status, r.reason) == (DeviceStatus.FAILED, "exit status 4: giving up: router said no")
+
+
+def test_a_large_batch_crosses_both_pipes_without_deadlock(tmp_path):
+    path = hook(tmp_path, """
+        doc = json.load(sys.stdin)
+        print(json.dumps({"results": {t["tunnel_id"]: {"ok": True} for t in doc["tunnels"]},
+                          "log": "x" * 300000}))
+        print("y" * 300000, file=sys.stderr)
+    """)
+    tunnels = make_tunnels(1000)
+    results = ExecDevice("d", [path]).deliver(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert len(results) == 1000 and all(r.ok for r in results.values())

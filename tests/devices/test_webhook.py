@@ -46,7 +46,7 @@ def sim():
 
 @pytest.fixture
 def device(sim):
-    dev = WebhookDevice("sim", sim.url, Secret(sim.secret), timeout=10)
+    dev = WebhookDevice("sim", sim.url, Secret(sim.secret), timeout=10, concurrency=1)  # one POST per call
     yield dev
     dev.close()
 
@@ -128,14 +128,31 @@ def test_a_dropped_answer_is_unknown(sim, device):
     assert sim.held(ACCOUNT, tunnels[0].tunnel_id) == tunnels[0].psk.reveal()
 
 
-def test_a_garbage_answer_is_unknown(sim, device):
-    sim.answer_garbage()
+@pytest.mark.parametrize("acted", [True, False])
+def test_a_garbage_answer_is_unknown(sim, device, acted):
+    if acted:
+        sim.answer_garbage()
+    else:
+        sim.garbage_next("device.deliver", variant="html")
     tunnels = make_tunnels(2)
     with structlog.testing.capture_logs() as logs:
         results = device.deliver(ACCOUNT, "r", tunnels, deadline=deadline())
     assert set(statuses(results).values()) == {DeviceStatus.UNKNOWN}
     assert "unreadable answer (HTTP 200, the answer is not JSON)" in next(iter(results.values())).reason
     assert logs[0]["event"] == "device_webhook_garbage"
+    assert (sim.held(ACCOUNT, tunnels[0].tunnel_id) is not None) is acted
+
+
+def test_a_trickling_answer_is_cut_at_the_total_deadline(sim):
+    sim.trickle_next("device.deliver", interval=0.3)
+    device = WebhookDevice("sim", sim.url, Secret(sim.secret), timeout=1)
+    started = time.monotonic()
+    try:
+        (r,) = device.deliver(ACCOUNT, "r", make_tunnels(1), deadline=deadline()).values()
+    finally:
+        device.close()
+    assert time.monotonic() - started < 1 + 5  # each byte arrives in time; only the total deadline ends it
+    assert r.status is DeviceStatus.UNKNOWN and "no answer within 1s" in r.reason
 
 
 def test_a_wrong_signing_key_is_refused_by_the_device(sim):
@@ -160,19 +177,20 @@ def test_a_closed_port_fails_without_reaching_anyone():
     assert r.status is DeviceStatus.FAILED and r.reason.startswith("not delivered: cannot connect to")
 
 
-def test_verification_time_per_tunnel_overlaps_across_requests(sim, device):
-    sim.set_verify_latency(0.2)
-    batches = [make_tunnels(2) for _ in range(4)]
-    for b in batches:
-        device.deliver(ACCOUNT, "r", b, deadline=deadline())
-    out: list[dict] = []
-    threads = [threading.Thread(target=lambda b=b: out.append(device.verify(ACCOUNT, "r", b, deadline=deadline())))
-               for b in batches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert len(out) == 4 and all(r.ok for res in out for r in res.values())
+def test_one_call_is_spread_over_the_devices_concurrency(sim):
+    sim.set_verify_latency(0.05)
+    tunnels = make_tunnels(10)
+    for concurrency, posts in ((4, 4), (1, 1), (16, 10)):
+        sim.calls.clear()
+        device = WebhookDevice("sim", sim.url, Secret(sim.secret), timeout=10, concurrency=concurrency)
+        try:
+            assert all(r.ok for r in device.deliver(ACCOUNT, "r", tunnels, deadline=deadline()).values())
+            results = device.verify(ACCOUNT, "r", tunnels, deadline=deadline())
+        finally:
+            device.close()
+        assert set(results) == {t.tunnel_id for t in tunnels} and all(r.ok for r in results.values())
+        verified = sorted(tid for c in sim.calls_of("verify") for tid in c.tunnel_ids)
+        assert len(sim.calls_of("verify")) == posts and verified == sorted(t.tunnel_id for t in tunnels)
 
 
 def test_reasons_from_the_device_are_redacted(sim, device):

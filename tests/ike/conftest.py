@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from rotator.sim import Simulators
-from rotator.sim.ike import Lab, unavailable
+from rotator.sim.ike import Lab, attach, unavailable
 from tests import helpers
 
 
@@ -66,4 +66,12 @@ def link(sims: Simulators, lab: Lab, account: str) -> list[str]:
     keys = {t: sims.cloudflare.psk_of(account, t) or "" for t in tids}
     helpers.SECRETS.update(k for k in keys.values() if k)
     lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)], keys)
+    return tids
+
+
+def attach_all(sims: Simulators, lab: Lab, account: str) -> list[str]:
+    """``link``, and the simulator's edge made real (edge hook, health from the edge's SAs)."""
+    tids = list(sims.tunnels_by_account[account])
+    helpers.SECRETS.update(k for k in sims.cloudflare.psks(account).values() if k)
+    attach(lab, sims.cloudflare, account, [(t, f"lab-{i}") for i, t in enumerate(tids)])
     return tids

@@ -14,7 +14,7 @@ import pytest
 
 from rotator.rotation.engine import RunRequest
 from tests import helpers
-from tests.ike.conftest import lab_sims, link
+from tests.ike.conftest import attach_all, lab_sims
 
 strongswan = pytest.importorskip("rotator.adapters.devices.strongswan", reason="the strongswan device has not landed")
 
@@ -27,15 +27,14 @@ HOLDER = "ike-crash-test"  # the reconcile below is the same rotator, restarted
 def test_c_sigkill_then_reconcile_leaves_all_three_agreeing(lab, tmp_path, point):
     if "device_for" not in {f.name for f in dataclasses.fields(RunRequest)}:
         pytest.skip("the engine's device steps have not landed")
-    with lab_sims(6) as sims:
+    with lab_sims(3) as sims:
         if not hasattr(sims.cloudflare, "set_edge_hook"):
             pytest.skip("the Cloudflare simulator's edge hook has not landed")
         acc = next(iter(sims.tunnels_by_account))
-        tids = link(sims, lab, acc)
+        tids = attach_all(sims, lab, acc)
         lab.up(timeout=10)
-        sims.cloudflare.set_edge_hook(lab.edge_hook)
         dev = strongswan.StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"],
-                                          timeout=5.0, poll_interval=0.02, concurrency=4)
+                                          timeout=5.0, concurrency=4)
         rt = helpers.runtime(sims, tmp_path=tmp_path, holder=HOLDER)
         try:  # a first rotation: every tunnel managed, its key in Vault
             assert rt.engine.run(RunRequest(acc, device_for=lambda tunnel: dev)).ok

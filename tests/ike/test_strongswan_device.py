@@ -30,7 +30,7 @@ def new_key() -> str:
 
 def device(lab, timeout: float = 5.0):
     return strongswan.StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"],
-                                       timeout=timeout, poll_interval=0.02)
+                                       timeout=timeout)
 
 
 def dt(lab, tid: str, psk: str, previous: str | None) -> DeviceTunnel:
@@ -67,7 +67,7 @@ def test_deliver_then_verify_authenticates_afresh_on_the_new_key(lab, up):
 
 
 def test_verify_fails_when_the_edge_holds_another_key_and_rollback_restores_the_tunnel(lab, up):
-    dev = device(lab, timeout=3.0)
+    dev = device(lab, timeout=2.0)  # a refused re-authentication is seen only when its time is up
     victim, *others = list(up)
     new = new_key()
     batch = [dt(lab, victim, new, up[victim])]
@@ -83,3 +83,21 @@ def test_verify_fails_when_the_edge_holds_another_key_and_rollback_restores_the_
     assert again.ok, again
     assert lab.reauth(victim).ok  # and it keeps working on the old key
     assert all(lab.sa_states("edge")[t] == "ESTABLISHED" for t in others)
+
+
+@pytest.mark.xfail(strict=False, reason="the device connects with a timeout, and a unix-socket connect with a timeout "
+                                        "fails with EAGAIN at once when charon's vici backlog is full, instead of "
+                                        "waiting: more than about 10 simultaneous sessions are refused")
+def test_verify_at_the_default_concurrency_against_a_real_charon(lab):
+    old = {secrets.token_hex(16): new_key() for _ in range(40)}
+    lab.add_tunnels([(t, f"many-{i}") for i, t in enumerate(old)], old)
+    lab.up(timeout=20)
+    dev = strongswan.StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"], timeout=10)
+    new = {t: new_key() for t in old}
+    batch = [dt(lab, t, new[t], old[t]) for t in old]
+    assert all(r.ok for r in dev.deliver(ACCOUNT, "r3", batch, deadline=time.monotonic() + 10).values())
+    for t in old:
+        lab.load_edge_psk(t, new[t])
+    verified = dev.verify(ACCOUNT, "r3", batch, deadline=time.monotonic() + 15)
+    failed = {r.reason for r in verified.values() if not r.ok}
+    assert not failed, failed

@@ -12,7 +12,7 @@ from rotator.errors import VaultError
 from rotator.model import Outcome, PskSetResult, Record, ack
 from rotator.secret import Secret
 from tests.fakes import ACCOUNT, Crash, FakeDevice, after_landing, garbage, hang, lost_answer, raising, refuse, waiting
-from tests.rotation.world import World, managed, world
+from tests.rotation.world import World, lose_lease_after_validation, managed, world
 
 
 def device_world(n: int = 4, batch_size: int = 4, **kw: Any) -> World:
@@ -228,12 +228,17 @@ def test_a_manual_key_waits_for_its_ack_then_is_applied() -> None:
     w.invariant(strict=True)
 
 
-def test_an_unacknowledged_key_times_out_and_is_withdrawn() -> None:
+@pytest.mark.parametrize("per", ["request", "device"])
+def test_an_unacknowledged_key_times_out_and_is_withdrawn(per: str) -> None:
     w = device_world(kind="manual", verify=False)
     dev(w).faults.on("deliver", waiting, times=2)
-    w.run(ack_timeout=3600.0)
+    dev(w).faults.on("rollback", waiting)  # the operator is asked to put the old key back
+    limit = {"ack_timeout": 3600.0} if per == "request" else {}
+    if per == "device":
+        dev(w).ack_timeout = 3600.0  # type: ignore[attr-defined]
+    w.run(**limit)
     w.engine.clock = lambda: 4e9  # much later
-    report = w.run(reconcile_only=True, ack_timeout=3600.0)
+    report = w.run(reconcile_only=True, **limit)
     assert {o.result for o in report.outcomes} == {Outcome.FAILED}
     assert all("not acknowledged" in (o.reason or "") for o in report.outcomes)
     assert all(w.rec(t).pending_psk is None for t in w.ids)
@@ -372,13 +377,7 @@ def test_a_rollback_that_fails_verification_leaves_both_ends_on_the_current_key(
 
 def test_no_device_call_starts_without_the_lease(w: World) -> None:
     calls = len(dev(w).calls)
-    w.engine.leases.ttl = 0.0  # every call must renew first, and renewing fails after validation
-
-    def seal(*_: object) -> None:
-        for op in ("lease", "lease_write"):
-            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
-
-    w.cf.faults.on("validate", seal)
+    lose_lease_after_validation(w)
     report = w.run()
     assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}
     assert all("lease lost" in (o.reason or "") for o in report.outcomes)
@@ -386,3 +385,142 @@ def test_no_device_call_starts_without_the_lease(w: World) -> None:
     w.invariant()
     w.engine.leases.ttl = 120.0
     settle(w)
+
+
+def test_cloudflare_refusing_the_old_key_back_leaves_the_rollback_for_reconcile(w: World) -> None:
+    old = w.keys()
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed"))
+    w.cf.faults.on("validate", lambda *_: None)  # the forward validation passes
+
+    def refuse_old(_a: str, psks: Any) -> PskSetResult:
+        return PskSetResult(unapplied={t: "tunnel is being modified" for t in psks})
+
+    w.cf.faults.on("validate", refuse_old)
+    report = w.run()
+    assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}
+    assert all("being modified" in (o.reason or "") for o in report.outcomes)
+    assert all(w.rec(t).state == "rolling_back" for t in w.ids)
+    w.invariant()
+    settle(w)
+    assert w.keys() == old
+
+
+def test_an_acknowledged_manual_key_cloudflare_refuses_waits_for_the_operator_to_go_back() -> None:
+    w = device_world(kind="manual", verify=False)
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", waiting)
+    w.run(tunnels=[t1])
+    w.vault.put(ack(w.rec(t1)))
+    dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
+    w.cf.refuse([t1], "tunnel is being modified", stage="apply")
+    dev(w).faults.on("rollback", waiting)
+    report = w.run(tunnels=[t1], reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).pending_psk is not None  # the device holds it until the operator says otherwise
+    w.invariant()
+    w.cf.refused.clear()
+    settle(w)
+
+
+def test_a_dry_run_changes_nothing_even_with_keys_in_flight(w: World) -> None:
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed"))
+    dev(w).faults.on("rollback", raising(Crash()))
+    with pytest.raises(Crash):
+        w.run(tunnels=w.ids[:2])  # two tunnels left rolling back
+    restart(w)
+    w.cf.faults.on("apply", lost_answer)
+    w.run(tunnels=w.ids[2:])  # two left pending
+    restart(w)
+    versions = {t: w.rec(t).version for t in w.ids}
+    before, calls, applies = w.keys(), len(dev(w).calls), w.cf.faults.counts["apply"]
+    w.cf.refuse(w.ids[2:], "tunnel is being modified", stage="validate")  # would send the pending keys back
+    report = w.run(dry_run=True)
+    assert not report.ok and {o.result for o in report.outcomes} <= {Outcome.SKIPPED, Outcome.REFUSED}
+    assert w.keys() == before and len(dev(w).calls) == calls and w.cf.faults.counts["apply"] == applies
+    assert {t: w.rec(t).version for t in w.ids} == versions
+    w.cf.refused.clear()
+    w.invariant()
+    settle(w)
+
+
+def test_the_ack_command_acknowledges_pending_keys_by_name_or_id() -> None:
+    w = device_world(kind="manual", verify=False)
+    dev(w).faults.on("deliver", waiting)
+    w.run(tunnels=w.ids[:2])
+    names = {t.id: t.name for t in w.cf.tunnels[ACCOUNT]}
+    answer = w.engine.acknowledge(ACCOUNT, [names[w.ids[0]], w.ids[1], w.ids[2]])
+    assert answer[w.ids[0]] is None and answer[w.ids[1]] is None
+    assert "no key waiting" in (answer[w.ids[2]] or "")
+    assert w.rec(w.ids[0]).acked and w.rec(w.ids[1]).acked and not w.rec(w.ids[2]).acked
+    for t in w.ids[:2]:
+        dev(w).keys[t] = w.rec(t).pending_psk.reveal()  # type: ignore[union-attr]
+    report = w.run(reconcile_only=True)
+    assert report.ok and report.counts()[Outcome.ROTATED] == 2
+    w.invariant(strict=True)
+
+
+def test_every_mutating_call_runs_inside_the_lease_managers_cover_when_it_has_one() -> None:
+    import contextlib
+
+    from rotator.rotation.lease import LeaseManager
+
+    covered: list[tuple[float, bool]] = []
+
+    class Covering(LeaseManager):
+        @contextlib.contextmanager
+        def covering(self, account_id: str, seconds: float, *, resend: bool = False):  # type: ignore[no-untyped-def]
+            covered.append((seconds, resend))
+            yield None
+
+    w = device_world()
+    w.engine.leases = Covering(w.vault, "replica-a")
+    assert w.run().ok
+    # apply (fresh keys), then the device deliver and verify, each covered once per batch
+    assert sorted(covered) == sorted([(w.engine.apply_guard, False), (0.3, False), (0.3, True)])
+    covered.clear()
+    w.cf.faults.on("apply", lost_answer)
+    w.run()
+    restart(w)
+    assert w.run(reconcile_only=True).ok
+    assert (w.engine.apply_guard, True) in covered  # re-sending pending keys need not wait
+    w.invariant(strict=True)
+
+
+def test_a_first_key_the_device_may_hold_from_an_earlier_run_is_never_unstaged() -> None:
+    w = world(1, device=FakeDevice("branch", timeout=0.3))
+    t1 = w.ids[0]
+    w.cf.faults.on("apply", raising(Crash()))
+    with pytest.raises(Crash):
+        w.run()  # delivered, then the process died before the apply
+    restart(w)
+    dev(w).faults.on("deliver", refuse("busy"))  # on resume the device refuses, but it holds the key
+    report = w.run(reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).pending_psk is not None
+    w.invariant()
+    settle(w)
+
+
+def test_a_first_key_the_device_refuses_is_withdrawn_and_both_ends_keep_their_key() -> None:
+    w = world(2, device=FakeDevice("branch", timeout=0.3))
+    dev(w).faults.on("deliver", refuse("busy"))
+    report = w.run()
+    assert {o.result for o in report.outcomes} == {Outcome.REFUSED}
+    assert all(w.rec(t).pending_psk is None and w.rec(t).psk is None for t in w.ids)
+    assert w.invariant(strict=True) == 2  # both ends still hold the key they had before
+
+
+def test_a_pair_partner_waits_while_the_other_key_stays_in_flight() -> None:
+    w = managed(world(2, 100, device=FakeDevice("hub", timeout=0.3), customer_endpoint="203.0.113.7"))
+    first, second = w.ids
+    before = w.keys()
+    dev(w).faults.on("deliver", hang())
+    report = w.run()
+    by = w.by_id(report)
+    assert by[first].result == Outcome.UNKNOWN and by[second].result == Outcome.SKIPPED
+    assert "redundant partner" in by[second].reason
+    assert w.cf.key_of(second) == before[second] == dev(w).keys[second] and w.rec(second).pending_psk is None
+    w.invariant()
+    report = w.run()  # the key in flight settles first, then its partner rotates
+    assert [o.tunnel_id for o in report.outcomes] == [first, second] and report.ok
+    w.invariant(strict=True)

@@ -13,7 +13,7 @@ from rotator.model import Outcome, PskSetResult, Record
 from rotator.rotation.engine import RunRequest
 from rotator.schedule import Policy
 from tests.fakes import ACCOUNT, Crash, after_landing, lost_answer, raising
-from tests.rotation.world import World, managed, world
+from tests.rotation.world import World, lose_lease_after_validation, managed, world
 
 
 @pytest.fixture(params=[True, False], ids=["pipelined", "sequential"])
@@ -189,13 +189,7 @@ def test_stop_between_batches_takes_the_staged_ahead_keys_back(w: World) -> None
 
 
 def test_lease_lost_before_apply_leaves_keys_pending_for_the_holder(w: World) -> None:
-    w.engine.leases.ttl = 0.0  # every apply must renew first, and renewing fails after validation
-
-    def seal(*_: object) -> None:
-        for op in ("lease", "lease_write"):
-            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
-
-    w.cf.faults.on("validate", seal)
+    lose_lease_after_validation(w)
     report = w.run()
     assert {o.result for o in report.outcomes} == {Outcome.SKIPPED} and len(report.outcomes) == 6
     assert w.cf.faults.counts["apply"] == 0

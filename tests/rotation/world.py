@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rotator.errors import VaultError
 from rotator.model import Record
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine, RunReport, RunRequest
 from rotator.rotation.lease import LeaseManager
-from tests.fakes import ACCOUNT, FakeCloudflare, FakeDevice, FakeVault, assert_invariant
+from tests.fakes import ACCOUNT, FakeCloudflare, FakeDevice, FakeVault, assert_invariant, raising
 
 
 @dataclass
@@ -60,3 +61,14 @@ def managed(w: World) -> World:
     assert w.run().ok
     w.cf.faults.counts.clear()
     return w
+
+
+def lose_lease_after_validation(w: World) -> None:
+    """Every mutating call must renew the lease first, and renewing fails once validation is done."""
+    w.engine.leases.ttl = 0.0
+
+    def seal(*_: object) -> None:
+        for op in ("lease", "lease_write"):
+            w.vault.faults.on(op, raising(VaultError("sealed")), times=100)
+
+    w.cf.faults.on("validate", seal)

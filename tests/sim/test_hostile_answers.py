@@ -20,6 +20,13 @@ def account(sims):
     return next(iter(sims.tunnels_by_account))
 
 
+def settles(sims, rt, acc):
+    """The invariant holds now, and a fault-free reconcile reaches its strict form."""
+    assert_invariant(sims, acc)
+    rt.engine.run(RunRequest(acc, reconcile_only=True))
+    assert_invariant(sims, acc, strict=True)
+
+
 @pytest.mark.parametrize("kind", ["echo_other_key", "both_maps"])
 def test_a_contradictory_apply_keeps_the_key_pending(sims, rt, kind):
     acc = account(sims)
@@ -32,8 +39,7 @@ def test_a_contradictory_apply_keeps_the_key_pending(sims, rt, kind):
     assert sims.cloudflare.psk_of(acc, victim) == data.get("pending_psk")
     assert_invariant(sims, acc)
     sims.cloudflare.clear_contradictions()
-    rt.engine.run(RunRequest(acc, reconcile_only=True))
-    assert_invariant(sims, acc, strict=True)
+    settles(sims, rt, acc)
 
 
 def test_a_contradictory_validation_never_applies(sims, rt):
@@ -81,9 +87,7 @@ def test_garbage_from_vault_is_a_one_line_failure(sims, rt, variant):
     sims.vault.garbage_next("kv.read", variant=variant, count=3)
     report = rt.engine.run(RunRequest(acc))
     assert all("\n" not in (o.reason or "") for o in report.outcomes)
-    assert_invariant(sims, acc)
-    rt.engine.run(RunRequest(acc, reconcile_only=True))
-    assert_invariant(sims, acc, strict=True)
+    settles(sims, rt, acc)
 
 
 def test_an_out_of_band_change_is_visible_in_the_listing(sims, rt):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,13 +144,15 @@ def build_device(spec: DeviceSpec) -> Device:
     """The Device for one spec. Webhook devices hold an HTTP client: close them with ``close()``."""
     s = spec.settings
     if isinstance(s, ExecSettings):
-        return ExecDevice(spec.name, s.command, timeout=spec.timeout, pass_env=s.pass_env)
+        return ExecDevice(spec.name, s.command, timeout=spec.timeout, verify=spec.verify, pass_env=s.pass_env)
     if isinstance(s, WebhookSettings):
-        return WebhookDevice(spec.name, s.url, s.secret, timeout=spec.timeout, cacert=s.cacert)
+        return WebhookDevice(spec.name, s.url, s.secret, timeout=spec.timeout, verify=spec.verify,
+                             concurrency=spec.concurrency, cacert=s.cacert)
     if isinstance(s, StrongSwanSettings):
         return StrongSwanDevice(spec.name, s.socket, owners=s.owners, secret_id=s.secret_id, ike=s.ike,
-                                child=s.child, reauth=s.reauth, timeout=spec.timeout, concurrency=spec.concurrency)
-    return ManualDevice(spec.name, ack_timeout=s.ack_timeout)
+                                child=s.child, reauth=s.reauth, timeout=spec.timeout, verify=spec.verify,
+                                concurrency=spec.concurrency)
+    return ManualDevice(spec.name, ack_timeout=s.ack_timeout, timeout=spec.timeout)
 
 
 @dataclass
@@ -171,6 +173,10 @@ class DeviceRegistry:
     def device_for(self, account_id: str, tunnel: TunnelInfo) -> Device | None:
         spec = self.spec_for(account_id, tunnel)
         return self.devices[spec.name] if spec is not None else None
+
+    def for_account(self, account_id: str) -> Callable[[TunnelInfo], Device | None]:
+        """The engine's ``RunRequest.device_for`` for one account."""
+        return lambda tunnel: self.device_for(account_id, tunnel)
 
     def by_name(self, name: str) -> Device | None:
         return self.devices.get(name)

@@ -52,9 +52,18 @@ def every(tunnels: Sequence[DeviceTunnel], status: DeviceStatus, reason: str | N
     return {t.tunnel_id: DeviceResult(status, reason) for t in tunnels}
 
 
+def split(tunnels: Sequence[DeviceTunnel], parts: int) -> list[Sequence[DeviceTunnel]]:
+    """At most ``parts`` slices of near-equal size, in order."""
+    size = -(-len(tunnels) // max(1, parts))
+    return [tunnels[i:i + size] for i in range(0, len(tunnels), size)] if tunnels else []
+
+
 class ActionDevice:
-    """A device kind that makes one call per action and batch (exec, webhook): the three port
-    methods are the same call with the action named."""
+    """A device kind whose three port methods are one call with the action named (exec, webhook).
+    ``timeout`` and ``verifies`` are the attributes the engine reads (rotation/ports.py)."""
+
+    timeout: float = 60.0
+    verifies: bool = True
 
     def call(self, action: str, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel],
              deadline: float) -> dict[str, DeviceResult]:

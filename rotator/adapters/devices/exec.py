@@ -79,11 +79,12 @@ def parse_settings(f: Fields) -> ExecSettings:
 class ExecDevice(ActionDevice):
     kind = "exec"
 
-    def __init__(self, name: str, command: Sequence[str], *, timeout: float = 60.0, pass_env: Sequence[str] = (),
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, command: Sequence[str], *, timeout: float = 60.0, verify: bool = True,
+                 pass_env: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.command = tuple(command)
         self.timeout = timeout
+        self.verifies = verify
         source = os.environ if environ is None else environ
         env = {"PATH": source.get("PATH") or DEFAULT_PATH, "LANG": "C.UTF-8"}
         env.update({n: source[n] for n in pass_env if n in source and not SECRET_NAME.search(n)})
@@ -122,6 +123,7 @@ class ExecDevice(ActionDevice):
         finally:
             if proc.returncode is None:  # an exception other than the timeout: never leave it behind
                 self._kill(proc)
+            _close_pipes(proc)
         if overflow:
             log.warning("device_hook_flood", device=self.name, action=action, limit=MAX_OUTPUT)
             return every(tunnels, DeviceStatus.UNKNOWN, f"the hook wrote more than {MAX_OUTPUT} bytes on stdout, "
@@ -158,10 +160,14 @@ class ExecDevice(ActionDevice):
             proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=KILL_GRACE)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        _close_pipes(proc)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _exchange(proc: subprocess.Popen[bytes], body: bytes, end: float) -> tuple[bytes, bytes, bool]:
@@ -189,13 +195,18 @@ def _exchange(proc: subprocess.Popen[bytes], body: bytes, end: float) -> tuple[b
                 if src is proc.stdin:
                     try:
                         sent += os.write(key.fd, body[sent:sent + 65536])
+                    except BlockingIOError:
+                        continue
                     except BrokenPipeError:  # the hook does not read its input: judged by what it says
                         sent = len(body)
                     if sent >= len(body):
                         sel.unregister(src)
                         proc.stdin.close()
                     continue
-                data = os.read(key.fd, 65536)
+                try:
+                    data = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
                 if not data:
                     sel.unregister(src)
                 elif src is proc.stdout:

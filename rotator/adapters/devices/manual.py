@@ -36,10 +36,12 @@ def parse_settings(f: Fields) -> ManualSettings:
 
 class ManualDevice:
     kind = "manual"
+    verifies = False  # read by the engine: a manual device is never asked to verify
 
-    def __init__(self, name: str, *, ack_timeout: float = 86400.0) -> None:
+    def __init__(self, name: str, *, ack_timeout: float = 86400.0, timeout: float = 60.0) -> None:
         self.name = name
         self.ack_timeout = ack_timeout
+        self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"ManualDevice(name={self.name!r})"

@@ -14,6 +14,11 @@ official ``vici`` binding) on its unix socket.
   out in the middle of a call: UNKNOWN for the tunnel in flight, FAILED for those not yet sent.
 
 Every wait is bounded by the call's deadline: the vici transport here reads with the time left.
+
+Known limit: an IKE SA *rekey* (not a re-authentication) that the site's own timers start during
+the few seconds of a verification also yields a new unique id, and would be taken for the fresh
+authentication. Cloudflare never initiates rekeys; keep the site's IKE rekey interval long, as the
+guides do (8-24 h), and the window is negligible.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ class StrongSwanDevice:
 
     def __init__(self, name: str, socket_path: str = DEFAULT_SOCKET, *, owners: Sequence[str],
                  secret_id: str = "psk-rotator-{tunnel_id}", ike: str = "{tunnel_name}",
-                 child: str = "{tunnel_name}", reauth: str = "rekey", timeout: float = 60.0,
+                 child: str = "{tunnel_name}", reauth: str = "rekey", timeout: float = 60.0, verify: bool = True,
                  concurrency: int = 16, poll_interval: float = POLL_INTERVAL) -> None:
         if reauth not in REAUTH_MODES:
             raise ValueError(f"reauth must be one of {REAUTH_MODES}")
@@ -115,7 +120,8 @@ class StrongSwanDevice:
         self.ike = ike
         self.child = child
         self.reauth = reauth
-        self.timeout = timeout
+        self.timeout = timeout  # read by the engine, with verifies
+        self.verifies = verify
         self.concurrency = concurrency
         self.poll_interval = poll_interval
 

@@ -42,7 +42,7 @@ def config_text(vici_socket: str, log_path: str, threads: int, make_before_break
   # A reauthentication builds the new IKE SA before it deletes the old one (5.9.8: a global option).
   make_before_break = {"yes" if make_before_break else "no"}
   # Many half-open SAs from one peer are the lab's normal case, not an attack: without these the
-  # edge answers with COOKIE notifies or drops IKE_SA_INITs, and every such tunnel costs a 0.5 s
+  # edge answers with COOKIE notifies or drops IKE_SA_INITs, and every such tunnel costs a
   # retransmission (seen on the first re-authentication of a tunnel).
   block_threshold = 100000
   init_limit_half_open = 100000
@@ -50,7 +50,7 @@ def config_text(vici_socket: str, log_path: str, threads: int, make_before_break
   cookie_threshold_ip = 100000
   dos_protection = no
   retransmit_tries = 4
-  retransmit_timeout = 0.5
+  retransmit_timeout = 1.0
   retransmit_base = 1.4
   ikesa_table_size = 256
   ikesa_table_segments = 16

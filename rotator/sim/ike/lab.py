@@ -119,7 +119,7 @@ class Lab:
     make_before_break: bool = True  # the site's reauthentication keeps the old SA until the new one is up
     nonce: str = field(default_factory=lambda: secrets.token_hex(3))
     tunnels: dict[str, LabTunnel] = field(default_factory=dict, init=False)
-    events: list[Event] = field(default_factory=list, init=False)
+    events: list[Event] = field(default_factory=list, init=False, repr=False)
     workdir: str = field(default="", init=False)
     edge: Charon = field(init=False)
     site: Charon = field(init=False)
@@ -470,3 +470,16 @@ def probe(lab: Lab, tunnels: Iterable[str] | None = None, interval: float = 0.05
     """A traffic probe (not started) through the given tunnels (ids or names; default: all)."""
     chosen = [lab.tunnel(k) for k in (tunnels if tunnels is not None else list(lab.tunnels))]
     return TrafficProbe(lab.edge_ns, lab.site_ns, [(t.name, t.site_inner, t.edge_inner) for t in chosen], interval)
+
+
+def attach(lab: Lab, cloudflare: Any, account_id: str, tunnels: Iterable[tuple[str, str]]) -> list[LabTunnel]:
+    """Put a Cloudflare simulator's tunnels, given as (id, name), into the lab with the key the
+    simulator holds on both sides, and make the simulator's edge real: every apply loads the key into
+    the edge charon (its edge hook), and its GraphQL tunnel health comes from the edge's SA events.
+    For ``rotator demo`` and the end-to-end tests."""
+    pairs = list(tunnels)
+    keys = {tid: cloudflare.psk_of(account_id, tid) or "" for tid, _ in pairs}
+    added = lab.add_tunnels(pairs, keys)
+    cloudflare.set_edge_hook(lab.edge_hook)
+    cloudflare.health_source = lab.health_source
+    return added
