@@ -38,9 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--dry-run", action="store_true", help="plan and validate, change nothing")
     rotate.add_argument("--output", choices=("text", "json"), default="text")
 
+    rotate.add_argument("--no-wait", action="store_true", help="fail at once when another rotator holds the account")
+
     reconcile = sub.add_parser("reconcile", help="finish every rotation left pending in Vault")
     reconcile.add_argument("--account", required=True)
     reconcile.add_argument("--output", choices=("text", "json"), default="text")
+    reconcile.add_argument("--no-wait", action="store_true", help="fail at once when another rotator holds the account")
+
+    unlock = sub.add_parser("unlock", help="clear an account's lease whose holder is known to be gone")
+    unlock.add_argument("--account", required=True, help="Cloudflare account id")
 
     status = sub.add_parser("status", help="per tunnel: state, PSK age, pending, last error (never a key)")
     status.add_argument("--account", required=True)
@@ -95,6 +101,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
+    if args.command == "unlock" and not config_mod.HEX32.match(args.account):
+        raise ConfigError(f"--account {args.account!r} is not a Cloudflare account id",
+                          "use the 32-lowercase-hex-character id from the dashboard URL")
+
     settings = config_mod.load(args.config)
     redactor = Redactor()
     for value in (settings.vault_token, settings.cloudflare_token, settings.cloudflare_key, settings.admin_token):
@@ -117,6 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         preflight(runtime)
         if args.command == "status":
             return _status(runtime, args.account, args.output)
+        if args.command == "unlock":
+            return _unlock(runtime, args.account)
         return _rotate(runtime, args)
     finally:
         runtime.close()
@@ -135,7 +147,14 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
     progress = _Progress(args.account) if args.output == "text" and sys.stderr.isatty() else None
     if progress:
         runtime.engine.on_progress = progress.update
-    report = runtime.engine.run(req)
+    if not req.dry_run:
+        # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
+        runtime.leases.notice = lambda line: print(f"rotator: {line}", file=sys.stderr, flush=True)
+        runtime.leases.acquire_waiting(args.account, wait=not args.no_wait)
+    try:
+        report = runtime.engine.run(req)
+    finally:
+        runtime.leases.release(args.account)
     if progress:
         progress.done()
     if args.output == "json":
@@ -145,6 +164,13 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
     if report.error and not report.outcomes:
         print(f"rotator: error: {report.error}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _unlock(runtime: Runtime, account_id: str) -> int:
+    from rotator.rotation.lease import LocalProcesses, unlock
+
+    print(unlock(runtime.store, account_id, LocalProcesses(), runtime.leases.holder))
+    return 0
 
 
 class _Progress:

@@ -16,6 +16,7 @@ from typing import Any
 
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
+from rotator.rotation.lease import check_lease_ttl
 from rotator.schedule import Policy, Window, parse_cron
 from rotator.secret import Secret
 
@@ -331,8 +332,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
     retry_timeout = parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout")
     ceiling = parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling")
-    if lease_ttl < 2:
-        raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
+    cloudflare_timeout = parse_duration(c.data.get("timeout", 30), "cloudflare.timeout")
+    # Every call's total deadline must fit twice in the lease (device timeouts join when devices land).
+    check_lease_ttl(lease_ttl, {"cloudflare.timeout": cloudflare_timeout})
     listen = a.get("listen", str, "127.0.0.1:9477")
     if not re.match(r"^[^:]+:\d{1,5}$", listen):
         raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT", "e.g. 127.0.0.1:9477")
@@ -348,7 +350,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
                              or "https://api.cloudflare.com/client/v4").rstrip("/"),
         cloudflare_token=Secret(cf_token) if cf_token else None, cloudflare_email=cf_email or "",
         cloudflare_key=Secret(cf_key) if cf_key and not cf_token else None,
-        batch_size=batch_size, cloudflare_timeout=parse_duration(c.data.get("timeout", 30), "cloudflare.timeout"),
+        batch_size=batch_size, cloudflare_timeout=cloudflare_timeout,
         retry_attempts=c.get("retry_attempts", int, 5), retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
         lease_ttl=lease_ttl, admin_listen=listen, admin_token=Secret(admin_token) if admin_token else None,
         policies=policies, accounts=tuple(accounts), source=path or "environment only",

@@ -7,9 +7,6 @@ Nothing here decides anything; it only connects. Vault authentication beyond a p
 from __future__ import annotations
 
 import ipaddress
-import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +27,7 @@ from rotator.errors import ConfigError, VaultError
 from rotator.model import TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
-from rotator.rotation.lease import LeaseManager
+from rotator.rotation.lease import LeaseManager, LocalProcesses
 
 
 @dataclass
@@ -60,7 +57,7 @@ class Runtime:
 
 
 def holder_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    return LocalProcesses().new_holder()
 
 
 def warn_plain_http(addr: str, log: Any) -> None:
@@ -170,7 +167,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.lease_ttl)
     engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.batch_size,
-                    on_step=on_step, log=log, apply_guard=settings.cloudflare_timeout + 5)
+                    on_step=on_step, log=log, call_timeout=settings.cloudflare_timeout)
     return Runtime(settings, client, http, store, cloudflare, leases, engine, generators, authenticator)
 
 

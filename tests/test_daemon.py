@@ -22,7 +22,7 @@ from tests.helpers import OUTPUTS, assert_invariant, start_cli, wait_for, write_
 ADMIN = "a" * 32
 
 
-def daemon_config(sims, tmp_path, extra="", lease_ttl="30s"):
+def daemon_config(sims, tmp_path, extra="", lease_ttl="60s"):
     accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in sims.tunnels_by_account)
     text = (f'[admin]\nlisten = "127.0.0.1:0"\n[rotation]\nlease_ttl = "{lease_ttl}"\n'
             f'[policies.default]\nevery = "1h"\n{extra}{accounts}')
@@ -157,7 +157,7 @@ def test_redaction_processor_masks_keys_and_registered_values():
 
 
 def test_high_availability_standby_takes_over_when_the_leader_dies(sims, tmp_path):
-    settings = daemon_config(sims, tmp_path, lease_ttl="2s")
+    settings = daemon_config(sims, tmp_path, extra='[cloudflare]\ntimeout = "1s"\n', lease_ttl="2s")
     a = build_daemon(settings, tick_seconds=3600, holder="replica-a")
     a.start(serve_admin=False)
     b = build_daemon(settings, tick_seconds=3600, holder="replica-b")

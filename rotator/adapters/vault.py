@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
@@ -185,12 +185,20 @@ class VaultStore:
     def read_lease(self, account_id: str) -> Lease:
         path = self._lease_path(account_id)
         version, body = self._read_latest("lease_read", f"reading lease {path}", path)
-        return Lease(str(body.get("holder", "")), float(body.get("expires_at", 0) or 0), version)
+        return Lease(str(body.get("holder", "")), float(body.get("expires_at", 0) or 0), version,
+                     float(body.get("busy_until", 0) or 0))
 
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int:
-        """CAS-write the lease; raises CasConflict when someone else wrote it first."""
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
+                    busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int:
+        """CAS-write the lease; raises CasConflict when someone else wrote it first.
+
+        ``busy_until``: the latest instant a call made under the lease may still land (rotation/lease.py);
+        ``note``: extra fields for the record's history (who cleared it, and whom).
+        """
         path = self._lease_path(account_id)
-        data = {"holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}
+        data = {**(note or {}), "holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}
+        if busy_until:
+            data["busy_until"] = f"{busy_until:.3f}"
 
         def landed() -> bool:
             lease = self.read_lease(account_id)

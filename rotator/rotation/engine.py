@@ -111,13 +111,12 @@ class Engine:
         self, api: TunnelApi, store: RecordStore, generator: PskGenerator, leases: LeaseManager, *,
         batch_size: int = 100, clock: Callable[[], float] = time.time,
         on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
-        release_lease: bool = True, should_stop: Callable[[], bool] | None = None, apply_guard: float = 35.0,
+        release_lease: bool = True, should_stop: Callable[[], bool] | None = None, call_timeout: float = 30.0,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.on_progress = on_progress or (lambda settled, total: None)  # tunnels settled so far, of total
-        # No apply attempt starts later than this long before the lease expires (an attempt may
-        # take up to the Cloudflare timeout): a late apply could overwrite a newer rotation.
-        self.apply_guard = apply_guard
+        # The total deadline of one Cloudflare call: the lease covers an apply for that long (lease.py).
+        self.call_timeout = call_timeout
         self.release_lease = release_lease  # a daemon keeps its lease between runs (leadership)
         self.should_stop = should_stop or (lambda: False)
         self.api, self.store, self.generator, self.leases = api, store, generator, leases
@@ -283,21 +282,17 @@ class Engine:
             return None
 
         started = time.monotonic()
-        if not self.leases.holds(req.account_id, margin=self.leases.ttl / 2):
-            try:
-                self.leases.acquire(req.account_id)
-            except (LeaseHeld, VaultError) as exc:
-                # Not applying is always safe: pending keys stay in Vault for whoever holds the lease.
-                self._timed(report, "apply", started)
-                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED,
-                                         f"lease lost before apply ({exc}); the staged key is left for the "
-                                         "lease holder to reconcile", i.reconcile) for i in accepted)
-                return "lease lost"
-        expiry = self.leases.expires_at(req.account_id)
-        deadline = None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
         try:
-            result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted}, validate_only=False,
-                                       deadline=deadline)
+            with self.leases.covering(req.account_id, self.call_timeout) as deadline:
+                result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted},
+                                           validate_only=False, deadline=deadline)
+        except LeaseHeld as exc:
+            # Not applying is always safe: pending keys stay in Vault for whoever holds the lease.
+            self._timed(report, "apply", started)
+            out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, f"lease lost before apply ({exc}); "
+                                     "the staged key is left for the lease holder to reconcile", i.reconcile)
+                       for i in accepted)
+            return "lease lost"
         except CloudflareError as exc:
             self._timed(report, "apply", started)
             log.warning("apply_failed", step="apply", error=str(exc), ambiguous=exc.ambiguous,

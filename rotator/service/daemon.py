@@ -4,7 +4,8 @@ Two jobs run on APScheduler (3.x, ``max_instances=1``, coalescing, an explicit m
 ``leases`` keeps or takes each account's lease (leadership) and the Vault token fresh; ``tick``
 rotates the due tunnels of every account this replica leads. On-demand runs from the admin API
 go through a one-worker queue, single-flight per account and tunnel set. SIGTERM/SIGINT stop new
-work, let the in-flight batch finish (bounded), release the leases and exit 0.
+work, let the in-flight batch finish (bounded; longer while a call may still land), release the
+leases (never one whose call may still land) and exit 0.
 """
 
 from __future__ import annotations
@@ -126,20 +127,32 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         if self._queue is not None:
             self._queue.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        for lock in self._account_locks.values():
-            if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                lock.release()
+        self._wait_for_runs()
         if release:
             for acc in self.settings.accounts:
-                self.runtime.leases.release(acc.id)
-                self.metrics.leader.labels(account=acc.id).set(0)
+                # A lease whose call may still land is kept (it expires on its own): never handed over early.
+                if self.runtime.leases.release(acc.id):
+                    self.metrics.leader.labels(account=acc.id).set(0)
         if self._server is not None:
             self._server.stop()
         self.runtime.close()
         seconds = time.monotonic() - started
         self.log.info("daemon_stopped", seconds=round(seconds, 3))
         return seconds
+
+    def _wait_for_runs(self) -> None:
+        """Let in-flight runs end: for the grace period, and beyond it while a call under a lease may
+        still land (every call has a total deadline, so this is bounded too)."""
+        grace_end = time.monotonic() + SHUTDOWN_GRACE
+        passes = int(SHUTDOWN_GRACE + 3 * self.settings.lease_ttl) + 10
+        for lock in self._account_locks.values():
+            for _ in range(passes):
+                wait = max(grace_end - time.monotonic(), self.runtime.leases.busy_until() - self.clock())
+                if lock.acquire(timeout=max(0.0, min(wait, 1.0))):
+                    lock.release()
+                    break
+                if wait <= 0:
+                    break
 
     # -- leadership ---------------------------------------------------------------------------
     def maintain_leases(self) -> None:
