@@ -351,3 +351,29 @@ def test_unlock_validates_the_account_id(sims, bad):
     proc = run_cli(["unlock", "--account", bad], sims.env())
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "account id" in proc.stderr
     assert_invariant(sims, account(sims), strict=True)
+
+
+def test_an_apply_without_an_answer_holds_back_the_next_one_until_it_cannot_land(sims, tmp_path):
+    """An apply whose answer never came may still land until busy_until: the lease is released with it,
+    and no apply (ours included) is sent before it. A definite refusal holds nothing back."""
+    acc = account(sims)
+    rt = runtime(sims, "[cloudflare]\ntimeout = 1\nretry_attempts = 1\n", tmp_path)
+    try:
+        assert rt.engine.run(RunRequest(acc)).ok
+        sims.cloudflare.fail_next("cf.psk_apply", count=1, status=400)
+        refused = rt.engine.run(RunRequest(acc))
+        assert not refused.ok and "busy_until" not in lease_of(sims, acc)
+        sims.cloudflare.late_next("cf.psk_apply", delay=1.5)
+        report = rt.engine.run(RunRequest(acc))
+        assert {o.result for o in report.outcomes} == {"unknown"}
+        released = lease_of(sims, acc)
+        assert released["holder"] == "" and float(released["busy_until"]) > time.time()
+        assert_invariant(sims, acc)
+        handled = sims.cloudflare.request_counts()["cf.psk_apply"]
+        assert rt.engine.run(RunRequest(acc, reconcile_only=True)).ok
+        wait_for(lambda: applies_settled(sims), what="every apply to be handled")
+        later = sims.cloudflare.requests_of("cf.psk_apply")[handled:]
+        assert later and all(t >= float(released["busy_until"]) for t, _, _ in later)
+    finally:
+        rt.close()
+    assert_invariant(sims, acc, strict=True)

@@ -305,6 +305,8 @@ class LeaseManager:
         The deadline (UNIX time) is the latest instant an attempt of the call may start: the whole
         call, retries included, then ends before the lease, renewed just now, does. Raises LeaseLost
         (nothing sent) when the lease cannot be renewed. A keepalive renews it during the call.
+        When the call ends without an answer (an exception not marked ``ambiguous=False``), it may
+        still land until ``busy_until``: no call is sent before that, and a release keeps it.
         """
         self._wait_for_pin(account_id)
         start, landing = call_window(self.ttl, seconds)
@@ -335,6 +337,10 @@ class LeaseManager:
         try:
             yield now + start
             answered = True
+        except BaseException as exc:
+            # A definite refusal (an error that says it is not ambiguous) cannot land later either.
+            answered = getattr(exc, "ambiguous", None) is False
+            raise
         finally:
             cover.done.set()
             keepalive.join(timeout=max(0.0, cover.busy_until - self.clock()) + 5.0)
