@@ -283,7 +283,8 @@ class Engine:
 
         started = time.monotonic()
         try:
-            with self.leases.covering(req.account_id, self.call_timeout) as deadline:
+            with self.leases.covering(req.account_id, self.call_timeout,
+                                      resend=all(i.reconcile for i in accepted)) as deadline:
                 result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted},
                                            validate_only=False, deadline=deadline)
         except LeaseHeld as exc:

@@ -15,8 +15,9 @@ The rules, in the order they are applied:
   and a keepalive thread renews it while the call is in flight; the deadline handed to the call
   (latest start of an attempt) leaves the call's whole deadline before the lease ends. The lease
   record carries ``busy_until``: the latest instant such a call may still land.
-- Nobody sends a mutating call before a predecessor's ``busy_until`` (a dead holder taken over,
-  or a lease released after a call whose outcome is unknown): ``covering`` waits for it.
+- Nobody sends fresh keys (or rolls back) before a predecessor's ``busy_until`` (a dead holder
+  taken over, or a lease released after a call whose outcome is unknown): ``covering`` waits for
+  it. Re-sending keys already pending in Vault needs no wait: a late landing cannot contradict them.
 - ``release`` never hands the account over while a covered call is in flight; after a call that
   ended without an answer it releases with ``busy_until`` still set.
 - ``lease_ttl`` shorter than twice the longest call deadline is a configuration error
@@ -237,7 +238,8 @@ class LeaseManager:
                     raise self._taken(account_id, current, liveness, now)
                 self.log.warning("lease_taken_over", account=account_id, previous_holder=current.holder,
                                  reason="its process is gone")
-            self._pin(account_id, current.busy_until)
+            if current.holder != self.holder:  # of our own calls we know which may still land
+                self._pin(account_id, current.busy_until)
             try:
                 return self._write(account_id, current.version, busy_until=self._pinned_at(account_id))
             except CasConflict as exc:
@@ -299,7 +301,7 @@ class LeaseManager:
 
     # -- calls under the lease ------------------------------------------------------------------
     @contextlib.contextmanager
-    def covering(self, account_id: str, seconds: float) -> Iterator[float]:
+    def covering(self, account_id: str, seconds: float, *, resend: bool = False) -> Iterator[float]:
         """Run one mutating call of total deadline ``seconds`` under the lease; yields its deadline.
 
         The deadline (UNIX time) is the latest instant an attempt of the call may start: the whole
@@ -307,8 +309,13 @@ class LeaseManager:
         (nothing sent) when the lease cannot be renewed. A keepalive renews it during the call.
         When the call ends without an answer (an exception not marked ``ambiguous=False``), it may
         still land until ``busy_until``: no call is sent before that, and a release keeps it.
+
+        ``resend``: the call only sends keys that are already pending in Vault. A late landing of an
+        earlier call cannot contradict those (its keys are pending too, and stay so until promoted),
+        so such a call need not wait; every other call (fresh keys, a rollback) waits.
         """
-        self._wait_for_pin(account_id)
+        if not resend:
+            self._wait_for_pin(account_id)
         start, landing = call_window(self.ttl, seconds)
         if start <= 0:
             raise LeaseLost(f"account {account_id}: a lease of {self.ttl:g}s is too short for a call of {seconds:g}s",
