@@ -4,8 +4,9 @@ The rules, in the order they are applied:
 
 - A holder id names its process: ``host:pid:nonce``. The nonce starts with a tag of the machine
   and pid namespace (boot id + namespace, hashed) and the process's start time, so another process
-  on the same machine can tell for sure whether the holder is still running (a pid reused by
-  another process, or a restarted container that is pid 1 again, counts as gone).
+  in the same pid namespace can tell for sure whether the holder is still running (a pid reused by
+  a younger process counts as gone). A holder in another namespace or on another machine (a
+  restarted container, another replica) cannot be checked: its lease is waited out.
 - ``acquire`` renews our own lease, takes a free or expired one, and takes over AT ONCE a lease
   whose holder is a process of this machine that is gone. A live holder (or one on another
   machine, which cannot be checked) keeps the account until its lease expires: ``LeaseTaken``
@@ -157,7 +158,7 @@ class LocalProcesses:
         if h is None or not self.scope or h.host != self.host or h.scope != self.scope or not h.start:
             return Liveness.UNKNOWN
         if h.pid == self.pid:
-            # This very process, or an earlier process that had our pid (a restarted container's pid 1).
+            # This very process, or an earlier process that had our pid.
             return Liveness.ALIVE if h.start == self.start else Liveness.GONE
         try:
             os.kill(h.pid, 0)
@@ -316,6 +317,25 @@ class LeaseManager:
         """
         if not resend:
             self._wait_for_pin(account_id)
+        cover, deadline = self._begin(account_id, seconds)
+        keepalive = threading.Thread(target=self._keepalive, args=(cover,), daemon=True,
+                                     name=f"lease-keepalive-{account_id[:8]}")
+        keepalive.start()
+        answered = False
+        try:
+            yield deadline
+            answered = True
+        except BaseException as exc:
+            # A definite refusal (an error that says it is not ambiguous) cannot land later either.
+            answered = getattr(exc, "ambiguous", None) is False
+            raise
+        finally:
+            cover.done.set()
+            keepalive.join(timeout=max(0.0, cover.busy_until - self.clock()) + 5.0)
+            self._end(cover, answered)
+
+    def _begin(self, account_id: str, seconds: float) -> tuple[_Cover, float]:
+        """Renew the lease, recording how long the call may land; returns the cover and the deadline."""
         start, landing = call_window(self.ttl, seconds)
         if start <= 0:
             raise LeaseLost(f"account {account_id}: a lease of {self.ttl:g}s is too short for a call of {seconds:g}s",
@@ -326,9 +346,9 @@ class LeaseManager:
                 raise LeaseLost(f"account {account_id}: this rotator does not hold the lease",
                                 "the staged keys are left for the lease holder to reconcile")
             now = self.clock()
+            busy = max(now + landing, self._pinned_at(account_id),
+                       *(c.busy_until for c in self._inflight.get(account_id, [])))
             try:
-                busy = max(now + landing, self._pinned_at(account_id),
-                           *(c.busy_until for c in self._inflight.get(account_id, [])))
                 lease = self._write(account_id, held.version, busy_until=busy)
             except VaultError as exc:
                 if isinstance(exc, CasConflict):
@@ -337,28 +357,18 @@ class LeaseManager:
                                 "the staged keys are left for the lease holder to reconcile") from exc
             cover = _Cover(account_id, lease.busy_until, threading.Event())
             self._inflight.setdefault(account_id, []).append(cover)
-        keepalive = threading.Thread(target=self._keepalive, args=(cover,), daemon=True,
-                                     name=f"lease-keepalive-{account_id[:8]}")
-        keepalive.start()
-        answered = False
-        try:
-            yield now + start
-            answered = True
-        except BaseException as exc:
-            # A definite refusal (an error that says it is not ambiguous) cannot land later either.
-            answered = getattr(exc, "ambiguous", None) is False
-            raise
-        finally:
-            cover.done.set()
-            keepalive.join(timeout=max(0.0, cover.busy_until - self.clock()) + 5.0)
-            with self._lock:
-                self._inflight[account_id].remove(cover)
-                if not self._inflight[account_id]:
-                    del self._inflight[account_id]
-                if answered:
-                    self._clear_busy(account_id)
-                else:  # no answer: the call may still land until busy_until; nobody sends before that
-                    self._pin(account_id, cover.busy_until)
+            return cover, now + start
+
+    def _end(self, cover: _Cover, answered: bool) -> None:
+        with self._lock:
+            covers = self._inflight[cover.account_id]
+            covers.remove(cover)
+            if not covers:
+                del self._inflight[cover.account_id]
+            if answered:
+                self._clear_busy(cover.account_id)
+            else:  # no answer: the call may still land until busy_until; nobody sends before that
+                self._pin(cover.account_id, cover.busy_until)
 
     def _keepalive(self, cover: _Cover) -> None:
         """Renew the lease every third of its TTL until the call ends (at the latest at busy_until)."""
@@ -393,11 +403,11 @@ class LeaseManager:
     def _wait_for_pin(self, account_id: str) -> None:
         """Wait (bounded) until no call of a predecessor (or an unanswered one of ours) can land."""
         with self._lock:
-            until = self._pinned.get(account_id, 0.0)
+            until = self._pinned_at(account_id)
+            if not until:
+                self._pinned.pop(account_id, None)
+                return
         now = self.clock()
-        if until <= now:
-            self._pinned.pop(account_id, None)
-            return
         self.log.info("lease_waiting_for_late_call", account=account_id, seconds=round(until - now, 3))
         self.notice(f"account {account_id}: an earlier call may still land until {_utc(until)}; waiting "
                     f"{math.ceil(until - now)}s before sending")
