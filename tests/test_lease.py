@@ -384,3 +384,32 @@ def test_an_apply_without_an_answer_holds_back_the_next_one_until_it_cannot_land
     finally:
         rt.close()
     assert_invariant(sims, acc, strict=True)
+
+
+def test_a_daemon_killed_on_this_host_is_succeeded_at_once(sims, tmp_path):
+    """A restarted daemon (same host, same pid namespace) leads at once instead of standing by for the TTL."""
+    acc = account(sims)
+    text = (f'[admin]\nlisten = "127.0.0.1:0"\n[rotation]\nlease_ttl = "60s"\n'
+            f'[policies.default]\nevery = "1h"\n[[accounts]]\nid = "{acc}"\n')
+    path = write_config(tmp_path, text)
+    env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}
+    proc = start_cli(["--config", path, "run"], env)
+    try:
+        wait_for(lambda: sims.cloudflare.request_counts().get("cf.psk_apply", 0) >= 1, what="the first rotation")
+        wait_for(lambda: HolderId.parse(lease_of(sims, acc).get("holder", "")) is not None, what="the lease")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        OUTPUTS.extend(proc.communicate(timeout=10))
+    dead = lease_of(sims, acc)["holder"]
+    assert HolderId.parse(dead).pid == proc.pid and float(lease_of(sims, acc)["expires_at"]) > time.time() + 30
+    wait_for(lambda: applies_settled(sims), what="the dead daemon's apply to be handled")
+    successor = build_daemon(config.load(path, env=env), tick_seconds=3600)
+    successor.start(serve_admin=False)
+    try:
+        assert successor.metrics.leader.labels(account=acc)._value.get() == 1
+        assert lease_of(sims, acc)["holder"] == successor.runtime.leases.holder
+        successor.tick()  # settles whatever the dead daemon left pending (the scheduled tick may too)
+    finally:
+        successor.stop()
+    assert lease_of(sims, acc)["holder"] == ""
+    assert_invariant(sims, acc, strict=True)
