@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tunnel", action="append", metavar="ID_OR_NAME", help="a tunnel (repeatable)")
     rotate.add_argument("--dry-run", action="store_true", help="plan and validate, change nothing")
     rotate.add_argument("--output", choices=("text", "json"), default="text")
-
     rotate.add_argument("--no-wait", action="store_true", help="fail at once when another rotator holds the account")
 
     reconcile = sub.add_parser("reconcile", help="finish every rotation left pending in Vault")

@@ -267,18 +267,31 @@ def _foreign_holder(sims, tmp_path, acc, ttl):
 
 def test_a_live_foreign_holder_is_waited_for_or_not(sims, tmp_path):
     acc = account(sims)
-    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=4.0)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=60.0)
     try:
         proc = run_cli(["reconcile", "--account", acc, "--no-wait"], sims.env())
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "elsewhere:4242" in lines[0] and "another host" in lines[0]
-        rt2, foreign = _foreign_holder(sims, tmp_path, acc, ttl=4.0)  # renewed: 4 s from now
-        rt2.close()
-        proc = run_cli(["rotate", "--account", acc, "--all"], sims.env())
-        assert proc.returncode == 0, proc.stderr
-        notice = [line for line in proc.stderr.splitlines() if "waiting up to" in line]
+        # Without --no-wait: one line saying who and how long, then the wait; the holder finishes.
+        run = start_cli(["rotate", "--account", acc, "--all"], sims.env())
+        err: list[str] = []
+        reader = threading.Thread(target=lambda: err.extend(run.stderr))
+        reader.start()
+        try:
+            wait_for(lambda: any("waiting up to" in line for line in err), timeout=60, what="the notice")
+            assert sims.cloudflare.request_counts().get("cf.psk_apply", 0) == 0
+            leases.release(acc)
+            assert run.wait(timeout=60) == 0, err
+            out = run.stdout.read()
+        finally:
+            if run.poll() is None:
+                run.kill()
+            reader.join(timeout=10)
+            OUTPUTS.extend(err)
+        notice = [line for line in err if "waiting up to" in line]
         assert len(notice) == 1 and "elsewhere:4242" in notice[0] and "--no-wait" in notice[0]
+        assert "Summary:" in out
     finally:
         rt.close()
     assert_invariant(sims, acc, strict=True)
