@@ -299,7 +299,7 @@ def test_a_live_foreign_holder_is_waited_for_or_not(sims, tmp_path):
 
 def test_a_holder_that_keeps_renewing_is_not_waited_for_forever(sims, tmp_path):
     acc = account(sims)
-    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=2.0)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=5.0)  # renewed every 0.2 s: never lapses
     stop = threading.Event()
 
     def renew():
