@@ -167,7 +167,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.lease_ttl)
     engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.batch_size,
-                    on_step=on_step, log=log, call_timeout=settings.cloudflare_timeout)
+                    on_step=on_step, log=log, apply_guard=settings.cloudflare_timeout)
     return Runtime(settings, client, http, store, cloudflare, leases, engine, generators, authenticator)
 
 

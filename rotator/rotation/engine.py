@@ -111,12 +111,13 @@ class Engine:
         self, api: TunnelApi, store: RecordStore, generator: PskGenerator, leases: LeaseManager, *,
         batch_size: int = 100, clock: Callable[[], float] = time.time,
         on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
-        release_lease: bool = True, should_stop: Callable[[], bool] | None = None, call_timeout: float = 30.0,
+        release_lease: bool = True, should_stop: Callable[[], bool] | None = None, apply_guard: float = 35.0,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.on_progress = on_progress or (lambda settled, total: None)  # tunnels settled so far, of total
-        # The total deadline of one Cloudflare call: the lease covers an apply for that long (lease.py).
-        self.call_timeout = call_timeout
+        # No apply attempt starts later than this long before the lease expires (an attempt may
+        # take up to the Cloudflare timeout): a late apply could overwrite a newer rotation.
+        self.apply_guard = apply_guard
         self.release_lease = release_lease  # a daemon keeps its lease between runs (leadership)
         self.should_stop = should_stop or (lambda: False)
         self.api, self.store, self.generator, self.leases = api, store, generator, leases
@@ -283,7 +284,7 @@ class Engine:
 
         started = time.monotonic()
         try:
-            with self.leases.covering(req.account_id, self.call_timeout,
+            with self.leases.covering(req.account_id, self.apply_guard,
                                       resend=all(i.reconcile for i in accepted)) as deadline:
                 result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted},
                                            validate_only=False, deadline=deadline)
