@@ -148,8 +148,8 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
         runtime.engine.on_progress = progress.update
     if not req.dry_run:
         # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
-        runtime.leases.notice = lambda line: print(f"rotator: {line}", file=sys.stderr, flush=True)
-        runtime.leases.acquire_waiting(args.account, wait=not args.no_wait)
+        runtime.leases.acquire_waiting(args.account, wait=not args.no_wait,
+                                       notice=lambda line: print(f"rotator: {line}", file=sys.stderr, flush=True))
     try:
         report = runtime.engine.run(req)
     finally:

@@ -210,12 +210,10 @@ class LeaseManager:
 
     def __init__(self, store: LeaseStore, holder: str, ttl: float = 120.0,
                  clock: Callable[[], float] = time.time, *, processes: LocalProcesses | None = None,
-                 sleep: Callable[[float], None] = time.sleep, log: Any = None,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, log: Any = None) -> None:
         self.store, self.holder, self.ttl, self.clock, self.sleep = store, holder, ttl, clock, sleep
         self.processes = processes or LocalProcesses()
         self.log = log or structlog.get_logger("rotator.rotation.lease")
-        self.notice = notice or (lambda line: None)  # one-line notices for a person (the CLI sets it)
         self._held: dict[str, Lease] = {}
         self._inflight: dict[str, list[_Cover]] = {}
         self._pinned: dict[str, float] = {}  # no mutating call before this (a call may still land)
@@ -247,11 +245,13 @@ class LeaseManager:
                 raise LeaseHeld(f"account {account_id}: another rotator took the lease first",
                                 "another replica is rotating it; this one stands by") from exc
 
-    def acquire_waiting(self, account_id: str, *, wait: bool = True) -> Lease:
+    def acquire_waiting(self, account_id: str, *, wait: bool = True,
+                        notice: Callable[[str], None] = lambda line: None) -> Lease:
         """``acquire``, waiting for a live holder's lease to expire (bounded by the expiry first seen).
 
-        With ``wait=False`` the first ``LeaseTaken`` is raised at once. A holder that renews its lease
-        while we wait is alive and working: after its first expiry we give up.
+        With ``wait=False`` the first ``LeaseTaken`` is raised at once. Before waiting, ``notice`` gets
+        one line for a person: who holds it and how long we wait. A holder that renews its lease while
+        we wait is alive and working: after its first expiry we give up.
         """
         give_up: float | None = None
         started = self.clock()
@@ -264,7 +264,7 @@ class LeaseManager:
                     raise
                 if give_up is None:
                     give_up = min(exc.until, now + MAX_WAIT_SECONDS) + POLL_SECONDS
-                    self.notice(f"account {account_id} is leased to {exc.holder} ({exc.liveness.value}) until "
+                    notice(f"account {account_id} is leased to {exc.holder} ({exc.liveness.value}) until "
                                 f"{_utc(exc.until)}; waiting up to {math.ceil(give_up - now)}s "
                                 "(--no-wait fails at once instead)")
                 elif now >= give_up:
@@ -408,9 +408,9 @@ class LeaseManager:
                 self._pinned.pop(account_id, None)
                 return
         now = self.clock()
-        self.log.info("lease_waiting_for_late_call", account=account_id, seconds=round(until - now, 3))
-        self.notice(f"account {account_id}: an earlier call may still land until {_utc(until)}; waiting "
-                    f"{math.ceil(until - now)}s before sending")
+        self.log.warning("lease_waiting_for_late_call", account=account_id, seconds=round(until - now, 3),
+                         message=f"an earlier call may still land until {_utc(until)}; waiting "
+                                 f"{math.ceil(until - now)}s before sending fresh keys")
         for _ in range(int(MAX_WAIT_SECONDS / POLL_SECONDS) + 2):
             now = self.clock()
             if now >= until:
