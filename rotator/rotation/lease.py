@@ -298,7 +298,8 @@ class LeaseManager:
     def _pin(self, account_id: str, until: float) -> None:
         now = self.clock()
         if until > now:
-            self._pinned[account_id] = max(self._pinned.get(account_id, 0.0), min(until, now + MAX_WAIT_SECONDS))
+            # A call under a lease lands before that lease ends: more than a TTL ahead is not believed.
+            self._pinned[account_id] = max(self._pinned.get(account_id, 0.0), min(until, now + self.ttl))
 
     # -- calls under the lease ------------------------------------------------------------------
     @contextlib.contextmanager
