@@ -21,7 +21,7 @@ from rotator import config
 from rotator.adapters.vault import VaultStore
 from rotator.errors import ConfigError
 from rotator.rotation.engine import SKIPPED, RunRequest
-from rotator.rotation.lease import HolderId, LeaseLost, LeaseManager, Liveness, LocalProcesses
+from rotator.rotation.lease import HolderId, LeaseLost, LeaseManager, Liveness, LocalProcesses, check_lease_ttl
 from rotator.service import daemon as daemon_mod
 from rotator.service.daemon import build_daemon
 from tests.helpers import OUTPUTS, assert_invariant, run_cli, runtime, start_cli, wait_for, write_config
@@ -120,6 +120,16 @@ def test_a_lease_shorter_than_twice_the_call_deadline_is_a_config_error(sims, tm
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "rotation.lease_ttl" in lines[0] and "cloudflare.timeout" in lines[0]
+    assert_invariant(sims, account(sims), strict=True)
+
+
+def test_the_longest_call_deadline_is_the_one_named(sims):
+    """Device timeouts join the check (rotator.rotation.lease.check_lease_ttl takes every call deadline)."""
+    check_lease_ttl(120, {"cloudflare.timeout": 30, "devices[0].timeout": 60})
+    with pytest.raises(ConfigError) as exc:
+        check_lease_ttl(100, {"cloudflare.timeout": 30, "devices[0].timeout": 60, "devices[1].timeout": 5})
+    assert "rotation.lease_ttl (100s)" in str(exc.value) and "devices[0].timeout (60s)" in str(exc.value)
+    assert "at least 120s" in str(exc.value)
     assert_invariant(sims, account(sims), strict=True)
 
 
