@@ -1,5 +1,9 @@
 # syntax=docker/dockerfile:1
-FROM python:3.11.11-slim-bookworm AS build
+# The base: Docker Hub's Python 3.11 on Debian bookworm. tools/build-image.sh builds the same file
+# without a Docker engine (buildah) and, where Docker Hub is out of reach, from a Debian bookworm
+# root made with debootstrap (PYTHON_IMAGE=localhost/psk-rotator-base:bookworm).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY rotator ./rotator
@@ -7,7 +11,7 @@ RUN python -m venv /opt/psk-rotator \
  && /opt/psk-rotator/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
  && /opt/psk-rotator/bin/pip install --no-cache-dir .
 
-FROM python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 psk-rotator \
  && useradd --system --uid 10001 --gid psk-rotator --no-create-home --shell /usr/sbin/nologin psk-rotator
 COPY --from=build /opt/psk-rotator /opt/psk-rotator

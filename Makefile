@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: test lint demo bench
+.PHONY: test lint demo bench campaign
 lint: $(STAMP)
 	$(BIN)/ruff check rotator tests
 	$(BIN)/mypy
@@ -24,3 +24,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py
+
+# The long fault campaign (issue 9): the suite's fault classes for 20 minutes unless told otherwise;
+# prints its seed, the checks made and the violations found. ROTATOR_CAMPAIGN_SEED replays a schedule.
+campaign: $(STAMP)
+	ROTATOR_CAMPAIGN_SECONDS=$${ROTATOR_CAMPAIGN_SECONDS:-1200} $(BIN)/python -m tests.campaign

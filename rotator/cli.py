@@ -8,62 +8,121 @@ cause and the fix, never a traceback. Heavy imports happen inside the commands s
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
+import re
+import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rotator import __version__
 from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
-    from rotator.rotation.engine import RunReport
+    from rotator.config import Settings
     from rotator.wiring import Runtime
+
+# The status filters (service/inventory.FILTERS), repeated here so --help stays fast.
+FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active")
+
+
+ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
+DONE_RESULTS = ("rotated", "would_rotate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line naming the problem and where to look, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def account_id(value: str) -> str:
+    if not ACCOUNT_RE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Cloudflare account id: use the 32 lowercase hex digits from the dashboard URL")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rotator", description="Rotate Cloudflare Magic IPsec pre-shared keys, Vault first.",
         epilog="Environment: VAULT_ADDR, VAULT_TOKEN, VAULT_NAMESPACE, VAULT_CACERT, CLOUDFLARE_API_TOKEN "
-               "(or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY), CLOUDFLARE_BASE_URL, ROTATOR_CONFIG, ROTATOR_ADMIN_TOKEN.")
+               "(or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY), CLOUDFLARE_BASE_URL, ROTATOR_CONFIG, ROTATOR_ADMIN_TOKEN, "
+               "ROTATOR_ADMIN_URL (a running daemon: rotate and reconcile are handed to it when it leads the account).")
     parser.add_argument("--version", action="version", version=f"psk-rotator {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $ROTATOR_CONFIG; none needed for one-shot use)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    rotate = sub.add_parser("rotate", help="rotate the PSKs of an account's tunnels now")
-    rotate.add_argument("--account", required=True, help="Cloudflare account id")
+    def command(name: str, text: str, account: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", default=argparse.SUPPRESS,
+                         help="TOML config file (also accepted before the command)")
+        if account:
+            cmd.add_argument("--account", required=True, type=account_id,
+                             help="Cloudflare account id (32 lowercase hex digits)")
+        return cmd
+
+    def run_options(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--output", choices=("text", "json"), default="text",
+                         help="text: a summary and the tunnels that need attention; json: the whole report")
+        cmd.add_argument("--verbose", "-v", action="store_true", help="list every tunnel, not only those needing "
+                                                                     "attention")
+        cmd.add_argument("--local", action="store_true",
+                         help="run here even when ROTATOR_ADMIN_URL names a daemon leading the account")
+        cmd.add_argument("--no-wait", action="store_true",
+                         help="fail at once when another live rotator holds the account's lease")
+
+    rotate = command("rotate", "rotate the PSKs of an account's tunnels now")
     which = rotate.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every tunnel of the account")
     which.add_argument("--tunnel", action="append", metavar="ID_OR_NAME", help="a tunnel (repeatable)")
     rotate.add_argument("--dry-run", action="store_true", help="plan and validate, change nothing")
-    rotate.add_argument("--output", choices=("text", "json"), default="text")
-    rotate.add_argument("--no-wait", action="store_true", help="fail at once when another rotator holds the account")
+    run_options(rotate)
 
-    reconcile = sub.add_parser("reconcile", help="finish every rotation left pending in Vault")
-    reconcile.add_argument("--account", required=True)
-    reconcile.add_argument("--output", choices=("text", "json"), default="text")
-    reconcile.add_argument("--no-wait", action="store_true", help="fail at once when another rotator holds the account")
+    reconcile = command("reconcile", "finish every rotation left pending in Vault")
+    run_options(reconcile)
 
-    unlock = sub.add_parser("unlock", help="clear an account's lease whose holder is known to be gone")
-    unlock.add_argument("--account", required=True, help="Cloudflare account id")
+    rollback = command("rollback", "return both ends of tunnels to their previous key, Vault first")
+    rollback.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME",
+                          help="a tunnel (repeatable)")
+    run_options(rollback)
 
-    status = sub.add_parser("status", help="per tunnel: state, PSK age, pending, last error (never a key)")
-    status.add_argument("--account", required=True)
-    status.add_argument("--output", choices=("text", "json"), default="text")
+    ack = command("ack", "acknowledge that a manual device holds its tunnel's pending key, then apply it")
+    ack.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    run_options(ack)
 
-    config = sub.add_parser("config", help="configuration")
+    command("unlock", "clear an account's lease whose holder is known to be gone (kept in the lease's history)")
+
+    status = command("status", "per tunnel: state, PSK age, pending, drift, last error (never a key)")
+    status.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
+    status.add_argument("--state", choices=FILTERS, help="only tunnels in this state (pending, failed, drifted ...)")
+    status.add_argument("--tunnel", action="append", metavar="ID_OR_NAME",
+                        help="only this tunnel (repeatable; a name may be a glob such as 'site-*')")
+    status.add_argument("--device", help="only tunnels whose far-end device has this name")
+
+    config = command("config", "configuration", account=False)
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    config_sub.add_parser("check", help="validate and print the effective config, secrets masked")
+    check = config_sub.add_parser("check", help="validate and print the effective config, secrets masked",
+                                  description="Validate everything 'run' would refuse, print the effective config "
+                                              "with secrets masked.")
+    check.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    check.add_argument("--one-shot", action="store_true",
+                       help="check only what one-shot commands need (no accounts or admin token required); "
+                            "the default when no config file is given")
 
-    sub.add_parser("run", help="run the daemon: schedules, admin API, metrics")
+    command("run", "run the daemon: schedules, admin API, metrics", account=False)
 
-    demo = sub.add_parser("demo", help="run the daemon against the built-in simulators")
-    demo.add_argument("--listen", default="127.0.0.1:9477", help="admin API address (HOST:PORT)")
+    demo = command("demo", "run the daemon against the built-in simulators", account=False)
+    demo.add_argument("--listen", default="127.0.0.1:9477", help="admin API address (HOST:PORT or [IPV6]:PORT)")
 
-    sim = sub.add_parser("sim", help="start the Vault and Cloudflare simulators on loopback")
+    sim = command("sim", "start the Vault and Cloudflare simulators on loopback", account=False)
     sim.add_argument("--json", action="store_true", help="print one JSON line with addresses and credentials")
-    sim.add_argument("--accounts", type=int, default=2)
-    sim.add_argument("--tunnels", type=int, default=5)
+    sim.add_argument("--accounts", type=int, default=2, help="how many simulated accounts (default 2)")
+    sim.add_argument("--tunnels", type=int, default=5, help="tunnels per account (default 5)")
     sim.add_argument("--cloudflare-latency", type=float, default=0.0, help="seconds added to every Cloudflare call")
     sim.add_argument("--vault-latency", type=float, default=0.0, help="seconds added to every Vault call")
     return parser
@@ -100,143 +159,312 @@ def _dispatch(args: argparse.Namespace) -> int:
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
-    if args.command == "unlock" and not config_mod.HEX32.match(args.account):
-        raise ConfigError(f"--account {args.account!r} is not a Cloudflare account id",
-                          "use the 32-lowercase-hex-character id from the dashboard URL")
-
     settings = config_mod.load(args.config)
     redactor = Redactor()
-    for value in (settings.vault_token, settings.cloudflare_token, settings.cloudflare_key, settings.admin_token):
-        if value is not None:
-            redactor.add(value)
-    # The daemon logs to stdout, where container runtimes and journald look; one-shot commands keep
-    # stdout for their result (table or JSON) and log to stderr.
-    configure(redactor, stream=sys.stdout if args.command == "run" else sys.stderr)
+    for value in settings.secrets:
+        redactor.add(value)
     if args.command == "config":
+        # 'run' needs a file (accounts live there): with one, check everything 'run' would refuse.
+        if not args.one_shot and settings.source != config_mod.ENV_ONLY:
+            config_mod.check_for_daemon(settings)
         print(json.dumps(settings.masked(), indent=2))
+        for warning in _device_warnings(settings):
+            print(f"rotator: warning: {warning}", file=sys.stderr)
         return 0
     if args.command == "run":
+        # The daemon logs to stdout, where container runtimes and journald look.
+        configure(redactor, stream=sys.stdout)
         from rotator.service.daemon import run_daemon
 
         return run_daemon(settings, redactor)
-    from rotator.wiring import build_runtime, preflight
+    # One-shot commands keep stdout for their result (table or JSON) and log to stderr; what the
+    # command prints itself (a failed run's error, retries) is not logged a second time.
+    configure(redactor, stream=sys.stderr, drop=frozenset({"run_failed"}))
+    _retries_as_one_line()
+    from rotator.wiring import RunOptions, build_runtime, preflight
 
-    runtime = build_runtime(settings)
+    if args.command == "ack":
+        runtime = build_runtime(settings)
+        try:
+            preflight(runtime)
+            _ack(runtime, args)
+        finally:
+            runtime.close()
+    if args.command == "unlock":
+        runtime = build_runtime(settings)
+        try:
+            preflight(runtime)
+            return _unlock(runtime, args.account)
+        finally:
+            runtime.close()
+    if args.command in RUN_KINDS and not args.local:
+        handed = _via_daemon(settings, args)
+        if handed is not None:
+            return handed
+
+    progress = None
+    if args.command != "status" and args.output == "text" and sys.stderr.isatty():
+        progress = _Progress(args.account, args.command)
+    runtime = build_runtime(settings, options=RunOptions(on_progress=progress.update if progress else None))
     try:
         preflight(runtime)
         if args.command == "status":
-            return _status(runtime, args.account, args.output)
-        if args.command == "unlock":
-            return _unlock(runtime, args.account)
-        return _rotate(runtime, args)
+            return _status(runtime, args)
+        report = _rotate(runtime, args)
+    finally:
+        if progress:
+            progress.done()
+        runtime.close()
+    return _show_run(report, args)
+
+
+def _device_warnings(settings: Settings) -> list[str]:
+    """Device tunnel patterns that match no listed tunnel: a warning, since tunnels come and go."""
+    if not settings.devices or not settings.accounts:
+        return []
+    from rotator.wiring import build_runtime
+
+    runtime = build_runtime(settings)
+    try:
+        listing = {a.id: runtime.cloudflare.list_tunnels(a.id) for a in settings.accounts}
+    except RotatorError as exc:
+        return [f"cannot list tunnels to check the devices' tunnel patterns: {exc}"]
     finally:
         runtime.close()
+    return runtime.devices.unmatched_patterns(listing)
 
 
-def _rotate(runtime: Runtime, args: argparse.Namespace) -> int:
+def _retries_as_one_line() -> None:
+    """A retry is one short line on stderr with its attempt number, not the retry library's internals."""
+    import stamina.instrumentation
+
+    def hook(details: stamina.instrumentation.RetryDetails) -> None:
+        cause = details.caused_by
+        reason = str(getattr(cause, "error", cause)).split(" (")[0][:100]
+        sys.stderr.write(f"rotator: retrying (attempt {details.retry_num + 1}) in {details.wait_for:.1f}s: "
+                         f"{reason}\n")
+
+    stamina.instrumentation.set_on_retry_hooks([hook])
+
+
+# The commands that run the protocol, and what each runs: an ack is followed by a reconcile.
+RUN_KINDS = {"rotate": "rotate", "reconcile": "reconcile", "rollback": "rollback", "ack": "reconcile"}
+
+
+def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     from rotator.rotation.engine import RunRequest
 
-    reconcile = args.command == "reconcile"
+    kind = RUN_KINDS[args.command]
     req = RunRequest(
         account_id=args.account,
-        tunnels=None if reconcile or getattr(args, "all", False) else args.tunnel,
-        reconcile_only=reconcile, dry_run=getattr(args, "dry_run", False),
-        psk_for=runtime.psk_for(args.account),
+        tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
+        reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
+        **runtime.request_options(args.account),
     )
-    progress = _Progress(args.account) if args.output == "text" and sys.stderr.isatty() else None
-    if progress:
-        runtime.engine.on_progress = progress.update
     if not req.dry_run:
         # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
         runtime.leases.acquire_waiting(args.account, wait=not args.no_wait,
                                        notice=lambda line: print(f"rotator: {line}", file=sys.stderr, flush=True))
     try:
-        report = runtime.engine.run(req)
+        return runtime.engine.run(req).as_dict()
     finally:
         runtime.leases.release(args.account)
-    if progress:
-        progress.done()
-    if args.output == "json":
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        _print_report(report)
-    if report.error and not report.outcomes:
-        print(f"rotator: error: {report.error}", file=sys.stderr)
-    return 0 if report.ok else 1
 
 
-def _unlock(runtime: Runtime, account_id: str) -> int:
+def _unlock(runtime: Runtime, account: str) -> int:
     from rotator.rotation.lease import LocalProcesses, unlock
 
-    print(unlock(runtime.store, account_id, LocalProcesses(), runtime.leases.holder))
+    print(unlock(runtime.store, account, LocalProcesses(), runtime.leases.holder))
     return 0
 
 
-class _Progress:
-    """One self-rewriting line on the terminal: tunnels settled so far, of those selected."""
+def _ack(runtime: Runtime, args: argparse.Namespace) -> None:
+    """Record in Vault (CAS) that each named tunnel's manual device holds its pending key."""
+    from rotator.errors import VaultError
+    from rotator.model import ack
 
-    def __init__(self, account: str) -> None:
+    tunnels = runtime.cloudflare.list_tunnels(args.account)
+    ids = []
+    for wanted in args.tunnel:
+        match = [t.id for t in tunnels if wanted in (t.id, t.name)]
+        if len(match) != 1:
+            raise ConfigError(f"{'no' if not match else 'more than one'} tunnel {wanted!r} in account {args.account}",
+                              "name the tunnel by its id")
+        ids.append(match[0])
+    records = runtime.store.read_many(args.account, ids)
+    acked = []
+    for tid in ids:
+        record = records[tid]
+        if isinstance(record, VaultError):
+            raise record
+        try:
+            acked.append(ack(record))
+        except ValueError as exc:
+            raise RotatorError(str(exc), "rotator status --state pending lists the keys waiting") from None
+    for tid, result in runtime.store.write_many(acked).items():
+        if isinstance(result, VaultError):
+            raise RotatorError(f"acknowledging tunnel {tid} failed: {result}", "run the ack again")
+    print(f"rotator: acknowledged {len(acked)} pending key(s); applying them", file=sys.stderr)
+
+
+def _show_run(report: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print a run's report, local or from the daemon, the same way; returns the exit code."""
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report, args.command, args.verbose)
+    if report.get("error") and not report.get("tunnels"):
+        print(f"rotator: error: {report['error']}", file=sys.stderr)
+    return 0 if report.get("ok") else 1
+
+
+def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
+    """Hand the request to the daemon at ROTATOR_ADMIN_URL when it leads the account; None: run here."""
+    url = os.environ.get("ROTATOR_ADMIN_URL", "").rstrip("/")
+    if not url:
+        return None
+    if settings.admin.token is None:
+        raise ConfigError("ROTATOR_ADMIN_URL is set but no admin token is",
+                          "export ROTATOR_ADMIN_TOKEN (or pass --local to run here)")
+    import httpx
+
+    auth = {"Authorization": f"Bearer {settings.admin.token.reveal()}"}
+    try:
+        with httpx.Client(base_url=url, headers=auth, timeout=10.0) as client:
+            status = client.get("/v1/status")
+            if status.status_code == 401:
+                raise ConfigError(f"the daemon at {url} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
+            leads = (status.json().get("accounts", {}).get(args.account) or {}).get("leader") is True
+            if not leads:
+                print(f"rotator: the daemon at {url} does not lead account {args.account}; running here",
+                      file=sys.stderr)
+                return None
+            body: dict[str, Any] = {"account": args.account}
+            kind = RUN_KINDS[args.command]
+            if kind == "reconcile":
+                body["reconcile"] = True
+            elif kind == "rollback":
+                body.update({"rollback": True, "tunnels": args.tunnel})
+            else:
+                body.update({"all": True} if args.all else {"tunnels": args.tunnel})
+                body["dry_run"] = bool(args.dry_run)
+            answer = client.post("/v1/rotations", json=body)
+            if answer.status_code != 202:
+                error = answer.json().get("error", answer.text[:200])
+                raise (ConfigError if answer.status_code == 400 else RotatorError)(
+                    f"the daemon at {url} refused the request: {error}",
+                    "wait and retry" if answer.status_code == 429 else "")
+            run_id = answer.json()["id"]
+            print(f"rotator: handed to the daemon at {url} (run {run_id}); following it", file=sys.stderr)
+            view = _follow(client, run_id)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise RotatorError(f"cannot talk to the daemon at {url}: {exc}",
+                           "check ROTATOR_ADMIN_URL, or pass --local to run here") from None
+    if view["state"] == "failed" or "result" not in view:
+        raise RotatorError(f"the daemon's run {run_id} failed: {view.get('error')}", "see the daemon's log")
+    return _show_run(view["result"], args)
+
+
+FOLLOW_LIMIT = 6 * 3600.0  # a run the daemon does not finish in this long is reported, not waited for
+
+
+def _follow(client: Any, run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + FOLLOW_LIMIT
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = client.get(f"/v1/rotations/{run_id}").json()
+        if view.get("state") in ("done", "failed"):
+            return view
+        time.sleep(0.2)
+    raise RotatorError(f"the daemon's run {run_id} did not finish in {FOLLOW_LIMIT:.0f}s",
+                       f"follow it with GET /v1/rotations/{run_id}")
+
+
+class _Progress:
+    """One self-rewriting line on the terminal, from the start of the plan: tunnels settled so far."""
+
+    def __init__(self, account: str, command: str) -> None:
         self.account = account
         self.started = time.monotonic()
+        self.open = True
+        sys.stderr.write(f"{account[:8]}… {command}: listing tunnels and reading their Vault records")
+        sys.stderr.flush()
 
     def update(self, settled: int, total: int) -> None:
         width = 30
         filled = width * settled // total if total else width
-        sys.stderr.write(f"\r{self.account[:8]}… [{'#' * filled}{'.' * (width - filled)}] {settled}/{total} tunnels "
-                         f"{time.monotonic() - self.started:6.1f}s")
+        sys.stderr.write(f"\r\033[K{self.account[:8]}… [{'#' * filled}{'.' * (width - filled)}] {settled}/{total} "
+                         f"tunnels {time.monotonic() - self.started:6.1f}s")
         sys.stderr.flush()
 
     def done(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
+    """Columns padded to their widest cell; the last column is cut to what the terminal has left."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    room = shutil.get_terminal_size((160, 24)).columns - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    widths[-1] = max(len(headers[-1]), min(widths[-1], max(20, room)))
+
+    def cut(text: str, width: int) -> str:
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    lines.extend("  ".join(cut(c, w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
     return "\n".join(lines)
 
 
-def _print_report(report: RunReport) -> None:
-    verb = "Dry run" if report.dry_run else "Rotation"
-    if report.error and not report.outcomes:
+def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
+    tunnels = report.get("tunnels") or []
+    if report.get("error") and not tunnels:
         return
-    print(f"{verb} {report.rotation_id} on account {report.account_id}")
-    if report.outcomes:
-        rows = [[o.name, o.tunnel_id, o.result + (" (reconciled)" if o.reconciled else ""), o.reason or ""]
-                for o in report.outcomes]
+    kind = RUN_KINDS.get(command, command)
+    title = "Dry run" if report.get("dry_run") else {"reconcile": "Reconcile", "rollback": "Rollback"}.get(
+        kind, "Rotation")
+    print(f"{title} {report['rotation_id']} on account {report['account_id']}")
+    done = ("rolled_back",) if kind == "rollback" else DONE_RESULTS
+    shown = tunnels if verbose else [t for t in tunnels if t["result"] not in done]
+    if shown:
+        rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
+                 " ".join((t.get("reason") or "").split())] for t in shown]
         print(_table(rows, ["TUNNEL", "ID", "RESULT", "REASON"]))
-    counts = ", ".join(f"{n} {r}" for r, n in report.counts().items() if n)
-    print(f"Summary: {counts or 'nothing to do'} in {report.finished_at - report.started_at:.2f}s")
+    if len(shown) < len(tunnels):
+        print(f"({len(tunnels) - len(shown)} tunnels done as asked are not listed; --verbose lists every one)")
+    counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
+    print(f"Summary: {counts or 'nothing to do'} in {report.get('duration_seconds', 0):.2f}s")
 
 
-def _status(runtime: Runtime, account_id: str, output: str) -> int:
-    from rotator.schedule import parse_time
+def _status(runtime: Runtime, args: argparse.Namespace) -> int:
+    from rotator.service.inventory import assess, summary
 
-    tunnels = runtime.cloudflare.list_tunnels(account_id)
-    records = runtime.store.read_many(account_id, [t.id for t in tunnels])
+    account = next((a for a in runtime.settings.accounts if a.id == args.account), None)
+    tunnels = runtime.cloudflare.list_tunnels(args.account)
+    records = runtime.store.read_many(args.account, [t.id for t in tunnels])
     now = time.time()
-    rows: list[dict[str, Any]] = []
-    for t in tunnels:
-        rec = records[t.id]
-        if isinstance(rec, RotatorError):
-            rows.append({"tunnel_id": t.id, "name": t.name, "state": "error", "psk_age_seconds": None,
-                         "pending": None, "last_error": str(rec)})
-            continue
-        rotated = parse_time(rec.rotated_at)
-        state = "unmanaged" if rec.version == 0 else rec.state
-        rows.append({"tunnel_id": t.id, "name": t.name, "state": state,
-                     "psk_age_seconds": None if rotated is None else int(now - rotated),
-                     "pending": rec.pending_psk is not None, "rotation_id": rec.rotation_id,
-                     "last_error": rec.last_error})
-    if output == "json":
-        print(json.dumps({"account_id": account_id, "tunnels": rows}, indent=2))
+    policies = runtime.settings.policies
+
+    def policy(tunnel_id: str, name: str) -> Any:
+        chosen = account.policy_for(tunnel_id, name) if account else "default"
+        return policies[chosen] if chosen else None
+
+    views = [assess(policy(t.id, t.name), t, records[t.id], now) for t in tunnels]
+    views = [v for v in views if (args.state is None or v.matches(args.state))
+             and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
+             and (args.device is None or v.device == args.device)]
+    counts = summary(views)
+    if args.output == "json":
+        print(json.dumps({"account_id": args.account, "summary": counts,
+                          "tunnels": [v.as_dict(now) for v in views]}, indent=2))
         return 0
-    table_rows = [[r["name"], r["tunnel_id"], r["state"], _age(r["psk_age_seconds"]),
-                   "yes" if r["pending"] else "no", (r["last_error"] or "")[:80]] for r in rows]
-    print(_table(table_rows, ["TUNNEL", "ID", "STATE", "PSK AGE", "PENDING", "LAST ERROR"]))
+    rows = [[v.name, v.tunnel_id, v.state + (" (drifted)" if v.drifted and v.state != "drifted" else ""),
+             _age(None if v.last_rotated is None else int(now - v.last_rotated)), "yes" if v.pending else "no",
+             v.device or "-", " ".join((v.last_error or "").split())] for v in views]
+    print(_table(rows, ["TUNNEL", "ID", "STATE", "PSK AGE", "PENDING", "DEVICE", "LAST ERROR"]))
+    print("Summary: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "tunnels"))
     return 0
 
 

@@ -7,23 +7,28 @@ effective config can be printed (``rotator config check``) without showing them.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
 from rotator.rotation.lease import check_lease_ttl
-from rotator.schedule import Policy, Window, parse_cron
+from rotator.schedule import Policy, Window, next_cron, parse_cron
 from rotator.secret import Secret
+
+if TYPE_CHECKING:
+    from rotator.adapters.devices import DeviceSpec
 
 DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w)$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
+ENV_ONLY = "environment only"  # Settings.source when no file was read
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -76,60 +81,100 @@ class VaultAuth:
 
 
 @dataclass(frozen=True)
+class VaultSettings:
+    addr: str
+    token: Secret | None
+    namespace: str = ""
+    cacert: str = ""
+    mount: str = "secret"
+    prefix: str = "cloudflare/magic-ipsec"
+    concurrency: int = 16
+    timeout: float = 15.0
+    auth: VaultAuth = VaultAuth()
+
+
+@dataclass(frozen=True)
+class CloudflareSettings:
+    base_url: str
+    token: Secret | None
+    email: str = ""
+    key: Secret | None = None
+    batch_size: int = 100
+    timeout: float = 30.0
+    retry_attempts: int = 5
+    retry_timeout: float = 60.0
+    rate_limit_ceiling: float = 330.0
+    rate_reserve: float = 0.2  # share of Cloudflare's rate budget left to other tools
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    lease_ttl: float = 120.0
+    on_drift: str = "rotate"  # a key changed outside the rotator: "rotate" re-keys it from Vault, "report" only reports
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: str = "127.0.0.1:9477"
+    token: Secret | None = None
+    queue: int = 16  # on-demand runs that may wait; more are refused with 429
+
+
+@dataclass(frozen=True)
 class Settings:
-    vault_addr: str
-    vault_token: Secret | None
-    vault_namespace: str
-    vault_cacert: str
-    vault_mount: str
-    vault_prefix: str
-    vault_concurrency: int
-    vault_timeout: float
-    vault_auth: VaultAuth
-    cloudflare_base_url: str
-    cloudflare_token: Secret | None
-    cloudflare_email: str
-    cloudflare_key: Secret | None
-    batch_size: int
-    cloudflare_timeout: float
-    retry_attempts: int
-    retry_timeout: float
-    rate_limit_ceiling: float
-    lease_ttl: float
-    admin_listen: str
-    admin_token: Secret | None
+    """The validated configuration, one part per section of the file."""
+
+    vault: VaultSettings
+    cloudflare: CloudflareSettings
+    rotation: RotationSettings
+    admin: AdminSettings
     policies: dict[str, Policy]
     accounts: tuple[Account, ...]
     source: str
+    devices: tuple[DeviceSpec, ...] = ()  # [[devices]]: the far ends (rotator/adapters/devices)
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every credential, for the log redactor."""
+        from rotator.adapters.devices import secrets_of  # the device kinds import this module's parsers
+
+        values = (self.vault.token, self.vault.auth.secret_id, self.cloudflare.token, self.cloudflare.key,
+                  self.admin.token)
+        return tuple(v for v in values if v is not None) + tuple(secrets_of(self.devices))
 
     def masked(self) -> dict[str, Any]:
         """The effective config with every secret masked, for ``rotator config check``."""
         def mask(value: Secret | None) -> str:
             return "<set>" if value is not None else "<unset>"
 
+        v, c, a = self.vault, self.cloudflare, self.admin
         return {
             "source": self.source,
-            "vault": {"addr": self.vault_addr, "token": mask(self.vault_token), "namespace": self.vault_namespace,
-                      "cacert": self.vault_cacert, "mount": self.vault_mount, "prefix": self.vault_prefix,
-                      "concurrency": self.vault_concurrency, "auth": self.vault_auth.method},
-            "cloudflare": {"base_url": self.cloudflare_base_url, "api_token": mask(self.cloudflare_token),
-                           "email": self.cloudflare_email or "<unset>", "api_key": mask(self.cloudflare_key),
-                           "batch_size": self.batch_size, "retry_attempts": self.retry_attempts,
-                           "rate_limit_ceiling": self.rate_limit_ceiling},
-            "rotation": {"lease_ttl": self.lease_ttl},
-            "admin": {"listen": self.admin_listen, "token": mask(self.admin_token)},
-            "policies": {n: {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age,
-                             "jitter": p.jitter, "window": None if p.window is None else {
-                                 "days": [DAYS[d] for d in p.window.days],
-                                 "start": f"{p.window.start_minute // 60:02d}:{p.window.start_minute % 60:02d}",
-                                 "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
-                                 "timezone": p.window.timezone},
-                             "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
-                         for n, p in self.policies.items()},
-            "accounts": [{"id": a.id, "selections": [
+            "vault": {"addr": v.addr, "token": mask(v.token), "namespace": v.namespace, "cacert": v.cacert,
+                      "mount": v.mount, "prefix": v.prefix, "concurrency": v.concurrency, "timeout": v.timeout,
+                      "auth": v.auth.method},
+            "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
+                           "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
+                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
+                           "rate_reserve": c.rate_reserve},
+            "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
+            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
+            "policies": {n: _policy_view(p) for n, p in self.policies.items()},
+            "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
-                 "exclude": list(s.exclude)} for s in a.selections]} for a in self.accounts],
+                 "exclude": list(s.exclude)} for s in acc.selections]} for acc in self.accounts],
+            "devices": [d.masked() for d in self.devices],
         }
+
+
+def _policy_view(p: Policy) -> dict[str, Any]:
+    window = None if p.window is None else {
+        "days": [DAYS[d] for d in p.window.days],
+        "start": f"{p.window.start_minute // 60:02d}:{p.window.start_minute % 60:02d}",
+        "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
+        "timezone": p.window.timezone}
+    return {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age, "jitter": p.jitter,
+            "window": window, "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
 
 
 class _Table:
@@ -190,10 +235,15 @@ def _policy(name: str, t: _Table) -> Policy:
     if cron is not None:
 
         try:
-            parse_cron(cron)
+            parsed = parse_cron(cron)
         except ValueError as exc:
             raise ConfigError(f"{t.key('cron')}: {exc}", "use 5 fields: minute hour day-of-month month day-of-week") \
                 from None
+        try:
+            next_cron(parsed, 0.0, tz)
+        except ValueError:
+            raise ConfigError(f"{t.key('cron')}: {cron!r} never fires (no such date)",
+                              "pick a day that exists, e.g. \"0 3 28 2 *\"") from None
     window = None
     if "window" in t.data:
         w = t.table("window")
@@ -209,6 +259,13 @@ def _policy(name: str, t: _Table) -> Policy:
         window = Window(tuple(sorted({DAYS.index(str(d).lower()[:3]) for d in days})), start, end,
                         _timezone(w.get("timezone", str, tz), w.key("timezone")))
     max_age = parse_duration(t.data["max_age"], t.key("max_age")) if "max_age" in t.data else None
+    jitter = parse_duration(t.data.get("jitter", 0), t.key("jitter"))
+    if every is not None and max_age is not None and max_age < every:
+        raise ConfigError(f"{t.key('max_age')}: {max_age:g}s is shorter than every ({every:g}s)",
+                          "max_age is the oldest a key may get: make it at least 'every'")
+    if every is not None and jitter > every:
+        raise ConfigError(f"{t.key('jitter')}: {jitter:g}s is longer than the interval every ({every:g}s)",
+                          "keep jitter below 'every', e.g. a tenth of it")
     charset = t.get("psk_charset", str, "alnum")
     if charset not in PRESETS:
         raise ConfigError(f"{t.key('psk_charset')}: unknown preset {charset!r}", f"use one of {', '.join(PRESETS)}")
@@ -220,8 +277,7 @@ def _policy(name: str, t: _Table) -> Policy:
     except ConfigError as exc:
         raise ConfigError(f"{t.path}: {exc.message}", exc.hint) from None
     return Policy(
-        name, every, cron, tz, window, max_age,
-        parse_duration(t.data.get("jitter", 0), t.key("jitter")),
+        name, every, cron, tz, window, max_age, jitter,
         parse_duration(t.data.get("retry_backoff", 300), t.key("retry_backoff")),
         parse_duration(t.data.get("retry_backoff_max", "6h"), t.key("retry_backoff_max")), psk,
     )
@@ -233,78 +289,186 @@ def _selection(t: _Table, policies: Mapping[str, Policy]) -> Selection:
     if policy not in policies:
         raise ConfigError(f"{t.key('policy')}: no policy named {policy!r}",
                           f"define [policies.{policy}] or use one of {', '.join(policies) or 'none'}")
-    sel = Selection(policy, tuple(t.get("ids", list, [])), tuple(t.get("names", list, [])),
-                    tuple(t.get("exclude", list, [])), t.get("all", bool, False))
+    sel = Selection(policy, _strings(t, "ids"), _strings(t, "names"), _strings(t, "exclude"),
+                    t.get("all", bool, False))
     if not (sel.all or sel.ids or sel.names):
         raise ConfigError(f"{t.path}: selects no tunnels", "set all = true, ids = [...] or names = [\"glob*\"]")
     return sel
+
+
+def _strings(t: _Table, name: str) -> tuple[str, ...]:
+    values = t.get(name, list, [])
+    for j, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ConfigError(f"{t.key(name)}[{j}]: expected a string, got {type(value).__name__} {value!r}",
+                              "quote it: tunnel ids and name globs are strings")
+    return tuple(values)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ConfigError naming admin.listen otherwise."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", listen) or re.match(r"^([^:\[\]]+):(\d{1,5})$", listen)
+    hint = "e.g. 127.0.0.1:9477, or [::1]:9477 for IPv6"
+    if not m:
+        raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT", hint)
+    host, port = m.group(1), int(m.group(2))
+    if port > 65535:
+        raise ConfigError(f"admin.listen: port {port} is out of range (0-65535)", hint)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if listen.startswith("[") or not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host) or \
+                re.match(r"^[\d.]+$", host):
+            raise ConfigError(f"admin.listen: {host!r} is not an IP address or host name", hint) from None
+    return host, port
+
+
+def check_for_daemon(settings: Settings) -> None:
+    """What ``rotator run`` needs beyond what every command needs."""
+    if not settings.accounts:
+        raise ConfigError("accounts: no [[accounts]] configured for 'run'",
+                          "list the accounts to manage in the config file")
+    if settings.admin.token is None:
+        raise ConfigError("admin token is not set: 'run' protects its admin API with it",
+                          "set ROTATOR_ADMIN_TOKEN or admin.token_file")
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use)."""
     env = os.environ if env is None else env
     path = path or env.get("ROTATOR_CONFIG") or None
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist", "check --config or ROTATOR_CONFIG") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
-    root = _Table(raw, "")
-    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts"})
-    v, c, r, a = root.table("vault"), root.table("cloudflare"), root.table("rotation"), root.table("admin")
-    v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
-    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling"})
-    r.reject_unknown({"lease_ttl"})
-    a.reject_unknown({"listen", "token_file"})
+    root = _Table(_read(path) if path else {}, "")
+    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices"})
+    v, c = root.table("vault"), root.table("cloudflare")
+    auth = _vault_auth(v.table("auth"), env)
+    _require_environment(v, auth, env)
+    policies_t = root.table("policies")
+    policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
+    if "default" not in policies:
+        policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
+    from rotator.adapters.devices import parse_devices  # the device kinds import this module's parsers
 
-    auth_t = v.table("auth")
-    auth_t.reject_unknown({"method", "mount", "role_id", "secret_id_file", "role", "jwt_file"})
-    method = auth_t.get("method", str, "token")
+    accounts = _accounts(root, policies)
+    devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
+    settings = Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
+                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
+    # Every call's total deadline must fit twice in the lease: Cloudflare's and each device's.
+    check_lease_ttl(settings.rotation.lease_ttl, {"cloudflare.timeout": settings.cloudflare.timeout,
+                                                  **{f"{d.path}.timeout": d.timeout for d in devices}})
+    return settings
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", "check --config or ROTATOR_CONFIG") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
+
+
+def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> None:
+    """Every missing variable in one message, not one per try."""
+    missing = []
+    if not (env.get("VAULT_ADDR") or v.get("addr", str, "")):
+        missing.append("VAULT_ADDR (or vault.addr)")
+    if auth.method == "token" and not env.get("VAULT_TOKEN"):
+        missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
+    if not env.get("CLOUDFLARE_API_TOKEN") and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
+        missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
+    if missing:
+        raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
+
+
+def _vault_auth(t: _Table, env: Mapping[str, str]) -> VaultAuth:
+    t.reject_unknown({"method", "mount", "role_id", "secret_id_file", "role", "jwt_file"})
+    method = t.get("method", str, "token")
     if method not in ("token", "approle", "kubernetes"):
         raise ConfigError(f"vault.auth.method: unknown method {method!r}", "use token, approle or kubernetes")
     secret_id = env.get("VAULT_SECRET_ID")
-    if auth_t.get("secret_id_file", str, ""):
-        secret_id = _read_secret_file(auth_t.data["secret_id_file"], "vault.auth.secret_id_file")
-    auth = VaultAuth(method, auth_t.get("mount", str, method if method != "token" else ""),
-                     auth_t.get("role_id", str, env.get("VAULT_ROLE_ID", "")), Secret(secret_id) if secret_id else None,
-                     auth_t.get("role", str, ""),
-                     auth_t.get("jwt_file", str, "/var/run/secrets/kubernetes.io/serviceaccount/token"))
+    if t.get("secret_id_file", str, ""):
+        secret_id = _read_secret_file(t.data["secret_id_file"], "vault.auth.secret_id_file")
+    auth = VaultAuth(method, t.get("mount", str, method if method != "token" else ""),
+                     t.get("role_id", str, env.get("VAULT_ROLE_ID", "")), Secret(secret_id) if secret_id else None,
+                     t.get("role", str, ""), t.get("jwt_file", str, VaultAuth.jwt_file))
     if method == "approle" and (not auth.role_id or auth.secret_id is None):
         raise ConfigError("vault.auth: approle needs role_id and a secret id",
                           "set vault.auth.role_id and vault.auth.secret_id_file (or VAULT_ROLE_ID/VAULT_SECRET_ID)")
     if method == "kubernetes" and not auth.role:
         raise ConfigError("vault.auth.role: kubernetes auth needs a role", "set vault.auth.role")
+    return auth
 
-    vault_addr = env.get("VAULT_ADDR") or v.get("addr", str, "")
-    vault_token = env.get("VAULT_TOKEN")
-    if not vault_addr:
-        raise ConfigError("Vault address is not set", "set VAULT_ADDR (or vault.addr in the config file)")
-    if not re.match(r"^https?://", vault_addr):
-        raise ConfigError(f"VAULT_ADDR {vault_addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
-    if method == "token" and not vault_token:
-        raise ConfigError("VAULT_TOKEN is not set", "export VAULT_TOKEN, or configure vault.auth for approle/kubernetes")
 
-    cf_token, cf_email = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_EMAIL")
-    cf_key = env.get("CLOUDFLARE_API_KEY")
-    if not cf_token and not (cf_email and cf_key):
-        raise ConfigError("no Cloudflare credential is set",
-                          "export CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
+def _vault(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> VaultSettings:
+    v.reject_unknown({"addr", "mount", "prefix", "namespace", "cacert", "concurrency", "timeout", "auth"})
+    addr = env.get("VAULT_ADDR") or v.get("addr", str, "")
+    if not re.match(r"^https?://", addr):
+        raise ConfigError(f"VAULT_ADDR {addr!r} is not an http(s) URL", "e.g. https://vault.example.com:8200")
+    concurrency = v.get("concurrency", int, 16)
+    if not 1 <= concurrency <= 256:
+        raise ConfigError(f"vault.concurrency: {concurrency} is outside 1..256", "the default is 16")
+    token = env.get("VAULT_TOKEN")
+    return VaultSettings(
+        addr.rstrip("/"), Secret(token) if token else None, env.get("VAULT_NAMESPACE") or v.get("namespace", str, ""),
+        env.get("VAULT_CACERT") or v.get("cacert", str, ""), v.get("mount", str, "secret").strip("/"),
+        v.get("prefix", str, "cloudflare/magic-ipsec").strip("/"), concurrency,
+        _positive(v.data.get("timeout", 15), "vault.timeout"), auth)
 
-    admin_token = env.get("ROTATOR_ADMIN_TOKEN")
+
+def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
+    c.reject_unknown({"base_url", "batch_size", "timeout", "retry_attempts", "retry_timeout", "rate_limit_ceiling",
+                      "rate_reserve"})
+    batch_size = c.get("batch_size", int, 100)
+    if not 1 <= batch_size <= 1000:
+        raise ConfigError(f"cloudflare.batch_size: {batch_size} is outside 1..1000", "the default is 100")
+    retry_attempts = c.get("retry_attempts", int, 5)
+    if not 1 <= retry_attempts <= 100:
+        raise ConfigError(f"cloudflare.retry_attempts: {retry_attempts} is outside 1..100",
+                          "it counts every try, the first included; the default is 5")
+    rate_reserve = float(c.get("rate_reserve", (int, float), 0.2))
+    if not 0 <= rate_reserve < 1:
+        raise ConfigError(f"cloudflare.rate_reserve: {rate_reserve} is outside 0 (none) to below 1",
+                          "the default 0.2 leaves 20 % of the token's rate budget to other tools")
+    token, key = env.get("CLOUDFLARE_API_TOKEN"), env.get("CLOUDFLARE_API_KEY")
+    return CloudflareSettings(
+        (env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "") or "https://api.cloudflare.com/client/v4")
+        .rstrip("/"),
+        Secret(token) if token else None, env.get("CLOUDFLARE_EMAIL") or "",
+        Secret(key) if key and not token else None, batch_size,
+        _positive(c.data.get("timeout", 30), "cloudflare.timeout"), retry_attempts,
+        parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout"),
+        parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling"), rate_reserve)
+
+
+def _rotation(r: _Table) -> RotationSettings:
+    r.reject_unknown({"lease_ttl", "on_drift"})
+    lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
+    on_drift = r.get("on_drift", str, "rotate")
+    if on_drift not in ("rotate", "report"):
+        raise ConfigError(f"rotation.on_drift: {on_drift!r} is neither \"rotate\" nor \"report\"",
+                          "rotate re-keys a drifted tunnel from Vault; report only reports it")
+    return RotationSettings(lease_ttl, on_drift)
+
+
+def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
+    a.reject_unknown({"listen", "token_file", "queue"})
+    listen = a.get("listen", str, "127.0.0.1:9477")
+    split_listen(listen)
+    queue = a.get("queue", int, 16)
+    if not 1 <= queue <= 1000:
+        raise ConfigError(f"admin.queue: {queue} is outside 1..1000", "the default is 16")
+    token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
-        admin_token = _read_secret_file(a.data["token_file"], "admin.token_file")
+        token = _read_secret_file(a.data["token_file"], "admin.token_file")
+    return AdminSettings(listen, Secret(token) if token else None, queue)
 
-    policies_t = root.table("policies")
-    policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
-    if "default" not in policies:
-        policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
 
+def _accounts(root: _Table, policies: Mapping[str, Policy]) -> tuple[Account, ...]:
     accounts = []
     seen: set[str] = set()
     for i, acc_raw in enumerate(root.get("accounts", list, [])):
@@ -320,41 +484,19 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
             raise ConfigError(f"{t.key('id')}: account {acc_id} is listed twice", "merge the two blocks")
         seen.add(acc_id)
         sels_raw = t.get("select", list, [{"all": True, "policy": "default"}])
+        for j, sel in enumerate(sels_raw):
+            if not isinstance(sel, dict):
+                raise ConfigError(f"{t.key('select')}[{j}]: expected a table", "write [[accounts.select]] blocks")
         sels = tuple(_selection(_Table(s, f"{t.key('select')}[{j}]"), policies) for j, s in enumerate(sels_raw))
         accounts.append(Account(acc_id, sels))
+    return tuple(accounts)
 
-    batch_size = c.get("batch_size", int, 100)
-    if not 1 <= batch_size <= 1000:
-        raise ConfigError(f"cloudflare.batch_size: {batch_size} is outside 1..1000", "the default is 100")
-    concurrency = v.get("concurrency", int, 16)
-    if not 1 <= concurrency <= 256:
-        raise ConfigError(f"vault.concurrency: {concurrency} is outside 1..256", "the default is 16")
-    lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
-    retry_timeout = parse_duration(c.data.get("retry_timeout", 60), "cloudflare.retry_timeout")
-    ceiling = parse_duration(c.data.get("rate_limit_ceiling", 330), "cloudflare.rate_limit_ceiling")
-    cloudflare_timeout = parse_duration(c.data.get("timeout", 30), "cloudflare.timeout")
-    # Every call's total deadline must fit twice in the lease (device timeouts join when devices land).
-    check_lease_ttl(lease_ttl, {"cloudflare.timeout": cloudflare_timeout})
-    listen = a.get("listen", str, "127.0.0.1:9477")
-    if not re.match(r"^[^:]+:\d{1,5}$", listen):
-        raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT", "e.g. 127.0.0.1:9477")
-    return Settings(
-        vault_addr=vault_addr.rstrip("/"), vault_token=Secret(vault_token) if vault_token else None,
-        vault_namespace=env.get("VAULT_NAMESPACE") or v.get("namespace", str, ""),
-        vault_cacert=env.get("VAULT_CACERT") or v.get("cacert", str, ""),
-        vault_mount=v.get("mount", str, "secret").strip("/"),
-        vault_prefix=v.get("prefix", str, "cloudflare/magic-ipsec").strip("/"),
-        vault_concurrency=concurrency, vault_timeout=parse_duration(v.data.get("timeout", 15), "vault.timeout"),
-        vault_auth=auth,
-        cloudflare_base_url=(env.get("CLOUDFLARE_BASE_URL") or c.get("base_url", str, "")
-                             or "https://api.cloudflare.com/client/v4").rstrip("/"),
-        cloudflare_token=Secret(cf_token) if cf_token else None, cloudflare_email=cf_email or "",
-        cloudflare_key=Secret(cf_key) if cf_key and not cf_token else None,
-        batch_size=batch_size, cloudflare_timeout=cloudflare_timeout,
-        retry_attempts=c.get("retry_attempts", int, 5), retry_timeout=retry_timeout, rate_limit_ceiling=ceiling,
-        lease_ttl=lease_ttl, admin_listen=listen, admin_token=Secret(admin_token) if admin_token else None,
-        policies=policies, accounts=tuple(accounts), source=path or "environment only",
-    )
+
+def _positive(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than 0s", "a call with no time to finish always fails")
+    return seconds
 
 
 def _read_secret_file(path: str, key: str) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
+import shutil
 import tempfile
+import threading
 
 from rotator import config as config_mod
 from rotator.errors import ConfigError, RotatorError
@@ -17,11 +18,18 @@ from rotator.service.logging import Redactor, configure
 
 def run_demo(listen: str) -> int:
     """The daemon against the built-in simulators, on a fast schedule."""
+    stop = stop_on_signals()
+    workdir = tempfile.mkdtemp(prefix="psk-rotator-demo-")
+    try:
+        return _demo(listen, stop, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the admin token and config go with it
+
+
+def _demo(listen: str, stop: threading.Event, workdir: str) -> int:
     from rotator.sim import Simulators  # only the demo needs the simulators
 
-    stop = stop_on_signals()
     sims = Simulators(accounts=2, tunnels=4).start()
-    workdir = tempfile.mkdtemp(prefix="psk-rotator-demo-")
     token_file = os.path.join(workdir, "admin-token")
     with open(token_file, "w", encoding="utf-8") as fh:
         fh.write(secrets.token_urlsafe(24))
@@ -46,10 +54,10 @@ def run_demo(listen: str) -> int:
         raise
     try:
         daemon.start()
-    except OSError as exc:
+    except ConfigError as exc:
+        daemon.stop()
         sims.stop()
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}", "pass --listen HOST:PORT with a free port") \
-            from None
+        raise ConfigError(exc.message, "pass --listen HOST:PORT with a free port") from None
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
     print(json.dumps({"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
@@ -68,6 +76,4 @@ Ctrl-C stops it.
     stop.wait()
     daemon.stop()
     sims.stop()
-    with contextlib.suppress(OSError):
-        os.remove(token_file)
     return 0

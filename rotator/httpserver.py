@@ -16,26 +16,36 @@ import uvicorn
 
 
 class ServerThread:
-    """Serve an ASGI app with uvicorn on a free loopback port, in a background thread."""
+    """Serve an ASGI app with uvicorn on ``host:port`` (IPv4 or IPv6; port 0: a free one), in a thread.
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    The socket is bound in the constructor, so a clash raises ``OSError`` before anything else starts.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "http") -> None:
         # Vault's LIST verb is not a method llhttp knows, so an app can ask for the h11 parser.
         http = getattr(app, "http_parser", "httptools")
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.host, self.port = self.sock.getsockname()[:2]
+        self.name = name
         config = uvicorn.Config(
             app, log_level="critical", access_log=False, lifespan="off", http=http,
             proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=30,
             backlog=4096,
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._run, name=f"sim-{self.port}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"{name}-{self.port}", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def _run(self) -> None:
         self.server.run(sockets=[self.sock])
@@ -45,7 +55,7 @@ class ServerThread:
         deadline = time.monotonic() + 10
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("simulator server did not start")
+                raise RuntimeError(f"{self.name} server on {self.url} did not start")
             time.sleep(0.005)
         return self
 

@@ -5,12 +5,29 @@ Standard library only, so the engine can speak of them without importing httpx o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from rotator.secret import Secret
 
 SECRET_FIELDS = ("psk", "pending_psk", "previous_psk")
+_TEXT_FIELDS = ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error", "cf_generated_on", "device",
+                "staged_at", "acked_rotation_id")
+
+
+class Outcome(StrEnum):
+    """What one run did to one tunnel. Compares equal to its string value."""
+
+    ROTATED = "rotated"            # both ends hold the new key, promoted in Vault
+    REFUSED = "refused"            # Cloudflare's validation (or our own checks) refused the tunnel
+    UNAPPLIED = "unapplied"        # definitely not applied; the new key was taken back
+    SKIPPED = "skipped"            # not attempted (lease lost, shutting down, record changed under us)
+    UNKNOWN = "unknown"            # outcome unknown: the key stays pending until reconcile settles it
+    WOULD_ROTATE = "would_rotate"  # dry run: validation accepted the key
+    ROLLED_BACK = "rolled_back"    # both ends are back on the previous key (verification failed, or asked)
+    FAILED = "failed"              # the attempt failed and could not be undone (or an ack timed out)
+    WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +71,8 @@ class Record:
     last_error: str | None = None
     cf_generated_on: str | None = None  # Cloudflare's last_generated_on right after our apply of psk
     device: str | None = None  # the far-end device that holds the key, if any
+    staged_at: str | None = None  # RFC 3339 time pending_psk was staged (ack timeouts)
+    acked_rotation_id: str | None = None  # a manual device's acknowledgement of rotation_id's pending key
 
     @classmethod
     def from_data(cls, account_id: str, tunnel_id: str, version: int, data: dict[str, Any]) -> Record:
@@ -67,7 +86,8 @@ class Record:
 
         return cls(account_id, tunnel_id, version, secret("psk"), secret("pending_psk"), secret("previous_psk"),
                    str(data.get("state") or "active"), text("rotation_id"), text("rotated_at"), text("tunnel_name"),
-                   text("ipsec_id"), text("last_error"), text("cf_generated_on"), text("device"))
+                   text("ipsec_id"), text("last_error"), text("cf_generated_on"), text("device"), text("staged_at"),
+                   text("acked_rotation_id"))
 
     def to_data(self) -> dict[str, str]:
         data: dict[str, str] = {"state": self.state, "account_id": self.account_id}
@@ -75,11 +95,27 @@ class Record:
             value = getattr(self, name)
             if value is not None:
                 data[name] = value.reveal()
-        for name in ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error", "cf_generated_on", "device"):
+        for name in _TEXT_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
         return data
+
+
+    @property
+    def acked(self) -> bool:
+        """An operator acknowledged that the manual device holds this record's pending key."""
+        return self.pending_psk is not None and self.rotation_id is not None \
+            and self.acked_rotation_id == self.rotation_id
+
+
+def ack(record: Record) -> Record:
+    """The record with its pending key acknowledged (``rotator ack``), to be written with CAS.
+
+    Raises ValueError when nothing is pending (there is nothing to acknowledge)."""
+    if record.pending_psk is None or record.state != "pending" or record.rotation_id is None:
+        raise ValueError(f"tunnel {record.tunnel_id} has no key waiting for an acknowledgement")
+    return replace(record, acked_rotation_id=record.rotation_id)
 
 
 @dataclass(slots=True)

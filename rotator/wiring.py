@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import httpx
@@ -21,26 +21,68 @@ import requests
 import structlog
 
 from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.devices import DeviceRegistry
+from rotator.adapters.devices.manual import ManualSettings
 from rotator.adapters.vault import VaultStore, build_hvac_client, translate
 from rotator.config import Settings
-from rotator.errors import ConfigError, VaultError
-from rotator.model import TunnelInfo
+from rotator.errors import CloudflareError, ConfigError, VaultError
+from rotator.model import PskSetResult, TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager, LocalProcesses
+from rotator.rotation.ports import Device, RecordStore, TunnelApi
+from rotator.secret import Secret
 
 
-@dataclass
+class Observer(Protocol):
+    """Every callback the parts make, in one place (the daemon's Metrics implements it)."""
+
+    def observe_cloudflare(self, endpoint: str, status: str) -> None: ...
+
+    def observe_vault(self, operation: str, outcome: str) -> None: ...
+
+    def observe_ratelimit(self, remaining: float) -> None: ...
+
+    def observe_step(self, account: str, step: str, seconds: float) -> None: ...
+
+    def measure_device(self, device: Device) -> Device: ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the engine behaves for this process, fixed at construction."""
+
+    keep_leases: bool = False  # a daemon keeps its lease between runs (leadership); a one-shot command releases it
+    should_stop: Callable[[], bool] | None = None  # checked between batches (shutdown)
+    on_progress: Callable[[int, int], None] | None = None  # tunnels settled, of those selected
+
+
+@dataclass(frozen=True)
 class Runtime:
+    """The connected parts. The engine and the commands see ports (TunnelApi, RecordStore), never
+    the Vault or HTTP client libraries."""
+
     settings: Settings
-    hvac: hvac.Client
-    http: httpx.Client
-    store: VaultStore
-    cloudflare: CloudflareClient
+    cloudflare: TunnelApi
+    store: RecordStore
     leases: LeaseManager
     engine: Engine
     generators: dict[str, PskGenerator]
     vault_auth: VaultAuthenticator
+    check_vault: Callable[[], object]  # raises a one-line VaultError when Vault cannot be used
+    close: Callable[[], None]
+    devices: DeviceRegistry
+    measured: dict[str, Device]  # the registry's devices as the engine calls them (with metrics when observed)
+
+    def request_options(self, account_id: str) -> dict[str, Any]:
+        """What every RunRequest for the account carries: PSK policy, far-end devices, drift handling."""
+        def device_for(tunnel: TunnelInfo) -> Device | None:
+            spec = self.devices.spec_for(account_id, tunnel)
+            return self.measured[spec.name] if spec is not None else None
+
+        manual = [s.settings.ack_timeout for s in self.settings.devices if isinstance(s.settings, ManualSettings)]
+        return {"psk_for": self.psk_for(account_id), "device_for": device_for if self.measured else None,
+                "ack_timeout": min(manual) if manual else None, "on_drift": self.settings.rotation.on_drift}
 
     def psk_for(self, account_id: str) -> Callable[[TunnelInfo], PskGenerator]:
         account = next((a for a in self.settings.accounts if a.id == account_id), None)
@@ -51,9 +93,26 @@ class Runtime:
 
         return choose
 
-    def close(self) -> None:
-        self.store.close()
-        self.http.close()
+
+class AccountHint:
+    """A TunnelApi whose 403 on a tunnel listing asks whether the account id is right: a mistyped id
+    and a token without access to the account look the same from here."""
+
+    def __init__(self, api: CloudflareClient) -> None:
+        self.api = api
+
+    def list_tunnels(self, account_id: str) -> list[TunnelInfo]:
+        try:
+            return self.api.list_tunnels(account_id)
+        except CloudflareError as exc:
+            if exc.status != 403:
+                raise
+            raise CloudflareError(f"{exc.message}; is the account id {account_id} right?", exc.hint,
+                                  status=exc.status, code=exc.code) from exc
+
+    def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
+                 deadline: float | None = None) -> PskSetResult:
+        return self.api.set_psks(account_id, psks, validate_only=validate_only, deadline=deadline)
 
 
 def holder_id() -> str:
@@ -86,7 +145,7 @@ class VaultAuthenticator:
         self._lock = threading.Lock()
 
     def login(self) -> None:
-        auth = self.settings.vault_auth
+        auth = self.settings.vault.auth
         try:
             if auth.method == "approle":
                 assert auth.secret_id is not None
@@ -134,44 +193,61 @@ class VaultAuthenticator:
                     return "renewed"
                 except (hvac.exceptions.VaultError, requests.exceptions.RequestException, KeyError, TypeError):
                     pass  # the token is gone or not renewable after all: log in afresh below
-            if self.settings.vault_auth.method == "token":
+            if self.settings.vault.auth.method == "token":
                 return "none"  # a plain token cannot log in again; readiness reports it
             self.login()
             return "relogin"
 
 
-def build_runtime(settings: Settings, *, log: Any = None, observe_cf: Any = None, observe_vault: Any = None,
-                  on_ratelimit: Any = None, on_step: Any = None, holder: str | None = None) -> Runtime:
+def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | None = None,
+                  options: RunOptions = RunOptions(), holder: str | None = None) -> Runtime:
     log = log or structlog.get_logger("rotator")
-    warn_plain_http(settings.vault_addr, log)
+    warn_plain_http(settings.vault.addr, log)
     client = build_hvac_client(
-        settings.vault_addr, settings.vault_token.reveal() if settings.vault_token else None,
-        namespace=settings.vault_namespace, cacert=settings.vault_cacert, concurrency=settings.vault_concurrency,
-        timeout=settings.vault_timeout,
+        settings.vault.addr, settings.vault.token.reveal() if settings.vault.token else None,
+        namespace=settings.vault.namespace, cacert=settings.vault.cacert, concurrency=settings.vault.concurrency,
+        timeout=settings.vault.timeout,
     )
     authenticator = VaultAuthenticator(client, settings)
-    http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare_timeout, connect=5.0),
+    http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare.timeout, connect=5.0),
                         limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
-    cloudflare = CloudflareClient(
-        http, base_url=settings.cloudflare_base_url,
-        api_token=settings.cloudflare_token.reveal() if settings.cloudflare_token else None,
-        email=settings.cloudflare_email or None,
-        api_key=settings.cloudflare_key.reveal() if settings.cloudflare_key else None,
-        retry=RetryPolicy(attempts=settings.retry_attempts, timeout=settings.retry_timeout,
-                          rate_limit_ceiling=settings.rate_limit_ceiling),
-        observe=observe_cf, on_ratelimit=on_ratelimit,
+    client_cf = CloudflareClient(
+        http, base_url=settings.cloudflare.base_url,
+        api_token=settings.cloudflare.token.reveal() if settings.cloudflare.token else None,
+        email=settings.cloudflare.email or None,
+        api_key=settings.cloudflare.key.reveal() if settings.cloudflare.key else None,
+        retry=RetryPolicy(attempts=settings.cloudflare.retry_attempts, timeout=settings.cloudflare.retry_timeout,
+                          rate_limit_ceiling=settings.cloudflare.rate_limit_ceiling),
+        observe=observer.observe_cloudflare if observer else None,
+        on_ratelimit=observer.observe_ratelimit if observer else None, rate_reserve=settings.cloudflare.rate_reserve,
     )
-    store = VaultStore(client, mount=settings.vault_mount, prefix=settings.vault_prefix,
-                       concurrency=settings.vault_concurrency, observe=observe_vault)
+    cloudflare = AccountHint(client_cf)
+    store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
+                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
-    leases = LeaseManager(store, holder or holder_id(), ttl=settings.lease_ttl)
-    engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.batch_size,
-                    on_step=on_step, log=log, apply_guard=settings.cloudflare_timeout)
-    return Runtime(settings, client, http, store, cloudflare, leases, engine, generators, authenticator)
+    leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)
+    engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.cloudflare.batch_size,
+                    on_step=observer.observe_step if observer else None, log=log,
+                    apply_guard=settings.cloudflare.timeout, release_lease=not options.keep_leases,
+                    should_stop=options.should_stop, on_progress=options.on_progress)
+
+    registry = DeviceRegistry(settings.devices)
+    measured = {name: observer.measure_device(d) if observer else d for name, d in registry.devices.items()}
+
+    def close() -> None:
+        store.close()
+        http.close()
+        for device in registry.devices.values():
+            closer = getattr(device, "close", None)
+            if callable(closer):
+                closer()
+
+    return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close,
+                   registry, measured)
 
 
 def preflight(runtime: Runtime) -> None:
     """Log in and check the mount before doing anything; raises a one-line RotatorError."""
     runtime.vault_auth.login()
-    runtime.store.check()
+    runtime.check_vault()

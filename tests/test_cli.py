@@ -29,7 +29,7 @@ def test_rotate_all_then_status_json(sims):
 
 def test_text_output_has_a_summary_table(sims):
     acc = account(sims)
-    proc = run_cli(["rotate", "--account", acc, "--tunnel", "tun00001", "--tunnel",
+    proc = run_cli(["rotate", "--verbose", "--account", acc, "--tunnel", "tun00001", "--tunnel",
                     sims.tunnels_by_account[acc][1]], sims.env())
     assert proc.returncode == 0
     assert "TUNNEL" in proc.stdout and "Summary: 2 rotated" in proc.stdout
@@ -92,7 +92,7 @@ def test_bad_config_names_the_key(sims, tmp_path, text, needle):
 
 
 def test_config_check_masks_secrets(sims):
-    proc = run_cli(["config", "check"], sims.env())
+    proc = run_cli(["config", "check", "--one-shot"], sims.env())
     assert proc.returncode == 0
     out = json.loads(proc.stdout)
     assert out["vault"]["token"] == "<set>" and out["cloudflare"]["api_token"] == "<set>"
@@ -218,4 +218,100 @@ def test_on_a_terminal_there_is_a_progress_line(sims):
     assert proc.returncode == 1
     assert "6/6 tunnels" in tty and "[####" in tty
     assert "Summary: 5 rotated, 1 refused" in out
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- operating it (issue 13 items 1, 4, 5; issue 9 item 2) ------------------------------------------
+
+@pytest.mark.parametrize("command", [["rotate", "--all"], ["reconcile"], ["status"]])
+@pytest.mark.parametrize("bad", ["x", "0123456789ABCDEF0123456789ABCDEF", "../" + "a" * 29, "a" * 33])
+def test_account_must_be_32_lowercase_hex(sims, command, bad):
+    proc = run_cli([*command, "--account", bad], sims.env())
+    assert proc.returncode == 2 and "32 lowercase hex" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert sims.cloudflare.request_counts() == {} and not sims.vault.keys_under("cloudflare/magic-ipsec/")
+
+
+def test_default_output_lists_only_tunnels_needing_attention(sims, tmp_path):
+    acc = account(sims)
+    refused = sims.tunnels_by_account[acc][2]
+    sims.cloudflare.refuse_tunnels([refused], stage="validate")
+    cfg = write_config(tmp_path, "[cloudflare]\nbatch_size = 2\n")
+    proc = run_cli(["rotate", "--account", acc, "--all", "--config", cfg], sims.env())  # --config after the command
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("Rotation ")
+    table = [ln for ln in proc.stdout.splitlines() if acc not in ln and ln.startswith("tun")]
+    assert len(table) == 1 and refused in table[0] and "refused" in table[0]
+    assert "5 tunnels done as asked are not listed" in proc.stdout and "Summary: 5 rotated, 1 refused" in proc.stdout
+    sims.cloudflare.clear_refusals()
+    proc = run_cli(["reconcile", "--account", acc], sims.env())
+    assert proc.returncode == 0 and proc.stdout.startswith("Reconcile ")
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_status_filters_and_summary(sims):
+    acc = account(sims)
+    tunnels = sims.tunnels_by_account[acc]
+    assert run_cli(["rotate", "--account", acc, "--tunnel", tunnels[0], "--tunnel", tunnels[1]],
+                   sims.env()).returncode == 0
+    proc = run_cli(["status", "--account", acc, "--state", "active", "--output", "json"], sims.env())
+    out = json.loads(proc.stdout)
+    assert {t["tunnel_id"] for t in out["tunnels"]} == {tunnels[0], tunnels[1]}
+    assert out["summary"]["tunnels"] == 2 and out["summary"]["active"] == 2
+    proc = run_cli(["status", "--account", acc, "--state", "unmanaged"], sims.env())
+    assert proc.returncode == 0 and "Summary: 4 tunnels" in proc.stdout and "4 unmanaged" in proc.stdout
+    proc = run_cli(["status", "--account", acc, "--tunnel", "tun0000[12]", "--output", "json"], sims.env())
+    assert sorted(t["name"] for t in json.loads(proc.stdout)["tunnels"]) == ["tun00001", "tun00002"]
+    proc = run_cli(["status", "--account", acc, "--device", "nowhere", "--output", "json"], sims.env())
+    assert json.loads(proc.stdout)["tunnels"] == []
+    assert_invariant(sims, acc, strict=True)
+
+
+@pytest.mark.parametrize("command", [["status"], ["rotate", "--all"], ["reconcile"]])
+def test_a_403_on_the_listing_asks_whether_the_account_is_right(sims, command):
+    other = "f" * 32  # a well-formed id the token has no access to
+    proc = run_cli([*command, "--account", other], sims.env())
+    assert proc.returncode == 1 and f"is the account id {other} right?" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_retry_is_one_short_line(sims):
+    acc = account(sims)
+    sims.cloudflare.fail_next("cf.list", count=1, status=503)
+    proc = run_cli(["rotate", "--account", acc, "--all"], sims.env())
+    assert proc.returncode == 0, proc.stderr
+    retries = [ln for ln in proc.stderr.splitlines() if "retr" in ln.lower()]
+    assert len(retries) == 1 and retries[0].startswith("rotator: retrying (attempt 2) in "), proc.stderr
+    assert "stamina" not in proc.stderr and len(retries[0]) < 160
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_rollback_returns_both_ends_to_the_previous_key(sims):
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    for _ in range(2):
+        assert run_cli(["rotate", "--account", acc, "--tunnel", tunnel], sims.env()).returncode == 0
+    before = record(sims, acc, tunnel)
+    proc = run_cli(["rollback", "--account", acc, "--tunnel", tunnel, "--verbose"], sims.env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("Rollback ") and "rolled_back" in proc.stdout
+    assert sims.cloudflare.psk_of(acc, tunnel) == before["previous_psk"]
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_ack_records_the_acknowledgement_and_applies_the_pending_key(sims):
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    proc = run_cli(["ack", "--account", acc, "--tunnel", tunnel], sims.env())
+    assert proc.returncode == 1 and "no key waiting for an acknowledgement" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    sims.cloudflare.drop_next("cf.psk_apply", count=10)  # every answer to the apply is lost: the key stays pending
+    assert run_cli(["rotate", "--account", acc, "--tunnel", tunnel], sims.env()).returncode == 1
+    sims.cloudflare.clear_faults()
+    pending = record(sims, acc, tunnel)
+    assert pending["state"] == "pending"
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--verbose"], sims.env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "acknowledged 1 pending key" in proc.stderr and proc.stdout.startswith("Reconcile ")
+    assert record(sims, acc, tunnel)["psk"] == pending["pending_psk"]
     assert_invariant(sims, acc, strict=True)

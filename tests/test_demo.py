@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -46,3 +47,4 @@ def test_demo_rotates_within_seconds_and_its_instructions_work():
         out, err = proc.communicate(timeout=40)
         OUTPUTS.extend(["\n".join(lines), out, err])
     assert proc.returncode == 0 and "Traceback" not in err
+    assert not os.path.exists(os.path.dirname(token_file)), "the demo removes its temporary directory"

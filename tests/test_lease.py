@@ -18,7 +18,6 @@ import time
 import pytest
 
 from rotator import config
-from rotator.adapters.vault import VaultStore
 from rotator.errors import ConfigError
 from rotator.rotation.engine import SKIPPED, RunRequest
 from rotator.rotation.lease import HolderId, LeaseLost, LeaseManager, Liveness, LocalProcesses, check_lease_ttl
@@ -270,7 +269,7 @@ def test_a_run_killed_during_apply_is_taken_over_at_once_but_fresh_keys_wait(sim
 
 def _foreign_holder(sims, tmp_path, acc, ttl):
     rt = runtime(sims, "", tmp_path)
-    leases = LeaseManager(VaultStore(rt.hvac, prefix="cloudflare/magic-ipsec"), "elsewhere:4242:x.0.beef", ttl=ttl)
+    leases = LeaseManager(rt.store, "elsewhere:4242:x.0.beef", ttl=ttl)
     leases.acquire(acc)
     return rt, leases
 

@@ -38,7 +38,7 @@ def test_alert_rules_pass_their_promtool_unit_tests():
 def test_every_alert_has_a_unit_test_and_a_runbook_section():
     rules = re.findall(r"alert: (\w+)", (PROM / "alerts.yml").read_text())
     tested = set(re.findall(r"alertname: (\w+)", (PROM / "alerts_test.yml").read_text()))
-    assert len(rules) == 7 and set(rules) <= tested
+    assert len(rules) == 11 and set(rules) <= tested
     readme = (ROOT / "README.md").read_text().lower()
     for anchor in set(re.findall(r"#(runbook-[a-z-]+)", (PROM / "alerts.yml").read_text())):
         assert "### " + anchor.replace("-", " ") in readme.replace("-", " ").replace(":", ""), anchor
@@ -148,3 +148,64 @@ def test_real_prometheus_scrapes_the_demo_and_alerts_fire(tmp_path):
         out, err = demo.communicate(timeout=40)
         OUTPUTS.extend([out, err])
     assert demo.returncode == 0, err[-2000:]
+
+
+# -- one view of a tunnel, and device metrics ------------------------------------------------------
+
+def test_assess_is_the_one_rule_for_state_drift_and_due():
+    from rotator.model import Record, TunnelInfo
+    from rotator.schedule import Policy
+    from rotator.secret import Secret
+    from rotator.service.inventory import assess, summary
+
+    policy = Policy("default", every=3600.0)
+    now = 1_800_000_000.0
+    t = TunnelInfo("a" * 32, "site-1", last_generated_on="2027-01-15T08:00:00Z")
+    unmanaged = assess(policy, t, Record("b" * 32, t.id), now)
+    assert unmanaged.state == "unmanaged" and unmanaged.next_due == now  # not in Vault yet: due now
+    ours = Record("b" * 32, t.id, 3, psk=Secret("k" * 32), rotated_at="2027-01-15T07:59:58Z",
+                  cf_generated_on="2027-01-15T07:59:59Z")
+    drifted = assess(policy, t, ours, now)
+    assert drifted.state == "active" and drifted.drifted and drifted.matches("drifted") and drifted.attention
+    ours.cf_generated_on = "2027-01-15T08:00:00Z"
+    view = assess(policy, t, ours, now)
+    assert view.state == "active" and not view.drifted and view.next_due is not None
+    ours.pending_psk, ours.state, ours.last_error = Secret("n" * 32), "pending", "apply outcome unknown"
+    view = assess(policy, t, ours, now)
+    assert view.matches("pending") and view.matches("failed") and view.attention
+    never = Policy("never", cron="0 0 31 2 *")
+    assert assess(never, t, ours, now).next_due is None  # a schedule that never fires is never due
+    assert assess(policy, t, ValueError("garbage from Vault"), now).state == "error"
+    counts = summary([view, unmanaged])
+    assert counts["tunnels"] == 2 and counts["pending"] == 1 and counts["unmanaged"] == 1
+
+
+def test_device_calls_are_counted_and_timed_per_tunnel():
+    from prometheus_client import CollectorRegistry
+
+    from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+    from rotator.secret import Secret
+    from rotator.service.metrics import MeasuredDevice, Metrics
+
+    class Device:
+        name, kind = "branch", "exec"
+
+        def deliver(self, account_id, rotation_id, tunnels, *, deadline):
+            return {tunnels[0].tunnel_id: DeviceResult(DeviceStatus.OK),
+                    tunnels[1].tunnel_id: DeviceResult(DeviceStatus.FAILED, "refused")}
+
+        verify = rollback = deliver
+
+    registry = CollectorRegistry()
+    device = MeasuredDevice(Device(), Metrics(registry))
+    tunnels = [DeviceTunnel(f"{i}" * 32, f"t{i}", Secret("k" * 32), None) for i in range(3)]
+    results = device.deliver("a" * 32, "r1", tunnels, deadline=0.0)
+    assert len(results) == 2 and device.name == "branch"
+
+    def sample(result):
+        return registry.get_sample_value("psk_rotator_device_calls_total",
+                                         {"device": "branch", "action": "deliver", "result": result})
+
+    assert (sample("ok"), sample("failed"), sample("unknown")) == (1.0, 1.0, 1.0)  # a tunnel not answered: unknown
+    assert registry.get_sample_value("psk_rotator_device_call_duration_seconds_count",
+                                     {"device": "branch", "action": "deliver"}) == 1.0

@@ -19,7 +19,7 @@ def logged_in(sims, tmp_path, file_name: str, file_content: str, auth_block: str
     rt = build_runtime(config.load(write_config(tmp_path, auth_block.format(file=credential)), env=env))
     try:
         rt.vault_auth.login()
-        rt.store.check()
+        rt.check_vault()
         yield rt
     finally:
         rt.close()
@@ -29,15 +29,15 @@ def test_approle_login_renewal_and_relogin(sims, tmp_path):
     role_id, secret_id = sims.vault.add_approle("psk-rotator", ["rotator"], ttl=30)
     block = f'[vault.auth]\nmethod = "approle"\nrole_id = "{role_id}"\nsecret_id_file = "{{file}}"\n'
     with logged_in(sims, tmp_path, "secret-id", secret_id, block) as rt:
-        token = rt.hvac.token
+        token = rt.vault_auth.client.token
         assert sims.vault.tokens[token].policies == ["default", "rotator"]
         assert rt.vault_auth.maintain() == "renewed"  # 30s TTL: under a minute left, so renew
-        assert rt.hvac.token == token
+        assert rt.vault_auth.client.token == token
         sims.vault.revoke_token(token)
         rt.vault_auth.expires_at = time.time() + 5
         assert rt.vault_auth.maintain() == "relogin"
-        assert rt.hvac.token != token
-        rt.store.check()
+        assert rt.vault_auth.client.token != token
+        rt.check_vault()
 
 
 def test_long_lived_token_is_not_renewed_early(sims, tmp_path):
@@ -54,4 +54,4 @@ def test_kubernetes_login(sims, tmp_path):
     block = '[vault.auth]\nmethod = "kubernetes"\nrole = "psk-rotator"\njwt_file = "{file}"\n'
     with logged_in(sims, tmp_path, "jwt", jwt, block) as rt:
         assert rt.vault_auth.expires_at is not None
-        assert sims.vault.tokens[rt.hvac.token].meta["service_account_namespace"] == "ops"
+        assert sims.vault.tokens[rt.vault_auth.client.token].meta["service_account_namespace"] == "ops"

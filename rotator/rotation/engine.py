@@ -1,48 +1,58 @@
-"""The rotation protocol (DESIGN.md section 4): plan, reconcile, stage, validate, apply, promote.
+"""The engine (DESIGN.md section 4): runs a plan through the ordered list of steps, records every
+outcome in one place (the tally), and owns the lease guard.
 
-The engine knows two small interfaces (``TunnelApi``, ``RecordStore``) and never httpx, hvac or
-APScheduler. Every step checks what is already done before doing it, so a run can die anywhere
-and the next run (or ``reconcile``) finishes the job. The invariant it serves: the PSK Cloudflare
-holds is always readable from the latest Vault version of the tunnel's record, as ``psk`` or
-``pending_psk``.
+The engine knows the ports (``TunnelApi``, ``RecordStore``, ``Device``) and never httpx, hvac or
+APScheduler. Every step checks what is already done before doing it, so a run can die anywhere and
+the next run (or ``reconcile``) finishes the job. The invariant it serves: the PSK Cloudflare and
+the far-end device hold are each always readable from the latest Vault version of the tunnel's
+record, as ``psk`` or ``pending_psk``.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
+import contextlib
+import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from rotator.errors import CasConflict, CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Record, TunnelInfo
+from rotator.errors import CloudflareError, ConfigError, LeaseHeld, VaultError
+from rotator.model import Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
+from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
-from rotator.rotation.ports import RecordStore, TunnelApi
+from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, plan
+from rotator.rotation.ports import Device, Health, RecordStore, TunnelApi
+from rotator.rotation.steps import Context, Item, LeaseLost, Step
 from rotator.secret import Secret
 
+# Kept for callers that import the names; Outcome is the one list.
 ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE = (
-    "rotated", "refused", "unapplied", "skipped", "unknown", "would_rotate")
-RESULTS = (ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE)
+    Outcome.ROTATED, Outcome.REFUSED, Outcome.UNAPPLIED, Outcome.SKIPPED, Outcome.UNKNOWN, Outcome.WOULD_ROTATE)
+ROLLED_BACK, FAILED, WAITING = Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.WAITING
+RESULTS = tuple(Outcome)
+rfc3339 = steps.rfc3339
+DEVICE_WORKERS = 16
+IN_FLIGHT = (Outcome.UNKNOWN, Outcome.WAITING)  # the key stays pending
 
 
 @dataclass(slots=True)
 class TunnelOutcome:
     tunnel_id: str
     name: str
-    result: str
+    result: Outcome
     reason: str | None = None
     reconciled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tunnel_id": self.tunnel_id, "name": self.name, "result": self.result, "reason": self.reason,
+        return {"tunnel_id": self.tunnel_id, "name": self.name, "result": str(self.result), "reason": self.reason,
                 "reconciled": self.reconciled}
 
 
@@ -56,21 +66,24 @@ class RunReport:
     outcomes: list[TunnelOutcome] = field(default_factory=list)
     error: str | None = None
     step_seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    drifted: list[str] = field(default_factory=list)  # tunnel ids whose key changed outside the rotator
+    views: list[TunnelView] = field(default_factory=list)  # every planned tunnel as the plan saw it
+    rollback: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         tally = collections.Counter(o.result for o in self.outcomes)
-        return {r: tally.get(r, 0) for r in RESULTS}
+        return {str(r): tally.get(r, 0) for r in RESULTS}
 
     @property
     def ok(self) -> bool:
         """Everything asked for was done."""
-        done = WOULD_ROTATE if self.dry_run else ROTATED
+        done = WOULD_ROTATE if self.dry_run else ROLLED_BACK if self.rollback else ROTATED
         return self.error is None and all(o.result == done for o in self.outcomes)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rotation_id": self.rotation_id, "account_id": self.account_id, "dry_run": self.dry_run,
-                "ok": self.ok, "error": self.error, "counts": self.counts(),
+                "ok": self.ok, "error": self.error, "counts": self.counts(), "drifted": list(self.drifted),
                 "duration_seconds": round(self.finished_at - self.started_at, 3),
                 "tunnels": [o.as_dict() for o in self.outcomes]}
 
@@ -79,40 +92,70 @@ class RunReport:
 class RunRequest:
     account_id: str
     tunnels: Sequence[str] | None = None  # ids or names; None = every tunnel of the account
-    due: Callable[[TunnelInfo, Record], bool] | None = None  # None = every selected tunnel is due
+    due: Callable[[TunnelInfo, Record], bool] | None = None  # overrides ``policy_for``'s schedule
     select: Callable[[TunnelInfo], bool] | None = None  # narrows "every tunnel" (config selections)
     reconcile_only: bool = False
     dry_run: bool = False
     rotation_id: str | None = None
     psk_for: Callable[[TunnelInfo], PskGenerator] | None = None  # per-tunnel PSK policy; default: the engine's
+    # The schedule: a tunnel's policy (None: every selected tunnel is due, as for on-demand runs),
+    # and per tunnel (consecutive failures, time of the last one) for the back-off.
+    policy_for: PolicyFor | None = None
+    failures: Mapping[str, tuple[int, float | None]] = field(default_factory=dict)
+    on_drift: str = "rotate"  # "rotate": re-key a drifted tunnel from Vault in this run; "report": only report
+    device_for: Callable[[TunnelInfo], Device | None] | None = None  # the far end of a tunnel, if any
+    rollback: bool = False  # return both ends to previous_psk (the rollback command)
+    ack_timeout: float | None = None  # seconds a manual device's key may wait for its ack
+    health: Health | None = None  # also judge Cloudflare's tunnel health after the apply (policy flag)
 
 
 def new_rotation_id(clock: Callable[[], float] = time.time) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock())) + "-" + secrets.token_hex(3)
 
 
-def rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+class Tally:
+    """The one place outcomes are recorded; every reason is redacted against the run's keys first."""
 
+    def __init__(self, report: RunReport) -> None:
+        self.report = report
+        self._keys: set[str] = set()
+        self._lock = threading.Lock()
 
-_NO_KEY = Secret("")
+    def know(self, items: Sequence[Item]) -> None:
+        with self._lock:
+            for item in items:
+                rec = item.record
+                self._keys.update(k.reveal() for k in (item.key, rec.psk, rec.pending_psk, rec.previous_psk)
+                                  if k is not None and k.reveal())
 
+    def redact(self, text: str) -> str:
+        with self._lock:
+            keys = sorted(self._keys, key=len, reverse=True)
+        for key in keys:
+            if key in text:
+                text = text.replace(key, "**redacted**")
+        return text
 
-@dataclass(slots=True)
-class _Item:
-    tunnel: TunnelInfo
-    record: Record
-    key: Secret
-    reconcile: bool  # re-applying a pending key found in Vault rather than a fresh one
+    def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False) -> None:
+        entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled)
+        with self.report.lock:
+            self.report.outcomes.append(entry)
+
+    def settled(self, result: steps.Result) -> None:
+        for item, outcome, reason in result.settled:
+            self.settle(item.tunnel, outcome, reason, item.reconcile)
 
 
 class Engine:
+    forward: tuple[Step, ...] = steps.FORWARD
+    backward: tuple[Step, ...] = steps.BACKWARD
+
     def __init__(
         self, api: TunnelApi, store: RecordStore, generator: PskGenerator, leases: LeaseManager, *,
         batch_size: int = 100, clock: Callable[[], float] = time.time,
         on_step: Callable[[str, str, float], None] | None = None, log: Any = None,
         release_lease: bool = True, should_stop: Callable[[], bool] | None = None, apply_guard: float = 35.0,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None, pipelined: bool = True,
     ) -> None:
         self.on_progress = on_progress or (lambda settled, total: None)  # tunnels settled so far, of total
         # No apply attempt starts later than this long before the lease expires (an attempt may
@@ -123,27 +166,31 @@ class Engine:
         self.api, self.store, self.generator, self.leases = api, store, generator, leases
         self.batch_size = batch_size
         self.clock = clock
+        self.pipelined = pipelined
         self.on_step = on_step or (lambda account, step, seconds: None)
         self.log = log or structlog.get_logger("rotator.rotation.engine")
 
     # -- entry point --------------------------------------------------------------------------
     def run(self, req: RunRequest) -> RunReport:
-        report = RunReport(req.rotation_id or new_rotation_id(self.clock), req.account_id, req.dry_run, self.clock())
+        report = RunReport(req.rotation_id or new_rotation_id(self.clock), req.account_id, req.dry_run, self.clock(),
+                           rollback=req.rollback)
+        tally = Tally(report)
         log = self.log.bind(account=req.account_id, rotation_id=report.rotation_id)
         try:
             if not req.dry_run:
                 self.leases.acquire(req.account_id)
             try:
-                self._run(req, report, log)
+                self._run(req, tally, log)
             finally:
                 if not req.dry_run and self.release_lease:
                     self.leases.release(req.account_id)
         except LeaseHeld as exc:
             report.error = str(exc)
-            report.outcomes = [TunnelOutcome(t, t, SKIPPED, str(exc)) for t in (req.tunnels or [])]
+            for wanted in req.tunnels or []:
+                tally.settle(TunnelInfo(wanted, wanted), SKIPPED, str(exc))
         except (CloudflareError, VaultError) as exc:
-            report.error = str(exc)
-            log.error("run_failed", error=str(exc))
+            report.error = tally.redact(str(exc))
+            log.error("run_failed", error=report.error)
         report.finished_at = self.clock()
         return report
 
@@ -154,61 +201,40 @@ class Engine:
         self.on_step(report.account_id, step, seconds)
 
     # -- plan ---------------------------------------------------------------------------------
-    def _run(self, req: RunRequest, report: RunReport, log: Any) -> None:
+    def _plan(self, req: RunRequest, tally: Tally) -> tuple[Plan, list[Item], int]:
         started = time.monotonic()
-        tunnels = self.api.list_tunnels(req.account_id)
-        selected = self._select(tunnels, req)
-        records = self.store.read_many(req.account_id, [t.id for t in selected])
-        items: list[_Item] = []
-        fresh: dict[PskGenerator, list[_Item]] = collections.defaultdict(list)
-        for tunnel in selected:
-            rec = records[tunnel.id]
-            if isinstance(rec, VaultError):
-                report.outcomes.append(TunnelOutcome(tunnel.id, tunnel.name, UNAPPLIED, f"reading Vault: {rec}"))
-            elif rec.pending_psk is not None:
-                items.append(_Item(tunnel, rec, rec.pending_psk, reconcile=True))
-            elif not req.reconcile_only and (req.due is None or req.due(tunnel, rec)):
-                item = _Item(tunnel, rec, _NO_KEY, reconcile=False)
+        selected = self._select(self.api.list_tunnels(req.account_id), req)
+        readable = [t.id for t in selected if t.problem is None]
+        records = self.store.read_many(req.account_id, readable) if readable else {}
+        the_plan = plan(selected, records, req.policy_for, self.clock(), due=req.due,
+                        reconcile_only=req.reconcile_only, rollback=req.rollback, on_drift=req.on_drift,
+                        failures=req.failures)
+        items = self._items(req, the_plan)
+        tally.know(items)
+        for tunnel, outcome, reason in the_plan.settled:
+            tally.settle(tunnel, outcome, reason)
+        tally.report.drifted, tally.report.views = list(the_plan.drifted), list(the_plan.views)
+        self._timed(tally.report, "plan", started)
+        return the_plan, items, len(selected)
+
+    def _items(self, req: RunRequest, the_plan: Plan) -> list[Item]:
+        items: list[Item] = []
+        fresh: dict[PskGenerator, list[Item]] = collections.defaultdict(list)
+        for tunnel, rec, mode in the_plan.entries:
+            device = req.device_for(tunnel) if req.device_for else None
+            key = rec.pending_psk or (rec.previous_psk if mode is Mode.ROLLBACK else None) or Secret("")
+            item = Item(tunnel, rec, mode, key, device)
+            if item.reconcile:  # an earlier run may have reached either end with the pending key
+                item.cf_may_hold, item.dev_may_hold = True, device is not None
+            if mode is Mode.ROLLING_BACK:
+                item.going_back(ROLLED_BACK, f"resuming the rollback ({rec.last_error or 'no reason recorded'})")
+            if mode is Mode.FRESH:
                 fresh[req.psk_for(tunnel) if req.psk_for else self.generator].append(item)
-                items.append(item)
+            items.append(item)
         for generator, group in fresh.items():  # keys drawn in bulk, one draw per PSK policy
             for item, key in zip(group, generator.generate(len(group)), strict=True):
                 item.key = key
-        self._timed(report, "plan", started)
-        log.debug("planned", step="plan", tunnels=len(selected), items=len(items),
-                  reconcile=sum(1 for i in items if i.reconcile))
-        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        # Vault work overlaps Cloudflare's round trips: while one batch is at Cloudflare (validate,
-        # apply), the next is staged and the previous promoted. Staging early is always safe (a staged
-        # key is in Vault before anyone else sees it); promotion only records what Cloudflare applied.
-        # The pool's exit waits for the last promotion.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline") as pool:
-            ahead: concurrent.futures.Future[list[_Item]] | None = None
-            promotions: list[concurrent.futures.Future[None]] = []
-            halted: str | None = None
-            for k, batch in enumerate(batches):
-                stop = halted or ("shutting down" if self.should_stop() else None)
-                if stop is None and k and not req.dry_run and not self._still_leased(req.account_id):
-                    stop = "lease lost"
-                if stop is not None:
-                    rest = batches[k:]
-                    if ahead is not None:  # batch k is staged but was never sent: take its keys back out
-                        self._settle_not_applied(req, report, [(i, stop) for i in ahead.result()], SKIPPED)
-                        rest = batches[k + 1:]
-                    report.outcomes.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, stop, i.reconcile)
-                                           for b in rest for i in b)
-                    break
-                live = ahead.result() if ahead is not None else self._stage_batch(req, report, batch)
-                ahead = None
-                if k + 1 < len(batches):
-                    ahead = pool.submit(self._stage_batch, req, report, batches[k + 1])
-                halted = self._finish_batch(
-                    req, report, live, log,
-                    lambda applied: promotions.append(pool.submit(self._promote_timed, report, applied)))
-                self.on_progress(len(report.outcomes), len(selected))
-            for promotion in promotions:
-                promotion.result()  # re-raise anything unexpected instead of losing outcomes
-        self.on_progress(len(report.outcomes), len(selected))
+        return items
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         if req.tunnels is None:
@@ -231,6 +257,28 @@ class Engine:
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
 
+    # -- acknowledgements (manual devices) -----------------------------------------------------
+    def acknowledge(self, account_id: str, tunnels: Sequence[str]) -> dict[str, str | None]:
+        """``rotator ack``: mark each named tunnel's pending key as held by its manual device (CAS
+        write of ``model.ack``). Returns tunnel id -> None when acknowledged, else why not; the
+        next run or reconcile applies acknowledged keys. Raises ConfigError for an unknown name."""
+        chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+        records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
+        out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
+        wanted: list[Record] = []
+        for tid, rec in records.items():
+            if isinstance(rec, VaultError):
+                out[tid] = f"reading Vault: {rec}"
+                continue
+            try:
+                wanted.append(ack(rec))
+            except ValueError as exc:
+                out[tid] = str(exc)
+        for tid, res in (self.store.write_many(wanted) if wanted else {}).items():
+            out[tid] = None if isinstance(res, Record) else f"writing the acknowledgement failed: {res}"
+        return out
+
+    # -- the lease guard ------------------------------------------------------------------------
     def _still_leased(self, account_id: str) -> bool:
         try:
             self.leases.acquire(account_id)
@@ -238,166 +286,114 @@ class Engine:
         except (LeaseHeld, VaultError):
             return False
 
-    # -- one batch: stage, validate, apply, promote -------------------------------------------
-    def _stage_batch(self, req: RunRequest, report: RunReport, batch: list[_Item]) -> list[_Item]:
-        """Reconciled items as they are, fresh ones once staged; returns the items to send."""
-        started = time.monotonic()
-        live = [i for i in batch if i.reconcile] + self._stage(req, report, [i for i in batch if not i.reconcile])
-        self._timed(report, "stage", started)
-        return live
+    @contextlib.contextmanager
+    def _cover(self, account_id: str, seconds: float, resend: bool) -> Iterator[float | None]:
+        """One mutating call of total deadline ``seconds`` under the lease (steps.Context.cover); yields
+        the latest start of an attempt. Raises LeaseLost, nothing sent, when the lease is gone.
 
-    def _finish_batch(self, req: RunRequest, report: RunReport, live: list[_Item], log: Any,
-                      promoter: Callable[[list[_Item]], object]) -> str | None:
-        """Validate and apply one staged batch; hand what Cloudflare applied to ``promoter``.
+        With a lease manager that offers ``covering`` (a keepalive during the call, late landings
+        remembered), that is used; otherwise the lease is renewed when less than half is left, so a
+        call of up to half the TTL ends before it."""
+        covering = getattr(self.leases, "covering", None)
+        with contextlib.ExitStack() as stack:
+            try:
+                if covering is not None:
+                    deadline = stack.enter_context(covering(account_id, seconds, resend=resend))
+                else:
+                    deadline = self._renewed(account_id)
+            except (LeaseHeld, VaultError) as exc:
+                raise LeaseLost(str(exc)) from exc
+            yield deadline
 
-        Returns why the run should stop when a whole Cloudflare call failed (after its retries):
-        the next batches would only spend rate budget and Vault writes on the same failure.
-        """
-        out = report.outcomes
-        if not live:
-            return None
+    def _renewed(self, account_id: str) -> float | None:
+        if not self.leases.holds(account_id, margin=self.leases.ttl / 2):
+            self.leases.acquire(account_id)
+        expiry = self.leases.expires_at(account_id)
+        return None if expiry is None else expiry - min(self.apply_guard, self.leases.ttl / 2)
 
-        started = time.monotonic()
-        try:
-            verdict = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in live}, validate_only=True)
-        except CloudflareError as exc:
-            self._timed(report, "validate", started)
-            log.warning("validate_failed", step="validate", error=str(exc), tunnels=len(live))
-            self._settle_not_applied(req, report, [(i, f"validation call failed: {exc}") for i in live], UNAPPLIED)
-            return f"stopped after the validation call failed: {exc}"
-        self._timed(report, "validate", started)
-        accepted: list[_Item] = []
-        refused: list[tuple[_Item, str]] = []
-        for item in live:
-            if item.tunnel.id in verdict.unapplied:
-                refused.append((item, verdict.unapplied[item.tunnel.id]))
-            elif item.tunnel.id in verdict.applied:
-                accepted.append(item)
+    # -- running the steps ----------------------------------------------------------------------
+    def _run(self, req: RunRequest, tally: Tally, log: Any) -> None:
+        the_plan, items, total = self._plan(req, tally)
+        log.debug("planned", step="plan", tunnels=total, items=len(items), reconcile=len(the_plan.pending),
+                  drifted=len(the_plan.drifted))
+        with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
+            ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
+                          functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,
+                          req.ack_timeout, req.health, self.apply_guard)
+            going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
+            if req.dry_run:  # a dry run changes nothing, not even an interrupted rollback
+                for item in going_back:
+                    tally.settle(item.tunnel, SKIPPED, "dry run: a rollback is in flight; reconcile finishes it", True)
             else:
-                refused.append((item, "not acknowledged by validate_only"))
-        self._settle_not_applied(req, report, [(i, f"refused by validation: {r}") for i, r in refused], REFUSED)
-        if req.dry_run:
-            out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, WOULD_ROTATE, None, i.reconcile) for i in accepted)
+                self._steps(ctx, tally, going_back, self.backward)
+            phases = self._phases(ctx, tally, req, total)
+            batches = self._batches([i for i in items if i.mode is not Mode.ROLLING_BACK])
+            (pipeline.run_pipelined if self.pipelined else pipeline.run_sequential)(batches, phases)
+        self.on_progress(len(tally.report.outcomes), total)
+
+    def _phases(self, ctx: Context, tally: Tally, req: RunRequest, total: int) -> pipeline.Phases[Item]:
+        first, middle, last = self.forward[:1], self.forward[1:-1], self.forward[-1:]
+
+        def body(items: list[Item]) -> tuple[list[Item], str | None]:
+            return self._steps(ctx, tally, items, middle, keep_moved=True)
+
+        def behind(items: list[Item]) -> None:
+            self._steps(ctx, tally, items, last)
+
+        def interrupt(k: int) -> str | None:
+            if self.should_stop():
+                return "shutting down"
+            if k and not req.dry_run and not self._still_leased(req.account_id):
+                return "lease lost"
             return None
-        if not accepted:
-            return None
 
-        started = time.monotonic()
-        try:
-            with self.leases.covering(req.account_id, self.apply_guard,
-                                      resend=all(i.reconcile for i in accepted)) as deadline:
-                result = self.api.set_psks(req.account_id, {i.tunnel.id: i.key for i in accepted},
-                                           validate_only=False, deadline=deadline)
-        except LeaseHeld as exc:
-            # Not applying is always safe: pending keys stay in Vault for whoever holds the lease.
-            self._timed(report, "apply", started)
-            out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, SKIPPED, f"lease lost before apply ({exc}); "
-                                     "the staged key is left for the lease holder to reconcile", i.reconcile)
-                       for i in accepted)
-            return "lease lost"
-        except CloudflareError as exc:
-            self._timed(report, "apply", started)
-            log.warning("apply_failed", step="apply", error=str(exc), ambiguous=exc.ambiguous,
-                        tunnels=len(accepted))
-            if exc.ambiguous:
-                out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, UNKNOWN,
-                                         f"apply outcome unknown ({exc}); key left pending for reconcile",
-                                         i.reconcile) for i in accepted)
-            else:
-                self._settle_not_applied(req, report, [(i, f"apply failed: {exc}") for i in accepted], UNAPPLIED)
-            return f"stopped after the apply call failed: {exc}"
-        self._timed(report, "apply", started)
-        applied = [i for i in accepted if i.tunnel.id in result.applied]
-        self._settle_not_applied(req, report, [(i, f"unapplied: {result.unapplied[i.tunnel.id]}") for i in accepted
-                                               if i.tunnel.id in result.unapplied], UNAPPLIED)
-        out.extend(TunnelOutcome(i.tunnel.id, i.tunnel.name, UNKNOWN,
-                                 "Cloudflare did not report this tunnel; key left pending for reconcile", i.reconcile)
-                   for i in accepted if i.tunnel.id not in result.applied and i.tunnel.id not in result.unapplied)
-        if applied:
-            promoter(applied)
-        return None
+        return pipeline.Phases(
+            ahead=lambda items: self._steps(ctx, tally, items, first, keep_moved=True)[0], body=body,
+            behind=behind,
+            interrupt=interrupt, abandon=lambda items, why, staged: self._abandon(ctx, tally, items, why, staged),
+            progress=lambda: self.on_progress(len(tally.report.outcomes), total))
 
-    def _promote_timed(self, report: RunReport, items: list[_Item]) -> None:
-        started = time.monotonic()
-        self._promote(report, items)
-        self._timed(report, "promote", started)
+    def _steps(self, ctx: Context, tally: Tally, items: list[Item], chain: Sequence[Step],
+               keep_moved: bool = False) -> tuple[list[Item], str | None]:
+        """Run items through ``chain``; what must go back runs through the backward steps."""
+        back: list[Item] = []
+        halt: str | None = None
+        for step in chain:
+            if not items:
+                break
+            started = time.monotonic()
+            result = step(ctx, items)
+            self._timed(tally.report, step.__name__, started)
+            tally.settled(result)
+            steps.note(ctx, result.settled)
+            ctx.busy_pairs.update(i.pair for i, o, _ in result.settled if o in IN_FLIGHT and i.pair is not None)
+            back.extend(result.back)
+            items, halt = result.moved, halt or result.halt
+        if back:
+            self._steps(ctx, tally, back, self.backward)
+        if items and not keep_moved:
+            raise AssertionError(f"step chain ended with {len(items)} unsettled items")
+        return items, halt
 
-    def _stage(self, req: RunRequest, report: RunReport, items: list[_Item]) -> list[_Item]:
-        """Write psk=old, pending_psk=new, state=pending with CAS; return the items now staged."""
-        if not items:
-            return []
-        staged_records = [dataclasses.replace(i.record, pending_psk=i.key, state="pending",
-                                              rotation_id=report.rotation_id, tunnel_name=i.tunnel.name)
-                          for i in items]
-        if req.dry_run:
-            return items
-        written = self.store.write_many(staged_records)
-        staged = []
+    def _abandon(self, ctx: Context, tally: Tally, items: list[Item], why: str, staged: bool) -> None:
+        """A batch that will not be sent: fresh keys staged ahead are taken back, the rest is skipped."""
+        fresh = [i for i in items if staged and i.mode is not Mode.RESUME]
         for item in items:
-            res = written[item.tunnel.id]
-            if isinstance(res, CasConflict):
-                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, SKIPPED,
-                                                     "record changed since it was read (another rotator?)"))
-            elif isinstance(res, VaultError):
-                result = UNKNOWN if res.ambiguous else UNAPPLIED
-                report.outcomes.append(TunnelOutcome(item.tunnel.id, item.tunnel.name, result,
-                                                     f"staging in Vault failed: {res}"))
-            else:
-                item.record = res
-                staged.append(item)
-        return staged
+            if item not in fresh:
+                tally.settle(item.tunnel, SKIPPED, why, item.reconcile)
+        self._steps(ctx, tally, [i.going_back(SKIPPED, why) for i in fresh], self.backward)
 
-    def _settle_not_applied(self, req: RunRequest, report: RunReport, items: list[tuple[_Item, str]],
-                            result: str) -> None:
-        """Cloudflare did not take these keys. A fresh key is unstaged (Cloudflare still holds ``psk``);
-        a reconciled key stays pending, since Cloudflare may hold it from an earlier apply."""
-        for i, reason in items:
-            settled = UNKNOWN if i.reconcile and result != REFUSED else result
-            report.outcomes.append(TunnelOutcome(i.tunnel.id, i.tunnel.name, settled, reason, i.reconcile))
-        if not items or req.dry_run:
-            return
-        updates = [dataclasses.replace(i.record, pending_psk=i.record.pending_psk if i.reconcile else None,
-                                       state="pending" if i.reconcile else "active", tunnel_name=i.tunnel.name,
-                                       last_error=reason[:500])
-                   for i, reason in items]
-        for tid, res in self.store.write_many(updates).items():
-            if isinstance(res, VaultError):
-                # The pending key stays in Vault: harmless, the next run re-validates it.
-                self.log.warning("unstage_failed", account=req.account_id, rotation_id=report.rotation_id,
-                                 tunnel=tid, step="unstage", error=str(res))
-
-    def _promote(self, report: RunReport, items: list[_Item]) -> None:
-        if not items:
-            return
-        now = rfc3339(self.clock())
-        wanted = {i.tunnel.id: (i, dataclasses.replace(
-            i.record, psk=i.key, pending_psk=None, previous_psk=i.record.psk, state="active",
-            rotation_id=report.rotation_id, rotated_at=now, tunnel_name=i.tunnel.name, last_error=None))
-            for i in items}
-        written = self.store.write_many([record for _, record in wanted.values()])
-        for tid, res in written.items():
-            item, record = wanted[tid]
-            if isinstance(res, CasConflict):
-                res = self._promote_after_conflict(item, record)
-            if isinstance(res, VaultError):
-                self.log.warning("promote_failed", account=report.account_id, rotation_id=report.rotation_id,
-                                 tunnel=tid, step="promote", error=str(res))
-                report.outcomes.append(TunnelOutcome(tid, item.tunnel.name, UNKNOWN,
-                                                     f"applied, but promoting in Vault failed ({res}); "
-                                                     "the key stays pending until reconcile", item.reconcile))
-            else:
-                report.outcomes.append(TunnelOutcome(tid, item.tunnel.name, ROTATED, None, item.reconcile))
-
-    def _promote_after_conflict(self, item: _Item, wanted: Record) -> Record | VaultError:
-        """Promotion is idempotent: already promoted with our key is success; still pending, retry once."""
-        try:
-            current = self.store.read(item.record.account_id, item.record.tunnel_id)
-        except VaultError as exc:
-            return exc
-        if current.pending_psk is None and current.psk == item.key:
-            return current
-        if current.pending_psk == item.key:
-            wanted.version = current.version
-            wanted.previous_psk = current.psk
-            return self.store.write_many([wanted])[item.tunnel.id]
-        return VaultError("record moved on to another key during promotion", "run reconcile")
+    def _batches(self, items: list[Item]) -> list[list[Item]]:
+        """Batches of ``batch_size``; tunnels sharing a device and customer endpoint (a redundant pair)
+        go into different waves, so one is verified before the other starts; a key already in flight
+        goes first, and its partner waits for a later run if it stays in flight."""
+        waves: list[list[Item]] = [[]]
+        seen: collections.Counter[tuple[str, str]] = collections.Counter()
+        for item in sorted(items, key=lambda i: not i.reconcile):  # keys in flight settle first
+            wave = 0
+            if item.pair is not None:
+                wave, seen[item.pair] = seen[item.pair], seen[item.pair] + 1
+            while len(waves) <= wave:
+                waves.append([])
+            waves[wave].append(item)
+        return [w[i:i + self.batch_size] for w in waves for i in range(0, len(w), self.batch_size)]

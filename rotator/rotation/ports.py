@@ -28,7 +28,8 @@ class RecordStore(Protocol):
 
     def read_lease(self, account_id: str) -> Lease: ...
 
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int: ...
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
+                    busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int: ...
 
 
 # -- far-end devices (DESIGN.md section 9) ---------------------------------------------------------
@@ -68,7 +69,13 @@ class DeviceTunnel:
 class Device(Protocol):
     """A far end. Every method answers for every tunnel it was given (a tunnel missing from the
     answer counts as UNKNOWN), never raises for a known failure, and returns before ``deadline``
-    (``time.monotonic()`` value) has passed."""
+    (``time.monotonic()`` value) has passed.
+
+    Optional attributes the engine reads: ``timeout`` (seconds, the total deadline of one call;
+    default 60), ``verifies`` (bool, ask for a verification after Cloudflare applies; default True).
+    The engine makes one call per device, action and batch, and calls different devices
+    concurrently; a device with many tunnels in one call works on them concurrently (its own
+    bounded pool, ``concurrency`` in its config), so verification time does not grow with the batch."""
 
     name: str
     kind: str

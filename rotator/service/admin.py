@@ -11,12 +11,14 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rotator.errors import ConfigError
 from rotator.secret import Secret
+from rotator.service.runs import QueueFull
 
 
 class Control(Protocol):
@@ -24,7 +26,8 @@ class Control(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def trigger(self, account: str, tunnels: list[str] | None, dry_run: bool) -> tuple[str, bool]: ...
+    def trigger(self, account: str, tunnels: list[str] | None, dry_run: bool,
+                kind: str = "rotate") -> tuple[str, bool]: ...
 
     def run_view(self, run_id: str) -> dict[str, Any] | None: ...
 
@@ -66,17 +69,33 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         except ValueError:
             return JSONResponse({"error": "body must be JSON"}, status_code=400)
         if not isinstance(body, dict) or not isinstance(body.get("account"), str):
-            return JSONResponse({"error": "give an account and tunnels: [...] or all: true"}, status_code=400)
+            return JSONResponse({"error": "give an account and tunnels: [...], all: true or reconcile: true"},
+                                status_code=400)
+        for flag in ("all", "dry_run", "reconcile", "rollback"):
+            if flag in body and not isinstance(body[flag], bool):
+                return JSONResponse({"error": f"{flag} must be a JSON boolean (true or false)"}, status_code=400)
         tunnels = body.get("tunnels")
-        every = body.get("all") is True
+        every, reconcile, rollback = body.get("all", False), body.get("reconcile", False), body.get("rollback", False)
         named = isinstance(tunnels, list) and bool(tunnels) and all(isinstance(t, str) for t in tunnels)
-        if every == named or (tunnels is not None and not named):
+        if reconcile and rollback:
+            return JSONResponse({"error": "give reconcile: true or rollback: true, not both"}, status_code=400)
+        if reconcile:
+            if tunnels is not None or every:
+                return JSONResponse({"error": "reconcile: true takes no tunnels or all: it settles every pending "
+                                              "record of the account"}, status_code=400)
+        elif rollback and not named:
+            return JSONResponse({"error": "rollback: true needs tunnels: [ids or names]"}, status_code=400)
+        elif every == named or (tunnels is not None and not named):
             return JSONResponse({"error": "give exactly one of tunnels: [ids or names] or all: true"}, status_code=400)
+        kind = "reconcile" if reconcile else "rollback" if rollback else "rotate"
         try:
-            run_id, deduplicated = control.trigger(body["account"], None if every else tunnels,
-                                                   bool(body.get("dry_run", False)))
+            run_id, deduplicated = await run_in_threadpool(
+                control.trigger, body["account"], tunnels if named else None, body.get("dry_run", False), kind)
         except ConfigError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except QueueFull as exc:
+            return JSONResponse({"error": f"too many runs waiting ({exc}); try again later"}, status_code=429,
+                                headers={"Retry-After": str(exc.retry_after)})
         return JSONResponse({"id": run_id, "deduplicated": deduplicated, "href": f"/v1/rotations/{run_id}"},
                             status_code=202)
 

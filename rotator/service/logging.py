@@ -52,12 +52,20 @@ class Redactor:
 
 
 def configure(redactor: Redactor, stream: TextIO | None = None, json: bool | None = None,
-              level: int = logging.INFO) -> None:
+              level: int = logging.INFO, drop: frozenset[str] = frozenset()) -> None:
+    """``drop``: events not logged at all (a one-shot command prints them itself, once)."""
     stream = stream or sys.stderr
+
+    def dropper(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event.get("event") in drop:
+            raise structlog.DropEvent
+        return event
+
     as_json = (not stream.isatty()) if json is None else json
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
+            dropper,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

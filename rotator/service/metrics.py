@@ -6,25 +6,37 @@ Labels carry account and tunnel ids, never a key.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rotator import __version__
+from rotator.rotation.ports import Device, DeviceResult, DeviceTunnel
+
+if TYPE_CHECKING:
+    from rotator.service.inventory import TunnelView
+
+TUNNEL = ["account", "tunnel", "tunnel_name"]
+CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         p = "psk_rotator_"
-        self.rotations = Counter(p + "rotations", "Tunnel rotation outcomes", ["account", "result"], registry=registry)
+        self.rotations = Counter(p + "rotations", "Tunnel rotation outcomes (dry runs not counted)",
+                                 ["account", "result"], registry=registry)
         self.runs = Counter(p + "runs", "Rotation runs by trigger and whether all was done",
                             ["account", "trigger", "ok"], registry=registry)
         self.last_success = Gauge(p + "last_success_timestamp_seconds",
-                                  "When the tunnel's PSK last became current (UNIX time)", ["account", "tunnel"],
+                                  "When the tunnel's PSK last became current (UNIX time)", TUNNEL,
                                   registry=registry)
         self.next_due = Gauge(p + "next_rotation_timestamp_seconds", "When the tunnel is next due (UNIX time)",
-                              ["account", "tunnel"], registry=registry)
+                              TUNNEL, registry=registry)
         self.max_age = Gauge(p + "policy_max_age_seconds", "The longest a tunnel's PSK may live under its policy",
-                             ["account", "tunnel"], registry=registry)
+                             TUNNEL, registry=registry)
         self.step_duration = Histogram(p + "step_duration_seconds", "Duration of each rotation step", ["step"],
                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
                                        registry=registry)
@@ -43,6 +55,18 @@ class Metrics:
                               registry=registry)
         self.cloudflare_up = Gauge(p + "cloudflare_up", "1 when Cloudflare accepted the token on the last call",
                                    registry=registry)
+        self.drift_detected = Counter(p + "drift_detected", "Tunnels found with a key set outside the rotator",
+                                      ["account"], registry=registry)
+        self.drifted = Gauge(p + "tunnel_drifted", "1 while Cloudflare reports a key newer than the one we applied",
+                             TUNNEL, registry=registry)
+        self.device_calls = Counter(p + "device_calls", "Far-end device calls by action (deliver, verify, "
+                                    "rollback) and result (ok, failed, unknown, waiting)",
+                                    ["device", "action", "result"], registry=registry)
+        self.device_call_duration = Histogram(p + "device_call_duration_seconds", "Duration of far-end device calls",
+                                              ["device", "action"], buckets=CALL_BUCKETS, registry=registry)
+        self.waiting_ack = Gauge(p + "tunnels_waiting_ack",
+                                 "Tunnels whose pending key waits for an operator's acknowledgement (manual devices)",
+                                 ["account"], registry=registry)
         self.build_info = Gauge(p + "build_info", "Build information", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         self.cloudflare_ok: bool | None = None  # the token's standing on the last call, for readiness
@@ -56,8 +80,62 @@ class Metrics:
             self.cloudflare_ok = True
             self.cloudflare_up.set(1)
 
+    def observe_tunnel(self, account: str, view: TunnelView) -> None:
+        """Per-tunnel series from the one view of a tunnel (service/inventory.py)."""
+        labels = {"account": account, "tunnel": view.tunnel_id, "tunnel_name": view.name}
+        if view.next_due is not None:
+            self.next_due.labels(**labels).set(view.next_due)
+        if view.last_rotated is not None:
+            self.last_success.labels(**labels).set(view.last_rotated)
+        if view.max_age:
+            self.max_age.labels(**labels).set(view.max_age)
+        self.drifted.labels(**labels).set(1 if view.drifted else 0)
+
+    def measure_device(self, device: Device) -> Device:
+        return MeasuredDevice(device, self)
+
+    def observe_ratelimit(self, remaining: float) -> None:
+        self.ratelimit_remaining.set(remaining)
+
     def observe_vault(self, operation: str, outcome: str) -> None:
         self.vault_operations.labels(operation=operation, outcome=outcome).inc()
 
     def observe_step(self, account: str, step: str, seconds: float) -> None:
         self.step_duration.labels(step=step).observe(seconds)
+
+
+class MeasuredDevice:
+    """A Device (rotation/ports.py) that counts each tunnel's result and times each call.
+
+    Wiring wraps every configured device in one, so the engine and the device adapters stay
+    free of metrics.
+    """
+
+    def __init__(self, device: Device, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device, self.metrics, self.clock = device, metrics, clock
+        self.name, self.kind = device.name, device.kind
+
+    def _measured(self, action: str, call: Callable[..., dict[str, DeviceResult]], account_id: str,
+                  rotation_id: str, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
+        started = self.clock()
+        try:
+            results = call(account_id, rotation_id, tunnels, deadline=deadline)
+        finally:
+            self.metrics.device_call_duration.labels(device=self.name, action=action).observe(self.clock() - started)
+        for tunnel in tunnels:
+            result = results.get(tunnel.tunnel_id)
+            status = result.status.value if result is not None else "unknown"
+            self.metrics.device_calls.labels(device=self.name, action=action, result=status).inc()
+        return results
+
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("deliver", self.device.deliver, account_id, rotation_id, tunnels, deadline)
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("verify", self.device.verify, account_id, rotation_id, tunnels, deadline)
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]:
+        return self._measured("rollback", self.device.rollback, account_id, rotation_id, tunnels, deadline)

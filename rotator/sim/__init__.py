@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.sim.cloudflare import CloudflareSim, RateLimit
+from rotator.sim.cloudflare import CloudflareSim, EdgeHook, HealthSource, RateLimit
 from rotator.sim.vault import VaultSim
 
 __all__ = ["CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
@@ -25,6 +25,8 @@ class Simulators:
     accounts: int = 1
     tunnels: int = 3
     rate_limit: RateLimit | None = None
+    edge_hook: EdgeHook | None = None  # sees every key Cloudflare applies for real (an IKE lab's edge)
+    health_source: HealthSource | None = None  # GraphQL tunnel health from elsewhere (an IKE lab's SAs)
     vault: VaultSim = field(init=False)
     cloudflare: CloudflareSim = field(init=False)
     vault_token: str = field(init=False)
@@ -34,7 +36,8 @@ class Simulators:
 
     def __post_init__(self) -> None:
         self.vault = VaultSim()
-        self.cloudflare = CloudflareSim(rate_limit=self.rate_limit)
+        self.cloudflare = CloudflareSim(rate_limit=self.rate_limit, edge_hook=self.edge_hook,
+                                        health_source=self.health_source)
         self.vault_token = self.vault.create_token(["default", "rotator"], ttl=24 * 3600, max_ttl=30 * 24 * 3600)
         self.cloudflare_api_token = self.cloudflare.add_token()
         for _ in range(self.accounts):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from rotator.httpserver import ServerThread
 
@@ -51,7 +53,12 @@ class Fault:
 
     kind: ``status`` answers ``status`` instead of handling the request (nothing takes effect);
     ``drop`` handles the request (it takes effect) and then drops the connection unanswered;
-    ``late`` handles it and answers only after ``delay`` seconds.
+    ``late`` handles it and answers only after ``delay`` seconds;
+    ``trickle`` handles it and sends the answer's body one byte every ``delay`` seconds (a slow
+    proxy: each read sees progress, so only a total deadline ends the wait);
+    ``garbage`` answers what the spec never says, without handling the request: ``variant`` ``html``
+    (a login proxy's 200 HTML page), ``not_json`` (a 200 JSON content type with a cut-off body) or
+    ``types`` (the right envelope with wrong JSON types inside; what that means is the simulator's).
     """
 
     route: str
@@ -61,23 +68,44 @@ class Fault:
     html: bool = False
     retry_after: int | None = None
     delay: float = 0.0
+    variant: str = "html"
+    message: str | None = None  # the error text a ``status`` fault answers with (e.g. one quoting a key)
+
+
+GARBAGE_VARIANTS = ("html", "not_json", "types")
+LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form action=\"/login\">"
+              b"<input name=\"user\"></form></body></html>\n")
 
 
 class FaultBook:
     """Faults and latency keyed by route name; ``*`` matches every route. Not thread-safe alone."""
 
-    KINDS = ("status", "drop", "late")
+    KINDS = ("status", "drop", "late", "trickle", "garbage")
 
     def __init__(self) -> None:
         self.faults: list[Fault] = []
         self.latency: dict[str, float] = {}
+        # Seeded random faults: route -> (probability, fault templates, generator). Armed faults go first.
+        self.chaos: dict[str, tuple[float, list[Fault], random.Random]] = {}
+
+    def arm_chaos(self, route: str, probability: float, templates: list[Fault], seed: int) -> None:
+        if not 0 <= probability <= 1 or not templates:
+            raise ValueError("chaos needs a probability in 0..1 and at least one fault")
+        for template in templates:
+            self._check(template)
+        self.chaos[route] = (probability, templates, random.Random(seed))
 
     def arm(self, fault: Fault) -> None:
+        self._check(fault)
+        self.faults.append(fault)
+
+    def _check(self, fault: Fault) -> None:
         if fault.kind not in self.KINDS:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         if fault.remaining < 1:
             raise ValueError("a fault needs a count of at least 1")
-        self.faults.append(fault)
+        if fault.kind == "garbage" and fault.variant not in GARBAGE_VARIANTS:
+            raise ValueError(f"unknown garbage variant {fault.variant!r}; one of {', '.join(GARBAGE_VARIANTS)}")
 
     def take(self, route: str) -> Fault | None:
         for fault in self.faults:
@@ -86,6 +114,11 @@ class FaultBook:
                 if fault.remaining == 0:
                     self.faults.remove(fault)
                 return fault
+        chaos = self.chaos.get(route) or self.chaos.get("*")
+        if chaos is not None:
+            probability, templates, rng = chaos
+            if rng.random() < probability:
+                return dataclasses.replace(rng.choice(templates), route=route, remaining=1)
         return None
 
     def delay_for(self, route: str) -> float:
@@ -94,6 +127,17 @@ class FaultBook:
     def clear(self) -> None:
         self.faults.clear()
         self.latency.clear()
+        self.chaos.clear()
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI request cycle."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def drop_connection(send: Send) -> bool:
@@ -137,6 +181,12 @@ class SimApp:
     def fault_response(self, fault: Fault) -> Response:
         raise NotImplementedError
 
+    def garbage_response(self, fault: Fault, route: str) -> Response:
+        """What a ``garbage`` fault answers; subclasses add their ``types`` variant."""
+        if fault.variant == "not_json":
+            return Response(200, b'{"result": {"truncat', [(b"content-type", b"application/json")])
+        return Response(200, LOGIN_PAGE, [(b"content-type", b"text/html; charset=utf-8")])
+
     def control(self, op: str, args: dict[str, Any]) -> Any:
         raise NotImplementedError
 
@@ -150,10 +200,11 @@ class SimApp:
 
     def fail_next(
         self, route: str, count: int = 1, status: int = 503, html: bool = False,
-        retry_after: int | None = None,
+        retry_after: int | None = None, message: str | None = None,
     ) -> None:
         with self.lock:
-            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after))
+            self.faults.arm(Fault(route, "status", count, status=status, html=html, retry_after=retry_after,
+                                  message=message))
 
     def drop_next(self, route: str, count: int = 1) -> None:
         with self.lock:
@@ -162,6 +213,24 @@ class SimApp:
     def late_next(self, route: str, delay: float, count: int = 1) -> None:
         with self.lock:
             self.faults.arm(Fault(route, "late", count, delay=delay))
+
+    def trickle_next(self, route: str, interval: float, count: int = 1) -> None:
+        """Handle the next request(s) and send the answer body one byte every ``interval`` seconds."""
+        with self.lock:
+            self.faults.arm(Fault(route, "trickle", count, delay=interval))
+
+    def garbage_next(self, route: str, variant: str = "html", count: int = 1) -> None:
+        """Answer the next request(s) with garbage (see ``Fault``); nothing takes effect."""
+        with self.lock:
+            self.faults.arm(Fault(route, "garbage", count, variant=variant))
+
+    def chaos(self, route: str, probability: float, faults: list[dict[str, Any]], seed: int = 0) -> None:
+        """From now on, each request on ``route`` (``*``: any) meets, with ``probability``, one of
+        ``faults`` (each the keywords of a ``Fault``: ``kind`` and e.g. ``status``, ``delay``,
+        ``variant``), drawn from a generator seeded with ``seed`` so a failing run can be replayed."""
+        templates = [Fault(route=route, remaining=1, **f) for f in faults]
+        with self.lock:
+            self.faults.arm_chaos(route, probability, templates, seed)
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -179,17 +248,13 @@ class SimApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         raw_qs = scope.get("query_string", b"").decode("latin-1")
+        # The server decoded the path once (as Vault's and Cloudflare's servers do); never again.
         req = Request(
-            scope["method"], unquote(scope["path"]), dict(parse_qsl(raw_qs, keep_blank_values=True)),
-            headers, b"".join(chunks),
+            scope["method"], scope["path"], dict(parse_qsl(raw_qs, keep_blank_values=True)),
+            headers, body,
         )
         if req.path.startswith("/_sim/"):
             await self._send(send, self._control(req))
@@ -203,6 +268,8 @@ class SimApp:
             await asyncio.sleep(delay)
         if fault is not None and fault.kind == "status":
             resp = self.fault_response(fault)
+        elif fault is not None and fault.kind == "garbage":
+            resp = self.garbage_response(fault, route)
         else:
             with self.lock:
                 resp = self.handle(req, route)
@@ -212,7 +279,21 @@ class SimApp:
             await asyncio.sleep(fault.delay)
         if fault is not None and fault.kind == "drop" and drop_connection(send):
             return
+        if fault is not None and fault.kind == "trickle":
+            await self._trickle(send, resp, fault.delay)
+            return
         await self._send(send, resp)
+
+    @staticmethod
+    async def _trickle(send: Send, resp: Response, interval: float) -> None:
+        headers = [*resp.headers, (b"content-length", str(len(resp.body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        for i in range(len(resp.body)):  # bounded by the body's length
+            if getattr(getattr(send, "__self__", None), "disconnected", False):
+                return  # the client gave up: stop at once, so the server can shut down
+            await send({"type": "http.response.body", "body": resp.body[i:i + 1], "more_body": True})
+            await asyncio.sleep(interval)
+        await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
     async def _send(send: Send, resp: Response) -> None:
@@ -241,6 +322,9 @@ class SimApp:
             "fail_next": self.fail_next,
             "drop_next": self.drop_next,
             "late_next": self.late_next,
+            "trickle_next": self.trickle_next,
+            "garbage_next": self.garbage_next,
+            "chaos": self.chaos,
             "clear_faults": self.clear_faults,
             "request_counts": self.request_counts,
         }

@@ -4,7 +4,14 @@ Faithful to ``shared/specs/cloudflare-magic-ipsec.md`` (section numbers in comme
 conformance tests in ``tests/sim/test_cloudflare_conformance.py`` drive it with the official
 ``cloudflare`` SDK. It keeps, per tunnel, the PSK really in force, so tests can check the
 invariant against what "Cloudflare" holds. Route names for counting and faults: ``cf.list``,
-``cf.get``, ``cf.psk_validate``, ``cf.psk_apply``, ``cf.psk_generate``, ``cf.other``.
+``cf.get``, ``cf.psk_validate``, ``cf.psk_apply``, ``cf.psk_generate``, ``cf.graphql``, ``cf.other``.
+
+Beyond the shared faults (status, drop, late, trickle, garbage; see ``sim/base.py``), each also a
+``/_sim/control`` op: ``refuse_tunnels``, ``contradict`` (a contradictory PSK-set answer),
+``add_tunnel`` (with any id, e.g. ``../<other>/<t>``, to test id checks), ``set_endpoints``,
+``change_psk_out_of_band`` (drift), ``set_health``/``add_health_sample`` (GraphQL tunnel health),
+``set_rate_limit``. ``edge_hook`` sees every key applied for real; ``health_source`` can replace
+the health timelines (an IKE lab feeds both from real SAs).
 """
 
 from __future__ import annotations
@@ -59,13 +66,15 @@ class Tunnel:
     modified: float
     last_generated: float | None
     ipsec_id: str
+    customer_endpoint: str | None = None  # None: a documentation address derived from the index
+    cloudflare_endpoint: str = "162.159.66.164"
 
     def view(self, new_hc_target: bool) -> dict[str, Any]:
-        endpoint = f"203.0.113.{self.index % 250 + 1}"
+        endpoint = self.customer_endpoint or f"203.0.113.{self.index % 250 + 1}"
         target: Any = {"effective": endpoint, "saved": endpoint} if new_hc_target else endpoint
         octet = (self.index * 2) % 256
         out: dict[str, Any] = {
-            "id": self.id, "name": self.name, "cloudflare_endpoint": "162.159.66.164",
+            "id": self.id, "name": self.name, "cloudflare_endpoint": self.cloudflare_endpoint,
             "interface_address": f"10.{(self.index // 128) % 256}.{octet}.0/31",
             "customer_endpoint": endpoint, "description": f"Simulated tunnel {self.name}",
             "created_on": cf_time(self.created), "modified_on": cf_time(self.modified),
@@ -106,6 +115,15 @@ class RateLimit:
     window: float = 300.0
 
 
+EdgeHook = Callable[[str, str, str], None]  # (account_id, tunnel_id, psk) when a key is applied for real
+# (account_id, tunnel_name, since, until) -> tunnelState samples (0, 0.5, 1) in [since, until)
+HealthSource = Callable[[str, str, float, float], list[float]]
+
+CONTRADICTIONS = ("echo_other_key", "both_maps")
+HEALTH_DATASET = "magicTransitTunnelHealthChecksAdaptiveGroups"
+MAX_HEALTH_WINDOW = 7 * 24 * 3600.0  # at most one week per query (spec 11)
+
+
 class CfError(Exception):
     def __init__(self, status: int, errors: list[dict[str, Any]], bare: bool = False,
                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -126,8 +144,16 @@ AUTH_ERROR = _err(10000, "Authentication error")
 class CloudflareSim(SimApp):
     """The Cloudflare API. Python methods below double as the fault and inspection API."""
 
-    def __init__(self, base_path: str = "/client/v4", rate_limit: RateLimit | None = None) -> None:
+    def __init__(self, base_path: str = "/client/v4", rate_limit: RateLimit | None = None,
+                 edge_hook: EdgeHook | None = None, health_source: HealthSource | None = None) -> None:
         super().__init__()
+        # Called (under the state lock) whenever a tunnel's key changes for real: bulk set without
+        # validate_only, psk_generate, or an out-of-band change. An IKE lab loads it into its edge.
+        self.edge_hook = edge_hook
+        # Where GraphQL tunnel health comes from: the timelines set below unless a source is plugged in.
+        self.health_source = health_source
+        self.health: dict[str, dict[str, list[tuple[float, float]]]] = {}  # account -> tunnel id -> samples
+        self.contradictions: dict[str, tuple[str, str]] = {}  # tunnel -> (stage, kind)
         self.base_path = base_path.rstrip("/")
         self.rate = rate_limit or RateLimit()
         self.accounts: dict[str, dict[str, Tunnel]] = {}
@@ -146,18 +172,84 @@ class CloudflareSim(SimApp):
         return acc
 
     def add_tunnel(self, account_id: str, name: str | None = None, tunnel_id: str | None = None,
-                   with_psk: bool = True) -> str:
+                   with_psk: bool = True, customer_endpoint: str | None = None,
+                   cloudflare_endpoint: str | None = None) -> str:
+        """Add a tunnel. ``tunnel_id`` may be any string, as a hostile or broken API could list
+        (``../<other>/<t>``, ``sub/dir``, ``..``): the listing shows it as given."""
         now = time.time()
         with self.lock:
             self._next_index += 1
             idx = self._next_index
             tid = tunnel_id or new_id()
             psk = "".join(secrets.choice(ALNUM) for _ in range(32)) if with_psk else None
-            self.accounts[account_id][tid] = Tunnel(
-                tid, name or f"tun{idx:05d}", idx, psk, now, now, now if with_psk else None,
-                f"{100000 + idx}_{secrets.token_hex(16)}",
-            )
+            tunnel = Tunnel(tid, name or f"tun{idx:05d}", idx, psk, now, now, now if with_psk else None,
+                            f"{100000 + idx}_{secrets.token_hex(16)}", customer_endpoint)
+            if cloudflare_endpoint:
+                tunnel.cloudflare_endpoint = cloudflare_endpoint
+            self.accounts[account_id][tid] = tunnel
         return tid
+
+    def set_endpoints(self, account_id: str, tunnel_id: str, customer_endpoint: str | None = None,
+                      cloudflare_endpoint: str | None = None) -> None:
+        """Set where a tunnel's ends live (an IKE lab uses its namespace addresses)."""
+        with self.lock:
+            tunnel = self.accounts[account_id][tunnel_id]
+            if customer_endpoint is not None:
+                tunnel.customer_endpoint = customer_endpoint
+            if cloudflare_endpoint is not None:
+                tunnel.cloudflare_endpoint = cloudflare_endpoint
+
+    def set_edge_hook(self, hook: EdgeHook | None) -> None:
+        with self.lock:
+            self.edge_hook = hook
+
+    def change_psk_out_of_band(self, account_id: str, tunnel_id: str, psk: str | None = None) -> str:
+        """Set a tunnel's key as the dashboard, Terraform or ``psk_generate`` would: the key changes,
+        ``last_generated_on`` moves on, nothing in Vault knows. Returns the key now in force."""
+        with self.lock:
+            tunnel = self.accounts[account_id][tunnel_id]
+            key = psk or "".join(secrets.choice(ALNUM) for _ in range(32))
+            self._apply(account_id, tunnel, key, "out_of_band")
+            return key
+
+    def contradict(self, tunnel_ids: list[str], kind: str = "echo_other_key", stage: str = "apply") -> None:
+        """Answer the PSK set for these tunnels with a contradiction, until cleared.
+
+        ``echo_other_key``: the tunnel is listed in ``successfully_applied_psks`` with a key other
+        than the one sent; ``both_maps``: it is listed as applied and in ``unapplied_psks``. On
+        ``apply`` the key sent really is applied (the worst case: unstaging it would lose it); on
+        ``validate`` nothing changes, as for any validation.
+        """
+        if kind not in CONTRADICTIONS:
+            raise ValueError(f"kind must be one of {', '.join(CONTRADICTIONS)}")
+        self._mark(self.contradictions, tunnel_ids, stage, kind)
+
+    def _mark(self, book: dict[str, tuple[str, str]], tunnel_ids: list[str], stage: str, value: str) -> None:
+        if stage not in ("apply", "validate"):
+            raise ValueError("stage must be 'apply' or 'validate'")
+        with self.lock:
+            for tid in tunnel_ids:
+                book[tid] = (stage, value)
+
+    def clear_contradictions(self) -> None:
+        with self.lock:
+            self.contradictions.clear()
+
+    def set_health(self, account_id: str, tunnel_id: str, samples: list[tuple[float, float]]) -> None:
+        """Give a tunnel a health timeline: (UNIX time, tunnelState) samples, 0 down, 0.5 degraded, 1 up."""
+        with self.lock:
+            if tunnel_id not in self.accounts[account_id]:
+                raise KeyError(f"no tunnel {tunnel_id} in account {account_id}")
+            for _, state in samples:
+                if state not in (0, 0.5, 1):
+                    raise ValueError("tunnelState is 0, 0.5 or 1")
+            self.health.setdefault(account_id, {})[tunnel_id] = sorted((float(t), float(v)) for t, v in samples)
+
+    def add_health_sample(self, account_id: str, tunnel_id: str, state: float, at: float | None = None) -> None:
+        with self.lock:
+            timeline = self.health.setdefault(account_id, {}).setdefault(tunnel_id, [])
+            timeline.append((time.time() if at is None else at, float(state)))
+            timeline.sort()
 
     def add_token(self, token: str | None = None, accounts: set[str] | None = None, write: bool = True) -> str:
         tok = token or new_token()
@@ -185,11 +277,7 @@ class CloudflareSim(SimApp):
     def refuse_tunnels(self, tunnel_ids: list[str], reason: str = "tunnel is being modified",
                        stage: str = "apply") -> None:
         """Refuse these tunnels in ``unapplied_psks``: on apply only, or already on validate_only."""
-        if stage not in ("apply", "validate"):
-            raise ValueError("stage must be 'apply' or 'validate'")
-        with self.lock:
-            for tid in tunnel_ids:
-                self.refusals[tid] = (stage, reason)
+        self._mark(self.refusals, tunnel_ids, stage, reason)
 
     def clear_refusals(self) -> None:
         with self.lock:
@@ -205,7 +293,9 @@ class CloudflareSim(SimApp):
             return {
                 "request_counts": dict(self.counts),
                 "accounts": {a: {t.id: {"name": t.name, "psk": t.psk,
-                                        "last_generated_on": t.last_generated and cf_time(t.last_generated)}
+                                        "last_generated_on": t.last_generated and cf_time(t.last_generated),
+                                        "customer_endpoint": t.view(False)["customer_endpoint"],
+                                        "cloudflare_endpoint": t.cloudflare_endpoint}
                                  for t in ts.values()} for a, ts in self.accounts.items()},
                 "history": [dataclasses.asdict(h) for h in self.history],
             }
@@ -214,6 +304,10 @@ class CloudflareSim(SimApp):
         own: dict[str, Callable[..., Any]] = {
             "refuse_tunnels": self.refuse_tunnels, "clear_refusals": self.clear_refusals,
             "set_rate_limit": self.set_rate_limit, "psk_of": self.psk_of,
+            "add_tunnel": self.add_tunnel, "set_endpoints": self.set_endpoints,
+            "change_psk_out_of_band": self.change_psk_out_of_band, "contradict": self.contradict,
+            "clear_contradictions": self.clear_contradictions, "set_health": self.set_health,
+            "add_health_sample": self.add_health_sample,
         }
         if op in own:
             return own[op](**args)
@@ -222,6 +316,8 @@ class CloudflareSim(SimApp):
     # -- HTTP ---------------------------------------------------------------------------------
     def route_of(self, req: Request) -> str:
         path = req.path
+        if path == self.base_path + "/graphql":
+            return "cf.graphql" if req.method == "POST" else "cf.other"
         if not path.startswith(self.base_path + "/accounts/"):
             return "cf.other"
         parts = path[len(self.base_path) + 1:].split("/")
@@ -250,12 +346,30 @@ class CloudflareSim(SimApp):
             error = _err(10001, "Internal server error")  # UNCONFIRMED code/message (7)
         else:
             error = _err(1000, "Request failed")
+        if fault.message is not None:
+            error["message"] = fault.message
         return Response(fault.status, _envelope(None, [error]), [JSON_CT, *headers])
+
+    def garbage_response(self, fault: Fault, route: str) -> Response:
+        if fault.variant != "types":
+            return super().garbage_response(fault, route)
+        if route == "cf.list":
+            result: Any = {"ipsec_tunnels": {"id": 7, "name": ["not", "a", "list"]}}
+        elif route in ("cf.psk_validate", "cf.psk_apply"):
+            result = {"successfully_applied_psks": ["not", "an", "object"], "unapplied_psks": 42}
+        elif route == "cf.graphql":
+            body = json.dumps({"data": {"viewer": {"accounts": {"not": "a list"}}}, "errors": None})
+            return Response(200, body.encode(), [JSON_CT])
+        else:
+            result = "not an object"
+        return Response(200, _envelope(result, []), [JSON_CT])
 
     def handle(self, req: Request, route: str) -> Response:
         rl_headers: list[tuple[bytes, bytes]] = []
         try:
             cred_key, cred = self._authenticate(req)
+            if route == "cf.graphql":
+                return self._graphql(req, cred)
             if cred_key is not None:
                 rl_headers = self._spend(cred_key)
             return self._route(req, route, cred, rl_headers)
@@ -371,6 +485,8 @@ class CloudflareSim(SimApp):
         tunnel.last_generated = now
         tunnel.modified = now
         self.history.append(HistoryEntry(now, account_id, tunnel.id, psk, via))
+        if self.edge_hook is not None:
+            self.edge_hook(account_id, tunnel.id, psk)
 
     def _generate(self, account_id: str, tunnel: Tunnel, validate: bool) -> dict[str, Any]:
         psk = "".join(secrets.choice(ALNUM) for _ in range(32))
@@ -415,8 +531,72 @@ class CloudflareSim(SimApp):
                 stamp = tunnel.last_generated if tunnel.last_generated is not None else time.time()
                 applied[tid] = {"ipsec_id": tunnel.ipsec_id, "ipsec_tunnel_id": tid, "psk": psk,
                                 "psk_metadata": {"last_generated_on": cf_time(stamp)}}
+                contradiction = self.contradictions.get(tid)
+                if contradiction is not None and contradiction[0] == ("validate" if validate else "apply"):
+                    if contradiction[1] == "echo_other_key":
+                        applied[tid]["psk"] = "".join(secrets.choice(ALNUM) for _ in range(32))
+                    else:
+                        unapplied[tid] = "tunnel is being modified"
             seen.add(tid)
         return {"successfully_applied_psks": applied, "unapplied_psks": unapplied}
+
+
+    # -- GraphQL tunnel health (spec 11) -------------------------------------------------------
+    def _graphql(self, req: Request, cred: Credential | None) -> Response:
+        """The ``magicTransitTunnelHealthChecksAdaptiveGroups`` subset, variables form only:
+        ``accounts(filter: {accountTag: $accountTag})`` and the dataset's ``filter: $filter`` with
+        ``datetime_geq``, ``datetime_lt`` and optionally ``tunnelName_in``. Answers 200 with
+        ``errors`` for a bad query, as GraphQL does."""
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            return _gql_error("failed to parse the request body as JSON")
+        query = body.get("query") if isinstance(body, dict) else None
+        variables = body.get("variables") if isinstance(body, dict) else None
+        if not isinstance(query, str) or HEALTH_DATASET not in query or not isinstance(variables, dict):
+            return _gql_error(f"the simulator answers only {HEALTH_DATASET} queries with variables")
+        account_id, window = variables.get("accountTag"), variables.get("filter")
+        if not isinstance(account_id, str) or not isinstance(window, dict):
+            return _gql_error("accountTag and filter are required")
+        if cred is None or account_id not in self.accounts or (
+                cred.accounts is not None and account_id not in cred.accounts):
+            return _gql_error("not authorized for that account", code="authz")
+        try:
+            since = _parse_time(window["datetime_geq"])
+            until = _parse_time(window["datetime_lt"])
+        except (KeyError, TypeError, ValueError):
+            return _gql_error("filter needs datetime_geq and datetime_lt as RFC 3339 times")
+        if not 0 <= until - since <= MAX_HEALTH_WINDOW:
+            return _gql_error("the time range must be at most one week and not negative")
+        names = window.get("tunnelName_in")
+        wanted = set(names) if isinstance(names, list) else None
+        groups = []
+        for tunnel in self.accounts[account_id].values():
+            if wanted is not None and tunnel.name not in wanted:
+                continue
+            if self.health_source is not None:
+                samples = list(self.health_source(account_id, tunnel.name, since, until))
+            else:
+                timeline = self.health.get(account_id, {}).get(tunnel.id, [])
+                samples = [v for t, v in timeline if since <= t < until]
+            if samples:
+                dims: dict[str, Any] = {"tunnelName": tunnel.name}
+                if "edgeColoName" in query:
+                    dims["edgeColoName"] = "sim"
+                groups.append({"avg": {"tunnelState": sum(samples) / len(samples)}, "dimensions": dims})
+        data = {"viewer": {"accounts": [{HEALTH_DATASET: groups}]}}
+        return Response(200, json.dumps({"data": data, "errors": None}).encode(), [JSON_CT])
+
+
+def _gql_error(message: str, code: str = "bad_request") -> Response:
+    body = {"data": None, "errors": [{"message": message, "path": None, "extensions": {"code": code}}]}
+    return Response(200, json.dumps(body).encode(), [JSON_CT])
+
+
+def _parse_time(value: Any) -> float:
+    if not isinstance(value, str):
+        raise TypeError("time must be a string")
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def _truthy(value: str | None) -> bool:

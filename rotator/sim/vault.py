@@ -292,6 +292,17 @@ class VaultSim(SimApp):
                 return None
             return copy.deepcopy(key.data.get(key.current_version))
 
+    def latest_under(self, prefix: str, mount: str = "secret", namespace: str = "") -> dict[str, dict[str, Any]]:
+        """Every live latest version's data under ``prefix``, read under one lock (an invariant
+        monitor's consistent view of Vault)."""
+        with self.lock:
+            out = {}
+            for path in self.keys_under(prefix, mount, namespace):
+                data = self.read_data(path, mount, namespace)
+                if data is not None:
+                    out[path] = data
+            return out
+
     def keys_under(self, prefix: str, mount: str = "secret", namespace: str = "") -> list[str]:
         with self.lock:
             mnt = self.namespaces.get(namespace, {}).get(mount)
@@ -315,7 +326,7 @@ class VaultSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "seal": self.seal, "unseal": self.unseal, "refuse_writes": self.refuse_writes,
-            "version_of": self.version_of, "read_data": self.read_data,
+            "version_of": self.version_of, "read_data": self.read_data, "latest_under": self.latest_under,
         }
         if op in own:
             return own[op](**args)
@@ -333,8 +344,21 @@ class VaultSim(SimApp):
         headers = list(JSON_HEADERS)
         if fault.retry_after is not None:
             headers.append((b"retry-after", str(fault.retry_after).encode()))
-        body = go_json({"errors": messages.get(fault.status, ["internal error"])}) + "\n"
+        errors = [fault.message] if fault.message is not None else messages.get(fault.status, ["internal error"])
+        body = go_json({"errors": errors}) + "\n"
         return Response(fault.status, body.encode(), headers)
+
+    def garbage_response(self, fault: Fault, route: str) -> Response:
+        if fault.variant != "types":
+            return super().garbage_response(fault, route)
+        if route == "kv.read":
+            data: Any = {"data": ["not", "an", "object"], "metadata": {"version": "seven", "destroyed": "no"}}
+        elif route == "kv.write":
+            data = {"version": "eight", "created_time": 0}
+        else:
+            data = ["not", "an", "object"]
+        return Response(200, (go_json({**self._envelope_dict(None), "data": data}) + "\n").encode(),
+                        list(JSON_HEADERS))
 
     def route_of(self, req: Request) -> str:
         path = req.path[4:] if req.path.startswith("/v1/") else req.path

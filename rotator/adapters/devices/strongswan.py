@@ -1,0 +1,320 @@
+"""The ``strongswan`` device: a charon reached over vici (strongSwan's control protocol, through the
+official ``vici`` binding) on its unix socket.
+
+- deliver / rollback: ``load-shared {id, type: IKE, data: key, owners}`` with a stable id per tunnel
+  (template ``secret_id``, default ``psk-rotator-{tunnel_id}``), which replaces the tunnel's key in
+  place. Established SAs keep running; the key is checked at the next authentication.
+- verify: load the key again (a charon restarted since the delivery has forgotten vici-loaded
+  secrets), then force a fresh authentication of the IKE SA named by ``ike`` (default
+  ``{tunnel_name}``): ``reauth = "rekey"`` sends ``rekey {ike, reauth: yes}`` (or ``initiate`` when
+  no SA is up), ``reauth = "restart"`` sends ``terminate`` then ``initiate`` of ``child``. Then
+  ``list-sas`` is polled until an IKE SA of that name with a new unique id is ESTABLISHED (OK), the
+  new SA is torn down (FAILED), or the deadline passes (FAILED: no fresh authentication happened).
+- A charon that cannot be reached: FAILED (the call never arrived). A session that breaks or times
+  out in the middle of a call: UNKNOWN for the tunnel in flight, FAILED for those not yet sent.
+
+Every wait is bounded by the call's deadline: the vici transport here reads with the time left.
+
+Known limit: an IKE SA *rekey* (not a re-authentication) that the site's own timers start during
+the few seconds of a verification also yields a new unique id, and would be taken for the fresh
+authentication. Cloudflare never initiates rekeys; keep the site's IKE rekey interval long, as the
+guides do (8-24 h), and the window is negligible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import vici
+import vici.exception
+import vici.protocol
+
+from rotator.adapters.devices._common import Fields, batch_keys, check_template, every, fill, one_line
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+
+DEFAULT_SOCKET = "/var/run/charon.vici"
+REAUTH_MODES = ("rekey", "restart")
+POLL_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class StrongSwanSettings:
+    socket: str
+    owners: tuple[str, ...]
+    secret_id: str = "psk-rotator-{tunnel_id}"
+    ike: str = "{tunnel_name}"
+    child: str = "{tunnel_name}"
+    reauth: str = "rekey"
+
+
+def parse_settings(f: Fields) -> StrongSwanSettings:
+    sock = f.text("socket", DEFAULT_SOCKET)
+    if not sock.startswith("/"):
+        raise f.fail("socket", f"{sock!r} is not an absolute path", f"e.g. {DEFAULT_SOCKET}")
+    owners = f.texts("owners", required=True)
+    if not owners:
+        raise f.fail("owners", "is empty: the key would be offered to every peer",
+                     "list the IKE identities that use it, e.g. [\"{tunnel_name}.example.net\"]")
+    for j, owner in enumerate(owners):
+        check_template(owner, f"{f.key('owners')}[{j}]")
+    reauth = f.text("reauth", "rekey")
+    if reauth not in REAUTH_MODES:
+        raise f.fail("reauth", f"unknown mode {reauth!r}", "use rekey (rekey with reauth) or restart "
+                                                          "(terminate + initiate)")
+    return StrongSwanSettings(sock, tuple(owners), f.template("secret_id", "psk-rotator-{tunnel_id}"),
+                              f.template("ike", "{tunnel_name}"), f.template("child", "{tunnel_name}"), reauth)
+
+
+class _Broken(Exception):
+    """The vici session failed in the middle of a call: the outcome of that call is unknown."""
+
+
+class _DeadlineTransport(vici.protocol.Transport):  # type: ignore[misc]
+    """vici's transport, with every send and receive bounded by one absolute deadline (the stock
+    transport stops timing a read after its first byte)."""
+
+    def __init__(self, sock: socket.socket, end: float) -> None:
+        super().__init__(sock)
+        self.end = end
+
+    def _left(self, cap: float | None = None) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("vici deadline passed")
+        return min(left, cap) if cap is not None else left
+
+    def send(self, packet: bytes) -> None:
+        self.socket.settimeout(self._left())
+        super().send(packet)
+
+    def _recvall(self, count: int, timeout: Any = vici.protocol.RECV_TIMEOUT_DEFAULT) -> bytes:
+        data = b""
+        while len(data) < count:
+            self.socket.settimeout(self._left())
+            buf = self.socket.recv(count - len(data))
+            if not buf:
+                raise ConnectionError("charon closed the vici connection")
+            data += buf
+        return data
+
+
+class StrongSwanDevice:
+    kind = "strongswan"
+
+    def __init__(self, name: str, socket_path: str = DEFAULT_SOCKET, *, owners: Sequence[str],
+                 secret_id: str = "psk-rotator-{tunnel_id}", ike: str = "{tunnel_name}",
+                 child: str = "{tunnel_name}", reauth: str = "rekey", timeout: float = 60.0, verify: bool = True,
+                 concurrency: int = 16, poll_interval: float = POLL_INTERVAL) -> None:
+        if reauth not in REAUTH_MODES:
+            raise ValueError(f"reauth must be one of {REAUTH_MODES}")
+        self.name = name
+        self.socket_path = socket_path
+        self.owners = tuple(owners)
+        self.secret_id = secret_id
+        self.ike = ike
+        self.child = child
+        self.reauth = reauth
+        self.timeout = timeout  # read by the engine, with verifies
+        self.verifies = verify
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+
+    def __repr__(self) -> str:
+        return f"StrongSwanDevice(name={self.name!r}, socket={self.socket_path!r})"
+
+    # -- the port --------------------------------------------------------------------------------
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]:
+        return self._load(tunnels, self._end(deadline))
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]:
+        return self._load(tunnels, self._end(deadline))
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]:
+        end = self._end(deadline)
+        results = self._load(tunnels, end)
+        loaded = [t for t in tunnels if results[t.tunnel_id].ok]
+        if not loaded:
+            return results
+        keys = batch_keys(tunnels)
+        try:
+            with self._session(end) as session:
+                before = _ike_sas(session)
+        except _Broken as exc:
+            results.update(every(loaded, DeviceStatus.UNKNOWN, f"list-sas failed: {exc}"))
+            return results
+        except OSError as exc:
+            results.update(every(loaded, DeviceStatus.FAILED, self._unreachable(exc)))
+            return results
+        started = time.monotonic()
+        triggered: dict[str, DeviceTunnel] = {}
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(loaded)))) as pool:
+            for tunnel, result in zip(loaded, pool.map(lambda t: self._trigger(t, before, end, keys), loaded),
+                                      strict=True):
+                if result is None:
+                    triggered[tunnel.tunnel_id] = tunnel
+                else:
+                    results[tunnel.tunnel_id] = result
+        results.update(self._await_fresh(triggered, before, started, end, keys))
+        return results
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _end(self, deadline: float) -> float:
+        return min(deadline, time.monotonic() + self.timeout)
+
+    def _unreachable(self, exc: OSError) -> str:
+        return f"cannot reach charon at {self.socket_path}: {exc.strerror or type(exc).__name__}"
+
+    @contextlib.contextmanager
+    def _session(self, end: float) -> Iterator[Any]:
+        """A vici session whose every read and write ends by ``end``. Connecting raises OSError
+        (nothing was sent); a failure after that raises _Broken."""
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left before the deadline")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(left)
+            sock.connect(self.socket_path)
+            session = vici.Session(sock)
+            session.transport = _DeadlineTransport(sock, end)
+            try:
+                yield session
+            except (OSError, vici.exception.SessionException, vici.exception.DeserializationException,
+                    ValueError, KeyError, IndexError) as exc:  # struct errors surface as ValueError
+                raise _Broken(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        finally:
+            sock.close()
+
+    def _load(self, tunnels: Sequence[DeviceTunnel], end: float) -> dict[str, DeviceResult]:
+        """load-shared each tunnel's ``psk``, in one session."""
+        if not tunnels:
+            return {}
+        keys = batch_keys(tunnels)
+        results: dict[str, DeviceResult] = {}
+        current: DeviceTunnel | None = None
+        try:
+            with self._session(end) as session:
+                for tunnel in tunnels:
+                    current = tunnel
+                    try:
+                        session.load_shared({"id": fill(self.secret_id, tunnel), "type": "IKE",
+                                             "data": tunnel.psk.reveal(),
+                                             "owners": [fill(o, tunnel) for o in self.owners]})
+                    except vici.exception.CommandException as exc:
+                        results[tunnel.tunnel_id] = DeviceResult(
+                            DeviceStatus.FAILED, f"charon refused the key: {one_line(str(exc), keys, 200)}")
+                    else:
+                        results[tunnel.tunnel_id] = DeviceResult(DeviceStatus.OK)
+                    current = None
+        except _Broken as exc:
+            reason = one_line(str(exc), keys, 200)
+            if current is not None:
+                results[current.tunnel_id] = DeviceResult(
+                    DeviceStatus.UNKNOWN, f"the vici session broke during load-shared ({reason}): "
+                                          "charon may hold the key")
+        except OSError as exc:
+            reason = self._unreachable(exc)
+            return every(tunnels, DeviceStatus.FAILED, reason)
+        for tunnel in tunnels:
+            results.setdefault(tunnel.tunnel_id, DeviceResult(DeviceStatus.FAILED,
+                                                              "not sent: the vici session broke before it"))
+        return results
+
+    def _trigger(self, tunnel: DeviceTunnel, before: dict[str, dict[str, str]], end: float,
+                 keys: list[str]) -> DeviceResult | None:
+        """Start a fresh authentication; None when it is under way."""
+        ike, child = fill(self.ike, tunnel), fill(self.child, tunnel)
+        left_ms = max(1, int((end - time.monotonic()) * 1000))
+        try:
+            with self._session(end) as session:
+                if self.reauth == "rekey" and before.get(ike):
+                    try:
+                        answer = session.rekey({"ike": ike, "reauth": "yes"})
+                    except vici.exception.CommandException:
+                        answer = {"matches": b"0"}  # the SA went away since list-sas: bring it up instead
+                    if int(answer.get("matches", b"1") or 1) > 0:
+                        return None
+                if self.reauth == "restart" and before.get(ike):
+                    _drain(lambda: session.terminate({"ike": ike, "timeout": left_ms}))
+                _drain(lambda: session.initiate({"child": child, "ike": ike, "timeout": -1}))
+                return None
+        except vici.exception.CommandException as exc:
+            return DeviceResult(DeviceStatus.FAILED,
+                                f"charon refused to re-authenticate {ike}: {one_line(str(exc), keys, 200)}")
+        except _Broken as exc:
+            return DeviceResult(DeviceStatus.UNKNOWN, f"the vici session broke while re-authenticating {ike} "
+                                                      f"({one_line(str(exc), keys, 200)})")
+        except OSError as exc:
+            return DeviceResult(DeviceStatus.FAILED, self._unreachable(exc))
+
+    def _await_fresh(self, triggered: dict[str, DeviceTunnel], before: dict[str, dict[str, str]],
+                     started: float, end: float, keys: list[str]) -> dict[str, DeviceResult]:
+        """Poll list-sas until each tunnel's IKE SA is freshly ESTABLISHED, torn down, or out of time."""
+        results: dict[str, DeviceResult] = {}
+        seen_new: dict[str, set[str]] = {tid: set() for tid in triggered}
+        waiting = dict(triggered)
+        last_error, watched = "", False
+        while waiting:
+            try:
+                with self._session(end) as session:
+                    now_sas = _ike_sas(session)
+                last_error, watched = "", True
+            except (_Broken, OSError) as exc:
+                last_error = one_line(str(exc), keys, 200)
+                now_sas = None
+            if now_sas is not None:
+                for tid, tunnel in list(waiting.items()):
+                    ike = fill(self.ike, tunnel)
+                    old = set(before.get(ike, {}))
+                    new = {uid: state for uid, state in now_sas.get(ike, {}).items() if uid not in old}
+                    if any(state == "ESTABLISHED" for state in new.values()):
+                        results[tid] = DeviceResult(DeviceStatus.OK)
+                        del waiting[tid]
+                    elif seen_new[tid] and not new:
+                        results[tid] = DeviceResult(DeviceStatus.FAILED, f"the re-authentication of {ike} failed: "
+                                                                         "the new IKE SA was torn down")
+                        del waiting[tid]
+                    else:
+                        seen_new[tid].update(new)
+            if not waiting or time.monotonic() + self.poll_interval >= end:
+                break
+            time.sleep(self.poll_interval)
+        waited = time.monotonic() - started
+        for tid, tunnel in waiting.items():
+            ike = fill(self.ike, tunnel)
+            if not watched:
+                results[tid] = DeviceResult(DeviceStatus.UNKNOWN, f"could not watch {ike} come up ({last_error})")
+            else:  # seen without a fresh SA; a last look cut short by the deadline changes nothing
+                results[tid] = DeviceResult(DeviceStatus.FAILED,
+                                            f"no fresh IKE SA {ike} established within {waited:.0f}s")
+        return results
+
+
+def _drain(call: Callable[[], Any]) -> None:
+    """Run a streamed vici command to its end (its log events are not needed)."""
+    for _ in call():
+        pass
+
+
+def _ike_sas(session: Any) -> dict[str, dict[str, str]]:
+    """IKE SA name -> {unique id: state}, from one list-sas."""
+    out: dict[str, dict[str, str]] = {}
+    for event in session.list_sas({"noblock": "yes"}):  # never wait for an SA busy elsewhere
+        for name, sa in event.items():
+            if isinstance(sa, dict):
+                uid = _text(sa.get("uniqueid"))
+                out.setdefault(name, {})[uid] = _text(sa.get("state"))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")

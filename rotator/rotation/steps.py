@@ -1,0 +1,544 @@
+"""The protocol's steps (DESIGN.md section 4), each a function with one contract:
+
+    step(ctx, items) -> Result(moved, settled, back, halt)
+
+``moved`` go on to the next step; ``settled`` are done with an outcome (``UNKNOWN`` = left pending for
+reconcile); ``back`` must be taken back (the BACKWARD steps: Vault marks the rollback first, then
+Cloudflare and the device are returned to ``psk``, then the record is unstaged); ``halt`` says why the
+run should stop after this batch. Steps never record outcomes themselves: the engine tallies them.
+
+Safety rules every step follows: never unstage a key that Cloudflare or the device may hold
+(``Item.cf_may_hold``/``Item.dev_may_hold``); anything ambiguous or contradictory stays pending.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
+from rotator.model import Outcome, PskSetResult, Record, TunnelInfo
+from rotator.rotation.plan import Mode
+from rotator.rotation.ports import (
+    Device,
+    DeviceResult,
+    DeviceStatus,
+    DeviceTunnel,
+    Health,
+    HealthState,
+    RecordStore,
+    TunnelApi,
+)
+from rotator.secret import Secret
+
+DEFAULT_DEVICE_TIMEOUT = 60.0
+
+
+class LeaseLost(RotatorError):
+    """The account lease could not be renewed before a call that changes a key."""
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    tunnel: TunnelInfo
+    record: Record
+    mode: Mode
+    key: Secret  # the key both ends should hold when this item succeeds (the record's pending_psk)
+    device: Device | None = None
+    cf_may_hold: bool = False   # Cloudflare may hold ``key``: taking it back needs an apply of psk
+    dev_may_hold: bool = False  # the device may hold ``key``: taking it back needs a device rollback
+    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so, or never acked it)
+    outcome: Outcome | None = None  # the outcome once taken back
+    reason: str | None = None
+    final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
+    generated_on: str | None = None
+    ipsec_id: str | None = None
+    applied_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.tunnel.id
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """A redundant pair: tunnels that share a device and a customer endpoint."""
+        if self.device is None or not self.tunnel.customer_endpoint:
+            return None
+        return self.device.name, self.tunnel.customer_endpoint
+
+    @property
+    def reconcile(self) -> bool:
+        return self.mode in (Mode.RESUME, Mode.ROLLING_BACK)
+
+    def going_back(self, outcome: Outcome, reason: str) -> Item:
+        self.outcome, self.reason = outcome, reason
+        return self
+
+
+Settled = tuple[Item, Outcome, "str | None"]
+
+
+@dataclass
+class Result:
+    moved: list[Item] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)
+    back: list[Item] = field(default_factory=list)
+    halt: str | None = None
+
+    def settle(self, item: Item, outcome: Outcome, reason: str | None = None) -> None:
+        self.settled.append((item, outcome, reason))
+
+
+@dataclass
+class Context:
+    """What steps may use. ``cover(seconds, resend)`` runs one mutating call of total deadline
+    ``seconds`` under the lease (the engine's lease guard): it yields the latest UNIX time an attempt
+    may start (None: no bound), or raises LeaseLost before anything is sent. ``resend``: the call
+    only re-sends keys already pending in Vault."""
+
+    account_id: str
+    rotation_id: str
+    dry_run: bool
+    api: TunnelApi
+    store: RecordStore
+    cover: Callable[[float, bool], AbstractContextManager[float | None]]
+    redact: Callable[[str], str]
+    pool: concurrent.futures.Executor
+    log: Any
+    clock: Callable[[], float] = time.time
+    ack_timeout: float | None = None
+    health: Health | None = None  # Cloudflare's tunnel health, judged after the apply (optional)
+    call_timeout: float = 30.0  # the total deadline of one Cloudflare call
+    health_timeout: float = 30.0
+    busy_pairs: set[tuple[str, str]] = field(default_factory=set)  # pairs with a key left in flight
+
+
+Step = Callable[[Context, list[Item]], Result]
+
+
+def rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _write(ctx: Context, pairs: Sequence[tuple[Item, Record]]) -> dict[str, Record | VaultError]:
+    """CAS-write the records; items of successful writes carry the new version."""
+    if not pairs:
+        return {}
+    written = ctx.store.write_many([r for _, r in pairs])
+    for item, _ in pairs:
+        res = written.get(item.id, VaultError("no answer for this record", ambiguous=True))
+        written[item.id] = res
+        if isinstance(res, Record):
+            item.record = res
+    return written
+
+
+def _contradiction(tid: str, verdict: PskSetResult) -> str | None:
+    if tid in verdict.ambiguous:
+        return verdict.ambiguous[tid]
+    if tid in verdict.applied and tid in verdict.unapplied:
+        return "reported both applied and unapplied"
+    return None
+
+
+# -- forward ---------------------------------------------------------------------------------------
+
+def stage(ctx: Context, items: list[Item]) -> Result:
+    """Write pending_psk=key, state=pending with CAS (fresh keys and rollbacks); pending ones pass."""
+    out = Result(moved=[i for i in items if i.mode is Mode.RESUME])
+    todo = [i for i in items if i.mode in (Mode.FRESH, Mode.ROLLBACK)]
+    if ctx.dry_run:
+        out.moved.extend(todo)
+        return out
+    now = rfc3339(ctx.clock())
+    written = _write(ctx, [(i, dataclasses.replace(
+        i.record, pending_psk=i.key, state="pending", rotation_id=ctx.rotation_id, tunnel_name=i.tunnel.name,
+        device=i.device.name if i.device else None, staged_at=now, acked_rotation_id=None)) for i in todo])
+    for item in todo:
+        res = written[item.id]
+        if isinstance(res, CasConflict):
+            out.settle(item, Outcome.SKIPPED, "record changed since it was read (another rotator?)")
+        elif isinstance(res, VaultError):
+            out.settle(item, Outcome.UNKNOWN if res.ambiguous else Outcome.UNAPPLIED, f"staging in Vault failed: {res}")
+        else:
+            out.moved.append(item)
+    return out
+
+
+def validate(ctx: Context, items: list[Item]) -> Result:
+    """POST .../psk?validate_only=true with exactly these keys. Refused ones go back."""
+    out = Result()
+    try:
+        verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=True)
+    except CloudflareError as exc:
+        ctx.log.warning("validate_failed", step="validate", error=ctx.redact(str(exc)), tunnels=len(items))
+        out.back = [i.going_back(Outcome.UNAPPLIED, f"validation call failed: {exc}") for i in items]
+        out.halt = f"stopped after the validation call failed: {exc}"
+        return out
+    for item in items:
+        odd = _contradiction(item.id, verdict)
+        if odd is not None:
+            out.settle(item, Outcome.UNKNOWN, f"contradictory validation answer ({odd}); key left pending")
+        elif item.id in verdict.unapplied:
+            out.back.append(item.going_back(Outcome.REFUSED, f"refused by validation: {verdict.unapplied[item.id]}"))
+        elif item.id not in verdict.applied:
+            out.back.append(item.going_back(Outcome.REFUSED, "refused by validation: not acknowledged by validate_only"))
+        elif ctx.dry_run:
+            out.settle(item, Outcome.WOULD_ROTATE)
+        else:
+            out.moved.append(item)
+    return out
+
+
+def deliver(ctx: Context, items: list[Item]) -> Result:
+    """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass.
+    A fresh key waits while its redundant partner's key is still in flight (it goes back, untouched)."""
+    out = Result(back=[i.going_back(Outcome.SKIPPED, "its redundant partner on the same device and endpoint has "
+                                    "a key in flight; it is rotated once that one settles")
+                       for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
+    items = [i for i in items if i not in out.back]
+    out.moved = [i for i in items if i.device is None or i.record.acked]
+    for item in out.moved:
+        item.dev_may_hold = item.device is not None
+    calls = [i for i in items if i.device is not None and not i.record.acked]
+    for item in calls:
+        item.dev_may_hold = True
+    for item, res in device_call(ctx, calls, "deliver"):
+        if res.status is DeviceStatus.OK:
+            out.moved.append(item)
+        elif res.status is DeviceStatus.FAILED:
+            item.dev_refused = not item.reconcile  # an earlier run may have delivered it
+            out.back.append(item.going_back(Outcome.REFUSED, f"device refused the key: {res.reason or 'no reason'}"))
+        elif res.status is DeviceStatus.WAITING:
+            _waiting(ctx, item, out)
+        else:
+            out.settle(item, Outcome.UNKNOWN, f"delivery outcome unknown: {res.reason or 'no answer'}; key left pending")
+    return out
+
+
+def _waiting(ctx: Context, item: Item, out: Result) -> None:
+    from rotator.schedule import parse_time
+
+    staged = parse_time(item.record.staged_at)
+    limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
+    if limit is not None and staged is not None and ctx.clock() - staged > limit:
+        item.dev_refused = True  # never acknowledged: by contract the device does not hold the key
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
+                                        f"(ack_timeout): the key is withdrawn"))
+    else:
+        out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
+                   f"{item.device.name if item.device else '?'} (rotator ack)")
+
+
+def apply(ctx: Context, items: list[Item]) -> Result:
+    """POST .../psk with the delivered keys."""
+    out = Result()
+    try:
+        with ctx.cover(ctx.call_timeout, all(i.reconcile for i in items)) as deadline:
+            verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=False,
+                                       deadline=deadline)
+    except LeaseLost as exc:
+        for item in items:  # not applying is always safe: the keys stay pending for the lease holder
+            out.settle(item, Outcome.SKIPPED, f"lease lost before apply ({exc}); the staged key is left for the "
+                       "lease holder to reconcile")
+        out.halt = "lease lost"
+        return out
+    except CloudflareError as exc:
+        return _apply_failed(ctx, items, exc)
+    for item in items:
+        _apply_one(item, verdict, out)
+    return out
+
+
+def _apply_failed(ctx: Context, items: list[Item], exc: CloudflareError) -> Result:
+    ctx.log.warning("apply_failed", step="apply", error=ctx.redact(str(exc)), ambiguous=exc.ambiguous,
+                    tunnels=len(items))
+    out = Result(halt=f"stopped after the apply call failed: {exc}")
+    for item in items:
+        if exc.ambiguous:
+            item.cf_may_hold = True
+            out.settle(item, Outcome.UNKNOWN, f"apply outcome unknown ({exc}); key left pending for reconcile")
+        else:
+            out.back.append(item.going_back(Outcome.UNAPPLIED, f"apply failed: {exc}"))
+    return out
+
+
+def _apply_one(item: Item, verdict: PskSetResult, out: Result) -> None:
+    odd = _contradiction(item.id, verdict)
+    if odd is not None or item.id in verdict.applied or item.id not in verdict.unapplied:
+        item.cf_may_hold = True
+    item.ipsec_id = verdict.ipsec_ids.get(item.id, item.ipsec_id)
+    if odd is not None:
+        out.settle(item, Outcome.UNKNOWN, f"contradictory apply answer ({odd}); key left pending for reconcile")
+    elif item.id in verdict.applied:
+        item.generated_on, item.applied_at = verdict.generated_on.get(item.id), time.time()
+        out.moved.append(item)
+    elif item.id in verdict.unapplied:
+        out.back.append(item.going_back(Outcome.UNAPPLIED, f"unapplied: {verdict.unapplied[item.id]}"))
+    else:
+        out.settle(item, Outcome.UNKNOWN, "Cloudflare did not report this tunnel; key left pending for reconcile")
+
+
+def _undone(item: Item) -> Outcome:
+    """Both ends went back to psk: a rotation was rolled back; a rollback (to previous_psk) failed."""
+    return Outcome.FAILED if item.mode is Mode.ROLLBACK else Outcome.ROLLED_BACK
+
+
+def verify(ctx: Context, items: list[Item]) -> Result:
+    """The device forces a fresh IKE authentication with the new key; a failure rolls both ends back."""
+    checked = [i for i in items if i.device is not None and getattr(i.device, "verifies", True)]
+    out = Result(moved=[i for i in items if i not in checked])
+    for item, res in device_call(ctx, checked, "verify"):
+        if res.ok:
+            out.moved.append(item)
+        elif res.status is not DeviceStatus.FAILED:
+            out.settle(item, Outcome.UNKNOWN, f"verification outcome unknown: {res.reason or 'no answer'}; "
+                       "key left pending for reconcile")
+        elif item.record.psk is None:
+            item.final = (Outcome.FAILED, f"verification failed ({res.reason or 'no reason'}), and this is the "
+                          "tunnel's first key: there is no previous key to roll back to, so the new key is kept")
+            out.moved.append(item)
+        else:
+            out.back.append(item.going_back(_undone(item), f"verification failed: {res.reason or 'no reason'}"))
+    return out
+
+
+def check_health(ctx: Context, items: list[Item]) -> Result:
+    """Optionally, Cloudflare's health checks since the apply: a tunnel reported down rolls back."""
+    if ctx.health is None or not items:
+        return Result(moved=list(items))
+    out = Result()
+    since = min(i.applied_at or ctx.clock() for i in items)
+    try:
+        states = ctx.health.tunnel_health(ctx.account_id, [i.tunnel.name for i in items], since=since,
+                                          deadline=time.monotonic() + ctx.health_timeout)
+    except Exception as exc:  # health is a second opinion: no answer changes nothing
+        ctx.log.warning("health_failed", step="check_health", error=ctx.redact(str(exc)))
+        states = {}
+    for item in items:
+        if states.get(item.tunnel.name) is HealthState.DOWN and item.record.psk is not None:
+            out.back.append(item.going_back(_undone(item), "Cloudflare's health checks report the tunnel "
+                                            "down since the new key was applied"))
+        else:
+            out.moved.append(item)
+    return out
+
+
+def note(ctx: Context, settled: Sequence[Settled]) -> None:
+    """Record why an attempt did not complete in a record that stays pending (last_error, ipsec_id)."""
+    if ctx.dry_run:
+        return
+    pairs = [(i, dataclasses.replace(i.record, last_error=ctx.redact(r)[:500], ipsec_id=i.ipsec_id or i.record.ipsec_id))
+             for i, o, r in settled if r and o in (Outcome.UNKNOWN, Outcome.WAITING)
+             and i.record.version and i.record.pending_psk is not None and i.record.last_error != ctx.redact(r)[:500]]
+    try:
+        _write(ctx, pairs)
+    except VaultError as exc:  # best effort: the outcome already says it
+        ctx.log.warning("note_failed", error=ctx.redact(str(exc)))
+
+
+def promote(ctx: Context, items: list[Item]) -> Result:
+    """psk=key, previous_psk=old psk, nothing pending, state=active, rotated_at, cf_generated_on."""
+    out = Result()
+    now = rfc3339(ctx.clock())
+    wanted = {i.id: dataclasses.replace(
+        i.record, psk=i.key, pending_psk=None, previous_psk=i.record.psk, state="active", rotation_id=ctx.rotation_id,
+        rotated_at=now, tunnel_name=i.tunnel.name, last_error=ctx.redact(i.final[1]) if i.final else None,
+        cf_generated_on=i.generated_on or i.record.cf_generated_on, ipsec_id=i.ipsec_id or i.record.ipsec_id,
+        device=i.device.name if i.device else i.record.device, staged_at=None, acked_rotation_id=None)
+        for i in items}
+    written = ctx.store.write_many(list(wanted.values())) if wanted else {}
+    for item in items:
+        res = written.get(item.id, VaultError("no answer for this record", ambiguous=True))
+        if isinstance(res, CasConflict):
+            res = _promote_after_conflict(ctx, item, wanted[item.id])
+        if isinstance(res, VaultError):
+            ctx.log.warning("promote_failed", step="promote", tunnel=item.id, error=ctx.redact(str(res)))
+            out.settle(item, Outcome.UNKNOWN, f"applied, but promoting in Vault failed ({res}); "
+                       "the key stays pending until reconcile")
+        else:
+            item.record = res
+            success = Outcome.ROLLED_BACK if item.mode is Mode.ROLLBACK else Outcome.ROTATED
+            out.settle(item, *(item.final or (success, None)))
+    return out
+
+
+def _promote_after_conflict(ctx: Context, item: Item, wanted: Record) -> Record | VaultError:
+    """Promotion is idempotent: already promoted with our key is success; still pending, retry once."""
+    try:
+        current = ctx.store.read(item.record.account_id, item.id)
+    except VaultError as exc:
+        return exc
+    if current.pending_psk is None and current.psk == item.key:
+        return current
+    if current.pending_psk == item.key:
+        retry = dataclasses.replace(wanted, version=current.version, previous_psk=current.psk)
+        return ctx.store.write_many([retry]).get(item.id, VaultError("no answer", ambiguous=True))
+    return VaultError("record moved on to another key during promotion", "run reconcile")
+
+
+# -- backward: take a key back, Vault first --------------------------------------------------------
+
+def mark_rolling_back(ctx: Context, items: list[Item]) -> Result:
+    """Where Cloudflare may hold the key, record state=rolling_back before touching it."""
+    out = Result(moved=[i for i in items if not i.cf_may_hold or i.record.state == "rolling_back" or ctx.dry_run])
+    todo = [i for i in items if i not in out.moved]
+    for item in [i for i in todo if i.record.psk is None]:
+        out.settle(item, Outcome.UNKNOWN, f"{item.reason}; Cloudflare may hold the new key and there is no "
+                   "previous key to go back to: the key stays pending")
+    todo = [i for i in todo if i.record.psk is not None]
+    written = _write(ctx, [(i, dataclasses.replace(i.record, state="rolling_back",
+                                                   last_error=ctx.redact(i.reason or ""))) for i in todo])
+    for item in todo:
+        res = written[item.id]
+        if isinstance(res, VaultError):
+            out.settle(item, Outcome.UNKNOWN, f"{item.reason}; recording the rollback in Vault failed ({res}): "
+                       "the key stays pending")
+        else:
+            out.moved.append(item)
+    return out
+
+
+def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
+    """Validate, then apply, ``psk`` again where Cloudflare may hold the abandoned key."""
+    out = Result(moved=[i for i in items if not i.cf_may_hold or ctx.dry_run])
+    todo = [i for i in items if i not in out.moved]
+    if not todo:
+        return out
+    keys = {i.id: i.record.psk for i in todo if i.record.psk is not None}
+    checked = PskSetResult()
+    try:
+        checked = ctx.api.set_psks(ctx.account_id, keys, validate_only=True)
+        ok = [i for i in todo if i.id in checked.applied and _contradiction(i.id, checked) is None]
+        done = _apply_back(ctx, {i.id: keys[i.id] for i in ok}) if ok else PskSetResult()
+    except (CloudflareError, LeaseLost) as exc:
+        done, failure = PskSetResult(), str(exc)
+    else:
+        failure = "Cloudflare did not take the previous key back"
+    for item in todo:
+        if item.id in done.applied and _contradiction(item.id, done) is None:
+            item.cf_may_hold = False
+            out.moved.append(item)
+        else:
+            out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
+                       f"({done.unapplied.get(item.id) or checked.unapplied.get(item.id) or failure}): "
+                       f"left {item.record.state} for reconcile")
+    return out
+
+
+def _apply_back(ctx: Context, keys: dict[str, Secret]) -> PskSetResult:
+    with ctx.cover(ctx.call_timeout, False) as deadline:
+        return ctx.api.set_psks(ctx.account_id, keys, validate_only=False, deadline=deadline)
+
+
+def restore_device(ctx: Context, items: list[Item]) -> Result:
+    """Tell the device to go back to ``psk`` where it may hold the abandoned key."""
+    todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None
+            and not ctx.dry_run]
+    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)])
+    for item in [i for i in items if i not in todo and i not in out.moved]:
+        out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
+                   "previous key to go back to: the key stays pending")
+    for item, res in device_call(ctx, todo, "rollback"):
+        # A manual device answers WAITING: the operator is asked to go back; a key it never
+        # acknowledged was never confirmed on the device, so withdrawing it does not wait for that.
+        if res.ok or (res.status is DeviceStatus.WAITING and item.dev_refused):
+            item.dev_may_hold = False
+            out.moved.append(item)
+        else:
+            out.settle(item, Outcome.UNKNOWN, f"{item.reason}; rolling the device back failed "
+                       f"({res.reason or res.status}): the key stays pending")
+    return out
+
+
+def unstage(ctx: Context, items: list[Item]) -> Result:
+    """Neither end holds the key any more: drop pending_psk, state=active, with the reason."""
+    out = Result()
+    written = {} if ctx.dry_run else _write(ctx, [(i, dataclasses.replace(
+        i.record, pending_psk=None, state="active", staged_at=None, acked_rotation_id=None,
+        last_error=ctx.redact(i.reason or "")[:500] or None)) for i in items])
+    for item in items:
+        res = written.get(item.id)
+        reason = item.reason
+        if isinstance(res, VaultError):  # harmless: no end holds the pending key; the next run retries
+            ctx.log.warning("unstage_failed", step="unstage", tunnel=item.id, error=ctx.redact(str(res)))
+            reason = f"{reason}; unstaging in Vault failed ({res}), the next run finishes it"
+        out.settle(item, item.outcome or Outcome.UNKNOWN, reason)
+    return out
+
+
+# -- device calls -----------------------------------------------------------------------------------
+
+def _device_tunnel(item: Item, action: str) -> DeviceTunnel:
+    old = item.record.psk
+    if action == "rollback":
+        assert old is not None
+        return DeviceTunnel(item.id, item.tunnel.name, old, item.key, item.tunnel.customer_endpoint,
+                            item.tunnel.cloudflare_endpoint)
+    return DeviceTunnel(item.id, item.tunnel.name, item.key, old, item.tunnel.customer_endpoint,
+                        item.tunnel.cloudflare_endpoint)
+
+
+def device_call(ctx: Context, items: Iterable[Item], action: str) -> list[tuple[Item, DeviceResult]]:
+    """One call per device and action, devices concurrently; a tunnel without an answer is UNKNOWN."""
+    groups: dict[int, list[Item]] = {}
+    out: list[tuple[Item, DeviceResult]]
+    futures: list[tuple[list[Item], float, concurrent.futures.Future[dict[str, DeviceResult]]]]
+    for item in items:
+        groups.setdefault(id(item.device), []).append(item)
+    futures = []
+    for group in groups.values():
+        device = group[0].device
+        assert device is not None
+        timeout = float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT))
+        resend = action == "verify" or (action == "deliver" and all(i.reconcile for i in group))
+        tunnels = [_device_tunnel(i, action) for i in group]
+        futures.append((group, timeout, ctx.pool.submit(_covered, ctx, getattr(device, action), tunnels, timeout,
+                                                        resend)))
+    out = []
+    for group, timeout, future in futures:
+        answers, missing = _answers(ctx, future, timeout, action)
+        out.extend((i, answers.get(i.id) or DeviceResult(DeviceStatus.UNKNOWN, missing)) for i in group)
+    return out
+
+
+def _covered(ctx: Context, method: Callable[..., dict[str, DeviceResult]], tunnels: list[DeviceTunnel],
+             timeout: float, resend: bool) -> dict[str, DeviceResult]:
+    """One device call under the lease: never started without it, over before the lease could end."""
+    with ctx.cover(timeout, resend):
+        return method(ctx.account_id, ctx.rotation_id, tunnels, deadline=time.monotonic() + timeout)
+
+
+def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceResult]], timeout: float,
+             action: str) -> tuple[dict[str, DeviceResult], str]:
+    """The device's answers (reasons redacted), and the reason for a tunnel it did not answer for."""
+    try:
+        answers = future.result(timeout=timeout + 5.0)
+    except concurrent.futures.TimeoutError:
+        return {}, "no answer within the device's timeout"
+    except LeaseLost as exc:
+        return {}, f"lease lost before the device call ({exc}); not called"
+    except Exception as exc:  # a device must not raise; if it does, its outcome is unknown
+        ctx.log.warning("device_error", step=action, error=ctx.redact(str(exc)))
+        return {}, "the device call failed without an answer"
+    if not isinstance(answers, dict):
+        return {}, "the device gave no usable answer"
+    return {tid: DeviceResult(r.status, ctx.redact(r.reason) if r.reason else None)
+            for tid, r in answers.items() if isinstance(r, DeviceResult)}, "no answer for this tunnel"
+
+
+FORWARD: tuple[Step, ...] = (
+    stage,
+    validate,
+    deliver,
+    apply,
+    verify,
+    check_health,
+    promote,
+)
+BACKWARD: tuple[Step, ...] = (mark_rolling_back, restore_cloudflare, restore_device, unstage)

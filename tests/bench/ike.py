@@ -1,0 +1,162 @@
+"""Benchmark: rotate and verify N real tunnels end to end (default 200) in the IKE lab.
+
+    .venv/bin/python tests/bench/ike.py [--tunnels 200]      (root and strongSwan needed)
+
+Phases, each timed:
+  establish   N tunnels come up from the site (asynchronous initiate, both CHILD_SAs up)
+  device      the strongswan device alone: deliver N keys to the site, load them at the edge,
+              verify (forced re-authentication of every tunnel)
+  engine      when the engine has its device steps: a whole rotation of the N tunnels through the
+              engine with the strongswan device (Vault, Cloudflare simulator with the edge hook,
+              site charon), and the same rotation with an instant in-process device as the baseline
+The last line of stdout is one JSON object with every figure. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel  # noqa: E402
+from rotator.secret import Secret  # noqa: E402
+from rotator.sim import Simulators  # noqa: E402
+from rotator.sim.ike import Lab, unavailable  # noqa: E402
+
+ACCOUNT = "0" * 32
+
+
+class InstantDevice:
+    """The baseline far end: holds nothing, answers OK at once (the engine's cost without IKE)."""
+
+    name, kind = "instant", "sim"
+
+    def _ok(self, _a: str, _r: str, tunnels, *, deadline: float) -> dict[str, DeviceResult]:
+        return {t.tunnel_id: DeviceResult(DeviceStatus.OK) for t in tunnels}
+
+    deliver = verify = rollback = _ok
+
+
+CONCURRENCY = 4  # charon's vici backlog (about 10) refuses more simultaneous connects with EAGAIN
+
+
+def strongswan_device(lab: Lab, timeout: float):
+    from rotator.adapters.devices.strongswan import StrongSwanDevice
+
+    return StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"], timeout=timeout,
+                            concurrency=CONCURRENCY)
+
+
+def reasons(results: dict[str, DeviceResult]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results.values():
+        if not r.ok:
+            key = (r.reason or r.status)[:80]
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def device_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
+    dev = strongswan_device(lab, timeout=120)
+    new = {t: secrets.token_urlsafe(24) for t in tids}
+    batch = [DeviceTunnel(t, lab.tunnel(t).name, Secret(new[t]), Secret(keys[t])) for t in tids]
+    t0 = time.perf_counter()
+    delivered = dev.deliver(ACCOUNT, "bench", batch, deadline=time.monotonic() + 120)
+    t1 = time.perf_counter()
+    for t in tids:
+        lab.load_edge_psk(t, new[t])
+    t2 = time.perf_counter()
+    verified = dev.verify(ACCOUNT, "bench", batch, deadline=time.monotonic() + 120)
+    t3 = time.perf_counter()
+    keys.update(new)
+    return {"deliver_s": round(t1 - t0, 3), "edge_load_s": round(t2 - t1, 3), "verify_s": round(t3 - t2, 3),
+            "delivered_ok": sum(r.ok for r in delivered.values()),
+            "verified_ok": sum(r.ok for r in verified.values()),
+            "failures": {**reasons(delivered), **reasons(verified)}}
+
+
+def engine_phase(n: int) -> dict:
+    from rotator.rotation.engine import RunRequest
+    from tests import helpers
+
+    if "device_for" not in {f.name for f in dataclasses.fields(RunRequest)}:
+        return {"skipped": "the engine's device steps have not landed"}
+    out: dict = {}
+    for label in ("instant", "strongswan"):
+        with Lab(threads=16) as lab, Simulators(accounts=1, tunnels=0) as sims, \
+                tempfile.TemporaryDirectory() as tmp:
+            if not hasattr(sims.cloudflare, "set_edge_hook"):
+                return {"skipped": "the Cloudflare simulator's edge hook has not landed"}
+            acc = next(iter(sims.tunnels_by_account))
+            tids = [sims.cloudflare.add_tunnel(acc, name=f"lab-{i}") for i in range(n)]
+            sims.tunnels_by_account[acc] = tids
+            lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)],
+                            {t: sims.cloudflare.psk_of(acc, t) or "" for t in tids})
+            lab.up(timeout=120)
+            sims.cloudflare.set_edge_hook(lab.edge_hook)
+            sims.cloudflare.set_rate_limit(10**9, 300)
+            dev = InstantDevice() if label == "instant" else strongswan_device(lab, timeout=120)
+            rt = helpers.runtime(sims, "[cloudflare]\nbatch_size = 100\n", tmp_path=Path(tmp))
+            try:
+                t0 = time.perf_counter()
+                report = rt.engine.run(RunRequest(acc, device_for=lambda tunnel, d=dev: d))
+                wall = time.perf_counter() - t0
+            finally:
+                rt.close()
+            steps = {k: round(v, 3) for k, v in report.step_seconds.items()}
+            reauth = report.step_seconds.get("verify", 0.0)
+            out[label] = {"wall_s": round(wall, 3), "per_tunnel_ms": round(wall / n * 1000, 2),
+                          "rotated": report.counts().get("rotated", 0), "steps_s": steps,
+                          "not_rotated": collections.Counter(f"{o.result}: {(o.reason or '')[:60]}" for o in report.outcomes
+                                                             if o.result != "rotated"),
+                          "reauth_share": round(reauth / wall, 3) if wall else None}
+    out["ratio_to_instant"] = round(out["strongswan"]["wall_s"] / out["instant"]["wall_s"], 2)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tunnels", type=int, default=200)
+    args = parser.parse_args()
+    reason = unavailable()
+    if reason:
+        print(json.dumps({"skipped": reason}))
+        return 0
+    n = args.tunnels
+    result: dict = {"tunnels": n}
+    with Lab(threads=16) as lab:
+        keys = {secrets.token_hex(16): secrets.token_urlsafe(24) for _ in range(n)}
+        tids = list(keys)
+        t0 = time.perf_counter()
+        lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)], keys)
+        t1 = time.perf_counter()
+        established = lab.up(timeout=120)
+        t2 = time.perf_counter()
+        result["load_s"] = round(t1 - t0, 3)
+        result["establish_s"] = round(t2 - t1, 3)
+        per = sorted(established.values())
+        result["establish_per_tunnel_ms"] = {"median": round(per[len(per) // 2] * 1000, 1),
+                                             "max": round(per[-1] * 1000, 1)}
+        try:
+            result["device"] = device_phase(lab, tids, keys)
+        except ImportError:
+            result["device"] = {"skipped": "the strongswan device has not landed"}
+        reauths = [lab.reauth(t, timeout=5).seconds for t in tids[:20]]
+        result["single_reauth_ms"] = {"median": round(sorted(reauths)[len(reauths) // 2] * 1000, 1),
+                                      "max": round(max(reauths) * 1000, 1)}
+    result["engine"] = engine_phase(n)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,791 @@
+"""A seeded, randomized, bounded fault campaign against real rotator processes (issue 9, "The campaign").
+
+In the spirit of Jepsen: both simulators run in this process; rotators run as real processes (``rotator
+rotate``, ``rotator reconcile`` and the ``rotator run`` daemon), two or three at once, so SIGKILL and
+SIGTERM are real. Each round mixes, at random, the enabled fault classes (see ``CLASSES``) while a
+monitor thread checks the invariant continuously (``monitor.py``). At the end of a round every
+rotator is killed, every fault lifted, the simulators drained of requests in flight, and a
+fault-free ``rotator reconcile`` of each account must reach the strict form: every record active,
+no pending_psk, Cloudflare holding the record's psk.
+
+Environment: ``ROTATOR_CAMPAIGN_SEED`` (replay a schedule; process timing still varies),
+``ROTATOR_CAMPAIGN_ROUND`` (start at this round number: with the seed, replays that round's schedule
+first), ``ROTATOR_CAMPAIGN_SECONDS`` (the time budget for rounds), ``ROTATOR_CAMPAIGN_FAULTS`` (``all``, a
+comma list of classes, or ``all,-drift`` to leave some out), ``ROTATOR_CAMPAIGN_TUNNELS`` (total, in two
+accounts; at least 200).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rotator.httpserver import ServerThread
+from rotator.sim import RateLimit, Simulators
+from tests.campaign.gate import Gate
+from tests.campaign.monitor import PREFIX, Figures, Monitor, Violation
+
+CLASSES: dict[str, str] = {
+    "kill": "SIGKILL of a rotator process at a random moment",
+    "term": "SIGTERM of a rotator process at a random moment",
+    "latency": "latency on Cloudflare and Vault routes (below the client's call deadline)",
+    "drop": "the request takes effect, the connection is dropped unanswered (Cloudflare and Vault)",
+    "late": "the request takes effect, the answer comes after the client's deadline",
+    "status": "429 with Retry-After and 5xx answers from Cloudflare and Vault (nothing takes effect)",
+    "contradict": "contradictory bulk-set answers: another key echoed, a tunnel both applied and unapplied",
+    "trickle": "an apply answer whose body trickles in for longer than the call deadline",
+    "vault_refuse": "Vault refuses writes (403) or is sealed for a while",
+    "vault_garbage": "Vault answers 200 with a login page or the wrong JSON types; a lease with garbage expiry",
+    "cf_garbage": "an apply that took effect answered by a proxy's HTML page",
+    "drift": "keys changed outside the rotator (psk_generate, as a dashboard user would)",
+    "daemon": "a `rotator run` daemon among the rotators, with on-demand rotations through its admin API",
+    "short_lease": "leases of a few seconds (otherwise 60s)",
+    "oddids": "tunnels whose ids are not 32 hex digits (../other-account/tunnel, ../_leases/account, sub/dir, ..)",
+    "devices": "a simulated far-end device (webhook) for every tunnel: refusals, failed verifications, "
+               "hangs, garbage, late and lost answers; its key is checked like Cloudflare's",
+    "takeover": "the fault-free reconcile finds the leases the killed rotators held and must take them over at once",
+}
+# What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
+# the campaign's record; replay with the seed and ROTATOR_CAMPAIGN_FAULTS set to the class):
+# contradict (seed 201: a contradictory apply answer unstaged the key Cloudflare holds), drift (seed
+# 104: a reconcile left a key set outside the rotator in place), oddids (seed 105: every rotate and
+# reconcile of the account crashed with a traceback, leaving keys pending) and vault_garbage (seed 202:
+# tracebacks). All four pass since the adapters and core branches were merged.
+# takeover waits for the lease branch (issue 9 item 8: a dead holder on this host is taken over at once).
+# devices is skipped, with a note, while the configuration has no [[devices]].
+DEFAULT_FAULTS = tuple(c for c in CLASSES if c != "takeover")
+
+ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
+TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # every character a key or token of this campaign can hold
+CF_TIMEOUT = 2.0  # seconds; every injected pre-handling latency stays below it
+LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
+
+
+def parse_faults(text: str | None, default: tuple[str, ...] = DEFAULT_FAULTS) -> tuple[str, ...]:
+    if not text:
+        return default
+    chosen: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "all":
+            chosen.extend(c for c in CLASSES if c not in chosen)
+        elif part.startswith("-") and part[1:] in CLASSES:
+            chosen = [c for c in chosen if c != part[1:]]
+        elif part in CLASSES:
+            chosen.append(part) if part not in chosen else None
+        else:
+            raise ValueError(f"ROTATOR_CAMPAIGN_FAULTS: unknown fault class {part!r}; known: {', '.join(CLASSES)}")
+    return tuple(chosen)
+
+
+class GatedSimulators(Simulators):
+    """The simulators served through a Gate each (requests in flight, rewritten answers)."""
+
+    def start(self) -> GatedSimulators:
+        self.vault_gate, self.cf_gate = Gate(self.vault), Gate(self.cloudflare)
+        self._servers = [ServerThread(self.vault_gate).start(), ServerThread(self.cf_gate).start()]
+        return self
+
+
+@dataclass
+class Proc:
+    name: str
+    kind: str  # rotate | rotate-some | reconcile | daemon
+    account: str | None
+    popen: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+    started: float
+    admin_url: str | None = None
+    signalled: str | None = None
+    doom: tuple[float, signal.Signals] | None = None  # (monotonic time, signal) chosen at its start
+    fault_free: bool = False
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Event:
+    at: float
+    round: int
+    text: str
+
+    def line(self) -> str:
+        return f"t=+{self.at:7.2f}s round {self.round:3d}  {self.text}"
+
+
+@dataclass
+class Result:
+    seed: int
+    faults: tuple[str, ...]
+    tunnels: int
+    rounds: int = 0
+    seconds: float = 0.0
+    figures: Figures = field(default_factory=Figures)
+    violations: list[Violation] = field(default_factory=list)
+    strict_failures: int = 0
+    tracebacks: list[str] = field(default_factory=list)
+    leaks: int = 0
+    processes: int = 0
+    kills: int = 0
+    faults_armed: int = 0
+    rewritten: int = 0  # answers the gates rewrote (contradictions, garbage, trickles)
+    applies: int = 0  # bulk-set applies Cloudflare received during the rounds (the setup's not counted)
+    trace: list[Event] = field(default_factory=list)  # the schedule of the round with the first violation
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+    rounds_by_class: dict[str, int] = field(default_factory=dict)
+    violating_rounds_by_class: dict[str, int] = field(default_factory=dict)
+    violating_rounds: list[tuple[int, str]] = field(default_factory=list)  # (round, its active classes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.tracebacks and not self.leaks
+
+    def summary(self) -> str:
+        f = self.figures
+        return (f"campaign seed={self.seed} faults={','.join(self.faults)}"
+                f"{' (interrupted)' if self.interrupted else ''}\n"
+                f"  {self.rounds} rounds in {self.seconds:.0f}s over {self.tunnels} tunnels in 2 accounts; "
+                f"{self.processes} rotator processes ({self.kills} signalled), {self.faults_armed} faults armed, "
+                f"{self.rewritten} answers rewritten, {self.applies} applies received\n"
+                f"  invariant checks: {f.snapshots} atomic snapshots, {f.tunnel_checks} tunnel checks "
+                f"(longest {f.longest_check_ms:.1f} ms); drifted tunnel sightings {f.drifted_seen}\n"
+                f"  violations: {f.violations} continuous, {self.strict_failures} strict after reconcile; "
+                f"tracebacks: {len(self.tracebacks)}; keys in output: {self.leaks}\n"
+                f"  rounds with a violation / rounds active, by class: "
+                + ", ".join(f"{c} {self.violating_rounds_by_class.get(c, 0)}/{n}"
+                            for c, n in sorted(self.rounds_by_class.items())))
+
+    def report(self) -> str:
+        lines = [self.summary(), *self.notes]
+        if self.violations:
+            first = min(self.violations, key=lambda v: v.at)
+            lines.append(f"first violation (replay its round with ROTATOR_CAMPAIGN_SEED={self.seed} "
+                         f"ROTATOR_CAMPAIGN_ROUND={first.round} ROTATOR_CAMPAIGN_FAULTS={','.join(self.faults)}):")
+            lines.append("  " + first.line())
+            lines.append("rounds with a violation (round: active classes): "
+                         + "; ".join(f"{r}: {c}" for r, c in self.violating_rounds[:20]))
+            lines.append(f"fault schedule of round {first.round} up to it:")
+            lines.extend("  " + e.line() for e in self.trace if e.at <= first.at + 0.5)
+            if len(self.violations) > 1:
+                lines.append(f"  ... and {len(self.violations) - 1} more violations, e.g.")
+                lines.extend("  " + v.line() for v in sorted(self.violations, key=lambda v: v.at)[1:4])
+        for tb in self.tracebacks[:3]:
+            lines.append("traceback: " + tb)
+        return "\n".join(lines)
+
+
+class Campaign:
+    def __init__(self, seed: int, seconds: float, faults: tuple[str, ...], tunnels: int = 200,
+                 stop_at_first: bool = False, log: Callable[[str], None] | None = None,
+                 max_rounds: int = 10_000, first_round: int = 1) -> None:
+        self.seed, self.seconds, self.faults = seed, seconds, faults
+        self.tunnels = max(200, tunnels)
+        self.stop_at_first = stop_at_first
+        self.max_rounds = max_rounds
+        self.say = log or (lambda line: None)
+        self.rng = random.Random(seed)
+        self.result = Result(seed, faults, self.tunnels)
+        self.active: set[str] = set()
+        self.startup = 1.0  # seconds from a rotator's start to its first request, as last measured
+        self.round = first_round - 1  # rounds are numbered from first_round (to replay one round's schedule)
+        self.events: list[Event] = []
+        self.procs: list[Proc] = []
+        self.finished: list[Proc] = []
+        self._n = 0
+        self._configs = 0
+        self._described: dict[Path, str] = {}
+
+    # -- the whole campaign ----------------------------------------------------------------------------
+    def run(self) -> Result:
+        self.wall0 = time.time()
+        workdir = Path(tempfile.mkdtemp(prefix="rotator-campaign-"))
+        self.workdir = workdir
+        try:
+            with GatedSimulators(accounts=2, tunnels=self.tunnels // 2,
+                                 rate_limit=RateLimit(limit=10**9, window=300.0)) as sims:
+                self.sims = sims
+                self.accounts = list(sims.tunnels_by_account)
+                self.env = {**os.environ, **sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN_TOKEN}
+                self.env.pop("ROTATOR_CONFIG", None)
+                self.http = httpx.Client(timeout=10)
+                device_server = self._start_device()
+                try:
+                    self._run_rounds()
+                finally:
+                    self._kill_all()
+                    if device_server is not None:
+                        device_server.stop()
+                    self.http.close()
+                    self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
+                    self._scan_outputs()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.result.seconds = time.time() - self.wall0
+        return self.result
+
+    def _start_device(self) -> ServerThread | None:
+        """The simulated far-end device, when the class is on and this code base configures devices."""
+        self.device: Any = None
+        self.device_gate: Gate | None = None
+        if "devices" not in self.faults:
+            return None
+        if not devices_wired():
+            self.faults = self.result.faults = tuple(c for c in self.faults if c != "devices")
+            self.result.notes.append("devices: skipped, [[devices]] is not part of the configuration yet")
+            return None
+        from rotator.sim.device import PATH, DeviceSim
+
+        self.device = DeviceSim(name="sim-device", peer=self.sims.cloudflare.psk_of)
+        self.device_gate = Gate(self.device)
+        server = ServerThread(self.device_gate).start()
+        self.device_url = server.url + PATH
+        self.device_secret = self.workdir / "device.key"
+        self.device_secret.write_text(self.device.secret)
+        return server
+
+    def _run_rounds(self) -> None:
+        self._setup()
+        applies_before = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0)
+        ends = [("device sim-device", self.device)] if self.device is not None else []
+        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=ends).start()
+        deadline = time.monotonic() + self.seconds
+        try:
+            while time.monotonic() < deadline - 6 and self.result.rounds < self.max_rounds:
+                self.round += 1
+                # Each round draws from its own generator, so its schedule does not depend on how the
+                # rounds before it went (process timing varies): seed and round number replay it.
+                self.rng = random.Random(self.seed * 1_000_003 + self.round)
+                self.events = []
+                first_before = len(self.monitor.violations)
+                self._round(min(self.rng.uniform(5.0, 12.0), max(1.0, deadline - time.monotonic() - 5)))
+                self._settle()
+                self.result.rounds += 1
+                self.say(f"round {self.round} ({', '.join(sorted(self.active))}): {len(self.events)} events; so far "
+                         f"{self.monitor.figures.snapshots} checks, {self.monitor.figures.violations} violations, "
+                         f"{self.result.strict_failures} strict failures")
+                if len(self.monitor.violations) > first_before:
+                    for c in self.active:
+                        self.result.violating_rounds_by_class[c] = self.result.violating_rounds_by_class.get(c, 0) + 1
+                    self.result.violating_rounds.append((self.round, ",".join(sorted(self.active))))
+                    if not self.result.trace:
+                        self.result.trace = list(self.events)
+                if self.stop_at_first and self.monitor.violations:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C on the long mode: stop, clean up, report what was seen
+            self.result.interrupted = True
+        finally:
+            self.monitor.stop()
+            self.result.applies = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0) - applies_before
+            self.result.figures = self.monitor.figures
+            self.result.violations = self.monitor.violations
+
+    def _setup(self) -> None:
+        """A fault-free first rotation (every tunnel managed from now on), then tunnels with odd ids if enabled."""
+        procs = [self._start("rotate", acc, ["rotate", "--account", acc, "--all"], self._config(fault_free=True),
+                             fault_free=True) for acc in self.accounts]
+        for p in procs:
+            self._wait(p, 120)
+        ends = [("device sim-device", self.device)] if self.device is not None else []
+        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=ends)
+        bad = self.monitor_setup.check(strict=True, kind="strict")
+        if bad:
+            raise RuntimeError("the fault-free first rotation did not reach the strict form: " + bad[0].line()
+                               + "\n" + self._tail(procs[0]))
+        if "oddids" in self.faults:
+            a, b = self.accounts
+            victim = self.sims.tunnels_by_account[b][0]
+            for odd in (f"../{b}/{victim}", f"../_leases/{a}", "sub/dir", ".."):
+                self.sims.cloudflare.add_tunnel(a, tunnel_id=odd)
+            self._event(f"listed odd tunnel ids in account {a[:8]}: ../<other>/<tunnel>, ../_leases/<self>, sub/dir, ..")
+
+    # -- one round ---------------------------------------------------------------------------------------
+    def _round(self, length: float) -> None:
+        # Like Jepsen's nemeses: each round stresses a few of the enabled classes, so every class gets
+        # rounds where it dominates, and a violation names the few classes that were active.
+        per_round = [c for c in self.faults if c != "oddids"]
+        self.active = set(self.rng.sample(per_round, self.rng.randint(1, min(4, len(per_round))))) if per_round else set()
+        self.active |= {"oddids"} & set(self.faults)  # the odd tunnels, once listed, are in every round
+        for c in self.active:
+            self.result.rounds_by_class[c] = self.result.rounds_by_class.get(c, 0) + 1
+        self.garbage_leases: set[str] = set()
+        self._event(f"round of {length:.1f}s from the first rotator request; active: {', '.join(sorted(self.active))}")
+        before, began = self._cf_requests(), time.monotonic()
+        for _ in range(self.rng.choice((2, 2, 3))):
+            self._start_random_rotator()
+        # Start-up of a Python process takes from 0.3 s to several seconds on a loaded machine; the
+        # round's clock starts when a rotator first reaches Cloudflare, so faults meet real work.
+        waited = time.monotonic() + 30
+        while self._cf_requests() == before and time.monotonic() < waited and any(p.alive() for p in self.procs):
+            self._signal_due()
+            time.sleep(0.01)
+        start = time.monotonic()
+        self.startup = start - began
+        self._event(f"first rotator request, {self.startup:.1f}s after the start")
+        # The schedule: a fault or a process action every 0.1-0.9 s.
+        next_at = start + self.rng.uniform(0.05, 0.5)
+        while True:
+            now = time.monotonic()
+            if now >= start + length:
+                break
+            self._signal_due()
+            if now < next_at:
+                time.sleep(min(next_at - now, start + length - now, 0.05))  # pacing the schedule, not synchronising
+                continue
+            self._reap()
+            self._random_action()
+            next_at = time.monotonic() + self.rng.uniform(0.1, 0.9)
+
+    def _cf_requests(self) -> int:
+        counts = self.sims.cloudflare.request_counts()
+        return sum(n for route, n in counts.items() if route != "cf.psk_generate")
+
+    def _random_action(self) -> None:
+        actions: list[tuple[float, Callable[[], None]]] = [(1.0, self._maybe_start)]
+        f = self.active
+        if "latency" in f:
+            actions.append((0.8, self._latency))
+        if "drop" in f:
+            actions.append((0.8, lambda: self._arm_sim("drop")))
+        if "late" in f:
+            actions.append((0.8, lambda: self._arm_sim("late")))
+        if "status" in f:
+            actions.append((1.0, lambda: self._arm_sim("status")))
+        if "contradict" in f:
+            actions.append((1.0, self._contradict))
+        if "trickle" in f:
+            actions.append((0.5, lambda: self._gate("cf", "cf.psk_apply", "trickle")))
+        if "vault_refuse" in f:
+            actions.append((0.6, self._vault_refuse))
+        if "vault_garbage" in f:
+            actions.append((0.7, self._vault_garbage))
+        if "cf_garbage" in f:
+            actions.append((0.5, lambda: self._gate("cf", self.rng.choice(("cf.psk_apply", "cf.psk_validate",
+                                                                            "cf.list")), "html")))
+        if "drift" in f:
+            actions.append((0.6, self._drift))
+        if "daemon" in f:
+            actions.append((0.6, self._trigger_daemon))
+        if "devices" in f and self.device is not None:
+            actions.append((1.0, self._device_fault))
+        total = sum(w for w, _ in actions)
+        pick = self.rng.uniform(0, total)
+        for weight, action in actions:
+            pick -= weight
+            if pick <= 0:
+                action()
+                return
+
+    # -- rotators ------------------------------------------------------------------------------------------
+    def _config(self, fault_free: bool = False, daemon: bool = False) -> Path:
+        short = "short_lease" in self.active and not fault_free
+        lease = self.rng.choice((6, 8, 10)) if short else 60
+        batch = 50 if fault_free else self.rng.choice((10, 25, 40, 100))
+        timeout = 10.0 if fault_free else CF_TIMEOUT
+        accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in self.accounts)
+        text = (f'[vault]\ntimeout = {timeout}\n'
+                f'[cloudflare]\nbatch_size = {batch}\ntimeout = {timeout}\nretry_attempts = 3\nretry_timeout = 3\n'
+                f'rate_limit_ceiling = 2\n'
+                f'[rotation]\nlease_ttl = "{lease}s"\n'
+                f'[admin]\nlisten = "127.0.0.1:0"\n'
+                + (f'[[devices]]\nname = "sim-device"\nkind = "webhook"\ntunnels = ["*"]\ntimeout = {timeout}\n'
+                   f'url = "{self.device_url}"\nsecret_file = "{self.device_secret}"\n' if self.device is not None else "")
+                + f'[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n{accounts}')
+        self._configs += 1
+        path = self.workdir / f"rotator-{self._configs}.toml"
+        path.write_text(text)
+        self._described[path] = f"batch {batch}, lease {lease}s, call timeout {timeout}s"
+        return path
+
+    def _start(self, kind: str, account: str | None, args: list[str], cfg: Path, shown: str = "",
+               fault_free: bool = False) -> Proc:
+        self._n += 1
+        name = f"p{self._n}"
+        out, err = self.workdir / f"{name}.out", self.workdir / f"{name}.err"
+        with out.open("wb") as o, err.open("wb") as e:
+            popen = subprocess.Popen([sys.executable, "-m", "rotator", "--config", str(cfg), *args], env=self.env,
+                                     stdout=o, stderr=e, stdin=subprocess.DEVNULL)
+        proc = Proc(name, kind, account, popen, out, err, time.monotonic(), fault_free=fault_free)
+        self.procs.append(proc)
+        self.result.processes += 1
+        if not fault_free:
+            self._doom(proc)
+        shown = shown or " ".join(a if len(a) < 32 else a[:8] + "…" for a in args)
+        self._event(f"start {name} (pid {popen.pid}): rotator {shown} [{self._described[cfg]}]")
+        return proc
+
+    def _start_random_rotator(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        choices = ["rotate", "rotate", "rotate-some", "reconcile"]
+        if "daemon" in self.active and not any(p.kind == "daemon" and p.alive() for p in self.procs):
+            choices.append("daemon")
+        kind = self.rng.choice(choices)
+        if kind == "daemon":
+            self._start("daemon", None, ["run"], self._config(daemon=True))
+        elif kind == "rotate":
+            self._start(kind, acc, ["rotate", "--account", acc, "--all"], self._config())
+        elif kind == "rotate-some":
+            picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 30))
+            self._start(kind, acc, ["rotate", "--account", acc, *[x for t in picks for x in ("--tunnel", t)]],
+                        self._config(), shown=f"rotate --account {acc[:8]}… --tunnel (x{len(picks)})")
+        else:
+            self._start(kind, acc, ["reconcile", "--account", acc], self._config())
+
+    def _maybe_start(self) -> None:
+        if sum(1 for p in self.procs if p.alive()) < 3:
+            self._start_random_rotator()
+
+    def _doom(self, proc: Proc) -> None:
+        """Pick the random moment of its life at which this process will be signalled, if at all."""
+        kinds = [k for k in ("kill", "term") if k in self.active]
+        if kinds and self.rng.random() < 0.6:
+            sig = signal.SIGKILL if self.rng.choice(kinds) == "kill" else signal.SIGTERM
+            # Anywhere in its life: start-up (as long as the last round's took) and some seconds of work.
+            proc.doom = (proc.started + self.rng.uniform(0.2, self.startup + 6.0), sig)
+
+    def _signal_due(self) -> None:
+        now = time.monotonic()
+        for proc in self.procs:
+            if proc.doom is None or proc.doom[0] > now or not proc.alive():
+                continue
+            sig = proc.doom[1]
+            proc.doom = None
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(sig)
+            proc.signalled = sig.name
+            self.result.kills += 1
+            self._event(f"{sig.name} {proc.name} ({proc.kind}) {now - proc.started:.2f}s after its start")
+
+    def _reap(self) -> None:
+        for proc in [p for p in self.procs if not p.alive()]:
+            self.procs.remove(proc)
+            self.finished.append(proc)
+            why = f": {self._tail(proc, 1)[:240]}" if proc.fault_free and proc.popen.returncode else ""
+            self._event(f"{proc.name} exited {proc.popen.returncode}{why}")
+
+    def _wait(self, proc: Proc, timeout: float) -> None:
+        try:
+            proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait(timeout=10)
+            self._event(f"{proc.name} did not finish within {timeout:.0f}s: killed")
+        self._reap()
+
+    def _kill_all(self) -> None:
+        for proc in list(self.procs):
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=10)
+        self._reap()
+
+    # -- faults ----------------------------------------------------------------------------------------------
+    def _arm_sim(self, kind: str) -> None:
+        vault = self.rng.random() < 0.35
+        sim = self.sims.vault if vault else self.sims.cloudflare
+        route = self.rng.choice(("kv.write", "kv.read", "kv.write") if vault else
+                                ("cf.psk_apply", "cf.psk_validate", "cf.list", "cf.psk_apply"))
+        count = self.rng.randint(1, 3)
+        if kind == "drop":
+            sim.drop_next(route, count)
+            text = f"drop the next {count} answers of {route}"
+        elif kind == "late":
+            delay = self.rng.uniform(*LATE_DELAY)
+            sim.late_next(route, delay, count)
+            text = f"answer the next {count} {route} {delay:.1f}s late"
+        else:
+            status = self.rng.choice((429, 500, 502, 503))
+            retry_after = 1 if status == 429 else None
+            sim.fail_next(route, count, status=status, retry_after=retry_after)
+            text = f"fail the next {count} {route} with {status}"
+        self.result.faults_armed += 1
+        self._event(text)
+
+    def _latency(self) -> None:
+        if self.rng.random() < 0.3:
+            self.sims.cloudflare.set_latency(0.0)
+            self.sims.vault.set_latency(0.0)
+            self._event("latency off")
+            return
+        if self.rng.random() < 0.6:
+            route = self.rng.choice(("cf.psk_apply", "cf.psk_validate", "cf.list", "*"))
+            seconds = self.rng.uniform(0.05, CF_TIMEOUT * 0.6)
+            self.sims.cloudflare.set_latency(seconds, route=route)
+        else:
+            route = self.rng.choice(("kv.write", "kv.read", "*"))
+            seconds = self.rng.uniform(0.01, 0.4)
+            self.sims.vault.set_latency(seconds, route=route)
+        self.result.faults_armed += 1
+        self._event(f"latency {seconds:.2f}s on {route}")
+
+    def _gate(self, which: str, route: str, kind: str) -> None:
+        gate = self.sims.cf_gate if which == "cf" else self.sims.vault_gate
+        seconds = self.rng.uniform(CF_TIMEOUT * 1.5, CF_TIMEOUT * 3) if kind == "trickle" else 0.0
+        gate.arm(route, kind, 1, seconds=seconds)
+        self.result.faults_armed += 1
+        self._event(f"next {route} answer: {kind}" + (f" over {seconds:.1f}s" if seconds else ""))
+
+    def _contradict(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 5))
+        kind = self.rng.choice(("echo_other_key", "both_maps"))
+        stage = self.rng.choice(("apply", "apply", "validate"))
+        self.sims.cloudflare.contradict(picks, kind=kind, stage=stage)
+        self.result.faults_armed += 1
+        self._event(f"Cloudflare contradicts itself ({kind}) on {stage} for {len(picks)} tunnels of {acc[:8]}…")
+
+    def _vault_refuse(self) -> None:
+        roll = self.rng.random()
+        if roll < 0.4:
+            self.sims.vault.refuse_writes(403)
+            self._event("Vault refuses every write (403)")
+        elif roll < 0.6:
+            self.sims.vault.seal()
+            self._event("Vault sealed")
+        else:
+            self.sims.vault.refuse_writes(None)
+            self.sims.vault.unseal()
+            self._event("Vault accepts writes again, unsealed")
+        self.result.faults_armed += 1
+
+    def _vault_garbage(self) -> None:
+        roll = self.rng.random()
+        if roll < 0.3:
+            self._gate("vault", "kv.write", "html")  # the write took effect; a login page answers
+        elif roll < 0.8:
+            variant, count = self.rng.choice(("html", "not_json", "types")), self.rng.randint(1, 3)
+            self.sims.vault.garbage_next("kv.read", variant=variant, count=count)
+            self.result.faults_armed += 1
+            self._event(f"the next {count} kv.read answered with garbage ({variant})")
+        else:
+            acc = self.rng.choice(self.accounts)
+            self.garbage_leases.add(acc)
+            status = self._root_write(f"{PREFIX}/_leases/{acc}", {"holder": "garbage", "expires_at": "soon",
+                                                                   "account_id": acc}, must=False)
+            self.result.faults_armed += 1
+            self._event(f"lease of {acc[:8]}… rewritten with expires_at='soon' ({status})")
+
+    def _drift(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 3))
+        for tid in picks:
+            r = self.http.post(f"{self.sims.cloudflare_base_url}/accounts/{acc}/magic/ipsec_tunnels/{tid}/psk_generate",
+                               headers={"Authorization": f"Bearer {self.sims.cloudflare_api_token}"})
+            ok = r.status_code == 200
+            self._event(f"out-of-band psk_generate on {tid[:8]}… ({'changed' if ok else r.status_code})")
+        self.result.faults_armed += 1
+
+    def _trigger_daemon(self) -> None:
+        daemon = next((p for p in self.procs if p.kind == "daemon" and p.alive()), None)
+        if daemon is None:
+            self._maybe_start()
+            return
+        if daemon.admin_url is None:
+            daemon.admin_url = _admin_url(daemon.out)
+        if daemon.admin_url is None:
+            return
+        acc = self.rng.choice(self.accounts)
+        try:
+            r = self.http.post(daemon.admin_url + "/v1/rotations", json={"account": acc, "all": True},
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=2)
+            self._event(f"on-demand rotation of {acc[:8]}… through {daemon.name}'s admin API: {r.status_code}")
+        except httpx.HTTPError as exc:
+            self._event(f"on-demand rotation through {daemon.name}: {type(exc).__name__}")
+
+    def _device_fault(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        picks = self.rng.sample(self.sims.tunnels_by_account[acc], self.rng.randint(1, 5))
+        roll, action = self.rng.random(), self.rng.choice(("deliver", "verify", "rollback"))
+        if roll < 0.25:
+            self.device.refuse(picks, actions=(action,))
+            text = f"device refuses {action} for {len(picks)} tunnels of {acc[:8]}…"
+        elif roll < 0.45:
+            self.device.fail_verify(picks)
+            text = f"device fails verification of {len(picks)} tunnels of {acc[:8]}…"
+        elif roll < 0.6:
+            seconds = self.rng.uniform(0.2, CF_TIMEOUT * 0.6)  # below the call deadline, as latency
+            self.device.hang_next(seconds, action=action)
+            text = f"device hangs {seconds:.1f}s on the next {action}, then acts"
+        elif roll < 0.75:
+            self.device.answer_garbage(action=action)
+            text = f"device acts on the next {action} and answers garbage"
+        elif roll < 0.9:
+            delay = self.rng.uniform(*LATE_DELAY)
+            self.device.late_next(f"device.{action}", delay)
+            text = f"device acts on the next {action} and answers {delay:.1f}s late"
+        else:
+            self.device.drop_next(f"device.{action}")
+            text = f"device acts on the next {action} and drops the connection"
+        self.result.faults_armed += 1
+        self._event(text)
+
+    def _lift_faults(self) -> None:
+        for sim in (self.sims.cloudflare, self.sims.vault):
+            sim.clear_faults()
+        self.sims.cloudflare.clear_refusals()
+        self.sims.cloudflare.clear_contradictions()
+        self.sims.vault.refuse_writes(None)
+        self.sims.vault.unseal()
+        self.sims.cf_gate.clear()
+        self.sims.vault_gate.clear()
+        if self.device is not None:
+            self.device.clear()
+
+    # -- end of round: quiesce, fault-free reconcile, strict form -----------------------------------------
+    def _settle(self) -> None:
+        self._kill_all()
+        self._lift_faults()
+        self._event("every rotator killed, faults lifted")
+        deadline = time.monotonic() + 30
+        while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
+                self.device_gate is not None and self.device_gate.inflight):
+            if time.monotonic() > deadline:
+                raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
+            time.sleep(0.01)
+        # Every holder is dead and nothing is in flight. With "takeover" the reconcile must take over
+        # the dead holders' leases itself; otherwise (and always for a garbage lease) the records are
+        # removed, as an operator would with `vault kv metadata delete`.
+        for acc in self.accounts:
+            if "takeover" in self.active and acc not in self.garbage_leases:
+                continue
+            r = self.http.delete(f"{self.sims.vault_addr}/v1/secret/metadata/{PREFIX}/_leases/{acc}",
+                                 headers={"X-Vault-Token": self.sims.vault.root_token})
+            if r.status_code not in (200, 204):
+                raise RuntimeError(f"the campaign could not remove the lease of {acc}: {r.status_code}")
+        procs = [self._start("reconcile", acc, ["reconcile", "--account", acc], self._config(fault_free=True),
+                             fault_free=True) for acc in self.accounts]
+        for p in procs:
+            self._wait(p, 90)
+        bad = self.monitor.check(strict=True, kind="strict")
+        if bad:
+            self.result.strict_failures += len(bad)
+            self.monitor.violations.extend(bad)
+            self._event(f"strict form NOT reached: {len(bad)} tunnels; first: {bad[0].detail}")
+            self._repair(bad)
+        else:
+            self._event("fault-free reconcile reached the strict form")
+
+    def _repair(self, bad: list[Violation]) -> None:
+        """Make Vault agree with Cloudflare again so the next round starts from a sound state."""
+        for v in bad:
+            key = self.sims.cloudflare.psk_of(v.account, v.tunnel)
+            path = f"{PREFIX}/{v.account}/{v.tunnel}"
+            data = self.sims.vault.read_data(path) or {}
+            data.pop("pending_psk", None)
+            data.update({"psk": key, "state": "active", "last_error": "repaired by the campaign"})
+            self._root_write(path, data)
+
+    def _root_write(self, path: str, data: dict[str, Any], must: bool = True) -> int:
+        """Write as an operator would (root token); in a round it may meet the faults armed there."""
+        status = 0
+        for _ in range(5 if must else 1):
+            try:
+                status = self.http.post(f"{self.sims.vault_addr}/v1/secret/data/{path}", json={"data": data},
+                                        headers={"X-Vault-Token": self.sims.vault.root_token}).status_code
+            except httpx.HTTPError:
+                status = 0
+            if status == 200:
+                return status
+        if must:
+            raise RuntimeError(f"the campaign could not write {path} to the Vault simulator: {status}")
+        return status
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    def _event(self, text: str) -> None:
+        self.events.append(Event(time.time() - self.wall0, self.round, text))
+
+    def _tail(self, proc: Proc, lines: int = 5) -> str:
+        text = proc.err.read_text(errors="replace") if proc.err.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _scan_outputs(self) -> None:
+        """No key or token in any output (DESIGN.md section 8); no traceback for a known failure."""
+        from tests import helpers
+
+        keys = {h.psk for h in self.sims.cloudflare.applied_history()}
+        mount = self.sims.vault.namespaces.get("", {}).get("secret")
+        for entry in (mount.keys.values() if mount else ()):
+            for data in entry.data.values():
+                keys.update(v for k, v in (data or {}).items() if k.endswith("psk") and isinstance(v, str))
+        tokens = {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token, ADMIN_TOKEN}
+        texts = []
+        for proc in self.finished:
+            for path in (proc.out, proc.err):
+                text = path.read_text(errors="replace") if path.exists() else ""
+                texts.append(text)
+                if "Traceback" in text:
+                    last = [ln for ln in text.splitlines() if ln.strip()][-1:]
+                    self.result.tracebacks.append(f"{proc.name} ({proc.kind}): {last[0][:200] if last else ''}")
+        self.result.leaks = len(find_secrets(texts, keys | tokens))
+        # The suite's own end-of-session scan gets the outputs, the tokens and the keys in force now
+        # (every key of the campaign would make its substring search slow; ours above sees them all).
+        helpers.OUTPUTS.extend(texts)
+        helpers.SECRETS.update(tokens)
+        for account in self.accounts:
+            helpers.SECRETS.update(k for k in self.sims.cloudflare.psks(account).values() if k)
+
+
+def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:
+    """The secrets that occur in any text, in time linear in the texts (not texts x secrets):
+    every run of key-like characters is cut into windows of each secret length and looked up."""
+    by_length: dict[int, set[str]] = {}
+    for secret in secrets:
+        if secret and len(secret) >= 16:
+            by_length.setdefault(len(secret), set()).add(secret)
+    found: set[str] = set()
+    for text in texts:
+        for run in TOKEN_RUN.findall(text):
+            for length, group in by_length.items():
+                found.update(run[i:i + length] for i in range(len(run) - length + 1) if run[i:i + length] in group)
+    return found
+
+
+def devices_wired() -> bool:
+    """Whether this code base's configuration has ``[[devices]]`` (DESIGN.md section 9)."""
+    from rotator import config
+
+    return any(f.name == "devices" for f in dataclasses.fields(config.Settings))
+
+
+def _admin_url(out: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in out.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "daemon_started" and event.get("admin"):
+                    return str(event["admin"])
+    return None
+
+
+def from_env(default_seconds: float, default_faults: tuple[str, ...] = DEFAULT_FAULTS) -> dict[str, Any]:
+    """Campaign arguments from ROTATOR_CAMPAIGN_* (the seed is drawn and printed when not given)."""
+    seed_text = os.environ.get("ROTATOR_CAMPAIGN_SEED")
+    return {
+        "seed": int(seed_text) if seed_text else random.SystemRandom().randrange(1, 1 << 31),
+        "seconds": float(os.environ.get("ROTATOR_CAMPAIGN_SECONDS", default_seconds)),
+        "faults": parse_faults(os.environ.get("ROTATOR_CAMPAIGN_FAULTS"), default_faults),
+        "tunnels": int(os.environ.get("ROTATOR_CAMPAIGN_TUNNELS", 200)),
+        "first_round": int(os.environ.get("ROTATOR_CAMPAIGN_ROUND", 1)),
+    }
+

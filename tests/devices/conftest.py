@@ -1,0 +1,41 @@
+"""Shared pieces of the device tests: tunnels with fresh keys, remembered for the secret scan."""
+
+from __future__ import annotations
+
+import secrets
+import string
+
+import pytest
+
+from rotator.rotation.ports import DeviceTunnel
+from rotator.secret import Secret
+from tests import helpers
+
+ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
+ALNUM = string.ascii_letters + string.digits
+
+
+def new_key() -> str:
+    key = "".join(secrets.choice(ALNUM) for _ in range(32))
+    helpers.SECRETS.add(key)
+    return key
+
+
+def make_tunnels(n: int, *, previous: bool = True) -> list[DeviceTunnel]:
+    return [DeviceTunnel(secrets.token_hex(16), f"site-{i}", Secret(new_key()),
+                         Secret(new_key()) if previous else None, f"203.0.113.{i + 1}", "162.159.66.164")
+            for i in range(n)]
+
+
+def keys_of(tunnels: list[DeviceTunnel]) -> set[str]:
+    return {k.reveal() for t in tunnels for k in (t.psk, t.previous_psk) if k is not None}
+
+
+def assert_no_key(text: str, tunnels: list[DeviceTunnel]) -> None:
+    leaked = [k[:4] for k in keys_of(tunnels) if k in text]
+    assert leaked == [], f"a key leaked into output: {leaked}"
+
+
+@pytest.fixture
+def tunnels() -> list[DeviceTunnel]:
+    return make_tunnels(3)
