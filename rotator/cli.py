@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "attention")
         cmd.add_argument("--local", action="store_true",
                          help="run here even when ROTATOR_ADMIN_URL names a daemon leading the account")
+        cmd.add_argument("--no-wait", action="store_true",
+                         help="fail at once when another live rotator holds the account's lease")
 
     rotate = command("rotate", "rotate the PSKs of an account's tunnels now")
     which = rotate.add_mutually_exclusive_group(required=True)
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ack = command("ack", "acknowledge that a manual device holds its tunnel's pending key, then apply it")
     ack.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME", help="a tunnel (repeatable)")
     run_options(ack)
+
+    command("unlock", "clear an account's lease whose holder is known to be gone (kept in the lease's history)")
 
     status = command("status", "per tunnel: state, PSK age, pending, drift, last error (never a key)")
     status.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
@@ -187,6 +191,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             _ack(runtime, args)
         finally:
             runtime.close()
+    if args.command == "unlock":
+        runtime = build_runtime(settings)
+        try:
+            preflight(runtime)
+            return _unlock(runtime, args.account)
+        finally:
+            runtime.close()
     if args.command in RUN_KINDS and not args.local:
         handed = _via_daemon(settings, args)
         if handed is not None:
@@ -251,7 +262,21 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
         reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
         **runtime.request_options(args.account),
     )
-    return runtime.engine.run(req).as_dict()
+    if not req.dry_run:
+        # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
+        runtime.leases.acquire_waiting(args.account, wait=not args.no_wait,
+                                       notice=lambda line: print(f"rotator: {line}", file=sys.stderr, flush=True))
+    try:
+        return runtime.engine.run(req).as_dict()
+    finally:
+        runtime.leases.release(args.account)
+
+
+def _unlock(runtime: Runtime, account: str) -> int:
+    from rotator.rotation.lease import LocalProcesses, unlock
+
+    print(unlock(runtime.store, account, LocalProcesses(), runtime.leases.holder))
+    return 0
 
 
 def _ack(runtime: Runtime, args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
+from rotator.rotation.lease import check_lease_ttl
 from rotator.schedule import Policy, Window, next_cron, parse_cron
 from rotator.secret import Secret
 
@@ -349,8 +350,12 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
 
     accounts = _accounts(root, policies)
     devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
-    return Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
-                    _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
+    settings = Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
+                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
+    # Every call's total deadline must fit twice in the lease: Cloudflare's and each device's.
+    check_lease_ttl(settings.rotation.lease_ttl, {"cloudflare.timeout": settings.cloudflare.timeout,
+                                                  **{f"{d.path}.timeout": d.timeout for d in devices}})
+    return settings
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -443,8 +448,6 @@ def _cloudflare(c: _Table, env: Mapping[str, str]) -> CloudflareSettings:
 def _rotation(r: _Table) -> RotationSettings:
     r.reject_unknown({"lease_ttl", "on_drift"})
     lease_ttl = parse_duration(r.data.get("lease_ttl", 120), "rotation.lease_ttl")
-    if lease_ttl < 2:
-        raise ConfigError("rotation.lease_ttl: must be at least 2s", "the default is 120s")
     on_drift = r.get("on_drift", str, "rotate")
     if on_drift not in ("rotate", "report"):
         raise ConfigError(f"rotation.on_drift: {on_drift!r} is neither \"rotate\" nor \"report\"",

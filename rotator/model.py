@@ -123,3 +123,4 @@ class Lease:
     holder: str
     expires_at: float
     version: int
+    busy_until: float = 0.0  # the latest instant a call made under this lease may still land

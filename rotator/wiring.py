@@ -7,9 +7,6 @@ Nothing here decides anything; it only connects. Vault authentication beyond a p
 from __future__ import annotations
 
 import ipaddress
-import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +29,7 @@ from rotator.errors import CloudflareError, ConfigError, VaultError
 from rotator.model import PskSetResult, TunnelInfo
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
-from rotator.rotation.lease import LeaseManager
+from rotator.rotation.lease import LeaseManager, LocalProcesses
 from rotator.rotation.ports import Device, RecordStore, TunnelApi
 from rotator.secret import Secret
 
@@ -130,7 +127,7 @@ class AccountHint:
 
 
 def holder_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    return LocalProcesses().new_holder()
 
 
 def warn_plain_http(addr: str, log: Any) -> None:
@@ -243,7 +240,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)
     engine = Engine(cloudflare, store, generators["default"], leases, batch_size=settings.cloudflare.batch_size,
                     on_step=observer.observe_step if observer else None, log=log,
-                    apply_guard=settings.cloudflare.timeout + 5, release_lease=not options.keep_leases,
+                    apply_guard=settings.cloudflare.timeout, release_lease=not options.keep_leases,
                     should_stop=options.should_stop, on_progress=options.on_progress)
 
     registry = DeviceRegistry(settings.devices)

@@ -142,7 +142,8 @@ class FakeVault:
             lease = self.leases.get(account_id)
             return dataclasses.replace(lease) if lease else Lease("", 0.0, 0)
 
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int:
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
+                    busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int:
         fault = self.faults.take("lease_write")
         if fault is not None:
             fault(account_id)
@@ -150,7 +151,7 @@ class FakeVault:
             current = self.leases.get(account_id, Lease("", 0.0, 0))
             if current.version != cas:
                 raise CasConflict("lease changed")
-            self.leases[account_id] = Lease(holder, expires_at, cas + 1)
+            self.leases[account_id] = Lease(holder, expires_at, cas + 1, busy_until)
             return cas + 1
 
 

@@ -109,7 +109,8 @@ def test_missing_credentials_are_config_errors(sims):
 
 def _kill_when(sims, tmp_path, arm, reached):
     acc = account(sims)
-    cfg = write_config(tmp_path, "[rotation]\nlease_ttl = 2\n[cloudflare]\nbatch_size = 3\n")
+    # The default lease (120 s): a dead run's lease is taken over at once, never waited out.
+    cfg = write_config(tmp_path, "[cloudflare]\nbatch_size = 3\ntimeout = 2\n")
     # One managed generation first, so every tunnel has a psk before the crash.
     assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
     disarm = arm()
@@ -124,7 +125,7 @@ def _kill_when(sims, tmp_path, arm, reached):
     sims.cloudflare.clear_faults()
     sims.vault.clear_faults()
     assert_invariant(sims, acc)
-    # The dead process's lease expires; reconcile then settles everything.
+    # The dead process's lease is taken over; reconcile then settles everything.
     result = {}
 
     def reconciled():
@@ -132,7 +133,7 @@ def _kill_when(sims, tmp_path, arm, reached):
         result["report"] = json.loads(proc.stdout) if proc.stdout.strip() else None
         return proc.returncode == 0
 
-    wait_for(reconciled, timeout=30, what="reconcile after the lease expired")
+    wait_for(reconciled, timeout=30, what="reconcile after the crash")
     assert_invariant(sims, acc, strict=True)
     return result["report"]
 
@@ -181,7 +182,7 @@ def test_killed_after_apply_before_promote(sims, tmp_path):
 
 def test_killed_between_batches(sims, tmp_path):
     cf = sims.cloudflare
-    _kill_when(sims, tmp_path, lambda: cf.set_latency(5, route="cf.psk_validate"),
+    _kill_when(sims, tmp_path, lambda: cf.set_latency(1.5, route="cf.psk_validate"),  # within the 2 s timeout
                lambda: cf.request_counts().get("cf.psk_apply", 0) >= 3 and
                cf.request_counts().get("cf.psk_validate", 0) >= 4)
 

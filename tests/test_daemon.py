@@ -22,7 +22,7 @@ from tests.helpers import OUTPUTS, assert_invariant, record, start_cli, wait_for
 ADMIN = "a" * 32
 
 
-def daemon_config(sims, tmp_path, extra="", lease_ttl="30s", on_drift="rotate"):
+def daemon_config(sims, tmp_path, extra="", lease_ttl="120s", on_drift="rotate"):
     accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in sims.tunnels_by_account)
     text = (f'[admin]\nlisten = "127.0.0.1:0"\n[rotation]\nlease_ttl = "{lease_ttl}"\non_drift = "{on_drift}"\n'
             f'[policies.default]\nevery = "1h"\n{extra}{accounts}')
@@ -157,7 +157,7 @@ def test_redaction_processor_masks_keys_and_registered_values():
 
 
 def test_high_availability_standby_takes_over_when_the_leader_dies(sims, tmp_path):
-    settings = daemon_config(sims, tmp_path, lease_ttl="2s")
+    settings = daemon_config(sims, tmp_path, extra='[cloudflare]\ntimeout = "1s"\n', lease_ttl="2s")
     a = build_daemon(settings, tick_seconds=3600, holder="replica-a")
     a.start(serve_admin=False)
     b = build_daemon(settings, tick_seconds=3600, holder="replica-b")
@@ -325,7 +325,7 @@ def test_cli_hands_rotate_and_reconcile_to_the_leading_daemon(sims, daemon):
     proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel], env)
     assert proc.returncode == 1 and "refused" in proc.stdout
     # Without the daemon's lead (or with --local) the CLI runs itself, and meets the lease.
-    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--local"], env)
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--local", "--no-wait"], env)
     assert proc.returncode == 1 and "handed" not in proc.stderr
     assert_invariant(sims, acc, strict=True)
 

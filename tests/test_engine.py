@@ -289,7 +289,7 @@ def test_record_deleted_or_destroyed_by_hand_is_rotated_again(sims, rt, managed,
 def test_a_retried_apply_never_outlives_the_lease(sims, tmp_path, managed):
     """A Retry-After longer than the lease has left: the apply is not retried after the lease."""
     acc = managed
-    with custom_runtime(sims, "[rotation]\nlease_ttl = \"4s\"\n", tmp_path) as rt:
+    with custom_runtime(sims, "[rotation]\nlease_ttl = \"4s\"\n[cloudflare]\ntimeout = 2\n", tmp_path) as rt:
         sims.cloudflare.fail_next("cf.psk_apply", count=1, status=429, retry_after=30)
         report = rotate_all(rt, acc)
         assert {o.result for o in report.outcomes} == {UNAPPLIED}

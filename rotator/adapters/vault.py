@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
@@ -265,21 +265,25 @@ class VaultStore:
         path = self._lease_path(account_id)
         what = f"reading lease {path}"
         version, body = self._read_latest("lease_read", what, path)
-        holder, expires = body.get("holder", ""), body.get("expires_at", 0) or 0
-        try:
-            expires_at = float(expires) if isinstance(expires, str | int | float) and \
-                not isinstance(expires, bool) else math.nan
-        except ValueError:
-            expires_at = math.nan
-        if not isinstance(holder, str) or not math.isfinite(expires_at):
-            raise VaultError(f"{what}: the lease record is malformed (holder or expires_at)",
-                             f"inspect it with 'vault kv get {self.mount}/{path}'; 'rotator unlock' clears it")
-        return Lease(holder, expires_at, version)
+        holder = body.get("holder", "")
+        expires_at, busy_until = _number(body.get("expires_at")), _number(body.get("busy_until"))
+        if not isinstance(holder, str) or not math.isfinite(expires_at) or not math.isfinite(busy_until):
+            raise VaultError(f"{what}: the lease record is malformed (holder, expires_at or busy_until)",
+                             f"inspect it with 'vault kv get {self.mount}/{path}'; 'vault kv put' a free lease "
+                             "(holder \"\", expires_at 0) once its holder is stopped")
+        return Lease(holder, expires_at, version, busy_until)
 
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int:
-        """CAS-write the lease; raises CasConflict when someone else wrote it first."""
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
+                    busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int:
+        """CAS-write the lease; raises CasConflict when someone else wrote it first.
+
+        ``busy_until``: the latest instant a call made under the lease may still land (rotation/lease.py);
+        ``note``: extra fields for the record's history (who cleared it, and whom).
+        """
         path = self._lease_path(account_id)
-        data = {"holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}
+        data = {**(note or {}), "holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}
+        if busy_until:
+            data["busy_until"] = f"{busy_until:.3f}"
 
         def landed() -> bool:
             lease = self.read_lease(account_id)
@@ -421,3 +425,15 @@ def build_hvac_client(addr: str, token: str | None, *, namespace: str | None = N
     session = PooledSession(addr, maxsize=max(concurrency, 4), verify=verify, timeout=timeout)
     return hvac.Client(url=addr, token=token, namespace=namespace or None, verify=verify, timeout=timeout,
                        session=session)
+
+
+def _number(value: Any) -> float:
+    """A number field of a lease as stored (a string or a number; absent or empty is 0); NaN otherwise."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return math.nan
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan

@@ -28,7 +28,8 @@ class RecordStore(Protocol):
 
     def read_lease(self, account_id: str) -> Lease: ...
 
-    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int) -> int: ...
+    def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
+                    busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int: ...
 
 
 # -- far-end devices (DESIGN.md section 9) ---------------------------------------------------------

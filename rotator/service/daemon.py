@@ -100,6 +100,20 @@ class Daemon:
     def admin_url(self) -> str | None:
         return self._server.url if self._server else None
 
+    def _wait_for_runs(self) -> None:
+        """Let in-flight runs end: for the grace period, and beyond it while a call under a lease may
+        still land (every call has a total deadline, so this is bounded too)."""
+        grace_end = time.monotonic() + SHUTDOWN_GRACE
+        passes = int(SHUTDOWN_GRACE + 3 * self.settings.rotation.lease_ttl) + 10
+        for lock in self._account_locks.values():
+            for _ in range(passes):
+                wait = max(grace_end - time.monotonic(), self.runtime.leases.busy_until() - self.clock())
+                if lock.acquire(timeout=max(0.0, min(wait, 1.0))):
+                    lock.release()
+                    break
+                if wait <= 0:
+                    break
+
     def stop(self, release: bool = True) -> float:
         """Stop new work, finish the in-flight batch (bounded), release leases. Returns seconds taken."""
         started = time.monotonic()
@@ -109,14 +123,12 @@ class Daemon:
         if self._queue is not None:
             self._queue.shutdown(wait=False, cancel_futures=True)
         self.runs.cancel_waiting("shutting down")
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        for lock in self._account_locks.values():
-            if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                lock.release()
+        self._wait_for_runs()
         if release:
             for acc in self.settings.accounts:
-                self.runtime.leases.release(acc.id)
-                self.metrics.leader.labels(account=acc.id).set(0)
+                # A lease whose call may still land is kept (it expires on its own): never handed over early.
+                if self.runtime.leases.release(acc.id):
+                    self.metrics.leader.labels(account=acc.id).set(0)
         if self._server is not None:
             self._server.stop()
         self.runtime.close()
