@@ -70,7 +70,7 @@ CLASSES: dict[str, str] = {
 # takeover (issue 9 item 8: a dead holder on this host is taken over at once) failed until leases named
 # host, pid and a start nonce (seed 701: 37 tunnels left pending); kill,takeover for 172 s: 0 violations.
 # devices is skipped, with a note, while the configuration has no [[devices]].
-DEFAULT_FAULTS = CLASSES
+DEFAULT_FAULTS = tuple(CLASSES)
 
 ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
 TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # every character a key or token of this campaign can hold
