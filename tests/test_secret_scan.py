@@ -132,7 +132,6 @@ def test_no_secret_in_any_captured_output(tmp_path):
             helpers.SECRETS.update(v for k, v in data.items() if k.endswith("psk"))
         helpers.remember_secrets(sims)
     # The scan itself runs at session end; here: it has what it needs to look at.
-    assert sum(1 for c in secret_scan.STATE.chunks if c.label == "helpers.OUTPUTS") == 0 or helpers.OUTPUTS
     assert len(helpers.OUTPUTS) >= 16
 
 
