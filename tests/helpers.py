@@ -14,7 +14,8 @@ from rotator import config
 from rotator.sim import Simulators
 from rotator.wiring import Runtime, build_runtime, preflight
 
-# Everything the suite printed, and every secret it made; tests/test_zz_secret_scan.py checks them.
+# Output and secrets the automatic capture cannot see (subprocesses, keys made by hand); the session-wide
+# scan (tests/secret_scan.py, run from tests/conftest.py) adds them to what it collects itself.
 OUTPUTS: list[str] = []
 SECRETS: set[str] = set()
 

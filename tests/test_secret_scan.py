@@ -1,0 +1,141 @@
+"""The secret scan (tests/secret_scan.py, run by tests/conftest.py at the end of every session).
+
+The first test drives a rotation through every output path (text, JSON, status, dry run, a failing run,
+config check) so the scan has material even when this file runs alone; the self-tests prove the session
+check catches a planted leak and names the test; the exec hook test records what a real hook process got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from rotator.adapters.devices.exec import ExecDevice
+from rotator.rotation.ports import DeviceStatus
+from rotator.secret import Secret
+from rotator.sim import Simulators
+from tests import helpers, secret_scan
+from tests.devices.conftest import ACCOUNT, make_tunnels
+from tests.devices.test_exec import hook
+
+REPO = Path(__file__).resolve().parents[1]
+
+PLANTED = textwrap.dedent("""
+    import logging
+    import sys
+
+    from rotator.secret import Secret
+    from rotator.sim.vault import VaultSim
+    from tests import helpers
+
+
+    def test_clean():
+        sim = VaultSim()
+        print("made a vault with", len(sim.tokens), "token")
+
+
+    def test_prints_a_simulator_token():
+        print("token:", VaultSim().root_token, file=sys.stderr)
+
+
+    def test_logs_a_key():
+        key = Secret("k3y-" + "Q" * 28)
+        logging.getLogger("rotator").warning("staged %s", key.reveal())
+
+
+    def test_subprocess_output_shows_a_handmade_key():
+        helpers.SECRETS.add("handmade-" + "Z" * 30)
+        helpers.OUTPUTS.append("child said handmade-" + "Z" * 30)
+""")
+
+
+def run_planted(tmp_path: Path, *select: str) -> subprocess.CompletedProcess[str]:
+    test_file = tmp_path / "test_planted.py"
+    test_file.write_text(PLANTED)
+    (tmp_path / "conftest.py").write_text("from tests.conftest import (pytest_configure, pytest_runtest_logstart,"
+                                          " pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary)\n")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+            "-c", os.devnull, *[f"{test_file}::{name}" for name in select]]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc
+
+
+def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the_tests(tmp_path):
+    proc = run_planted(tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "4 passed" in out, out  # every test passed: the failure is the scan's
+    assert proc.returncode == 1, out
+    leaks = [line for line in out.splitlines() if line.startswith("FAILED secret in output")]
+    named = {line.split("test ", 1)[1].split(" ", 1)[0].rsplit("::", 1)[1] for line in leaks}
+    assert named == {"test_prints_a_simulator_token", "test_logs_a_key",
+                     "test_subprocess_output_shows_a_handmade_key"}, out
+    assert "Q" * 28 not in out and "Z" * 30 not in out  # the report names a fingerprint, never the key
+
+
+def test_a_clean_run_passes_and_says_what_it_scanned(tmp_path):
+    proc = run_planted(tmp_path, "test_clean")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    summary = re.search(r"(\d+) secrets looked for in (\d+) characters", out)
+    assert summary is not None, out
+    assert int(summary[1]) >= 1 and int(summary[2]) > 0, out
+    assert "no secret in any captured output" in out
+
+
+def test_an_exec_hook_never_gets_the_key_in_argv_or_environment(tmp_path, monkeypatch):
+    """What a real hook process received goes to the scan; the keys it was sent are registered secrets."""
+    seen = tmp_path / "seen.json"
+    monkeypatch.setenv("VAULT_TOKEN", "hvs." + "T" * 24)
+    helpers.SECRETS.add("hvs." + "T" * 24)
+    path = hook(tmp_path, f"""
+        doc = json.load(sys.stdin)
+        json.dump({{"argv": sys.argv, "env": dict(os.environ)}}, open({str(seen)!r}, "w"))
+        print(json.dumps({{"results": {{t["tunnel_id"]: {{"ok": True}} for t in doc["tunnels"]}}}}))
+    """)
+    tunnels = make_tunnels(2)
+    results = ExecDevice("branch", [path, "--site", "branch"], pass_env=["HTTPS_PROXY"]).deliver(
+        ACCOUNT, "run-1", tunnels, deadline=time.monotonic() + 30)
+    assert all(r.status is DeviceStatus.OK for r in results.values())
+    got = seen.read_text()
+    helpers.OUTPUTS.append(got)
+    assert '"--site"' in got and len(got) > 50
+    keys = {k.reveal() for t in tunnels for k in (t.psk, t.previous_psk) if k is not None}
+    assert keys <= secret_scan.STATE.secrets  # registered by the Secret hook, so the session check looks for them
+    assert not any(k in got for k in keys)
+
+
+def test_no_secret_in_any_captured_output(tmp_path):
+    with Simulators(accounts=1, tunnels=4) as sims:
+        acc = next(iter(sims.tunnels_by_account))
+        env = sims.env()
+        for args in (["rotate", "--account", acc, "--all"], ["rotate", "--account", acc, "--all", "--output", "json"],
+                     ["rotate", "--account", acc, "--all", "--dry-run"], ["status", "--account", acc],
+                     ["status", "--account", acc, "--output", "json"], ["config", "check"]):
+            assert helpers.run_cli(args, env).returncode == 0
+        sims.cloudflare.refuse_tunnels([sims.tunnels_by_account[acc][0]], stage="apply")
+        sims.cloudflare.fail_next("cf.psk_validate", status=503)
+        assert helpers.run_cli(["rotate", "--account", acc, "--all"], env).returncode == 1
+        helpers.run_cli(["rotate", "--account", acc, "--all"], {**env, "CLOUDFLARE_API_TOKEN": "z" * 40})
+        sims.vault.seal()
+        helpers.run_cli(["rotate", "--account", acc, "--all"], env)
+        sims.vault.unseal()
+        # Vault records really hold the keys the scan looks for.
+        for t in sims.tunnels_by_account[acc]:
+            data = sims.vault.read_data(f"cloudflare/magic-ipsec/{acc}/{t}")
+            helpers.SECRETS.update(v for k, v in data.items() if k.endswith("psk"))
+        helpers.remember_secrets(sims)
+    # The scan itself runs at session end; here: it has what it needs to look at.
+    assert len(helpers.OUTPUTS) >= 16
+
+
+def test_secret_type_never_shows_itself():
+    s = Secret("supersecretvalue-1234567890")
+    assert "supersecret" not in repr(s) and "supersecret" not in str(s) and "supersecret" not in f"{s}"
+    assert "supersecret" not in json.dumps({"k": str(s)})
