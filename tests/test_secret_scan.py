@@ -45,7 +45,7 @@ PLANTED = textwrap.dedent("""
 
 
     def test_logs_a_key():
-        key = Secret("k3y-" + "Q" * 28)
+        key = Secret("k3y-Planted-Secret-" + "Q" * 16)
         logging.getLogger("rotator").warning("staged %s", key.reveal())
 
 
