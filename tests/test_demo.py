@@ -38,6 +38,17 @@ def _read_instructions(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str
     return ready, "\n".join(lines)
 
 
+def _stop(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Ctrl-C, as a user stops the demo; killed if it does not end within ``timeout``."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+        return out, err + f"\nthe demo did not stop within {timeout} s of Ctrl-C"
+
+
 def _ends(ready: dict[str, Any], device_state_url: str) -> dict[str, dict[str, tuple[str | None, ...]]]:
     """Per account and tunnel: (record psk fingerprint, pending?, record device, Cloudflare's, the device's)."""
     vault = ready["simulators"]["vault"]
@@ -115,8 +126,7 @@ def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
         wait_for(rotated_again, timeout=30, what="the requested rotation reaching the device")
         assert token not in text and token not in json.dumps(ready)
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=40)
+        out, err = _stop(proc, 40)
         OUTPUTS.extend([text, json.dumps(ready), out, err])
     assert proc.returncode == 0 and "Traceback" not in err
     assert not os.path.exists(os.path.dirname(token_file)), "the demo removes its temporary directory"
@@ -180,8 +190,7 @@ def test_demo_ike_rotates_real_tunnels_and_tears_everything_down() -> None:
         SECRETS.update(v for rec in records.values() for k, v in rec.items() if "psk" in k and v)
         assert len(records) == 4 and all(rec["device"] == "lab-site" for rec in records.values())
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, err = _stop(proc, 60)
         OUTPUTS.extend([text, json.dumps(ready), out, err])
     assert proc.returncode == 0 and "Traceback" not in err
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
