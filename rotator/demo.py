@@ -69,7 +69,7 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
     accounts = "".join(f'[[accounts]]\nid = "{acc}"\n' for acc in sims.tunnels_by_account)
     cfg = os.path.join(workdir, "rotator.toml")
     with open(cfg, "w", encoding="utf-8") as fh:
-        fh.write(f'[admin]\nlisten = "{listen}"\ntoken_file = "{token_file}"\n[rotation]\nlease_ttl = "30s"\n'
+        fh.write(f'[admin]\nlisten = "{listen}"\ntoken_file = "{token_file}"\n[rotation]\nlease_ttl = "60s"\n'
                  # the simulators answer at once; a lease must outlive two call deadlines
                  '[cloudflare]\ntimeout = "10s"\n'
                  f'[policies.default]\nevery = "20s"\njitter = "10s"\nmax_age = "60s"\nretry_backoff = "5s"\n'

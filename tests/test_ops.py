@@ -209,3 +209,17 @@ def test_device_calls_are_counted_and_timed_per_tunnel():
     assert (sample("ok"), sample("failed"), sample("unknown")) == (1.0, 1.0, 1.0)  # a tunnel not answered: unknown
     assert registry.get_sample_value("psk_rotator_device_call_duration_seconds_count",
                                      {"device": "branch", "action": "deliver"}) == 1.0
+
+
+def test_the_metrics_wrapper_keeps_what_the_engine_reads_from_a_device():
+    """Wiring wraps every device to count its calls; the engine still sees the device's own timeout,
+    verify setting and ack timeout (a wrapper that hid them turned a 10 s device into a 60 s one, and
+    a 30 s lease then refused every delivery)."""
+    from prometheus_client import CollectorRegistry
+
+    from rotator.adapters.devices.manual import ManualDevice
+    from rotator.service.metrics import MeasuredDevice, Metrics
+
+    wrapped = MeasuredDevice(ManualDevice("desk", ack_timeout=120.0, timeout=10.0), Metrics(CollectorRegistry()))
+    assert (wrapped.name, wrapped.kind) == ("desk", "manual")
+    assert (wrapped.timeout, wrapped.verifies, wrapped.ack_timeout) == (10.0, False, 120.0)

@@ -90,7 +90,7 @@ def test_a_malformed_lease_is_a_vault_error(env, expires_at):
                                               secret={"holder": "h", "expires_at": expires_at})
     with pytest.raises(VaultError) as exc:
         store.read_lease(A)
-    assert "malformed" in str(exc.value) and "rotator unlock" in str(exc.value)
+    assert "malformed" in str(exc.value) and "vault kv put" in str(exc.value)
 
 
 @pytest.mark.parametrize("status,retryable,ambiguous_write", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -114,6 +114,12 @@ class MeasuredDevice:
     def __init__(self, device: Device, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self.device, self.metrics, self.clock = device, metrics, clock
         self.name, self.kind = device.name, device.kind
+
+    def __getattr__(self, name: str) -> Any:
+        # What the engine reads besides the port's methods (timeout, verifies, concurrency,
+        # ack_timeout) is the wrapped device's: a wrapper must not turn `verify = false` or a
+        # 10 s timeout back into the defaults.
+        return getattr(self.device, name)
 
     def _measured(self, action: str, call: Callable[..., dict[str, DeviceResult]], account_id: str,
                   rotation_id: str, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
