@@ -202,6 +202,9 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
                                     "a key in flight; it is rotated once that one settles")
                        for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
     items = [i for i in items if i not in out.back]
+    for item in [i for i in items if _moved_away(i)]:
+        out.settle(item, Outcome.UNKNOWN, _moved_away(item))
+    items = [i for i in items if not _moved_away(i)]
     out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None
@@ -219,6 +222,17 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
         else:
             out.settle(item, Outcome.UNKNOWN, f"delivery outcome unknown: {res.reason or 'no answer'}; key left pending")
     return out
+
+
+def _moved_away(item: Item) -> str | None:
+    """The pending key was handed to a device the configuration no longer names for this tunnel: that
+    device may hold it, and neither a delivery elsewhere nor a rollback elsewhere settles it."""
+    held_by = item.record.device if item.record.pending_psk is not None else None
+    if held_by is None or held_by == (item.device.name if item.device is not None else None):
+        return None
+    return (f"the pending key was handed to device {held_by}, which the configuration no longer names for "
+            f"this tunnel: it may hold the key, so the key stays pending (name {held_by} for the tunnel again "
+            "to finish or roll back)")
 
 
 def _waiting(ctx: Context, item: Item, out: Result) -> None:
@@ -438,9 +452,13 @@ def _apply_back(ctx: Context, keys: dict[str, Secret]) -> PskSetResult:
 
 def restore_device(ctx: Context, items: list[Item]) -> Result:
     """Tell the device to go back to ``psk`` where it may hold the abandoned key."""
+    out = Result()
+    for item in [i for i in items if _moved_away(i) and not ctx.dry_run]:
+        out.settle(item, Outcome.UNKNOWN, f"{item.reason}; {_moved_away(item)}")
+    items = [i for i in items if not _moved_away(i) or ctx.dry_run]
     todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None
             and not ctx.dry_run]
-    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)])
+    out.moved = [i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)]
     for item in [i for i in items if i not in todo and i not in out.moved]:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")
