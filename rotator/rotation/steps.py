@@ -463,9 +463,9 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")
     for item, res in device_call(ctx, todo, "rollback"):
-        # A manual device answers WAITING: the operator is asked to go back; a key it never
-        # acknowledged was never confirmed on the device, so withdrawing it does not wait for that.
-        if res.ok or (res.status is DeviceStatus.WAITING and item.dev_refused):
+        # A manual device answers WAITING: the operator is asked to go back and acknowledge that
+        # (``rotator ack`` on the rolling_back record); until then the device may hold either key.
+        if res.ok or (res.status is DeviceStatus.WAITING and (item.dev_refused or item.record.rollback_acked)):
             item.dev_may_hold = False
             out.moved.append(item)
         else:

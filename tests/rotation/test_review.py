@@ -3,8 +3,8 @@ sections 2 and 4): each reproduces one defect and ends with the invariant, both 
 
 from __future__ import annotations
 
-from rotator.model import Outcome
-from tests.fakes import hang
+from rotator.model import Outcome, ack
+from tests.fakes import ACCOUNT, hang, waiting
 from tests.rotation.test_devices import dev, device_world, restart
 
 
@@ -23,3 +23,28 @@ def test_a_pending_key_whose_device_left_the_config_is_never_unstaged() -> None:
         assert "branch" in (report.outcomes[0].reason or "")
         assert w.rec(t1).pending_psk is not None
         w.invariant()
+
+
+def test_a_manual_rollback_can_be_acknowledged_and_then_finishes() -> None:
+    """A manual device is asked to go back (the rollback answers WAITING, 'acknowledge it'); the
+    operator's acknowledgement of the rolling_back record must let the next run finish the rollback
+    instead of leaving it in flight for ever."""
+    w = device_world(kind="manual", verify=False)
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", waiting)
+    w.run(tunnels=[t1])
+    w.vault.put(ack(w.rec(t1)))
+    old = w.rec(t1).psk
+    dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
+    w.cf.refuse([t1], "tunnel is being modified", stage="apply")
+    dev(w).faults.on("rollback", waiting, times=10)
+    assert [o.result for o in w.run(tunnels=[t1], reconcile_only=True).outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).state == "rolling_back"
+    assert [o.result for o in w.run(tunnels=[t1], reconcile_only=True).outcomes] == [Outcome.UNKNOWN]
+    w.invariant()  # the delivery's acknowledgement does not count as the rollback's
+    dev(w).keys[t1] = old.reveal()  # type: ignore[union-attr]  # the operator puts the old key back ...
+    assert w.engine.acknowledge(ACCOUNT, [t1]) == {t1: None}  # ... and acknowledges it
+    w.cf.refused.clear()
+    report = w.run(tunnels=[t1], reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
+    w.invariant(strict=True)
