@@ -52,7 +52,7 @@ class Item:
     device: Device | None = None
     cf_may_hold: bool = False   # Cloudflare may hold ``key``: taking it back needs an apply of psk
     dev_may_hold: bool = False  # the device may hold ``key``: taking it back needs a device rollback
-    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so, or never acked it)
+    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so)
     outcome: Outcome | None = None  # the outcome once taken back
     reason: str | None = None
     final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
@@ -241,9 +241,10 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
     staged = parse_time(item.record.staged_at)
     limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
     if limit is not None and staged is not None and ctx.clock() - staged > limit:
-        item.dev_refused = True  # never acknowledged: by contract the device does not hold the key
+        # Not acknowledged is not refused: the operator may have typed the key in without saying so.
+        # The rollback asks them to put psk back and acknowledge that; both keys stay readable until then.
         out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
-                                        f"(ack_timeout): the key is withdrawn"))
+                                        f"(ack_timeout): the key is being withdrawn"))
     else:
         out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
                    f"{item.device.name if item.device else '?'} (rotator ack)")

@@ -48,3 +48,27 @@ def test_a_manual_rollback_can_be_acknowledged_and_then_finishes() -> None:
     report = w.run(tunnels=[t1], reconcile_only=True)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
     w.invariant(strict=True)
+
+
+def test_an_ack_timeout_never_unstages_a_key_the_operator_may_have_typed_in() -> None:
+    """A manual key is only acknowledged late: the operator typed it into the device but the ack
+    timed out. Withdrawing it must wait for the operator to put the old key back and say so."""
+    w = device_world(kind="manual", verify=False)
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", waiting, times=2)
+    dev(w).faults.on("rollback", waiting, times=10)
+    w.run(tunnels=[t1], ack_timeout=3600.0)
+    old = w.rec(t1).psk
+    dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]  # typed in, never acked
+    w.engine.clock = lambda: 4e9  # much later
+    report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert "not acknowledged" in (report.outcomes[0].reason or "")
+    w.invariant()
+    assert w.rec(t1).state == "rolling_back"
+    dev(w).keys[t1] = old.reveal()  # type: ignore[union-attr]  # the operator goes back ...
+    assert w.engine.acknowledge(ACCOUNT, [t1]) == {t1: None}  # ... and says so
+    report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+    assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
+    assert "not acknowledged" in (report.outcomes[0].reason or "")
+    w.invariant(strict=True)
