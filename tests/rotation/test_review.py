@@ -3,6 +3,8 @@ sections 2 and 4): each reproduces one defect and ends with the invariant, both 
 
 from __future__ import annotations
 
+import pytest
+
 from rotator.model import Outcome, ack
 from tests.fakes import ACCOUNT, hang, waiting
 from tests.rotation.test_devices import dev, device_world, restart
@@ -71,4 +73,31 @@ def test_an_ack_timeout_never_unstages_a_key_the_operator_may_have_typed_in() ->
     report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
     assert "not acknowledged" in (report.outcomes[0].reason or "")
+    w.invariant(strict=True)
+
+
+def test_an_ack_binds_to_the_rotation_and_state_the_operator_acted_on() -> None:
+    """The operator types key K1 (rotation R1) into the device; meanwhile the ack timed out and the
+    withdrawal asks for the old key back. An ack meant for K1 must not be taken as 'back on psk'
+    (which would unstage K1 while the device holds it), nor for a key staged later."""
+    w = device_world(kind="manual", verify=False)
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", waiting, times=2)
+    dev(w).faults.on("rollback", waiting, times=10)
+    w.run(tunnels=[t1], ack_timeout=3600.0)
+    seen = w.rec(t1)  # what the operator looked at: rotation R1, pending
+    assert seen.rotation_id is not None
+    dev(w).keys[t1] = seen.pending_psk.reveal()  # type: ignore[union-attr]
+    w.engine.clock = lambda: 4e9
+    w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+    now = w.rec(t1)
+    assert now.state == "rolling_back"
+    with pytest.raises(ValueError, match="not what was acknowledged"):
+        ack(now, seen.rotation_id, seen.state)
+    with pytest.raises(ValueError, match="not what was acknowledged"):
+        ack(now, "20261126T000000Z-000000")
+    w.vault.put(ack(now, seen.rotation_id, "rolling_back"))  # the operator says: the old key is back ...
+    dev(w).keys[t1] = seen.psk.reveal()  # type: ignore[union-attr]
+    report = w.run(tunnels=[t1], reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK]
     w.invariant(strict=True)
