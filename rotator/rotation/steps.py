@@ -391,6 +391,8 @@ def _promote_after_conflict(ctx: Context, item: Item, wanted: Record) -> Record 
         return exc
     if current.pending_psk is None and current.psk == item.key:
         return current
+    if current.state == "rolling_back":  # someone is returning both ends to psk: never promote over that
+        return VaultError("a rollback of this key was recorded during promotion", "run reconcile")
     if current.pending_psk == item.key:
         retry = dataclasses.replace(wanted, version=current.version, previous_psk=current.psk)
         return ctx.store.write_many([retry]).get(item.id, VaultError("no answer", ambiguous=True))

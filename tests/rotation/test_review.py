@@ -3,11 +3,14 @@ sections 2 and 4): each reproduces one defect and ends with the invariant, both 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from rotator.model import Outcome, ack
 from tests.fakes import ACCOUNT, hang, waiting
-from tests.rotation.test_devices import dev, device_world, restart
+from tests.rotation.test_devices import dev, device_world, restart, settle
 
 
 def test_a_pending_key_whose_device_left_the_config_is_never_unstaged() -> None:
@@ -101,3 +104,26 @@ def test_an_ack_binds_to_the_rotation_and_state_the_operator_acted_on() -> None:
     report = w.run(tunnels=[t1], reconcile_only=True)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK]
     w.invariant(strict=True)
+
+
+def test_promotion_never_overrides_a_rollback_recorded_under_it() -> None:
+    """While the key is being verified, another writer records state=rolling_back for the same pending
+    key (and goes on to put psk back at both ends). The promotion's CAS conflicts; retrying it over
+    the rollback would leave the old key, which both ends are being returned to, only in previous_psk."""
+    w = device_world()
+    t1 = w.ids[0]
+
+    def rollback_recorded_meanwhile(device: Any, tunnels: Any, deadline: float) -> None:
+        rec = w.rec(t1)
+        w.vault.put(dataclasses.replace(rec, state="rolling_back", last_error="verification failed elsewhere"))
+
+    dev(w).faults.on("verify", rollback_recorded_meanwhile)
+    report = w.run(tunnels=[t1])
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN]
+    assert w.rec(t1).state == "rolling_back" and w.rec(t1).pending_psk is not None
+    old = w.rec(t1).psk
+    assert old is not None
+    w.cf.set_out_of_band(t1, old.reveal())  # the other writer finishes its rollback at both ends
+    dev(w).keys[t1] = old.reveal()
+    w.invariant()
+    settle(w)
