@@ -177,7 +177,11 @@ def validate(ctx: Context, items: list[Item]) -> Result:
         verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=True)
     except CloudflareError as exc:
         ctx.log.warning("validate_failed", step="validate", error=ctx.redact(str(exc)), tunnels=len(items))
-        out.back = [i.going_back(Outcome.UNAPPLIED, f"validation call failed: {exc}") for i in items]
+        # A key an earlier run may have sent stays pending: the failed call says nothing about it.
+        for item in [i for i in items if i.reconcile]:
+            out.settle(item, Outcome.UNKNOWN, f"validation call failed: {exc}; key left pending for reconcile")
+        out.back = [i.going_back(Outcome.UNAPPLIED, f"validation call failed: {exc}") for i in items
+                    if not i.reconcile]
         out.halt = f"stopped after the validation call failed: {exc}"
         return out
     for item in items:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from rotator.errors import CloudflareError
 from rotator.model import Outcome, ack
-from tests.fakes import ACCOUNT, hang, waiting
+from tests.fakes import ACCOUNT, hang, lost_answer, raising, waiting
 from tests.rotation.test_devices import dev, device_world, restart, settle
 
 
@@ -127,3 +128,21 @@ def test_promotion_never_overrides_a_rollback_recorded_under_it() -> None:
     dev(w).keys[t1] = old.reveal()
     w.invariant()
     settle(w)
+
+
+def test_a_failed_validation_call_leaves_a_key_in_flight_pending() -> None:
+    """A reconcile whose validation call fails (retries exhausted) learns nothing about a key an
+    earlier run may have applied at both ends: it stays pending instead of being rolled back."""
+    w = device_world()
+    t1 = w.ids[0]
+    w.cf.faults.on("apply", lost_answer)
+    assert [o.result for o in w.run(tunnels=[t1]).outcomes] == [Outcome.UNKNOWN]
+    key = w.rec(t1).pending_psk
+    restart(w)
+    w.cf.faults.on("validate", raising(CloudflareError("503 Service Unavailable (retries exhausted)")))
+    report = w.run(tunnels=[t1], reconcile_only=True)
+    assert [o.result for o in report.outcomes] == [Outcome.UNKNOWN], report.outcomes[0].reason
+    assert w.rec(t1).state == "pending" and w.rec(t1).pending_psk == key
+    w.invariant()
+    settle(w)
+    assert w.rec(t1).psk == key  # finished forward, not rolled back
