@@ -105,17 +105,36 @@ class Record:
     @property
     def acked(self) -> bool:
         """An operator acknowledged that the manual device holds this record's pending key."""
-        return self.pending_psk is not None and self.rotation_id is not None \
+        return self.state == "pending" and self.pending_psk is not None and self.rotation_id is not None \
             and self.acked_rotation_id == self.rotation_id
 
+    @property
+    def rollback_acked(self) -> bool:
+        """An operator acknowledged that the manual device is back on ``psk`` (a rollback in flight)."""
+        return self.state == "rolling_back" and self.pending_psk is not None and self.rotation_id is not None \
+            and self.acked_rotation_id == ROLLBACK_ACK + self.rotation_id
 
-def ack(record: Record) -> Record:
-    """The record with its pending key acknowledged (``rotator ack``), to be written with CAS.
 
-    Raises ValueError when nothing is pending (there is nothing to acknowledge)."""
-    if record.pending_psk is None or record.state != "pending" or record.rotation_id is None:
+ROLLBACK_ACK = "rollback:"  # acked_rotation_id of a rollback's acknowledgement: never taken for a delivery's
+
+
+def ack(record: Record, rotation_id: str | None = None, state: str | None = None) -> Record:
+    """The record with its pending key acknowledged (``rotator ack``), to be written with CAS: in state
+    ``pending``, the manual device holds the pending key; in ``rolling_back``, it is back on ``psk``.
+
+    ``rotation_id``/``state``: what the operator acted on (the rotation whose key they typed in, and
+    whether they put the new key on or the old one back). Given, they bind the acknowledgement: when
+    the record has moved on (the key was withdrawn and another staged, or a delivery turned into a
+    rollback), the acknowledgement would vouch for something the operator never did, so it is refused.
+
+    Raises ValueError when nothing is pending (there is nothing to acknowledge), or it moved on."""
+    if record.pending_psk is None or record.state not in ("pending", "rolling_back") or record.rotation_id is None:
         raise ValueError(f"tunnel {record.tunnel_id} has no key waiting for an acknowledgement")
-    return replace(record, acked_rotation_id=record.rotation_id)
+    if (rotation_id is not None and rotation_id != record.rotation_id) or (state is not None and state != record.state):
+        raise ValueError(f"tunnel {record.tunnel_id} now waits for rotation {record.rotation_id} ({record.state}), "
+                         "not what was acknowledged: check the device and acknowledge again")
+    prefix = ROLLBACK_ACK if record.state == "rolling_back" else ""
+    return replace(record, acked_rotation_id=prefix + record.rotation_id)
 
 
 @dataclass(slots=True)

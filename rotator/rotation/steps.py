@@ -52,7 +52,7 @@ class Item:
     device: Device | None = None
     cf_may_hold: bool = False   # Cloudflare may hold ``key``: taking it back needs an apply of psk
     dev_may_hold: bool = False  # the device may hold ``key``: taking it back needs a device rollback
-    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so, or never acked it)
+    dev_refused: bool = False   # the device definitely did not take ``key`` (it said so)
     outcome: Outcome | None = None  # the outcome once taken back
     reason: str | None = None
     final: tuple[Outcome, str] | None = None  # promote, but report this instead of success
@@ -177,7 +177,11 @@ def validate(ctx: Context, items: list[Item]) -> Result:
         verdict = ctx.api.set_psks(ctx.account_id, {i.id: i.key for i in items}, validate_only=True)
     except CloudflareError as exc:
         ctx.log.warning("validate_failed", step="validate", error=ctx.redact(str(exc)), tunnels=len(items))
-        out.back = [i.going_back(Outcome.UNAPPLIED, f"validation call failed: {exc}") for i in items]
+        # A key an earlier run may have sent stays pending: the failed call says nothing about it.
+        for item in [i for i in items if i.reconcile]:
+            out.settle(item, Outcome.UNKNOWN, f"validation call failed: {exc}; key left pending for reconcile")
+        out.back = [i.going_back(Outcome.UNAPPLIED, f"validation call failed: {exc}") for i in items
+                    if not i.reconcile]
         out.halt = f"stopped after the validation call failed: {exc}"
         return out
     for item in items:
@@ -202,6 +206,9 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
                                     "a key in flight; it is rotated once that one settles")
                        for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
     items = [i for i in items if i not in out.back]
+    for item in [i for i in items if _moved_away(i)]:
+        out.settle(item, Outcome.UNKNOWN, _moved_away(item))
+    items = [i for i in items if not _moved_away(i)]
     out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None
@@ -221,15 +228,27 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
     return out
 
 
+def _moved_away(item: Item) -> str | None:
+    """The pending key was handed to a device the configuration no longer names for this tunnel: that
+    device may hold it, and neither a delivery elsewhere nor a rollback elsewhere settles it."""
+    held_by = item.record.device if item.record.pending_psk is not None else None
+    if held_by is None or held_by == (item.device.name if item.device is not None else None):
+        return None
+    return (f"the pending key was handed to device {held_by}, which the configuration no longer names for "
+            f"this tunnel: it may hold the key, so the key stays pending (name {held_by} for the tunnel again "
+            "to finish or roll back)")
+
+
 def _waiting(ctx: Context, item: Item, out: Result) -> None:
     from rotator.schedule import parse_time
 
     staged = parse_time(item.record.staged_at)
     limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
     if limit is not None and staged is not None and ctx.clock() - staged > limit:
-        item.dev_refused = True  # never acknowledged: by contract the device does not hold the key
+        # Not acknowledged is not refused: the operator may have typed the key in without saying so.
+        # The rollback asks them to put psk back and acknowledge that; both keys stay readable until then.
         out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
-                                        f"(ack_timeout): the key is withdrawn"))
+                                        f"(ack_timeout): the key is being withdrawn"))
     else:
         out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
                    f"{item.device.name if item.device else '?'} (rotator ack)")
@@ -376,6 +395,8 @@ def _promote_after_conflict(ctx: Context, item: Item, wanted: Record) -> Record 
         return exc
     if current.pending_psk is None and current.psk == item.key:
         return current
+    if current.state == "rolling_back":  # someone is returning both ends to psk: never promote over that
+        return VaultError("a rollback of this key was recorded during promotion", "run reconcile")
     if current.pending_psk == item.key:
         retry = dataclasses.replace(wanted, version=current.version, previous_psk=current.psk)
         return ctx.store.write_many([retry]).get(item.id, VaultError("no answer", ambiguous=True))
@@ -438,16 +459,20 @@ def _apply_back(ctx: Context, keys: dict[str, Secret]) -> PskSetResult:
 
 def restore_device(ctx: Context, items: list[Item]) -> Result:
     """Tell the device to go back to ``psk`` where it may hold the abandoned key."""
+    out = Result()
+    for item in [i for i in items if _moved_away(i) and not ctx.dry_run]:
+        out.settle(item, Outcome.UNKNOWN, f"{item.reason}; {_moved_away(item)}")
+    items = [i for i in items if not _moved_away(i) or ctx.dry_run]
     todo = [i for i in items if i.dev_may_hold and i.device is not None and i.record.psk is not None
             and not ctx.dry_run]
-    out = Result(moved=[i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)])
+    out.moved = [i for i in items if i not in todo and (not i.dev_may_hold or i.dev_refused or ctx.dry_run)]
     for item in [i for i in items if i not in todo and i not in out.moved]:
         out.settle(item, Outcome.UNKNOWN, f"{item.reason}; the device may hold the new key and there is no "
                    "previous key to go back to: the key stays pending")
     for item, res in device_call(ctx, todo, "rollback"):
-        # A manual device answers WAITING: the operator is asked to go back; a key it never
-        # acknowledged was never confirmed on the device, so withdrawing it does not wait for that.
-        if res.ok or (res.status is DeviceStatus.WAITING and item.dev_refused):
+        # A manual device answers WAITING: the operator is asked to go back and acknowledge that
+        # (``rotator ack`` on the rolling_back record); until then the device may hold either key.
+        if res.ok or (res.status is DeviceStatus.WAITING and (item.dev_refused or item.record.rollback_acked)):
             item.dev_may_hold = False
             out.moved.append(item)
         else:

@@ -232,15 +232,20 @@ def test_a_manual_key_waits_for_its_ack_then_is_applied() -> None:
 def test_an_unacknowledged_key_times_out_and_is_withdrawn(per: str) -> None:
     w = device_world(kind="manual", verify=False)
     dev(w).faults.on("deliver", waiting, times=2)
-    dev(w).faults.on("rollback", waiting)  # the operator is asked to put the old key back
+    dev(w).faults.on("rollback", waiting, times=2)  # the operator is asked to put the old key back
     limit = {"ack_timeout": 3600.0} if per == "request" else {}
     if per == "device":
         dev(w).ack_timeout = 3600.0  # type: ignore[attr-defined]
     w.run(**limit)
     w.engine.clock = lambda: 4e9  # much later
     report = w.run(reconcile_only=True, **limit)
-    assert {o.result for o in report.outcomes} == {Outcome.FAILED}
+    assert {o.result for o in report.outcomes} == {Outcome.UNKNOWN}  # until the operator says it went back
     assert all("not acknowledged" in (o.reason or "") for o in report.outcomes)
+    assert all(w.rec(t).state == "rolling_back" for t in w.ids)
+    w.invariant()
+    assert all(v is None for v in w.engine.acknowledge(ACCOUNT, w.ids).values())
+    report = w.run(reconcile_only=True, **limit)
+    assert {o.result for o in report.outcomes} == {Outcome.ROLLED_BACK}
     assert all(w.rec(t).pending_psk is None for t in w.ids)
     w.invariant(strict=True)
 
