@@ -46,7 +46,7 @@ class InstantDevice:
     deliver = verify = rollback = _ok
 
 
-CONCURRENCY = 4  # charon's vici backlog (about 10) refuses more simultaneous connects with EAGAIN
+CONCURRENCY = 16  # the device's default
 
 
 def strongswan_device(lab: Lab, timeout: float):
