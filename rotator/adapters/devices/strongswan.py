@@ -347,9 +347,12 @@ def _connect(path: str, end: float) -> socket.socket:
     and a non-blocking unix connect to a listener whose accept backlog is full fails at once with
     EAGAIN instead of waiting: retry it, with a growing pause, until the deadline."""
     pause = CONNECT_RETRY_FIRST
+    refused: BlockingIOError | None = None
     while True:
         left = end - time.monotonic()
         if left <= 0:
+            if refused is not None:
+                raise BlockingIOError(refused.errno, f"{refused.strerror} (charon's vici backlog stayed full)")
             raise TimeoutError("no time left before the deadline")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -358,13 +361,12 @@ def _connect(path: str, end: float) -> socket.socket:
             return sock
         except BlockingIOError as exc:  # EAGAIN: the backlog is full; nothing was sent
             sock.close()
-            if time.monotonic() + pause >= end:
-                raise BlockingIOError(exc.errno, f"{exc.strerror} (charon's vici backlog stayed full)") from None
-            time.sleep(pause)  # backoff between attempts, bounded by the deadline
-            pause = min(pause * 2, CONNECT_RETRY_MAX)
+            refused = exc
         except BaseException:
             sock.close()
             raise
+        time.sleep(max(0.0, min(pause, end - time.monotonic())))  # backoff, bounded by the deadline
+        pause = min(pause * 2, CONNECT_RETRY_MAX)
 
 
 class _Watch:
