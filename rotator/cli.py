@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "run the daemon against the built-in simulators", account=False)
     demo.add_argument("--listen", default="127.0.0.1:9477", help="admin API address (HOST:PORT or [IPV6]:PORT)")
+    demo.add_argument("--ike", action="store_true", help="real IKE peers (strongSwan in network namespaces; root)")
 
     sim = command("sim", "start the Vault and Cloudflare simulators on loopback", account=False)
     sim.add_argument("--json", action="store_true", help="print one JSON line with addresses and credentials")
@@ -151,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from rotator.demo import run_demo
 
-        return run_demo(args.listen)
+        return run_demo(args.listen, ike=args.ike)
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
@@ -431,8 +432,9 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]
     counts = summary(views)
+    budget = runtime.budget_view()
     if args.output == "json":
-        print(json.dumps({"account_id": args.account, "summary": counts,
+        print(json.dumps({"account_id": args.account, "summary": counts, "cloudflare_rate_budget": budget,
                           "tunnels": [v.as_dict(now) for v in views]}, indent=2))
         return 0
     rows = [[v.name, v.tunnel_id, v.state + (" (drifted)" if v.drifted and v.state != "drifted" else ""),
@@ -440,6 +442,9 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
              v.device or "-", " ".join((v.last_error or "").split())] for v in views]
     print(_table(rows, ["TUNNEL", "ID", "STATE", "PSK AGE", "PENDING", "DEVICE", "LAST ERROR"]))
     print("Summary: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "tunnels"))
+    if budget is not None:
+        print(f"Cloudflare rate budget: {budget['remaining']} of {budget['limit'] or '?'} requests left in this "
+              f"window ({budget['reserved']} kept for other tools)")
     return 0
 
 

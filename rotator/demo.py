@@ -1,77 +1,157 @@
-"""``rotator demo``: the daemon against the built-in simulators, on a fast schedule."""
+"""``rotator demo``: the daemon against the built-in simulators, on a fast schedule, with a far end.
+
+The first account's tunnels go through a simulated device (the ``webhook`` kind, rotator/sim/device.py):
+each key is delivered to it before Cloudflare applies it, and verified there after. The other
+account's tunnels are rotated at Cloudflare and in Vault only, so both paths are visible.
+
+``rotator demo --ike`` replaces the simulated device with real IKE peers (rotator/sim/ike): two
+strongSwan charons in network namespaces, the Cloudflare simulator's edge loading every applied key,
+and the ``strongswan`` device kind driving the site charon (deliver, forced re-authentication).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
 import threading
+from typing import Any
 
 from rotator import config as config_mod
-from rotator.errors import ConfigError, RotatorError
+from rotator.errors import ConfigError
 from rotator.httpserver import stop_on_signals
 from rotator.service.daemon import build_daemon
 from rotator.service.logging import Redactor, configure
 
+IKE_TUNNELS = 4
+IKE_DEVICE_CONCURRENCY = 4  # charon's vici backlog refuses many more simultaneous connects
 
-def run_demo(listen: str) -> int:
+
+def run_demo(listen: str, ike: bool = False) -> int:
     """The daemon against the built-in simulators, on a fast schedule."""
+    from rotator.sim.ike import unavailable  # no strongSwan import: the lab's modules load lazily
+
+    lab_missing = unavailable()
+    if ike and lab_missing:
+        raise ConfigError(f"rotator demo --ike cannot start: {lab_missing}",
+                          "run it as root on a machine with strongSwan, or run rotator demo without --ike")
     stop = stop_on_signals()
     workdir = tempfile.mkdtemp(prefix="psk-rotator-demo-")
     try:
-        return _demo(listen, stop, workdir)
+        with contextlib.ExitStack() as cleanup:
+            return _demo(listen, stop, workdir, cleanup, ike=ike, hint=not ike and lab_missing is None)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # the admin token and config go with it
+        shutil.rmtree(workdir, ignore_errors=True)  # the admin token, config and device key go with it
 
 
-def _demo(listen: str, stop: threading.Event, workdir: str) -> int:
+def _private_file(path: str, text: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.ExitStack, *, ike: bool,
+          hint: bool) -> int:
     from rotator.sim import Simulators  # only the demo needs the simulators
 
-    sims = Simulators(accounts=2, tunnels=4).start()
-    token_file = os.path.join(workdir, "admin-token")
-    with open(token_file, "w", encoding="utf-8") as fh:
-        fh.write(secrets.token_urlsafe(24))
-    os.chmod(token_file, 0o600)
+    token_file = _private_file(os.path.join(workdir, "admin-token"), secrets.token_urlsafe(24))
+    if ike:
+        sims, device_block, far_end, watch = _ike_far_end(workdir, cleanup)
+    else:
+        sims = Simulators(accounts=2, tunnels=4)
+        cleanup.callback(sims.stop)
+        sims.start()
+        device_block, far_end, watch = _simulated_far_end(sims, workdir, cleanup)
     accounts = "".join(f'[[accounts]]\nid = "{acc}"\n' for acc in sims.tunnels_by_account)
     cfg = os.path.join(workdir, "rotator.toml")
     with open(cfg, "w", encoding="utf-8") as fh:
         fh.write(f'[admin]\nlisten = "{listen}"\ntoken_file = "{token_file}"\n[rotation]\nlease_ttl = "30s"\n'
                  f'[policies.default]\nevery = "20s"\njitter = "10s"\nmax_age = "60s"\nretry_backoff = "5s"\n'
-                 f'retry_backoff_max = "30s"\n{accounts}')
+                 f'retry_backoff_max = "30s"\n{accounts}{device_block}')
     redactor = Redactor()
     for value in (sims.vault_token, sims.cloudflare_api_token):
         redactor.add(value)
     configure(redactor)  # stderr: the demo's stdout carries its instructions
-    try:
-        settings = config_mod.load(cfg, env=sims.env())
-        daemon = build_daemon(settings, redactor, tick_seconds=5.0)
-    except RotatorError:
-        sims.stop()
-        raise
+    settings = config_mod.load(cfg, env=sims.env())
+    daemon = build_daemon(settings, redactor, tick_seconds=5.0)
+    cleanup.callback(daemon.stop)
     try:
         daemon.start()
     except ConfigError as exc:
-        daemon.stop()
-        sims.stop()
         raise ConfigError(exc.message, "pass --listen HOST:PORT with a free port") from None
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
     print(json.dumps({"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
-                      "accounts": list(sims.tunnels_by_account), "simulators": {
+                      "accounts": list(sims.tunnels_by_account), "far_end": far_end, "simulators": {
                           "vault": sims.vault_addr, "cloudflare": sims.cloudflare_base_url}}), flush=True)
+    n = sum(map(len, sims.tunnels_by_account.values()))
     print(f"""
-psk-rotator demo: the daemon rotates {sum(map(len, sims.tunnels_by_account.values()))} simulated tunnels in
-{len(sims.tunnels_by_account)} accounts every 20-30 s (the first rotation within 10 s).
+psk-rotator demo: the daemon rotates {n} simulated tunnels in {len(sims.tunnels_by_account)} account(s) every \
+20-30 s (the first rotation within 10 s).
+{watch}
   Admin API : {url}
   Metrics   : {url}/metrics      e.g. curl -s {url}/metrics | grep psk_rotator_rotations_total
   Rotate now: curl -s -X POST -H "Authorization: Bearer $(cat {token_file})" \\
                 -d '{{"account": "{acc}", "all": true}}' {url}/v1/rotations
-  Status    : curl -s -H "Authorization: Bearer $(cat {token_file})" {url}/v1/status
-Ctrl-C stops it.
-""", flush=True)
+  Status    : curl -s -H "Authorization: Bearer $(cat {token_file})" {url}/v1/status""", flush=True)
+    if hint:
+        print("Hint: root and strongSwan are here: rotator demo --ike runs the demo against real IKE peers.",
+              flush=True)
+    print("Ctrl-C stops it.", flush=True)
     stop.wait()
-    daemon.stop()
-    sims.stop()
     return 0
+
+
+def _simulated_far_end(sims: Any, workdir: str, cleanup: contextlib.ExitStack) -> tuple[str, dict[str, Any], str]:
+    """The first account's tunnels through the simulated device, whose verification succeeds only
+    when Cloudflare's simulator holds the same key (a fresh IKE authentication would)."""
+    from rotator.sim import device
+
+    acc, *others = list(sims.tunnels_by_account)
+    dev = device.start(workdir, peer=sims.cloudflare.psk_of)
+    cleanup.callback(dev.stop)
+    block = dev.config("demo-device") + f'accounts = ["{acc}"]\n'
+    state = dev.server.url + "/_sim/state"
+    far_end = {"kind": "webhook", "device": "demo-device", "account": acc, "url": dev.url, "state_url": state}
+    others_text = f"account {others[0]}'s are rotated at Cloudflare only" if others else ""
+    watch = (f"  Far end   : account {acc}'s tunnels go through a simulated device (webhook kind, {dev.url});\n"
+             f"              {others_text}. Each key reaches the device before Cloudflare applies it.\n"
+             f"  Device    : curl -s {state}      (the key each tunnel holds there, as a sha256 fingerprint)")
+    return block, far_end, watch
+
+
+def _ike_far_end(workdir: str, cleanup: contextlib.ExitStack) -> tuple[Any, str, dict[str, Any], str]:
+    """Real IKE peers: the Cloudflare simulator's tunnels in the lab (its edge loads every applied
+    key), each established from the site, and the strongswan device driving the site's charon."""
+    from rotator.sim import Simulators
+    from rotator.sim.ike import Lab, attach
+
+    lab = Lab(threads=16)
+    cleanup.callback(lab.stop)
+    lab.start()
+    sims = Simulators(accounts=1, tunnels=0)
+    acc = next(iter(sims.tunnels_by_account))
+    pairs = [(sims.cloudflare.add_tunnel(acc, name=f"lab-{i}"), f"lab-{i}") for i in range(IKE_TUNNELS)]
+    sims.tunnels_by_account[acc] = [tid for tid, _ in pairs]
+    attach(lab, sims.cloudflare, acc, pairs)
+    lab.up(timeout=30)
+    cleanup.callback(sims.stop)
+    sims.start()
+    block = ('[[devices]]\nname = "lab-site"\nkind = "strongswan"\ntunnels = ["*"]\ntimeout = "20s"\n'
+             f'concurrency = {IKE_DEVICE_CONCURRENCY}\nsocket = "{lab.site.vici_socket}"\n'
+             'owners = ["{tunnel_id}.site.lab"]\n')
+    site = f"ip netns exec {lab.site_ns} swanctl --list-sas --uri unix://{lab.site.vici_socket}"
+    edge = f"ip netns exec {lab.edge_ns} swanctl --list-sas --uri unix://{lab.edge.vici_socket}"
+    far_end = {"kind": "strongswan", "device": "lab-site", "account": acc, "namespaces": [lab.edge_ns, lab.site_ns],
+               "site_sas": site, "edge_sas": edge, "charon_pids": [lab.edge.pid, lab.site.pid]}
+    watch = (f"  IKE lab   : {IKE_TUNNELS} real IPsec tunnels between two strongSwan charons in network namespaces\n"
+             f"              {lab.edge_ns} (Cloudflare's edge) and {lab.site_ns} (the customer's site).\n"
+             "              Each rotation loads the key at the site, applies it at the edge and re-authenticates.\n"
+             f"  Site SAs  : {site}\n"
+             f"  Edge SAs  : {edge}\n"
+             "              (the edge's SAs feed the Cloudflare simulator's tunnel health, GraphQL)")
+    return sims, block, far_end, watch

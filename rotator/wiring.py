@@ -23,7 +23,7 @@ import hvac.exceptions
 import requests
 import structlog
 
-from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
+from rotator.adapters.cloudflare import CloudflareClient, RateBudget, RetryPolicy
 from rotator.adapters.devices import DeviceRegistry
 from rotator.adapters.devices.manual import ManualSettings
 from rotator.adapters.vault import VaultStore, build_hvac_client, translate
@@ -76,6 +76,14 @@ class Runtime:
     close: Callable[[], None]
     devices: DeviceRegistry
     measured: dict[str, Device]  # the registry's devices as the engine calls them (with metrics when observed)
+    rate_budget: Callable[[], RateBudget | None]  # Cloudflare's rate budget as last reported, if it was
+
+    def budget_view(self) -> dict[str, Any] | None:
+        budget = self.rate_budget()
+        if budget is None:
+            return None
+        return {"remaining": budget.remaining, "limit": budget.limit, "reserved": budget.reserve,
+                "usable": budget.usable, "resets_in_seconds": round(budget.resets_in, 1)}
 
     def request_options(self, account_id: str) -> dict[str, Any]:
         """What every RunRequest for the account carries: PSK policy, far-end devices, drift handling."""
@@ -116,6 +124,9 @@ class AccountHint:
     def set_psks(self, account_id: str, psks: Mapping[str, Secret], *, validate_only: bool,
                  deadline: float | None = None) -> PskSetResult:
         return self.api.set_psks(account_id, psks, validate_only=validate_only, deadline=deadline)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.api, name)  # the client's own attributes (rate_budget, rate_reserve) as before
 
 
 def holder_id() -> str:
@@ -247,7 +258,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
                 closer()
 
     return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close,
-                   registry, measured)
+                   registry, measured, lambda: cloudflare.api.rate_budget)
 
 
 def preflight(runtime: Runtime) -> None:

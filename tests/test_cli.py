@@ -257,8 +257,10 @@ def test_status_filters_and_summary(sims):
     out = json.loads(proc.stdout)
     assert {t["tunnel_id"] for t in out["tunnels"]} == {tunnels[0], tunnels[1]}
     assert out["summary"]["tunnels"] == 2 and out["summary"]["active"] == 2
+    assert out["cloudflare_rate_budget"]["remaining"] > 0 and out["cloudflare_rate_budget"]["reserved"] >= 0
     proc = run_cli(["status", "--account", acc, "--state", "unmanaged"], sims.env())
     assert proc.returncode == 0 and "Summary: 4 tunnels" in proc.stdout and "4 unmanaged" in proc.stdout
+    assert "Cloudflare rate budget: " in proc.stdout
     proc = run_cli(["status", "--account", acc, "--tunnel", "tun0000[12]", "--output", "json"], sims.env())
     assert sorted(t["name"] for t in json.loads(proc.stdout)["tunnels"]) == ["tun00001", "tun00002"]
     proc = run_cli(["status", "--account", acc, "--device", "nowhere", "--output", "json"], sims.env())

@@ -30,12 +30,11 @@ import stamina
 
 from rotator.errors import CloudflareError, ConfigError
 from rotator.model import PskSetResult, TunnelInfo
-from rotator.secret import Secret
+from rotator.secret import Secret, redact
 
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
 HEX32 = re.compile(r"[0-9a-f]{32}")
 MAX_BODY = 16 * 1024 * 1024  # an answer larger than this is not the API's
-REDACTED = "[redacted]"
 _RL_FIELD = re.compile(r"(?:^|;)\s*([a-z])=(\d+)")
 
 HINTS: dict[int, str] = {
@@ -63,13 +62,6 @@ def check_account_id(account_id: str) -> None:
         raise ConfigError(f"account id {account_id[:40]!r} is not 32 lowercase hex digits",
                           "use the Cloudflare account id from the dashboard URL")
 
-
-def redact(text: str, keys: Iterable[str]) -> str:
-    """``text`` with every occurrence of any of ``keys`` replaced (reasons quoted from outside)."""
-    for key in keys:
-        if key:
-            text = text.replace(key, REDACTED)
-    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,10 @@ from rotator.adapters.cloudflare import (
     auth_headers,
     check_account_id,
     exchange,
-    redact,
 )
 from rotator.errors import CloudflareError
 from rotator.rotation.ports import HealthState
+from rotator.secret import redact
 
 DATASET = "magicTransitTunnelHealthChecksAdaptiveGroups"
 MAX_WINDOW = 7 * 24 * 3600.0  # GraphQL allows at most one week per query

@@ -31,7 +31,7 @@ from rotator.rotation.lease import LeaseManager
 from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, plan
 from rotator.rotation.ports import Device, Health, RecordStore, TunnelApi
 from rotator.rotation.steps import Context, Item, LeaseLost, Step
-from rotator.secret import Secret
+from rotator.secret import Secret, redact
 
 # Kept for callers that import the names; Outcome is the one list.
 ROTATED, REFUSED, UNAPPLIED, SKIPPED, UNKNOWN, WOULD_ROTATE = (
@@ -130,11 +130,8 @@ class Tally:
 
     def redact(self, text: str) -> str:
         with self._lock:
-            keys = sorted(self._keys, key=len, reverse=True)
-        for key in keys:
-            if key in text:
-                text = text.replace(key, "**redacted**")
-        return text
+            keys = list(self._keys)
+        return redact(text, keys)
 
     def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False) -> None:
         entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled)

@@ -334,7 +334,8 @@ class Daemon:
     # -- admin control ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         now = self.clock()
-        out: dict[str, Any] = {"holder": self.runtime.leases.holder, "accounts": {}}
+        out: dict[str, Any] = {"holder": self.runtime.leases.holder, "accounts": {},
+                               "cloudflare_rate_budget": self.runtime.budget_view()}
         for acc in self.settings.accounts:
             views = dict(self.views.get(acc.id, {}))
             out["accounts"][acc.id] = {

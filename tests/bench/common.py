@@ -33,11 +33,39 @@ def simulators(accounts: int, tunnels: int, cf_latency: float, vault_latency: fl
         proc.wait(timeout=30)
 
 
+@contextmanager
+def device_process(workdir: str, verify_latency: float):
+    """The simulated device (rotator/sim/device.py) in its own process, as the simulators are:
+    yields (webhook url, path of its signing key, url of its state). Stops when its stdin closes."""
+    code = ("import json, sys; from rotator.sim import device\n"
+            f"dev = device.start({workdir!r}, verify_latency={verify_latency!r})\n"
+            "print(json.dumps({'url': dev.url, 'key': dev.secret_file, 'state': dev.server.url + '/_sim/state'}),"
+            " flush=True)\n"
+            "sys.stdin.read(); dev.stop()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        yield info["url"], info["key"], info["state"]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def counts(info: dict[str, Any]) -> tuple[int, int]:
     """Total requests served so far by (Cloudflare, Vault)."""
+    cf, vault = routes(info)
+    return sum(cf.values()), sum(vault.values())
+
+
+def routes(info: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """Requests served so far by (Cloudflare, Vault), per route."""
     cf = httpx.get(info["cf_root"] + "/_sim/state").json()["result"]["request_counts"]
     vault = httpx.get(info["vault_root"] + "/_sim/state").json()["result"]["request_counts"]
-    return sum(cf.values()), sum(vault.values())
+    return cf, vault
 
 
 def env_of(info: dict[str, Any]) -> dict[str, str]:

@@ -23,17 +23,52 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench import sim_throughput  # noqa: E402
+from tests.bench import ike, sim_throughput  # noqa: E402
 from tests.bench.common import env_of, machine, simulators  # noqa: E402
 
 CF_LATENCY, VAULT_LATENCY, BATCH, CONCURRENCY = 0.08, 0.002, 100, 16
 PY = sys.executable
 
 
+VERIFY_LATENCY, DEVICE_CONCURRENCY, IKE_TUNNELS = 0.2, 16, 200
+
+
 def scenario(kind: str, n: int, accounts: int) -> dict:
     out = subprocess.run([PY, str(ROOT / "tests/bench/scale.py"), kind, str(n), str(accounts), str(CF_LATENCY),
-                          str(VAULT_LATENCY)], capture_output=True, text=True, check=True)
+                          str(VAULT_LATENCY), str(VERIFY_LATENCY)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def device_rows(cloudflare_only: dict) -> list[dict]:
+    """1,000 tunnels with a far-end device for every one: a trivial exec hook, and the simulated device
+    at VERIFY_LATENCY per verification. Floor: Cloudflare round trips (plus Vault's) and, with the
+    simulated device, verification time / the device's concurrency."""
+    rows = []
+    n = cloudflare_only["n"]
+    for kind, verify in (("exec", 0.0), ("simdev", VERIFY_LATENCY)):
+        print(f"device {kind} N={n} ...", flush=True)
+        r = scenario(kind, n, 1)
+        r["floor_s"] = round(floor_seconds(n, 1) + n * verify / DEVICE_CONCURRENCY, 2)
+        r["over_floor"] = round(r["wall_s"] / r["floor_s"], 2)
+        r["over_cloudflare_only"] = round(r["wall_s"] / cloudflare_only["wall_s"], 2)
+        # The device's own share against the floor's: wall time beyond the Cloudflare-only run.
+        r["device_s"] = round(r["wall_s"] - cloudflare_only["wall_s"], 2)
+        r["device_floor_s"] = round(n * verify / DEVICE_CONCURRENCY, 2)
+        rows.append(r)
+    return rows
+
+
+def ike_row(tunnels: int) -> dict:
+    """200 real tunnels end to end through the IKE lab (tests/bench/ike.py); skipped without root and
+    strongSwan, with the reason."""
+    print(f"IKE lab N={tunnels} ...", flush=True)
+    out = subprocess.run([PY, str(ROOT / "tests/bench/ike.py"), "--tunnels", str(tunnels)], capture_output=True,
+                         text=True, timeout=900)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return {"skipped": f"tests/bench/ike.py failed (exit {out.returncode}): "
+                           f"{(out.stderr.strip().splitlines() or ['no output'])[-1][:200]}"}
+    return json.loads(lines[-1])
 
 
 def floor_seconds(n: int, accounts: int) -> float:
@@ -118,6 +153,8 @@ def main() -> None:
         p["peer_over_ours"] = round(p["wall_s"] / mine["wall_s"], 1)
         peers.append(p)
     results["peer"] = peers
+    results["devices"] = device_rows(next(r for r in rows if r["n"] == 1000 and r["accounts"] == 1))
+    results["ike"] = ike_row(IKE_TUNNELS)
     print("micro ...", flush=True)
     results["micro"] = {"psks_per_s": round(psk_rate()), "help_ms": round(help_startup_ms(), 1),
                         "idle": idle_daemon(15 if args.quick else 60)}
@@ -141,6 +178,7 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|"]
     for p in r["peer"]:
         lines.append(f"| N = {p['n']:,} | {p['wall_s']} | {p['cloudflare_calls']} | {p['peer_over_ours']}x |")
+    lines += devices_markdown(r)
     m, s = r["micro"], r["simulators"]
     lines += ["", "| micro | measured | target |", "|---|---|---|",
               f"| PSKs generated per second | {m['psks_per_s']:,} | ≥ 200,000 |",
@@ -151,6 +189,20 @@ def markdown(r: dict) -> str:
               f"| Vault simulator KV writes/s | {s['kv_writes_per_s']:,} | ≥ 1,500 |",
               f"| Cloudflare simulator bulk sets of 1,000/s | {s['bulk_psk_set_1000_per_s']} | |", ""]
     return "\n".join(lines)
+
+
+def devices_markdown(r: dict) -> list[str]:
+    lines = ["", "| 1,000 tunnels, far-end device for each | wall s | floor s | wall/floor (target ≤ 1.5) | "
+                 "wall/Cloudflare-only | device time s (its floor) | Cloudflare calls | device calls |",
+             "|---|---|---|---|---|---|---|---|"]
+    names = {"exec": "exec, trivial hook", "simdev": f"simulated device, {VERIFY_LATENCY * 1000:.0f} ms per verification"}
+    for x in r.get("devices", []):
+        lines.append(f"| {names[x['kind']]} | {x['wall_s']} | {x['floor_s']} | {x['over_floor']} | "
+                     f"{x['over_cloudflare_only']} | {x['device_s']} ({x['device_floor_s']}) | {x['cloudflare_calls']} | "
+                     f"{x.get('device_calls', '')} |")
+    if "ike" in r:
+        lines += ["", *ike.markdown(r["ike"]).splitlines()]
+    return lines
 
 
 if __name__ == "__main__":

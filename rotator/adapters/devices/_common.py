@@ -11,9 +11,8 @@ from typing import Any
 from rotator.config import parse_duration
 from rotator.errors import ConfigError
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
-from rotator.secret import Secret
+from rotator.secret import Secret, redact
 
-REDACTED = "**redacted**"
 REASON_MAX = 300
 ACTIONS = ("deliver", "verify", "rollback")
 TEMPLATE_FIELDS = frozenset({"tunnel_name", "tunnel_id", "customer_endpoint", "cloudflare_endpoint"})
@@ -26,13 +25,6 @@ def batch_keys(tunnels: Iterable[DeviceTunnel]) -> list[str]:
     keys = {k.reveal() for t in tunnels for k in (t.psk, t.previous_psk) if k is not None}
     return sorted((k for k in keys if len(k) >= 6), key=len, reverse=True)
 
-
-def redact(text: str, keys: Sequence[str]) -> str:
-    """``text`` without any of ``keys``, raw or as escaped inside a JSON string."""
-    for key in keys:
-        for form in {key, json.dumps(key)[1:-1]}:
-            text = text.replace(form, REDACTED)
-    return text
 
 
 def one_line(text: str, keys: Sequence[str], limit: int = REASON_MAX) -> str:
