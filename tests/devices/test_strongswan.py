@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 
@@ -242,8 +243,6 @@ def test_without_events_a_refused_key_fails_only_at_the_deadline(charon):
 
 def test_a_full_vici_backlog_is_retried_until_the_deadline(sock_dir):
     """A listener that never accepts: once its backlog is full, connects fail with EAGAIN at once."""
-    import socket
-
     path = f"{sock_dir}/full.vici"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -271,3 +270,23 @@ def test_a_full_vici_backlog_is_retried_until_the_deadline(sock_dir):
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_an_event_stream_that_breaks_falls_back_to_list_sas(charon):
+    tunnels = make_tunnels(2)
+    site(charon, tunnels)
+    charon.auth_delay = 0.3
+    real = charon.command
+
+    def break_events_at_rekey(name, msg):
+        if name == "rekey":
+            with charon.lock:
+                for sock in charon.listeners:
+                    sock.shutdown(socket.SHUT_RDWR)  # the event session ends
+                charon.listeners.clear()
+        return real(name, msg)
+
+    charon.command = break_events_at_rekey
+    results = device(charon).verify(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert statuses(results) == {DeviceStatus.OK}, results
+    assert [c for c, _ in charon.commands].count("list-sas") > 1  # the verdicts came from polling

@@ -273,14 +273,13 @@ class StrongSwanDevice:
         those), so absence is no verdict."""
         results: dict[str, DeviceResult] = {}
         waiting = {tid: fill(self.ike, tunnel) for tid, tunnel in triggered.items()}
-        last_error, watched = "", False
+        last_error, polled = "", False  # the last list-sas: its error; whether one ever answered
         next_poll = time.monotonic()
-        while waiting:
+        events_ok, broken = True, ""
+        while waiting and time.monotonic() < end:  # past the end, the event session's own deadline breaks it
             with watch.cond:
-                events_ok = not watch.broken
+                events_ok, broken = not watch.broken, watch.broken
                 up, down, seen = set(watch.up), dict(watch.down), watch.version
-            if events_ok:
-                watched = True
             for tid, ike in list(waiting.items()):
                 old = before.get(ike, {})
                 if any(name == ike and uid not in old for name, uid in up):
@@ -294,7 +293,7 @@ class StrongSwanDevice:
                 try:
                     with self._session(end) as session:
                         now_sas = _ike_sas(session)
-                    last_error, watched = "", True
+                    last_error, polled = "", True
                 except (_Broken, OSError) as exc:
                     last_error = one_line(str(exc), keys, 200)
                     now_sas = None
@@ -312,10 +311,13 @@ class StrongSwanDevice:
                 if watch.version == seen:  # nothing new since the look above
                     watch.cond.wait(min(left, self.poll_interval))
         waited = time.monotonic() - started
+        # as of the last look before the deadline (the event session itself ends at the deadline)
+        blind = not events_ok and (bool(last_error) or not polled)  # neither source to the end
+        why = last_error or broken
         for tid, ike in waiting.items():
-            if not watched:
-                results[tid] = DeviceResult(DeviceStatus.UNKNOWN, f"could not watch {ike} come up ({last_error})")
-            else:  # watched, and no fresh SA came up in time
+            if blind:
+                results[tid] = DeviceResult(DeviceStatus.UNKNOWN, f"could not watch {ike} come up ({why})")
+            else:  # watched to the end, and no fresh SA came up in time
                 results[tid] = DeviceResult(DeviceStatus.FAILED,
                                             f"no fresh IKE SA {ike} established within {waited:.0f}s")
         return results
@@ -430,7 +432,9 @@ class _Watch:
                             self.down[key] = _text(sa.get("state"))
                     self.version += 1
                     self.cond.notify_all()
-        except Exception as exc:  # any failure of the stream makes it untrusted
+        except TimeoutError:
+            return  # the call's deadline: the stream ends with it, and nothing was missed before
+        except Exception as exc:  # any other failure of the stream makes it untrusted
             with self.cond:
                 self.broken = self.broken or f"the event session broke: {type(exc).__name__}"
                 self.version += 1
