@@ -273,7 +273,7 @@ class StrongSwanDevice:
         those), so absence is no verdict."""
         results: dict[str, DeviceResult] = {}
         waiting = {tid: fill(self.ike, tunnel) for tid, tunnel in triggered.items()}
-        last_error, polled = "", False  # the last list-sas: its error; whether one ever answered
+        last_error, polled = "", False  # the last list-sas's error; whether one ever answered
         next_poll = time.monotonic()
         events_ok, broken = True, ""
         while waiting and time.monotonic() < end:  # past the end, the event session's own deadline breaks it
@@ -312,7 +312,7 @@ class StrongSwanDevice:
                     watch.cond.wait(min(left, self.poll_interval))
         waited = time.monotonic() - started
         # as of the last look before the deadline (the event session itself ends at the deadline)
-        blind = not events_ok and (bool(last_error) or not polled)  # neither source to the end
+        blind = not events_ok and not polled  # no event stream to the end, and no list-sas ever answered
         why = last_error or broken
         for tid, ike in waiting.items():
             if blind:
