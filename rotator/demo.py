@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from rotator import config as config_mod
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, RotatorError
 from rotator.httpserver import stop_on_signals
 from rotator.service.daemon import build_daemon
 from rotator.service.logging import Redactor, configure
@@ -128,17 +128,21 @@ def _ike_far_end(workdir: str, cleanup: contextlib.ExitStack) -> tuple[Any, str,
     """Real IKE peers: the Cloudflare simulator's tunnels in the lab (its edge loads every applied
     key), each established from the site, and the strongswan device driving the site's charon."""
     from rotator.sim import Simulators
-    from rotator.sim.ike import Lab, attach
+    from rotator.sim.ike import Lab, LabError, attach
 
     lab = Lab(threads=16)
     cleanup.callback(lab.stop)
-    lab.start()
     sims = Simulators(accounts=1, tunnels=0)
     acc = next(iter(sims.tunnels_by_account))
     pairs = [(sims.cloudflare.add_tunnel(acc, name=f"lab-{i}"), f"lab-{i}") for i in range(IKE_TUNNELS)]
     sims.tunnels_by_account[acc] = [tid for tid, _ in pairs]
-    attach(lab, sims.cloudflare, acc, pairs)
-    lab.up(timeout=30)
+    try:
+        lab.start()
+        attach(lab, sims.cloudflare, acc, pairs)
+        lab.up(timeout=30)
+    except LabError as exc:
+        raise RotatorError(f"the IKE lab did not come up: {exc}", "try again, or run rotator demo without --ike") \
+            from None
     cleanup.callback(sims.stop)
     sims.start()
     block = ('[[devices]]\nname = "lab-site"\nkind = "strongswan"\ntunnels = ["*"]\ntimeout = "20s"\n'

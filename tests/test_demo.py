@@ -205,3 +205,28 @@ def test_demo_ike_without_the_lab_is_one_line_and_exit_2(monkeypatch: pytest.Mon
     assert main(["demo", "--ike", "--listen", "127.0.0.1:0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and reason in err and "--ike" in err and "Traceback" not in err
+
+
+def test_demo_ike_lab_that_fails_to_start_is_one_line_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import rotator.sim.ike
+    from rotator.cli import main
+    from rotator.sim.ike import Lab, LabError
+
+    stopped: list[bool] = []
+
+    def fail(self: Lab) -> Lab:
+        raise LabError("site charon exited with 1 at start; see /tmp/psk-lab-x")
+
+    monkeypatch.setattr(rotator.sim.ike, "unavailable", lambda: None)
+    monkeypatch.setattr(Lab, "start", fail)
+    monkeypatch.setattr(Lab, "stop", lambda self: stopped.append(True))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["demo", "--ike", "--listen", "127.0.0.1:0"]) == 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "site charon exited" in err and "Traceback" not in err
+    assert stopped, "the lab's teardown ran"

@@ -36,7 +36,7 @@ from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel  # n
 from rotator.secret import Secret  # noqa: E402
 from rotator.sim import Simulators  # noqa: E402
 from rotator.sim.device import DeviceSim, serve  # noqa: E402
-from rotator.sim.ike import Lab, unavailable  # noqa: E402
+from rotator.sim.ike import Lab, LabError, unavailable  # noqa: E402
 
 ACCOUNT = "0" * 32
 
@@ -107,50 +107,67 @@ def refused_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
             "reasons": reasons(verified)}
 
 
-def engine_phase(n: int) -> dict:
+def engine_run(label: str, n: int) -> dict:
     from rotator.rotation.engine import RunRequest
     from tests import helpers
+
+    with Lab(threads=16) as lab, Simulators(accounts=1, tunnels=0) as sims, tempfile.TemporaryDirectory() as tmp:
+        acc = next(iter(sims.tunnels_by_account))
+        tids = [sims.cloudflare.add_tunnel(acc, name=f"lab-{i}") for i in range(n)]
+        sims.tunnels_by_account[acc] = tids
+        lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)],
+                        {t: sims.cloudflare.psk_of(acc, t) or "" for t in tids})
+        lab.up(timeout=UP_TIMEOUT)
+        sims.cloudflare.set_edge_hook(lab.edge_hook)
+        sims.cloudflare.set_rate_limit(10**9, 300)
+        stack = contextlib.ExitStack()
+        if label == "instant":
+            dev = InstantDevice()
+        elif label == "simulated":
+            sim = DeviceSim(peer=sims.cloudflare.psk_of)
+            dev = WebhookDevice("sim", stack.enter_context(serve(sim)), Secret(sim.secret), timeout=120)
+            stack.callback(dev.close)
+        else:
+            dev = strongswan_device(lab, timeout=120)
+        rt = helpers.runtime(sims, "[cloudflare]\nbatch_size = 100\n", tmp_path=Path(tmp))
+        stack.callback(rt.close)
+        try:
+            t0 = time.perf_counter()
+            report = rt.engine.run(RunRequest(acc, device_for=lambda tunnel, d=dev: d))
+            wall = time.perf_counter() - t0
+        finally:
+            stack.close()
+    steps = {k: round(v, 3) for k, v in report.step_seconds.items()}
+    reauth = report.step_seconds.get("verify", 0.0)
+    return {"wall_s": round(wall, 3), "per_tunnel_ms": round(wall / n * 1000, 2),
+            "rotated": report.counts().get("rotated", 0), "steps_s": steps,
+            "not_rotated": collections.Counter(f"{o.result}: {(o.reason or '')[:60]}" for o in report.outcomes
+                                               if o.result != "rotated"),
+            "reauth_share": round(reauth / wall, 3) if wall else None}
+
+
+UP_TIMEOUT, UP_ATTEMPTS = 30.0, 3  # 200 tunnels come up in about 1.3 s; see engine_phase
+
+
+def engine_phase(n: int) -> dict:
+    """The same rotation of N lab tunnels with each device. On this loaded machine the lab's ``up``
+    sometimes misses a window of tunnels (LabError): that run is set up again in a fresh lab, at most
+    UP_ATTEMPTS times, and the attempts are reported."""
+    from rotator.rotation.engine import RunRequest
 
     if "device_for" not in {f.name for f in dataclasses.fields(RunRequest)}:
         return {"skipped": "the engine's device steps have not landed"}
     out: dict = {}
     for label in ("instant", "simulated", "strongswan"):
-        with Lab(threads=16) as lab, Simulators(accounts=1, tunnels=0) as sims, \
-                tempfile.TemporaryDirectory() as tmp:
-            if not hasattr(sims.cloudflare, "set_edge_hook"):
-                return {"skipped": "the Cloudflare simulator's edge hook has not landed"}
-            acc = next(iter(sims.tunnels_by_account))
-            tids = [sims.cloudflare.add_tunnel(acc, name=f"lab-{i}") for i in range(n)]
-            sims.tunnels_by_account[acc] = tids
-            lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)],
-                            {t: sims.cloudflare.psk_of(acc, t) or "" for t in tids})
-            lab.up(timeout=120)
-            sims.cloudflare.set_edge_hook(lab.edge_hook)
-            sims.cloudflare.set_rate_limit(10**9, 300)
-            stack = contextlib.ExitStack()
-            if label == "instant":
-                dev = InstantDevice()
-            elif label == "simulated":
-                sim = DeviceSim(peer=sims.cloudflare.psk_of)
-                dev = WebhookDevice("sim", stack.enter_context(serve(sim)), Secret(sim.secret), timeout=120)
-                stack.callback(dev.close)
-            else:
-                dev = strongswan_device(lab, timeout=120)
-            rt = helpers.runtime(sims, "[cloudflare]\nbatch_size = 100\n", tmp_path=Path(tmp))
-            stack.callback(rt.close)
+        errors: list[str] = []
+        while label not in out:
             try:
-                t0 = time.perf_counter()
-                report = rt.engine.run(RunRequest(acc, device_for=lambda tunnel, d=dev: d))
-                wall = time.perf_counter() - t0
-            finally:
-                stack.close()
-            steps = {k: round(v, 3) for k, v in report.step_seconds.items()}
-            reauth = report.step_seconds.get("verify", 0.0)
-            out[label] = {"wall_s": round(wall, 3), "per_tunnel_ms": round(wall / n * 1000, 2),
-                          "rotated": report.counts().get("rotated", 0), "steps_s": steps,
-                          "not_rotated": collections.Counter(f"{o.result}: {(o.reason or '')[:60]}" for o in report.outcomes
-                                                             if o.result != "rotated"),
-                          "reauth_share": round(reauth / wall, 3) if wall else None}
+                out[label] = engine_run(label, n)
+            except LabError as exc:
+                errors.append(str(exc)[:160])
+                if len(errors) >= UP_ATTEMPTS:
+                    return {"skipped": f"the lab did not bring {n} tunnels up in {UP_ATTEMPTS} attempts: {errors[-1]}"}
+        out[label]["setup_attempts"] = len(errors) + 1
     out["ratio_to_instant"] = round(out["strongswan"]["wall_s"] / out["instant"]["wall_s"], 2)
     out["ratio_to_simulated"] = round(out["strongswan"]["wall_s"] / out["simulated"]["wall_s"], 2)
     return out
@@ -162,13 +179,24 @@ def measure(n: int = 200) -> dict:
     if reason:
         return {"skipped": reason}
     result: dict = {"tunnels": n}
+    try:
+        result.update(lab_phases(n))
+    except LabError as exc:
+        result["lab_error"] = str(exc)[:200]
+    result["engine"] = engine_phase(n)
+    return result
+
+
+def lab_phases(n: int) -> dict:
+    """Establishment, the strongswan device alone, single re-authentications."""
+    result: dict = {}
     with Lab(threads=16) as lab:
         keys = {secrets.token_hex(16): secrets.token_urlsafe(24) for _ in range(n)}
         tids = list(keys)
         t0 = time.perf_counter()
         lab.add_tunnels([(t, f"lab-{i}") for i, t in enumerate(tids)], keys)
         t1 = time.perf_counter()
-        established = lab.up(timeout=120)
+        established = lab.up(timeout=UP_TIMEOUT)
         t2 = time.perf_counter()
         result["load_s"] = round(t1 - t0, 3)
         result["establish_s"] = round(t2 - t1, 3)
@@ -183,7 +211,6 @@ def measure(n: int = 200) -> dict:
         reauths = [lab.reauth(t, timeout=5).seconds for t in tids[:20]]
         result["single_reauth_ms"] = {"median": round(sorted(reauths)[len(reauths) // 2] * 1000, 1),
                                       "max": round(max(reauths) * 1000, 1)}
-    result["engine"] = engine_phase(n)
     return result
 
 
@@ -191,9 +218,12 @@ def markdown(r: dict) -> str:
     """Table rows for the benchmark report (tests/bench/run.py's markdown)."""
     if "skipped" in r:
         return f"IKE lab: skipped ({r['skipped']})\n"
-    lines = [f"| IKE lab, {r['tunnels']} real tunnels | measured |", "|---|---|",
-             f"| establish (windows of 32, asynchronous) | {r['establish_s']} s |",
-             f"| one forced re-authentication (median) | {r['single_reauth_ms']['median']} ms |"]
+    lines = [f"| IKE lab, {r['tunnels']} real tunnels | measured |", "|---|---|"]
+    if "lab_error" in r:
+        lines.append(f"| establish | failed: {r['lab_error']} |")
+    else:
+        lines += [f"| establish (windows of 32, asynchronous) | {r['establish_s']} s |",
+                  f"| one forced re-authentication (median) | {r['single_reauth_ms']['median']} ms |"]
     d, x = r.get("device", {}), r.get("refused", {})
     if "verified_ok" in d:
         lines += [f"| strongswan device alone: verify {r['tunnels']} tunnels | {d['verify_s']} s, "
@@ -211,6 +241,8 @@ def markdown(r: dict) -> str:
                   f"| share in IKE re-authentication (verify step) | {round(100 * (s['reauth_share'] or 0))} % |",
                   f"| same run, simulated device (webhook) | {m['wall_s']} s ({m['rotated']} rotated) |",
                   f"| same run, instant device | {i['wall_s']} s |",
+                  f"| lab set-ups needed (strongswan, simulated, instant) | {s['setup_attempts']}, "
+                  f"{m['setup_attempts']}, {i['setup_attempts']} |",
                   f"| strongswan / simulated device (target < 2) | {e['ratio_to_simulated']} |",
                   f"| strongswan / instant | {e['ratio_to_instant']} |"]
     return "\n".join(lines) + "\n"

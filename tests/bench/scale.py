@@ -45,12 +45,19 @@ def prepare_ours(info, config_text: str = "", workdir: str = ""):
     preflight(rt)
 
     def run(accounts):
+        rotated = 0
         try:
-            return sum(rt.engine.run(RunRequest(acc, **rt.request_options(acc))).counts()["rotated"]
-                       for acc in accounts)
+            for acc in accounts:
+                report = rt.engine.run(RunRequest(acc, **rt.request_options(acc)))
+                rotated += report.counts()["rotated"]
+                for step, seconds in report.step_seconds.items():  # where the wall time goes
+                    steps[step] = steps.get(step, 0.0) + seconds
+            return rotated
         finally:
             rt.close()
 
+    steps: dict[str, float] = {}
+    run.steps = steps
     return run
 
 
@@ -101,10 +108,12 @@ def main() -> None:
         with Meter() as m:
             rotated = run(accounts)
         cf1, v1 = counts(info)
+        if getattr(run, "steps", None):
+            extra["steps_s"] = {k: round(v, 2) for k, v in run.steps.items()}
         if "device_state" in extra:
             import httpx
 
-            extra = {"device_calls": sum(httpx.get(extra["device_state"]).json()["result"]["request_counts"].values())}
+            extra["device_calls"] = sum(httpx.get(extra.pop("device_state")).json()["result"]["request_counts"].values())
     print(json.dumps({"kind": kind, "n": n, "accounts": n_accounts, "rotated": rotated, "wall_s": round(m.wall, 3),
                       "cpu_s": round(m.cpu, 3), "cpu_us_per_tunnel": round(m.cpu / n * 1e6, 1),
                       "peak_rss_mb": round(m.peak_rss_mb, 1), "cloudflare_calls": cf1 - cf0, "vault_calls": v1 - v0,

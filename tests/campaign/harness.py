@@ -148,6 +148,7 @@ class Result:
     kills: int = 0
     faults_armed: int = 0
     rewritten: int = 0  # answers the gates rewrote (contradictions, garbage, trickles)
+    device_calls: int = 0  # calls the simulated device received
     applies: int = 0  # bulk-set applies Cloudflare received during the rounds (the setup's not counted)
     trace: list[Event] = field(default_factory=list)  # the schedule of the round with the first violation
     interrupted: bool = False
@@ -166,7 +167,7 @@ class Result:
                 f"{' (interrupted)' if self.interrupted else ''}\n"
                 f"  {self.rounds} rounds in {self.seconds:.0f}s over {self.tunnels} tunnels in 2 accounts; "
                 f"{self.processes} rotator processes ({self.kills} signalled), {self.faults_armed} faults armed, "
-                f"{self.rewritten} answers rewritten, {self.applies} applies received\n"
+                f"{self.rewritten} answers rewritten, {self.applies} applies received, {self.device_calls} device calls\n"
                 f"  invariant checks: {f.snapshots} atomic snapshots, {f.tunnel_checks} tunnel checks "
                 f"(longest {f.longest_check_ms:.1f} ms); drifted tunnel sightings {f.drifted_seen}\n"
                 f"  violations: {f.violations} continuous, {self.strict_failures} strict after reconcile; "
@@ -235,6 +236,7 @@ class Campaign:
                     self._kill_all()
                     if device_server is not None:
                         device_server.stop()
+                        self.result.device_calls = sum(self.device.request_counts().values())
                     self.http.close()
                     self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
                     self._scan_outputs()
