@@ -6,6 +6,8 @@ Phases, each timed:
   establish   N tunnels come up from the site (asynchronous initiate, both CHILD_SAs up)
   device      the strongswan device alone: deliver N keys to the site, load them at the edge,
               verify (forced re-authentication of every tunnel)
+  refused     20 keys delivered to the site but not to the edge: how long verify takes to report
+              the refusals (the device's timeout is 120 s), then a rollback
   engine      a whole rotation of the N tunnels through the engine with the strongswan device (Vault,
               Cloudflare simulator with the edge hook, site charon), and the same rotation with the
               simulated device (webhook kind, no injected latency; its verification checks that
@@ -50,7 +52,7 @@ class InstantDevice:
     deliver = verify = rollback = _ok
 
 
-CONCURRENCY = 4  # charon's vici backlog (about 10) refuses more simultaneous connects with EAGAIN
+CONCURRENCY = 16  # the device's default
 
 
 def strongswan_device(lab: Lab, timeout: float):
@@ -86,6 +88,23 @@ def device_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
             "delivered_ok": sum(r.ok for r in delivered.values()),
             "verified_ok": sum(r.ok for r in verified.values()),
             "failures": {**reasons(delivered), **reasons(verified)}}
+
+
+def refused_phase(lab: Lab, tids: list[str], keys: dict[str, str]) -> dict:
+    """Verify keys the edge does not hold (an apply that did not happen): how soon each refusal is
+    reported, then roll back. Every tunnel is back on its key afterwards."""
+    dev = strongswan_device(lab, timeout=120)
+    new = {t: secrets.token_urlsafe(24) for t in tids}
+    batch = [DeviceTunnel(t, lab.tunnel(t).name, Secret(new[t]), Secret(keys[t])) for t in tids]
+    dev.deliver(ACCOUNT, "refused", batch, deadline=time.monotonic() + 120)
+    t0 = time.perf_counter()
+    verified = dev.verify(ACCOUNT, "refused", batch, deadline=time.monotonic() + 120)
+    t1 = time.perf_counter()
+    back = [DeviceTunnel(t, lab.tunnel(t).name, Secret(keys[t]), Secret(new[t])) for t in tids]
+    dev.rollback(ACCOUNT, "refused", back, deadline=time.monotonic() + 120)
+    return {"tunnels": len(tids), "verify_s": round(t1 - t0, 3), "device_timeout_s": dev.timeout,
+            "failed": sum(r.status is DeviceStatus.FAILED for r in verified.values()),
+            "reasons": reasons(verified)}
 
 
 def engine_run(label: str, n: int) -> dict:
@@ -186,6 +205,7 @@ def lab_phases(n: int) -> dict:
                                              "max": round(per[-1] * 1000, 1)}
         try:
             result["device"] = device_phase(lab, tids, keys)
+            result["refused"] = refused_phase(lab, tids[-20:], keys)
         except ImportError:
             result["device"] = {"skipped": "the strongswan device has not landed"}
         reauths = [lab.reauth(t, timeout=5).seconds for t in tids[:20]]
@@ -204,6 +224,13 @@ def markdown(r: dict) -> str:
     else:
         lines += [f"| establish (windows of 32, asynchronous) | {r['establish_s']} s |",
                   f"| one forced re-authentication (median) | {r['single_reauth_ms']['median']} ms |"]
+    d, x = r.get("device", {}), r.get("refused", {})
+    if "verified_ok" in d:
+        lines += [f"| strongswan device alone: verify {r['tunnels']} tunnels | {d['verify_s']} s, "
+                  f"{r['tunnels'] - d['verified_ok']} failed |"]
+    if "failed" in x:
+        lines += [f"| verdict on {x['tunnels']} refused keys (device timeout {x['device_timeout_s']:.0f} s) | "
+                  f"{x['verify_s']} s, {x['failed']} failed |"]
     e = r.get("engine", {})
     if "skipped" in e:
         lines.append(f"| rotate + verify through the engine | skipped: {e['skipped']} |")

@@ -5,7 +5,9 @@ Packets and messages are encoded and decoded with the ``vici`` package's own ``P
 re-authentication (``rekey`` with reauth, or ``terminate`` + ``initiate``) makes a new SA that is
 CONNECTING for ``auth_delay`` seconds and then ESTABLISHED if the shared secret owned by the
 connection's local identity equals the key the far end (Cloudflare) holds, or torn down if not.
-State changes are computed when ``list-sas`` looks, so no timer threads are needed.
+State changes are computed when ``list-sas`` looks, and by a timer when the new SA is due, which
+streams ``ike-updown`` events (up, or down for an SA that never came up) to the connections that
+registered for them, as charon does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class FakeCharon:
     refuse_ids: set[str] = field(default_factory=set)
     hang: dict[str, float] = field(default_factory=dict)  # command -> seconds without an answer
     drop: set[str] = field(default_factory=set)  # commands answered by closing the connection
+    events: bool = True  # False: registering for ike-updown is answered EVENT_UNKNOWN (no event stream)
+    hide_connecting: bool = False  # every other list-sas skips SAs not ESTABLISHED (busy in charon)
+    _lists: int = 0
+    listeners: list[Any] = field(default_factory=list)  # sockets registered for ike-updown
+    timers: list[threading.Timer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _next_id: int = 1
 
@@ -89,11 +96,32 @@ class FakeCharon:
                     if conn.peer_key is not None and self._key_for(name) == conn.peer_key:
                         sa.state = "ESTABLISHED"
                         sas[:] = [s for s in sas if s is sa or s.state == "CONNECTING"]  # the old SA goes
+                        self._emit({"up": "yes", name: {"uniqueid": str(sa.uniqueid), "state": "ESTABLISHED"}})
                     else:
                         sas.remove(sa)  # AUTHENTICATION_FAILED
+                        self._emit({name: {"uniqueid": str(sa.uniqueid), "state": "CONNECTING"}})
+
+    def _emit(self, body: dict[str, Any]) -> None:
+        packet = bytes([Packet.EVENT, len(b"ike-updown")]) + b"ike-updown" + Message.serialize(body)
+        for sock in list(self.listeners):
+            try:
+                _send(sock, packet)
+            except OSError:
+                self.listeners.remove(sock)
+
+    def settle_later(self, delay: float) -> None:
+        def settle() -> None:
+            with self.lock:
+                self._settle()
+
+        timer = threading.Timer(delay, settle)
+        timer.daemon = True
+        self.timers.append(timer)
+        timer.start()
 
     def _reauth(self, name: str) -> None:
         self.sas.setdefault(name, []).append(self._new_sa("CONNECTING", time.monotonic() + self.auth_delay))
+        self.settle_later(self.auth_delay)
 
     # -- commands -----------------------------------------------------------------------------
     def command(self, name: str, msg: dict[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
@@ -109,8 +137,11 @@ class FakeCharon:
                                            "owners": [o.decode() for o in msg.get("owners", [])]}
                 return [], {"success": "yes"}
             if name == "list-sas":
+                self._lists += 1
+                hide = self.hide_connecting and self._lists % 2 == 0
                 events = [("list-sa", {n: {"uniqueid": str(sa.uniqueid), "state": sa.state, "version": "2"}})
-                          for n, sas in self.sas.items() for sa in sas]
+                          for n, sas in self.sas.items() for sa in sas
+                          if sa.state == "ESTABLISHED" or not hide]
                 return events, {}
             if name == "rekey":
                 ike = text.get("ike", "")
@@ -147,7 +178,16 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             kind = raw[0]
             if kind in (Packet.EVENT_REGISTER, Packet.EVENT_UNREGISTER):
-                _send(sock, bytes([Packet.EVENT_CONFIRM]))
+                event_name = raw[2:2 + raw[1]].decode()
+                with charon.lock:
+                    if not charon.events and event_name != "list-sa":  # list-sas streams list-sa events
+                        _send(sock, bytes([Packet.EVENT_UNKNOWN]))
+                        continue
+                    if kind == Packet.EVENT_REGISTER and event_name == "ike-updown":
+                        charon.listeners.append(sock)
+                    elif kind == Packet.EVENT_UNREGISTER and sock in charon.listeners:
+                        charon.listeners.remove(sock)
+                    _send(sock, bytes([Packet.EVENT_CONFIRM]))
                 continue
             if kind != Packet.CMD_REQUEST:
                 return
@@ -160,10 +200,11 @@ class _Handler(socketserver.BaseRequestHandler):
             if name in charon.drop:
                 return
             events, response = charon.command(name, msg)
-            for event, body in events:
-                ev = event.encode()
-                _send(sock, bytes([Packet.EVENT, len(ev)]) + ev + Message.serialize(body))
-            _send(sock, bytes([Packet.CMD_RESPONSE]) + Message.serialize(response))
+            with charon.lock:  # one writer at a time: the timers stream events too
+                for event, body in events:
+                    ev = event.encode()
+                    _send(sock, bytes([Packet.EVENT, len(ev)]) + ev + Message.serialize(body))
+                _send(sock, bytes([Packet.CMD_RESPONSE]) + Message.serialize(response))
 
 
 def _read(sock: Any) -> bytes | None:
@@ -206,6 +247,8 @@ def fake_charon(path: str, **kwargs: Any) -> Iterator[FakeCharon]:
     try:
         yield charon
     finally:
+        for timer in charon.timers:
+            timer.cancel()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 
@@ -196,6 +197,7 @@ def test_an_sa_that_vanished_before_the_rekey_is_initiated_instead(charon):
 def test_a_charon_that_cannot_be_watched_after_the_reauth_leaves_it_unknown(charon):
     tunnels = make_tunnels(1)
     site(charon, tunnels)
+    charon.events = False  # no event stream, and list-sas goes too
     real = charon.command
 
     def blind_after_rekey(name, msg):
@@ -206,3 +208,85 @@ def test_a_charon_that_cannot_be_watched_after_the_reauth_leaves_it_unknown(char
     charon.command = blind_after_rekey
     (r,) = device(charon, timeout=1).verify(ACCOUNT, "r", tunnels, deadline=deadline()).values()
     assert r.status is DeviceStatus.UNKNOWN and r.reason.startswith("could not watch site-0 come up")
+
+
+def test_the_verdicts_come_from_the_event_stream_without_polling(charon):
+    tunnels = make_tunnels(2)
+    site(charon, tunnels[:1])
+    site(charon, tunnels[1:], peer="old")
+    dev = device(charon, timeout=30)
+    dev.poll_interval = 60  # a poll would take longer than the test's deadline allows
+    results = dev.verify(ACCOUNT, "r", tunnels, deadline=deadline(20))
+    assert results[tunnels[0].tunnel_id].ok
+    assert results[tunnels[1].tunnel_id].reason == "the re-authentication of site-1 failed: the new IKE SA was torn down"
+    assert [c for c, _ in charon.commands].count("list-sas") == 1  # the look before the triggers only
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_an_sa_that_list_sas_skips_while_busy_is_not_taken_for_torn_down(charon, events):
+    tunnels = make_tunnels(3)
+    site(charon, tunnels)
+    charon.events = events
+    charon.hide_connecting = True  # list-sas skips SAs busy in charon, as with noblock
+    charon.auth_delay = 0.3  # several polls see nothing new
+    results = device(charon).verify(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert statuses(results) == {DeviceStatus.OK}, results
+
+
+def test_without_events_a_refused_key_fails_only_at_the_deadline(charon):
+    tunnels = make_tunnels(1)
+    site(charon, tunnels, peer="old")
+    charon.events = False
+    (r,) = device(charon, timeout=1).verify(ACCOUNT, "r", tunnels, deadline=deadline()).values()
+    assert r.status is DeviceStatus.FAILED and r.reason.startswith("no fresh IKE SA site-0 established within")
+
+
+def test_a_full_vici_backlog_is_retried_until_the_deadline(sock_dir):
+    """A listener that never accepts: once its backlog is full, connects fail with EAGAIN at once."""
+    path = f"{sock_dir}/full.vici"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # bounded: fill the backlog until a non-blocking connect is refused
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        else:
+            pytest.skip("the backlog never filled")
+        tunnels = make_tunnels(1)
+        dev = StrongSwanDevice("site", path, owners=[OWNER], timeout=0.5)
+        started = time.monotonic()
+        (r,) = dev.deliver(ACCOUNT, "r", tunnels, deadline=deadline()).values()
+        assert time.monotonic() - started >= 0.4  # retried, not refused at the first EAGAIN
+        assert r.status is DeviceStatus.FAILED and r.reason.startswith(f"cannot reach charon at {path}")
+        assert "backlog stayed full" in r.reason
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_an_event_stream_that_breaks_falls_back_to_list_sas(charon):
+    tunnels = make_tunnels(2)
+    site(charon, tunnels)
+    charon.auth_delay = 0.3
+    real = charon.command
+
+    def break_events_at_rekey(name, msg):
+        if name == "rekey":
+            with charon.lock:
+                for sock in charon.listeners:
+                    sock.shutdown(socket.SHUT_RDWR)  # the event session ends
+                charon.listeners.clear()
+        return real(name, msg)
+
+    charon.command = break_events_at_rekey
+    results = device(charon).verify(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert statuses(results) == {DeviceStatus.OK}, results
+    assert [c for c, _ in charon.commands].count("list-sas") > 1  # the verdicts came from polling

@@ -52,7 +52,7 @@ def main() -> None:
 
     account, socket_path, point, holder = sys.argv[1:5]
     device = StopsDead(StrongSwanDevice("lab-site", socket_path, owners=["{tunnel_id}.site.lab"], timeout=5.0,
-                                        concurrency=4), point)
+                                        concurrency=16), point)
     rt = build_runtime(config.load(None, env=dict(os.environ)), holder=holder)
     preflight(rt)
     rt.engine.run(RunRequest(account, device_for=lambda tunnel: device))

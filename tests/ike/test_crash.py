@@ -34,7 +34,7 @@ def test_c_sigkill_then_reconcile_leaves_all_three_agreeing(lab, tmp_path, point
         tids = attach_all(sims, lab, acc)
         lab.up(timeout=10)
         dev = strongswan.StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"],
-                                          timeout=5.0, concurrency=4)
+                                          timeout=5.0, concurrency=16)
         rt = helpers.runtime(sims, tmp_path=tmp_path, holder=HOLDER)
         try:  # a first rotation: every tunnel managed, its key in Vault
             assert rt.engine.run(RunRequest(acc, device_for=lambda tunnel: dev)).ok

@@ -25,9 +25,9 @@ from tests.ike.conftest import attach_all, lab_sims
 strongswan = pytest.importorskip("rotator.adapters.devices.strongswan", reason="the strongswan device has not landed")
 
 pytestmark = pytest.mark.ike
-# charon's vici socket has a listen backlog of about 10: more simultaneous connects than that are
-# refused with EAGAIN by a connect that has a timeout (see test_strongswan_device.py)
-VICI_CONCURRENCY = 4
+# charon's vici socket has a listen backlog of about 10; the device retries a connect refused with
+# EAGAIN until its deadline, so its default concurrency works against a real charon
+VICI_CONCURRENCY = 16  # the strongswan device's default
 MAX_GAP = 1.0  # seconds: the bound on any interruption of a tunnel's traffic
 MOMENT = 0.25  # seconds around a tunnel's own IKE events that count as its re-authentication moment
 

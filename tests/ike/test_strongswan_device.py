@@ -67,14 +67,18 @@ def test_deliver_then_verify_authenticates_afresh_on_the_new_key(lab, up):
 
 
 def test_verify_fails_when_the_edge_holds_another_key_and_rollback_restores_the_tunnel(lab, up):
-    dev = device(lab, timeout=2.0)  # a refused re-authentication is seen only when its time is up
+    dev = device(lab, timeout=30.0)  # a refused re-authentication is seen at once (ike-updown), not at the deadline
     victim, *others = list(up)
     new = new_key()
     batch = [dt(lab, victim, new, up[victim])]
     assert dev.deliver(ACCOUNT, "r2", batch, deadline=time.monotonic() + 5)[victim].ok
     # the edge keeps the old key (an apply that did not happen): the fresh authentication must fail
-    verified = dev.verify(ACCOUNT, "r2", batch, deadline=time.monotonic() + 5)[victim]
+    started = time.monotonic()
+    verified = dev.verify(ACCOUNT, "r2", batch, deadline=time.monotonic() + 30)[victim]
+    took = time.monotonic() - started
     assert verified.status is DeviceStatus.FAILED, verified
+    assert verified.reason == f"the re-authentication of {lab.tunnel(victim).name} failed: the new IKE SA was torn down"
+    print(f"verdict on a refused key: {took:.3f} s")
     assert new not in (verified.reason or "")
     assert lab.sa_states("edge")[victim] == "ESTABLISHED"  # make-before-break: the old SA still carries
     rollback = [dt(lab, victim, up[victim], new)]
@@ -85,14 +89,12 @@ def test_verify_fails_when_the_edge_holds_another_key_and_rollback_restores_the_
     assert all(lab.sa_states("edge")[t] == "ESTABLISHED" for t in others)
 
 
-@pytest.mark.xfail(strict=False, reason="the device connects with a timeout, and a unix-socket connect with a timeout "
-                                        "fails with EAGAIN at once when charon's vici backlog is full, instead of "
-                                        "waiting: more than about 10 simultaneous sessions are refused")
 def test_verify_at_the_default_concurrency_against_a_real_charon(lab):
     old = {secrets.token_hex(16): new_key() for _ in range(40)}
     lab.add_tunnels([(t, f"many-{i}") for i, t in enumerate(old)], old)
     lab.up(timeout=20)
     dev = strongswan.StrongSwanDevice("lab-site", lab.site.vici_socket, owners=["{tunnel_id}.site.lab"], timeout=10)
+    assert dev.concurrency == 16  # the default
     new = {t: new_key() for t in old}
     batch = [dt(lab, t, new[t], old[t]) for t in old]
     assert all(r.ok for r in dev.deliver(ACCOUNT, "r3", batch, deadline=time.monotonic() + 10).values())

@@ -7,13 +7,17 @@ official ``vici`` binding) on its unix socket.
 - verify: load the key again (a charon restarted since the delivery has forgotten vici-loaded
   secrets), then force a fresh authentication of the IKE SA named by ``ike`` (default
   ``{tunnel_name}``): ``reauth = "rekey"`` sends ``rekey {ike, reauth: yes}`` (or ``initiate`` when
-  no SA is up), ``reauth = "restart"`` sends ``terminate`` then ``initiate`` of ``child``. Then
-  ``list-sas`` is polled until an IKE SA of that name with a new unique id is ESTABLISHED (OK), the
-  new SA is torn down (FAILED), or the deadline passes (FAILED: no fresh authentication happened).
+  no SA is up), ``reauth = "restart"`` sends ``terminate`` then ``initiate`` of ``child``. The
+  verdict comes from charon's ``ike-updown`` events, watched on a session of its own opened before
+  the triggers: a new IKE SA of that name up (OK), or a new one down without ever being up (FAILED:
+  the authentication was refused or never answered), seen as soon as it happens; none by the
+  deadline: FAILED. Without a usable event stream, ``list-sas`` is polled instead, and it can only
+  tell OK: list-sas skips SAs that are busy, so an SA not listed is not yet known.
 - A charon that cannot be reached: FAILED (the call never arrived). A session that breaks or times
   out in the middle of a call: UNKNOWN for the tunnel in flight, FAILED for those not yet sent.
 
-Every wait is bounded by the call's deadline: the vici transport here reads with the time left.
+Every wait is bounded by the call's deadline: the vici transport here reads with the time left, and
+a connect refused with EAGAIN (charon's accept backlog is full) is retried with backoff until then.
 
 Known limit: an IKE SA *rekey* (not a re-authentication) that the site's own timers start during
 the few seconds of a verification also yields a new unique id, and would be taken for the fresh
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +46,10 @@ from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
 DEFAULT_SOCKET = "/var/run/charon.vici"
 REAUTH_MODES = ("rekey", "restart")
 POLL_INTERVAL = 0.2
+CONNECT_RETRY_FIRST = 0.005
+CONNECT_RETRY_MAX = 0.1
+WATCH_EVENTS = ("ike-updown",)
+WATCH_JOIN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -155,15 +164,19 @@ class StrongSwanDevice:
             results.update(every(loaded, DeviceStatus.FAILED, self._unreachable(exc)))
             return results
         started = time.monotonic()
-        triggered: dict[str, DeviceTunnel] = {}
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(loaded)))) as pool:
-            for tunnel, result in zip(loaded, pool.map(lambda t: self._trigger(t, before, end, keys), loaded),
-                                      strict=True):
-                if result is None:
-                    triggered[tunnel.tunnel_id] = tunnel
-                else:
-                    results[tunnel.tunnel_id] = result
-        results.update(self._await_fresh(triggered, before, started, end, keys))
+        watch = _Watch(self.socket_path, end).start()  # before any trigger: no event can be missed
+        try:
+            triggered: dict[str, DeviceTunnel] = {}
+            with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(loaded)))) as pool:
+                for tunnel, result in zip(loaded, pool.map(lambda t: self._trigger(t, before, end, keys), loaded),
+                                          strict=True):
+                    if result is None:
+                        triggered[tunnel.tunnel_id] = tunnel
+                    else:
+                        results[tunnel.tunnel_id] = result
+            results.update(self._await_fresh(triggered, before, watch, started, end, keys))
+        finally:
+            watch.stop()
         return results
 
     # -- steps -------------------------------------------------------------------------------------
@@ -177,13 +190,8 @@ class StrongSwanDevice:
     def _session(self, end: float) -> Iterator[Any]:
         """A vici session whose every read and write ends by ``end``. Connecting raises OSError
         (nothing was sent); a failure after that raises _Broken."""
-        left = end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no time left before the deadline")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _connect(self.socket_path, end)
         try:
-            sock.settimeout(left)
-            sock.connect(self.socket_path)
             session = vici.Session(sock)
             session.transport = _DeadlineTransport(sock, end)
             try:
@@ -256,44 +264,60 @@ class StrongSwanDevice:
         except OSError as exc:
             return DeviceResult(DeviceStatus.FAILED, self._unreachable(exc))
 
-    def _await_fresh(self, triggered: dict[str, DeviceTunnel], before: dict[str, dict[str, str]],
+    def _await_fresh(self, triggered: dict[str, DeviceTunnel], before: dict[str, dict[str, str]], watch: _Watch,
                      started: float, end: float, keys: list[str]) -> dict[str, DeviceResult]:
-        """Poll list-sas until each tunnel's IKE SA is freshly ESTABLISHED, torn down, or out of time."""
+        """Wait until each tunnel's IKE SA is freshly ESTABLISHED (OK), its new IKE SA went down without
+        ever being up (FAILED: the authentication was refused or never answered), or time is out.
+        charon's ``ike-updown`` events give both verdicts as they happen; while they cannot be trusted,
+        list-sas is polled, which can only tell OK: an SA it does not list may be busy (list-sas skips
+        those), so absence is no verdict."""
         results: dict[str, DeviceResult] = {}
-        seen_new: dict[str, set[str]] = {tid: set() for tid in triggered}
-        waiting = dict(triggered)
-        last_error, watched = "", False
-        while waiting:
-            try:
-                with self._session(end) as session:
-                    now_sas = _ike_sas(session)
-                last_error, watched = "", True
-            except (_Broken, OSError) as exc:
-                last_error = one_line(str(exc), keys, 200)
-                now_sas = None
-            if now_sas is not None:
-                for tid, tunnel in list(waiting.items()):
-                    ike = fill(self.ike, tunnel)
-                    old = set(before.get(ike, {}))
-                    new = {uid: state for uid, state in now_sas.get(ike, {}).items() if uid not in old}
-                    if any(state == "ESTABLISHED" for state in new.values()):
+        waiting = {tid: fill(self.ike, tunnel) for tid, tunnel in triggered.items()}
+        last_error, polled = "", False  # the last list-sas's error; whether one ever answered
+        next_poll = time.monotonic()
+        events_ok, broken = True, ""
+        while waiting and time.monotonic() < end:  # past the end, the event session's own deadline breaks it
+            with watch.cond:
+                events_ok, broken = not watch.broken, watch.broken
+                up, down, seen = set(watch.up), dict(watch.down), watch.version
+            for tid, ike in list(waiting.items()):
+                old = before.get(ike, {})
+                if any(name == ike and uid not in old for name, uid in up):
+                    results[tid] = DeviceResult(DeviceStatus.OK)
+                    del waiting[tid]
+                elif any(name == ike and uid not in old for name, uid in down):
+                    results[tid] = DeviceResult(DeviceStatus.FAILED, f"the re-authentication of {ike} failed: "
+                                                                     "the new IKE SA was torn down")
+                    del waiting[tid]
+            if waiting and not events_ok and time.monotonic() >= next_poll:
+                try:
+                    with self._session(end) as session:
+                        now_sas = _ike_sas(session)
+                    last_error, polled = "", True
+                except (_Broken, OSError) as exc:
+                    last_error = one_line(str(exc), keys, 200)
+                    now_sas = None
+                for tid, ike in list(waiting.items()):
+                    prior = set(before.get(ike, {}))
+                    if now_sas is not None and any(uid not in prior and state == "ESTABLISHED"
+                                                   for uid, state in now_sas.get(ike, {}).items()):
                         results[tid] = DeviceResult(DeviceStatus.OK)
                         del waiting[tid]
-                    elif seen_new[tid] and not new:
-                        results[tid] = DeviceResult(DeviceStatus.FAILED, f"the re-authentication of {ike} failed: "
-                                                                         "the new IKE SA was torn down")
-                        del waiting[tid]
-                    else:
-                        seen_new[tid].update(new)
-            if not waiting or time.monotonic() + self.poll_interval >= end:
+                next_poll = time.monotonic() + self.poll_interval
+            left = end - time.monotonic()
+            if not waiting or left <= 0:
                 break
-            time.sleep(self.poll_interval)
+            with watch.cond:
+                if watch.version == seen:  # nothing new since the look above
+                    watch.cond.wait(min(left, self.poll_interval))
         waited = time.monotonic() - started
-        for tid, tunnel in waiting.items():
-            ike = fill(self.ike, tunnel)
-            if not watched:
-                results[tid] = DeviceResult(DeviceStatus.UNKNOWN, f"could not watch {ike} come up ({last_error})")
-            else:  # seen without a fresh SA; a last look cut short by the deadline changes nothing
+        # as of the last look before the deadline (the event session itself ends at the deadline)
+        blind = not events_ok and not polled  # no event stream to the end, and no list-sas ever answered
+        why = last_error or broken
+        for tid, ike in waiting.items():
+            if blind:
+                results[tid] = DeviceResult(DeviceStatus.UNKNOWN, f"could not watch {ike} come up ({why})")
+            else:  # watched to the end, and no fresh SA came up in time
                 results[tid] = DeviceResult(DeviceStatus.FAILED,
                                             f"no fresh IKE SA {ike} established within {waited:.0f}s")
         return results
@@ -318,3 +342,111 @@ def _ike_sas(session: Any) -> dict[str, dict[str, str]]:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+
+
+def _connect(path: str, end: float) -> socket.socket:
+    """A unix-socket connection to charon, made by ``end``. A connect with a timeout is non-blocking,
+    and a non-blocking unix connect to a listener whose accept backlog is full fails at once with
+    EAGAIN instead of waiting: retry it, with a growing pause, until the deadline."""
+    pause = CONNECT_RETRY_FIRST
+    refused: BlockingIOError | None = None
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            if refused is not None:
+                raise BlockingIOError(refused.errno, f"{refused.strerror} (charon's vici backlog stayed full)")
+            raise TimeoutError("no time left before the deadline")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(left)
+            sock.connect(path)
+            return sock
+        except BlockingIOError as exc:  # EAGAIN: the backlog is full; nothing was sent
+            sock.close()
+            refused = exc
+        except BaseException:
+            sock.close()
+            raise
+        time.sleep(max(0.0, min(pause, end - time.monotonic())))  # backoff, bounded by the deadline
+        pause = min(pause * 2, CONNECT_RETRY_MAX)
+
+
+class _Watch:
+    """charon's ``ike-updown`` events, on a session of its own, read by a thread for the duration of
+    a verification: which IKE SAs (name, unique id) came up, and which went down before they were
+    ever up (a refused authentication, a peer that never answered). ``broken`` tells that the stream
+    is not (or no longer) to be trusted; the caller then falls back to polling list-sas."""
+
+    def __init__(self, path: str, end: float) -> None:
+        self.cond = threading.Condition()
+        self.up: set[tuple[str, str]] = set()
+        self.down: dict[tuple[str, str], str] = {}  # went down without having been up -> last state
+        self.broken = ""
+        self.version = 0  # counts changes, for waiters
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._end = end
+        self._path = path
+
+    def start(self) -> _Watch:
+        try:
+            sock = _connect(self._path, self._end)
+        except OSError as exc:
+            self.broken = f"cannot open an event session: {exc.strerror or type(exc).__name__}"
+            return self
+        try:
+            transport = _DeadlineTransport(sock, self._end)
+            for event in WATCH_EVENTS:
+                transport.send(vici.protocol.Packet.register_event(event))
+                while True:
+                    answer = vici.protocol.Packet.parse(transport.receive())
+                    if answer.response_type != vici.protocol.Packet.EVENT:
+                        break
+                if answer.response_type != vici.protocol.Packet.EVENT_CONFIRM:
+                    raise ValueError(f"charon did not confirm the {event} event (type {answer.response_type})")
+        except (OSError, ValueError, vici.exception.DeserializationException) as exc:
+            sock.close()
+            self.broken = f"cannot watch events: {type(exc).__name__}"
+            return self
+        self._sock = sock
+        self._thread = threading.Thread(target=self._read, args=(transport,), name="vici-events", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self, transport: _DeadlineTransport) -> None:
+        try:
+            while True:
+                packet = vici.protocol.Packet.parse(transport.receive())
+                if packet.response_type != vici.protocol.Packet.EVENT:
+                    continue
+                message = vici.protocol.Message.deserialize(packet.payload)
+                is_up = _text(message.get("up")) == "yes"
+                with self.cond:
+                    for name, sa in message.items():
+                        if name == "up" or not isinstance(sa, dict):
+                            continue
+                        key = (_text(name), _text(sa.get("uniqueid")))
+                        if is_up:
+                            self.up.add(key)
+                        elif key not in self.up:
+                            self.down[key] = _text(sa.get("state"))
+                    self.version += 1
+                    self.cond.notify_all()
+        except TimeoutError:
+            return  # the call's deadline: the stream ends with it, and nothing was missed before
+        except Exception as exc:  # any other failure of the stream makes it untrusted
+            with self.cond:
+                self.broken = self.broken or f"the event session broke: {type(exc).__name__}"
+                self.version += 1
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.broken = self.broken or "stopped"
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader with end-of-file
+        if self._thread is not None:
+            self._thread.join(timeout=WATCH_JOIN_TIMEOUT)
+        if self._sock is not None:
+            self._sock.close()
