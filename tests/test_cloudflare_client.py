@@ -105,7 +105,7 @@ def test_legacy_credentials(cf_sim):
     sim, base = cf_sim
     sim.add_account(A)
     sim.add_tunnel(A)
-    key = "0123456789abcdef0123456789abcdef"
+    key = "9f3c27d1e84b6a05c2d7e19b3a48f6c0"
     sim.add_legacy_key("ops@example.com", key)
     with httpx.Client() as http:
         assert len(CloudflareClient(http, base_url=base, email="ops@example.com", api_key=key).list_tunnels(A)) == 1

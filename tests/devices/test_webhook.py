@@ -255,7 +255,7 @@ def test_tls_is_verified(tls_server):
 # -- the receiving side ----------------------------------------------------------------------------
 
 def test_the_receiver_checks_signature_window_and_replays():
-    secret = "0123456789abcdef0123456789abcdef"
+    secret = "webhook-receiver-test-key-7d1e0c59a3b8"
     body = json.dumps({"version": 1}).encode()
     now = 1_800_000_000
     ts = str(now)
