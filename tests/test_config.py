@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import run_cli, write_config
 
-ACC = "0123456789abcdef0123456789abcdef"
+ACC = "5e2b9c0d71a84f36b0c9e1d2a7f48c63"  # an id no test uses as a key
 GOOD = f'[[accounts]]\nid = "{ACC}"\n'
 ENV = {"VAULT_ADDR": "http://127.0.0.1:8200", "VAULT_TOKEN": "hvs.config-test-token",
        "CLOUDFLARE_API_TOKEN": "cf-config-test-token-0000000000", "ROTATOR_ADMIN_TOKEN": "admin-config-test-token",
