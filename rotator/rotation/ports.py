@@ -66,6 +66,48 @@ class DeviceTunnel:
     cloudflare_endpoint: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRules:
+    """What keys a device kind accepts (DESIGN.md section 10). A key is never truncated or altered
+    to fit: a PSK policy that could generate a key outside these rules is a configuration error.
+
+    ``alphabet``: every character a key may hold (None: any printable ASCII character but space);
+    ``not_first``: characters a key may not start with; ``rule``: the rule in words, for messages."""
+
+    min_length: int = 1
+    max_length: int = 4096
+    alphabet: str | None = None
+    not_first: str = ""
+    rule: str = "any printable ASCII key"
+
+    def refuses(self, key: str) -> str | None:
+        """Why ``key`` breaks these rules, or None."""
+        if not self.min_length <= len(key) <= self.max_length:
+            return f"{len(key)} characters, outside {self.min_length}..{self.max_length} ({self.rule})"
+        allowed = self.alphabet
+        bad = sorted({c for c in key if (c not in allowed if allowed is not None else not ("!" <= c <= "~"))})
+        if bad:
+            return f"{len(bad)} character(s) outside the allowed alphabet ({self.rule})"
+        if key[:1] and key[0] in self.not_first:
+            return f"starts with a character the device refuses first ({self.rule})"
+        return None
+
+    def refuses_policy(self, length: int, alphabet: str, forbidden_first: str = "") -> str | None:
+        """Why a policy making ``length``-character keys from ``alphabet`` (never starting with a
+        character of ``forbidden_first``) could break these rules, or None."""
+        if not self.min_length <= length <= self.max_length:
+            return f"psk_length {length} is outside {self.min_length}..{self.max_length} ({self.rule})"
+        allowed = self.alphabet
+        bad = sorted({c for c in alphabet if (c not in allowed if allowed is not None else not ("!" <= c <= "~"))})
+        if bad:
+            return f"the policy's alphabet holds {''.join(bad)!r}, which the device refuses ({self.rule})"
+        first = sorted((set(alphabet) - set(forbidden_first)) & set(self.not_first))
+        if first:
+            return (f"a key could start with {''.join(first)!r}, which the device refuses first ({self.rule}); "
+                    "use psk_charset = \"aws\" or forbid it first")
+        return None
+
+
 class Device(Protocol):
     """A far end. Every method answers for every tunnel it was given (a tunnel missing from the
     answer counts as UNKNOWN), never raises for a known failure, and returns before ``deadline``
