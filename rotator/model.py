@@ -5,6 +5,7 @@ Standard library only, so the engine can speak of them without importing httpx o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -28,6 +29,24 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"    # both ends are back on the previous key (verification failed, or asked)
     FAILED = "failed"              # the attempt failed and could not be undone (or an ack timed out)
     WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
+
+
+class RepeatedTunnel(AssertionError):
+    """A batch that names one tunnel twice reached a step or a store: a programming error.
+
+    Every step builds ``{tunnel id: key}`` maps and writes one record per tunnel, so a repeated id
+    would send or stage one of two keys at random (issue 20 item 1). The plan reports a listing that
+    names a tunnel twice; nothing after it may ever see one."""
+
+
+def check_distinct(ids: Iterable[str], where: str) -> None:
+    """Raise RepeatedTunnel when ``ids`` names a tunnel twice."""
+    seen: set[str] = set()
+    for tid in ids:
+        if tid in seen:
+            raise RepeatedTunnel(f"{where}: tunnel {tid} appears twice in one batch (a programming error: "
+                                 "the plan takes each tunnel once)")
+        seen.add(tid)
 
 
 @dataclass(frozen=True, slots=True)

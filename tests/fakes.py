@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rotator.errors import CasConflict, CloudflareError, VaultError
-from rotator.model import Lease, PskSetResult, Record, TunnelInfo
+from rotator.model import Lease, PskSetResult, Record, TunnelInfo, check_distinct
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState
 from rotator.secret import Secret
 
@@ -109,6 +109,7 @@ class FakeVault:
         return out
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
+        check_distinct((f"{r.account_id}/{r.tunnel_id}" for r in records), "write_many")  # as VaultStore
         out: dict[str, Record | VaultError] = {}
         for rec in records:
             try:
@@ -178,6 +179,11 @@ class FakeCloudflare:
             self.tunnels[account_id].append(TunnelInfo(t, f"tun{start + i + 1:05d}", **info))
             self.keys[t] = self.initial[t] = f"initial-{t}"
         return ids
+
+    def list_twice(self, account_id: str, tunnel_id: str, name: str) -> None:
+        """A broken listing: the tunnel appears a second time, under ``name`` (issue 20 item 1)."""
+        first = next(t for t in self.tunnels[account_id] if t.id == tunnel_id)
+        self.tunnels[account_id].append(dataclasses.replace(first, name=name))
 
     def key_of(self, tunnel_id: str) -> str:
         with self._lock:
@@ -349,7 +355,7 @@ def assert_invariant(cloudflare: FakeCloudflare, vault: FakeVault, account_id: s
     record's psk or pending_psk (during a tunnel's first rotation, also the key it had before).
     Strict (no rotation in flight): both are psk and nothing is pending."""
     checked = 0
-    for tunnel in cloudflare.tunnels[account_id]:
+    for tunnel in {t.id: t for t in cloudflare.tunnels[account_id]}.values():  # a tunnel listed twice once
         rec = vault.latest(account_id, tunnel.id)
         if rec is None or (rec.psk is None and rec.pending_psk is None and tunnel.id not in cloudflare.initial):
             continue  # never rotated by us: not managed yet

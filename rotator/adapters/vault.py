@@ -22,7 +22,7 @@ import requests
 import urllib3
 
 from rotator.errors import CasConflict, ConfigError, VaultError
-from rotator.model import Lease, Record
+from rotator.model import Lease, Record, check_distinct
 
 _json_dumps = json.dumps
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -234,6 +234,9 @@ class VaultStore:
         return self._map(lambda tid: self.read(account_id, tid), list(tunnel_ids))
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
+        """CAS-write each record; raises model.RepeatedTunnel (a programming error, nothing written)
+        for a batch that names a tunnel twice, whose answers could not be told apart."""
+        check_distinct((f"{r.account_id}/{r.tunnel_id}" for r in records), "write_many")
         by_id = {r.tunnel_id: r for r in records}
         return self._map(lambda tid: self.write(by_id[tid]), list(by_id))
 

@@ -28,7 +28,7 @@ from rotator.model import Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
-from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, plan
+from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, listed_once, plan
 from rotator.rotation.ports import Device, Health, RecordStore, TunnelApi
 from rotator.rotation.steps import Context, Item, LeaseLost, Step
 from rotator.secret import Secret, redact
@@ -234,19 +234,26 @@ class Engine:
         return items
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
+        """The tunnels this run is about, each once: an id listed twice is one entry with a problem
+        (plan.listed_once), chosen when any of its names or entries is, and never rotated."""
+        once = listed_once(tunnels)
         if req.tunnels is None:
-            return [t for t in tunnels if req.select is None or req.select(t)]
-        by_id = {t.id: t for t in tunnels}
-        by_name: dict[str, list[TunnelInfo]] = collections.defaultdict(list)
+            if req.select is None:
+                return once
+            chosen_ids = {t.id for t in tunnels if req.select(t)}
+            return [t for t in once if t.id in chosen_ids]
+        by_id = {t.id: t for t in once}
+        by_name: dict[str, dict[str, TunnelInfo]] = collections.defaultdict(dict)
         for t in tunnels:
-            by_name[t.name].append(t)
+            by_name[t.name][t.id] = by_id[t.id]
         chosen: dict[str, TunnelInfo] = {}
         for wanted in req.tunnels:
+            named = list(by_name.get(wanted, {}).values())
             if wanted in by_id:
                 chosen[wanted] = by_id[wanted]
-            elif len(by_name.get(wanted, [])) == 1:
-                chosen[by_name[wanted][0].id] = by_name[wanted][0]
-            elif wanted in by_name:
+            elif len(named) == 1:
+                chosen[named[0].id] = named[0]
+            elif named:
                 raise ConfigError(f"tunnel name {wanted!r} is ambiguous in account {req.account_id}",
                                   "name the tunnel by its id")
             else:

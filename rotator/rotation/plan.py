@@ -6,7 +6,7 @@ No I/O, no metrics: the engine acts on the plan; the daemon and the CLI read it 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from rotator.errors import VaultError
@@ -63,6 +63,28 @@ class Plan:
         return [t.id for t, _, _ in self.settled]
 
 
+def listed_once(tunnels: Sequence[TunnelInfo]) -> list[TunnelInfo]:
+    """The listing with one entry per tunnel id, in listing order. An id listed more than once (under
+    one name or several) is a contradictory answer: it becomes one entry, named by every name it was
+    listed under, whose ``problem`` says so, so it is reported once and neither read, staged nor sent
+    in this run (issue 20 item 1). Idempotent: a listing that names each id once comes back equal."""
+    groups: dict[str, list[TunnelInfo]] = {}
+    for tunnel in tunnels:
+        groups.setdefault(tunnel.id, []).append(tunnel)
+    out: list[TunnelInfo] = []
+    for tid, group in groups.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        names = list(dict.fromkeys(t.name for t in group))
+        why = (f"Cloudflare's listing names tunnel {tid} {len(group)} times (as {', '.join(repr(n) for n in names)}): "
+               "a contradictory answer, so it is not rotated in this run and nothing is written or sent for it; "
+               "check the tunnel in the Cloudflare dashboard, the next run that sees it listed once rotates it")
+        first = next((t.problem for t in group if t.problem), None)
+        out.append(replace(group[0], name=" / ".join(names), problem=f"{first}; {why}" if first else why))
+    return out
+
+
 def is_drifted(tunnel: TunnelInfo, record: Record) -> bool:
     """Cloudflare's key changed after our last apply: someone set it outside the rotator."""
     if record.pending_psk is not None or record.psk is None:
@@ -100,7 +122,7 @@ def plan(tunnels: Sequence[TunnelInfo], records: Mapping[str, Record | VaultErro
     """Sort the selected tunnels into modes. ``policies`` None: every selected tunnel is due (on-demand
     rotation); a tunnel without a policy is not. ``due`` overrides the schedule's predicate."""
     out = Plan()
-    for tunnel in tunnels:
+    for tunnel in listed_once(tunnels):
         rec = records.get(tunnel.id)
         if tunnel.problem is not None or rec is None:
             out.settled.append((tunnel, Outcome.REFUSED, tunnel.problem or "no record was read for this tunnel"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
-from rotator.model import Outcome, PskSetResult, Record, TunnelInfo
+from rotator.model import Outcome, PskSetResult, Record, TunnelInfo, check_distinct
 from rotator.rotation.plan import Mode
 from rotator.rotation.ports import (
     Device,
@@ -557,7 +558,17 @@ def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceRes
             for tid, r in answers.items() if isinstance(r, DeviceResult)}, "no answer for this tunnel"
 
 
-FORWARD: tuple[Step, ...] = (
+def one_per_tunnel(step: Step) -> Step:
+    """The step, refusing a batch that names a tunnel twice (model.RepeatedTunnel, a programming
+    error) before it does anything: its key maps and record writes hold one entry per tunnel."""
+    @functools.wraps(step)
+    def checked(ctx: Context, items: list[Item]) -> Result:
+        check_distinct((i.id for i in items), step.__name__)
+        return step(ctx, items)
+    return checked
+
+
+FORWARD: tuple[Step, ...] = tuple(one_per_tunnel(s) for s in (
     stage,
     validate,
     deliver,
@@ -565,5 +576,6 @@ FORWARD: tuple[Step, ...] = (
     verify,
     check_health,
     promote,
-)
-BACKWARD: tuple[Step, ...] = (mark_rolling_back, restore_cloudflare, restore_device, unstage)
+))
+BACKWARD: tuple[Step, ...] = tuple(one_per_tunnel(s) for s in (mark_rolling_back, restore_cloudflare, restore_device,
+                                                                 unstage))
