@@ -30,6 +30,7 @@ FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active"
 
 ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
 DONE_RESULTS = ("rotated", "would_rotate")
+ACK_COMMAND = re.compile(r"rotator ack --account \S+ --tunnel \S+ --rotation \S+ --holds (new|previous)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,8 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a tunnel (repeatable)")
     run_options(rollback)
 
-    ack = command("ack", "acknowledge that a manual device holds its tunnel's pending key, then apply it")
+    ack = command("ack", "confirm what a manual device holds (the new key, or the previous one back), then "
+                         "finish the rotation or the rollback; 'status' prints the exact command")
     ack.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    ack.add_argument("--holds", choices=("new", "previous"),
+                     help="what the device holds now: 'new' (the pending key of the rotation, typed in) or "
+                          "'previous' (the old key put back, while the rotation is rolled back); required")
+    ack.add_argument("--rotation", metavar="ROTATION_ID",
+                     help="the rotation whose key you acted on (printed by the waiting run and by 'status'); "
+                          "refused when the tunnel has moved on to another")
     run_options(ack)
 
     command("unlock", "clear an account's lease whose holder is known to be gone (kept in the lease's history)")
@@ -188,7 +196,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         runtime = build_runtime(settings)
         try:
             preflight(runtime)
-            _ack(runtime, args)
+            if not _ack(runtime, args):
+                return 1
         finally:
             runtime.close()
     if args.command == "unlock":
@@ -279,33 +288,18 @@ def _unlock(runtime: Runtime, account: str) -> int:
     return 0
 
 
-def _ack(runtime: Runtime, args: argparse.Namespace) -> None:
-    """Record in Vault (CAS) that each named tunnel's manual device holds its pending key."""
-    from rotator.errors import VaultError
-    from rotator.model import ack
-
-    tunnels = runtime.cloudflare.list_tunnels(args.account)
-    ids = []
-    for wanted in args.tunnel:
-        match = [t.id for t in tunnels if wanted in (t.id, t.name)]
-        if len(match) != 1:
-            raise ConfigError(f"{'no' if not match else 'more than one'} tunnel {wanted!r} in account {args.account}",
-                              "name the tunnel by its id")
-        ids.append(match[0])
-    records = runtime.store.read_many(args.account, ids)
-    acked = []
-    for tid in ids:
-        record = records[tid]
-        if isinstance(record, VaultError):
-            raise record
-        try:
-            acked.append(ack(record))
-        except ValueError as exc:
-            raise RotatorError(str(exc), "rotator status --state pending lists the keys waiting") from None
-    for tid, result in runtime.store.write_many(acked).items():
-        if isinstance(result, VaultError):
-            raise RotatorError(f"acknowledging tunnel {tid} failed: {result}", "run the ack again")
-    print(f"rotator: acknowledged {len(acked)} pending key(s); applying them", file=sys.stderr)
+def _ack(runtime: Runtime, args: argparse.Namespace) -> bool:
+    """Record in Vault (CAS) what each named tunnel's manual device holds: the engine's acknowledge
+    (model.ack), all or nothing. False, with one line per refusal naming the current state and the
+    exact command, when any is refused (nothing is recorded then)."""
+    answer = runtime.engine.acknowledge(args.account, args.tunnel, args.holds, args.rotation)
+    refused = [why for why in answer.values() if why is not None]
+    for why in refused:
+        print(f"rotator: error: not acknowledged: {why}", file=sys.stderr)
+    if not refused:
+        print(f"rotator: acknowledged {len(answer)} tunnel(s): the device holds the {args.holds} key; "
+              "finishing them", file=sys.stderr)
+    return not refused
 
 
 def _show_run(report: dict[str, Any], args: argparse.Namespace) -> int:
@@ -433,6 +427,11 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
         rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
                  " ".join((t.get("reason") or "").split())] for t in shown]
         print(_table(rows, ["TUNNEL", "ID", "RESULT", "REASON"]))
+        for t in shown:  # the acknowledgement a manual device waits for, in full (never cut to the terminal)
+            wanted = ACK_COMMAND.search(t.get("reason") or "")
+            if wanted:
+                print(f"{t['name']} waits for an operator; once the device holds the "
+                      f"{wanted.group(1)} key: {wanted.group(0)}")
     if len(shown) < len(tunnels):
         print(f"({len(tunnels) - len(shown)} tunnels done as asked are not listed; --verbose lists every one)")
     counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
@@ -452,7 +451,11 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
         chosen = account.policy_for(tunnel_id, name) if account else "default"
         return policies[chosen] if chosen else None
 
-    views = [assess(policy(t.id, t.name), t, records[t.id], now) for t in tunnels]
+    def manual(record: Any) -> bool:
+        spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
+        return spec is not None and spec.kind == "manual"
+
+    views = [assess(policy(t.id, t.name), t, records[t.id], now, manual=manual(records[t.id])) for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]
@@ -466,6 +469,9 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
              _age(None if v.last_rotated is None else int(now - v.last_rotated)), "yes" if v.pending else "no",
              v.device or "-", " ".join((v.last_error or "").split())] for v in views]
     print(_table(rows, ["TUNNEL", "ID", "STATE", "PSK AGE", "PENDING", "DEVICE", "LAST ERROR"]))
+    for v in views:
+        if v.ack_command:
+            print(f"{v.name} ({v.tunnel_id}) waits for {v.waits_for}; acknowledge it with: {v.ack_command}")
     print("Summary: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "tunnels"))
     if budget is not None:
         print(f"Cloudflare rate budget: {budget['remaining']} of {budget['limit'] or '?'} requests left in this "

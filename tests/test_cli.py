@@ -312,8 +312,39 @@ def test_ack_records_the_acknowledgement_and_applies_the_pending_key(sims):
     sims.cloudflare.clear_faults()
     pending = record(sims, acc, tunnel)
     assert pending["state"] == "pending"
-    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--verbose"], sims.env())
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--holds", "new", "--verbose"], sims.env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "acknowledged 1 pending key" in proc.stderr and proc.stdout.startswith("Reconcile ")
+    assert "acknowledged 1 tunnel(s)" in proc.stderr and proc.stdout.startswith("Reconcile ")
     assert record(sims, acc, tunnel)["psk"] == pending["pending_psk"]
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_ack_says_what_the_manual_device_holds_and_status_prints_the_command(sims, tmp_path):
+    """Issue 20 item 2: an acknowledgement names what it confirms (--holds, --rotation); one that does
+    not, or that names a rotation the record moved on from, is refused with the state and the command."""
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    path = write_config(tmp_path, '[[devices]]\nname = "desk"\nkind = "manual"\ntunnels = ["tun00001"]\n')
+    env = {**sims.env(), "ROTATOR_CONFIG": path}
+    assert run_cli(["rotate", "--account", acc, "--all"], sims.env()).returncode == 0  # every tunnel managed
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel], env)
+    rotation = record(sims, acc, tunnel)["rotation_id"]
+    command = f"rotator ack --account {acc} --tunnel {tunnel} --rotation {rotation} --holds new"
+    assert proc.returncode == 1 and "waiting" in proc.stdout and command in proc.stdout, proc.stdout
+    status = run_cli(["status", "--account", acc], env)
+    assert command in status.stdout and "waits for the device to hold the new key" in status.stdout
+    row = next(r for r in json.loads(run_cli(["status", "--account", acc, "--output", "json"], env).stdout)["tunnels"]
+               if r["tunnel_id"] == tunnel)
+    assert row["ack_command"] == command and row["waits_for"]
+    for extra, needle in (([], "say what the device holds"), (["--holds", "previous"], "nothing to go back from"),
+                          (["--holds", "new", "--rotation", "20260101T000000Z-abcdef"], "moved on")):
+        proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", *extra], env)
+        assert proc.returncode == 1 and needle in proc.stderr and command in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert record(sims, acc, tunnel)["state"] == "pending" and "acked_rotation_id" not in record(sims, acc, tunnel)
+        assert_invariant(sims, acc)
+    pending = record(sims, acc, tunnel)["pending_psk"]
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--rotation", rotation, "--holds", "new"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert record(sims, acc, tunnel)["psk"] == pending and sims.cloudflare.psk_of(acc, tunnel) == pending
     assert_invariant(sims, acc, strict=True)

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from rotator.errors import CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Outcome, Record, TunnelInfo, ack
+from rotator.model import AckRefused, Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
@@ -262,10 +262,13 @@ class Engine:
         return list(chosen.values())
 
     # -- acknowledgements (manual devices) -----------------------------------------------------
-    def acknowledge(self, account_id: str, tunnels: Sequence[str]) -> dict[str, str | None]:
-        """``rotator ack``: mark each named tunnel's pending key as held by its manual device (CAS
-        write of ``model.ack``). Returns tunnel id -> None when acknowledged, else why not; the
-        next run or reconcile applies acknowledged keys. Raises ConfigError for an unknown name."""
+    def acknowledge(self, account_id: str, tunnels: Sequence[str], holds: str | None = None,
+                    rotation_id: str | None = None) -> dict[str, str | None]:
+        """``rotator ack`` and the admin API's ack: record (CAS write of ``model.ack``) that each named
+        tunnel's manual device holds what ``holds`` says, for rotation ``rotation_id`` when given.
+        Returns tunnel id -> None when acknowledged, else why not (the current state and the exact
+        command). All or nothing: when one tunnel is refused, none is written. The next run or
+        reconcile acts on acknowledged keys. Raises ConfigError for an unknown name."""
         chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
         records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
         out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
@@ -275,9 +278,12 @@ class Engine:
                 out[tid] = f"reading Vault: {rec}"
                 continue
             try:
-                wanted.append(ack(rec))
-            except ValueError as exc:
+                wanted.append(ack(rec, holds, rotation_id))
+            except AckRefused as exc:
                 out[tid] = str(exc)
+        if out:
+            return {**{r.tunnel_id: "not acknowledged: another tunnel of this acknowledgement was refused"
+                       for r in wanted}, **out}
         for tid, res in (self.store.write_many(wanted) if wanted else {}).items():
             out[tid] = None if isinstance(res, Record) else f"writing the acknowledgement failed: {res}"
         return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
-from rotator.model import Outcome, PskSetResult, Record, TunnelInfo, check_distinct
+from rotator.model import Outcome, PskSetResult, Record, TunnelInfo, ack_command, check_distinct
 from rotator.rotation.plan import Mode
 from rotator.rotation.ports import (
     Device,
@@ -251,8 +251,9 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
         out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
                                         f"(ack_timeout): the key is being withdrawn"))
     else:
-        out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
-                   f"{item.device.name if item.device else '?'} (rotator ack)")
+        out.settle(item, Outcome.WAITING, f"waiting for an operator to put the new key of rotation "
+                   f"{item.record.rotation_id} on device {item.device.name if item.device else '?'} and "
+                   f"acknowledge it: {ack_command(item.record, 'new')}")
 
 
 def apply(ctx: Context, items: list[Item]) -> Result:
@@ -476,6 +477,10 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
         if res.ok or (res.status is DeviceStatus.WAITING and (item.dev_refused or item.record.rollback_acked)):
             item.dev_may_hold = False
             out.moved.append(item)
+        elif res.status is DeviceStatus.WAITING:
+            out.settle(item, Outcome.UNKNOWN, f"{item.reason}; waiting for an operator to put the previous key "
+                       f"back on device {item.device.name if item.device else '?'} and acknowledge it: "
+                       f"{ack_command(item.record, 'previous')}")
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; rolling the device back failed "
                        f"({res.reason or res.status}): the key stays pending")

@@ -31,6 +31,9 @@ class Control(Protocol):
 
     def run_view(self, run_id: str) -> dict[str, Any] | None: ...
 
+    def acknowledge(self, account: str, tunnels: list[str], holds: str | None,
+                    rotation_id: str | None) -> tuple[dict[str, str | None], str | None]: ...
+
 
 def build_app(control: Control, registry: CollectorRegistry, token: Secret | None) -> Starlette:
     expected = token.reveal().encode() if token is not None else None
@@ -99,6 +102,39 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         return JSONResponse({"id": run_id, "deduplicated": deduplicated, "href": f"/v1/rotations/{run_id}"},
                             status_code=202)
 
+    async def acknowledge(request: Request) -> JSONResponse:
+        """``rotator ack`` over HTTP (model.ack's rules): 202 with the reconcile run that finishes the
+        acknowledged tunnels; 409, nothing recorded, with the current state and the exact command per
+        tunnel when any acknowledgement is ambiguous or the record has moved on."""
+        if not authorized(request):
+            return denied()
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        usage = ('give {"account": ID, "tunnels": [ids or names], "holds": "new" | "previous", '
+                 '"rotation_id": ID (optional)}')
+        if not isinstance(body, dict) or not isinstance(body.get("account"), str):
+            return JSONResponse({"error": usage}, status_code=400)
+        tunnels, holds, rotation = body.get("tunnels"), body.get("holds"), body.get("rotation_id")
+        if not (isinstance(tunnels, list) and tunnels and all(isinstance(t, str) for t in tunnels)) \
+                or holds not in (None, "new", "previous") or not isinstance(rotation, str | None):
+            return JSONResponse({"error": usage}, status_code=400)
+        try:
+            answer, run_id = await run_in_threadpool(control.acknowledge, body["account"], tunnels, holds, rotation)
+        except ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except QueueFull as exc:
+            return JSONResponse({"error": f"acknowledged, but too many runs are waiting to finish it ({exc}); "
+                                          "the next scheduled run does"}, status_code=429,
+                                headers={"Retry-After": str(exc.retry_after)})
+        refused = {tid: why for tid, why in answer.items() if why is not None}
+        if refused:
+            return JSONResponse({"error": "not acknowledged (nothing was recorded): " + "; ".join(refused.values()),
+                                 "tunnels": refused}, status_code=409)
+        return JSONResponse({"acknowledged": sorted(answer), "id": run_id,
+                             "href": f"/v1/rotations/{run_id}" if run_id else None}, status_code=202)
+
     async def run_view(request: Request) -> JSONResponse:
         if not authorized(request):
             return denied()
@@ -110,5 +146,5 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
     return Starlette(routes=[
         Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
         Route("/v1/status", status), Route("/v1/rotations", trigger, methods=["POST"]),
-        Route("/v1/rotations/{run_id}", run_view),
+        Route("/v1/rotations/{run_id}", run_view), Route("/v1/acks", acknowledge, methods=["POST"]),
     ])

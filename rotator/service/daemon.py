@@ -392,6 +392,17 @@ class Daemon:
             raise ConfigError(f"no tunnel {missing[0]!r} in account {account}",
                               "name tunnels by id or exact name as GET /v1/status lists them")
 
+    def acknowledge(self, account: str, tunnels: list[str], holds: str | None,
+                    rotation_id: str | None) -> tuple[dict[str, str | None], str | None]:
+        """The admin API's ack: the engine's (model.ack's rules, all or nothing), then a reconcile run
+        that finishes what was acknowledged. ConfigError: unknown account or tunnel."""
+        if account not in self._account_locks:
+            raise ConfigError(f"account {account} is not configured", "add it to [[accounts]] in the config")
+        answer = self.runtime.engine.acknowledge(account, tunnels, holds, rotation_id)
+        if any(why is not None for why in answer.values()):
+            return answer, None
+        return answer, self.trigger(account, None, False, "reconcile")[0]
+
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None

@@ -94,3 +94,56 @@ def test_every_step_and_the_store_refuse_a_batch_with_a_repeated_tunnel() -> Non
     w.invariant(strict=True)
 
 
+
+
+# -- item 2: an acknowledgement names what it confirms ---------------------------------------------
+
+def manual_world_waiting() -> tuple[World, str]:
+    from tests.fakes import waiting
+
+    w = device_world(kind="manual", verify=False)
+    dev(w).faults.on("deliver", waiting, times=10)
+    dev(w).faults.on("rollback", waiting, times=10)
+    return w, w.ids[0]
+
+
+def test_an_ack_meant_for_the_new_key_never_completes_a_rollback_and_loses_it() -> None:
+    """The K1 loss of issue 20: K1 is staged and waits; the operator types it into the device; the
+    ack_timeout passes and a reconcile withdraws K1 (rolling_back); the operator then acknowledges,
+    meaning "the device holds K1". That must not be taken for "back on the old key"."""
+    w, t1 = manual_world_waiting()
+    report = w.run(tunnels=[t1], ack_timeout=3600.0)
+    k1, rotation = w.rec(t1).pending_psk, w.rec(t1).rotation_id
+    assert k1 is not None and rotation is not None
+    assert f"--rotation {rotation} --holds new" in (report.outcomes[0].reason or "")  # the run prints the command
+    dev(w).keys[t1] = k1.reveal()  # the operator typed K1 into the device
+    w.engine.clock = lambda: 4e9  # the ack_timeout passed
+    report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+    assert w.rec(t1).state == "rolling_back" and "--holds previous" in (report.outcomes[0].reason or "")
+    for asked in ({}, {"holds": "new"}, {"holds": "new", "rotation_id": rotation}):
+        answer = w.engine.acknowledge(ACCOUNT, [t1], **asked)  # as `rotator ack` was typed, and with --holds new
+        assert "rolling" in (answer[t1] or ""), answer
+        assert f"--rotation {rotation} --holds previous" in (answer[t1] or ""), answer
+        w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+        assert w.rec(t1).pending_psk == k1  # K1 stays readable while the device holds it
+        w.invariant()
+    dev(w).keys[t1] = w.rec(t1).psk.reveal()  # type: ignore[union-attr]  # the operator puts the old key back
+    assert w.engine.acknowledge(ACCOUNT, [t1], holds="previous", rotation_id=rotation) == {t1: None}
+    report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
+    assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK]
+    w.invariant(strict=True)
+
+
+def test_an_ack_for_a_rotation_the_record_moved_on_from_is_refused() -> None:
+    w, t1 = manual_world_waiting()
+    w.run(tunnels=[t1])
+    first = w.rec(t1).rotation_id
+    answer = w.engine.acknowledge(ACCOUNT, [t1], holds="new", rotation_id="20260101T000000Z-abcdef")
+    assert "moved on" in (answer[t1] or "") and f"--rotation {first} --holds new" in (answer[t1] or "")
+    assert "nothing to go back from" in (w.engine.acknowledge(ACCOUNT, [t1], holds="previous")[t1] or "")
+    assert not w.rec(t1).acked
+    w.invariant()
+    assert w.engine.acknowledge(ACCOUNT, [t1], holds="new", rotation_id=first) == {t1: None}
+    dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
+    assert [o.result for o in w.run(tunnels=[t1], reconcile_only=True).outcomes] == [Outcome.ROTATED]
+    w.invariant(strict=True)
