@@ -60,6 +60,7 @@ class Item:
     generated_on: str | None = None
     ipsec_id: str | None = None
     applied_at: float | None = None
+    restored: bool = False  # Cloudflare was given psk back (restore_cloudflare); generated_on is its answer
 
     @property
     def id(self) -> str:
@@ -446,6 +447,7 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     for item in todo:
         if item.id in done.applied and _contradiction(item.id, done) is None:
             item.cf_may_hold = False
+            item.restored, item.generated_on = True, done.generated_on.get(item.id)  # unstage records it
             out.moved.append(item)
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
@@ -488,10 +490,13 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
 
 
 def unstage(ctx: Context, items: list[Item]) -> Result:
-    """Neither end holds the key any more: drop pending_psk, state=active, with the reason."""
+    """Neither end holds the key any more: drop pending_psk, state=active, with the reason. Where the
+    rollback applied ``psk`` at Cloudflare again, its ``last_generated_on`` moved: record it as
+    ``cf_generated_on``, or every later listing would take the rollback for drift (issue 20 item 6)."""
     out = Result()
     written = {} if ctx.dry_run else _write(ctx, [(i, dataclasses.replace(
         i.record, pending_psk=None, state="active", staged_at=None, acked_rotation_id=None,
+        cf_generated_on=(i.restored and i.generated_on) or i.record.cf_generated_on,
         last_error=ctx.redact(i.reason or "")[:500] or None)) for i in items])
     for item in items:
         res = written.get(item.id)

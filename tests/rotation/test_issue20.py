@@ -3,6 +3,7 @@ with the invariant of DESIGN.md section 2 for both ends (Cloudflare and the far-
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -147,3 +148,38 @@ def test_an_ack_for_a_rotation_the_record_moved_on_from_is_refused() -> None:
     dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
     assert [o.result for o in w.run(tunnels=[t1], reconcile_only=True).outcomes] == [Outcome.ROTATED]
     w.invariant(strict=True)
+
+
+# -- item 6: a rollback is not drift -----------------------------------------------------------------
+
+def test_a_rolled_back_tunnel_is_not_drifted_and_is_retried_once_per_back_off_step() -> None:
+    """Verification fails for every attempt: each one rolls both ends back. The rollback's own apply
+    at Cloudflare must be recorded, so no run takes it for drift and re-keys it past the back-off."""
+    from rotator.rotation.plan import is_drifted
+    from rotator.schedule import Policy, backoff
+    from tests.fakes import refuse
+
+    w = device_world(n=1)
+    t1 = w.ids[0]
+    dev(w).faults.on("verify", refuse("IKE_AUTH failed: AUTHENTICATION_FAILED"), times=1000)
+    policy = Policy("daily", every=86400.0, retry_backoff=600.0, retry_backoff_max=2400.0)
+    now = [2_000_000_000.0]
+    w.engine.clock = lambda: now[0]
+    failures: dict[str, tuple[int, float]] = {}  # as the daemon keeps them (service/daemon.py _record)
+    attempts: list[float] = []
+    for _ in range(150):  # 150 runs a minute apart (a virtual clock)
+        count, last = failures.get(t1, (0, 0.0))
+        due = not attempts or now[0] >= last + backoff(policy, count)
+        report = w.run(policy_for=lambda t: policy, failures=dict(failures))
+        assert not report.drifted and not is_drifted(w.cf.list_tunnels(ACCOUNT)[0],
+                                                     w.rec(t1))
+        outcome = w.by_id(report).get(t1)
+        assert (outcome is not None) == due, f"at +{now[0] - 2e9:.0f}s: attempted={outcome is not None}, due={due}"
+        if outcome is not None:
+            assert outcome.result == Outcome.ROLLED_BACK, outcome.reason
+            attempts.append(now[0])
+            failures[t1] = (count + 1, now[0])
+        w.invariant(strict=True)
+        now[0] += 60.0
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps == [600.0, 1200.0, 2400.0, 2400.0], gaps  # one attempt per back-off step, capped
