@@ -194,9 +194,7 @@ def validate(ctx: Context, items: list[Item]) -> Result:
             out.back.append(item.going_back(Outcome.REFUSED, f"refused by validation: {verdict.unapplied[item.id]}"))
         elif item.id not in verdict.applied:
             out.back.append(item.going_back(Outcome.REFUSED, "refused by validation: not acknowledged by validate_only"))
-        elif ctx.dry_run:
-            out.settle(item, Outcome.WOULD_ROTATE)
-        else:
+        else:  # a dry run goes on too: deliver's checks answer what the run would (issue 20 item 9)
             out.moved.append(item)
     return out
 
@@ -211,6 +209,9 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
     for item in [i for i in items if _moved_away(i)]:
         out.settle(item, Outcome.UNKNOWN, _moved_away(item))
     items = [i for i in items if not _moved_away(i)]
+    if ctx.dry_run:  # the last check a dry run passes: nothing is handed to a device
+        out.settled.extend((i, Outcome.WOULD_ROTATE, None) for i in items)
+        return out
     out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None

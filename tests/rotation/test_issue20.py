@@ -183,3 +183,27 @@ def test_a_rolled_back_tunnel_is_not_drifted_and_is_retried_once_per_back_off_st
         now[0] += 60.0
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps == [600.0, 1200.0, 2400.0, 2400.0], gaps  # one attempt per back-off step, capped
+
+
+# -- item 9: a dry run answers what the run will do ----------------------------------------------------
+
+def test_a_dry_run_answers_what_the_run_does_for_a_key_whose_device_left_the_config() -> None:
+    from tests.fakes import hang
+
+    w = device_world()
+    t1 = w.ids[0]
+    dev(w).faults.on("deliver", hang())  # the device takes the key, the answer is lost: pending
+    assert [o.result for o in w.run(tunnels=[t1]).outcomes] == [Outcome.UNKNOWN]
+    dev(w).faults.clear()
+    device = dev(w)
+    gone = {"device_for": lambda t: None if t.id == t1 else device}  # the config no longer names t1's device
+    versions = {t: w.rec(t).version for t in w.ids}
+    dry = w.run(dry_run=True, **gone)
+    assert {t: w.rec(t).version for t in w.ids} == versions  # a dry run changes nothing
+    real = w.run(**gone)
+    assert [(o.tunnel_id, o.result) for o in dry.outcomes if o.tunnel_id == t1] == [(t1, Outcome.UNKNOWN)]
+    assert {o.tunnel_id: (o.result, o.reason) for o in dry.outcomes if o.tunnel_id == t1} == \
+        {o.tunnel_id: (o.result, o.reason) for o in real.outcomes if o.tunnel_id == t1}
+    assert {o.result for o in dry.outcomes if o.tunnel_id != t1} == {Outcome.WOULD_ROTATE}
+    assert w.rec(t1).pending_psk is not None
+    w.invariant()
