@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = rotate.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every tunnel of the account")
     which.add_argument("--tunnel", action="append", metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    which.add_argument("--due", action="store_true",
+                       help="only what the schedule would rotate now: each tunnel's policy decides who is due, "
+                            "and drift is handled as on_drift says (for cron and CI)")
     rotate.add_argument("--dry-run", action="store_true", help="plan and validate, change nothing")
     run_options(rotate)
 
@@ -104,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(ack)
 
     command("unlock", "clear an account's lease whose holder is known to be gone (kept in the lease's history)")
+
+    history = command("history", "a tunnel's Vault record, version by version: when, rotation, state, outcome, "
+                                 "device (never a key)")
+    history.add_argument("--tunnel", required=True, metavar="ID_OR_NAME", help="the tunnel")
+    history.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
+    history.add_argument("--limit", type=int, default=20, metavar="N", help="the newest N versions (default 20)")
 
     status = command("status", "per tunnel: state, PSK age, pending, drift, last error (never a key)")
     status.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
@@ -200,11 +209,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return 1
         finally:
             runtime.close()
-    if args.command == "unlock":
+    if args.command in ("unlock", "history"):
         runtime = build_runtime(settings)
         try:
             preflight(runtime)
-            return _unlock(runtime, args.account)
+            return _unlock(runtime, args.account) if args.command == "unlock" else _history(runtime, args)
         finally:
             runtime.close()
     if args.command in RUN_KINDS and not args.local:
@@ -265,11 +274,15 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     from rotator.rotation.engine import RunRequest
 
     kind = RUN_KINDS[args.command]
+    schedule: dict[str, Any] = {}
+    if getattr(args, "due", False):  # the schedule's own decision (rotation/plan.py), as the daemon's runs
+        policy_for = runtime.schedule_for(args.account)
+        schedule = {"policy_for": policy_for, "select": lambda t: policy_for(t) is not None}
     req = RunRequest(
         account_id=args.account,
-        tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
+        tunnels=None if kind == "reconcile" or getattr(args, "all", False) or schedule else args.tunnel,
         reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
-        **runtime.request_options(args.account),
+        **schedule, **runtime.request_options(args.account),
     )
     if not req.dry_run:
         # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
@@ -285,6 +298,35 @@ def _unlock(runtime: Runtime, account: str) -> int:
     from rotator.rotation.lease import LocalProcesses, unlock
 
     print(unlock(runtime.store, account, LocalProcesses(), runtime.leases.holder))
+    return 0
+
+
+def _history(runtime: Runtime, args: argparse.Namespace) -> int:
+    """The tunnel's record, version by version, newest first; never a key or anything derived from one."""
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, not {args.limit}", "give --limit N with N >= 1")
+    try:
+        (tunnel,) = runtime.engine.named(args.account, [args.tunnel])
+        tid, name = tunnel.id, tunnel.name
+    except ConfigError:
+        if not ACCOUNT_RE.match(args.tunnel):  # an id no longer listed still has its history in Vault
+            raise
+        tid, name = args.tunnel, None
+    versions = [v.as_dict() for v in runtime.store.history(args.account, tid, args.limit)]
+    if args.output == "json":
+        print(json.dumps({"account_id": args.account, "tunnel_id": tid, "tunnel_name": name, "versions": versions},
+                         indent=2))
+        return 0
+    print(f"History of tunnel {name or '?'} ({tid}) in account {args.account}, newest first")
+    if not versions:
+        print("(no versions: the rotator has never written this tunnel's record)")
+        return 0
+    rows = [[str(v["version"]), v["written_at"] or "-", "(deleted)", "", "", "", ""] if v["deleted"] else
+            [str(v["version"]), v["written_at"] or "-", v["rotation_id"] or "-",
+             v["state"] + (" (pending key)" if v["pending"] else ""), v["device"] or "-",
+             " ".join(filter(None, (v["verified_by"], v["verified_at"]))) or "-", " ".join(v["outcome"].split())]
+            for v in versions]
+    print(_table(rows, ["VERSION", "WRITTEN", "ROTATION", "STATE", "DEVICE", "VERIFIED", "OUTCOME"]))
     return 0
 
 
@@ -341,7 +383,7 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
             elif kind == "rollback":
                 body.update({"rollback": True, "tunnels": args.tunnel})
             else:
-                body.update({"all": True} if args.all else {"tunnels": args.tunnel})
+                body.update({"all": True} if args.all else {"due": True} if args.due else {"tunnels": args.tunnel})
                 body["dry_run"] = bool(args.dry_run)
             answer = client.post("/v1/rotations", json=body)
             if answer.status_code != 202:
@@ -441,21 +483,16 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     from rotator.service.inventory import assess, summary
 
-    account = next((a for a in runtime.settings.accounts if a.id == args.account), None)
     tunnels = runtime.cloudflare.list_tunnels(args.account)
     records = runtime.store.read_many(args.account, [t.id for t in tunnels])
     now = time.time()
-    policies = runtime.settings.policies
-
-    def policy(tunnel_id: str, name: str) -> Any:
-        chosen = account.policy_for(tunnel_id, name) if account else "default"
-        return policies[chosen] if chosen else None
+    schedule = runtime.schedule_for(args.account)
 
     def manual(record: Any) -> bool:
         spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
         return spec is not None and spec.kind == "manual"
 
-    views = [assess(policy(t.id, t.name), t, records[t.id], now, manual=manual(records[t.id])) for t in tunnels]
+    views = [assess(schedule(t), t, records[t.id], now, manual=manual(records[t.id])) for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]

@@ -31,6 +31,7 @@ from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager, LocalProcesses
 from rotator.rotation.ports import Device, RecordStore, TunnelApi
+from rotator.schedule import Policy
 from rotator.secret import Secret
 
 
@@ -91,6 +92,16 @@ class Runtime:
         manual = [s.settings.ack_timeout for s in self.settings.devices if isinstance(s.settings, ManualSettings)]
         return {"psk_for": self.psk_for(account_id), "device_for": device_for if self.measured else None,
                 "ack_timeout": min(manual) if manual else None, "on_drift": self.settings.rotation.on_drift}
+
+    def schedule_for(self, account_id: str) -> Callable[[TunnelInfo], Policy | None]:
+        """A tunnel's schedule: the policy its account's selections name (None: no selection covers
+        it); an account the config does not list runs every tunnel on the ``default`` policy."""
+        account = next((a for a in self.settings.accounts if a.id == account_id), None)
+
+        def choose(tunnel: TunnelInfo) -> Policy | None:
+            name = account.policy_for(tunnel.id, tunnel.name) if account else "default"
+            return self.settings.policies[name] if name else None
+        return choose
 
     def psk_for(self, account_id: str) -> Callable[[TunnelInfo], PskGenerator]:
         account = next((a for a in self.settings.accounts if a.id == account_id), None)

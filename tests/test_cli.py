@@ -348,3 +348,59 @@ def test_ack_says_what_the_manual_device_holds_and_status_prints_the_command(sim
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert record(sims, acc, tunnel)["psk"] == pending and sims.cloudflare.psk_of(acc, tunnel) == pending
     assert_invariant(sims, acc, strict=True)
+
+
+def test_rotate_due_rotates_only_what_the_schedule_would(sims, tmp_path):
+    """Issue 20 item 12: `rotate --due` for cron and CI, the policies' due and drift decision."""
+    acc = account(sims)
+    path = write_config(tmp_path, f'[[accounts]]\nid = "{acc}"\n[policies.default]\nevery = "30d"\n')
+    env = {**sims.env(), "ROTATOR_CONFIG": path}
+    assert run_cli(["rotate", "--account", acc, "--all"], env).returncode == 0
+    applies = sims.cloudflare.request_counts().get("cf.psk_apply", 0)
+    proc = run_cli(["rotate", "--account", acc, "--due"], env)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
+    assert sims.cloudflare.request_counts().get("cf.psk_apply", 0) == applies  # nothing was due: nothing sent
+    drifted = sims.tunnels_by_account[acc][2]
+    sims.cloudflare.change_psk_out_of_band(acc, drifted)  # a key set outside the rotator: re-keyed as drift
+    new = sims.cloudflare.add_tunnel(acc)  # a tunnel never rotated: due at once
+    sims.tunnels_by_account[acc].append(new)
+    proc = run_cli(["rotate", "--account", acc, "--due", "--output", "json"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted(t["tunnel_id"] for t in report["tunnels"]) == sorted([drifted, new])
+    assert report["counts"]["rotated"] == 2 and report["drifted"] == [drifted]
+    proc = run_cli(["rotate", "--account", acc, "--due", "--all"], env)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_history_lists_the_record_versions_never_a_key(sims):
+    """Issue 20 item 12: `rotator history`: when, rotation id, state, outcome, device; never a key."""
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    proc = run_cli(["history", "--account", acc, "--tunnel", tunnel], sims.env())
+    assert proc.returncode == 0 and "never written" in proc.stdout, proc.stdout + proc.stderr
+    rotations = []
+    for _ in range(2):
+        report = json.loads(run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--output", "json"],
+                                    sims.env()).stdout)
+        rotations.append(report["rotation_id"])
+    proc = run_cli(["history", "--account", acc, "--tunnel", "tun00001", "--output", "json"], sims.env())
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    versions = answer["versions"]
+    assert [v["version"] for v in versions] == [4, 3, 2, 1] and answer["tunnel_id"] == tunnel
+    assert [(v["rotation_id"], v["state"], v["pending"]) for v in versions] == [
+        (rotations[1], "active", False), (rotations[1], "pending", True),
+        (rotations[0], "active", False), (rotations[0], "pending", True)]
+    assert versions[0]["outcome"] == "rotated" and all(v["written_at"] for v in versions)
+    data = record(sims, acc, tunnel)
+    for key in (data["psk"], data["previous_psk"]):
+        assert key not in proc.stdout
+    assert all("psk" not in field for v in versions for field in v)
+    text = run_cli(["history", "--account", acc, "--tunnel", tunnel, "--limit", "2"], sims.env())
+    assert text.returncode == 0 and rotations[1] in text.stdout and rotations[0] not in text.stdout
+    assert "VERSION" in text.stdout and "OUTCOME" in text.stdout
+    bad = run_cli(["history", "--account", acc, "--tunnel", "nonesuch"], sims.env())
+    assert bad.returncode == 2 and "no tunnel 'nonesuch'" in bad.stderr and "Traceback" not in bad.stderr
+    assert_invariant(sims, acc, strict=True)

@@ -488,3 +488,27 @@ def test_a_manual_device_waits_for_its_ack_and_the_metrics_say_so(sims, tmp_path
     finally:
         d.stop()
     assert_invariant(sims, acc, strict=True)
+
+
+def test_a_due_run_through_the_api_and_the_cli_rotates_only_what_is_due(sims, daemon):
+    """Issue 20 item 12: `rotate --due` handed to the leading daemon (POST /v1/rotations {"due": true})."""
+    from tests.helpers import run_cli
+
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                            result="rotated") == 6, what="the first run")
+    r = httpx.post(url + "/v1/rotations", json={"account": acc, "due": True}, headers=auth)
+    assert r.status_code == 202, r.text
+    wait_for(lambda: httpx.get(url + r.json()["href"], headers=auth).json()["state"] == "done")
+    view = httpx.get(url + r.json()["href"], headers=auth).json()
+    assert view["kind"] == "due" and view["result"]["tunnels"] == []  # nothing is due an hour early
+    assert httpx.post(url + "/v1/rotations", json={"account": acc, "due": True, "all": True},
+                      headers=auth).status_code == 400
+    drifted = sims.tunnels_by_account[acc][3]
+    sims.cloudflare.change_psk_out_of_band(acc, drifted)
+    env = {**sims.env(), "ROTATOR_ADMIN_URL": url, "ROTATOR_ADMIN_TOKEN": ADMIN, "ROTATOR_CONFIG": daemon.settings.source}
+    proc = run_cli(["rotate", "--account", acc, "--due", "--output", "json"], env)
+    assert proc.returncode == 0 and "handed to the daemon" in proc.stderr, proc.stdout + proc.stderr
+    assert [(t["tunnel_id"], t["result"]) for t in json.loads(proc.stdout)["tunnels"]] == [(drifted, "rotated")]
+    assert_invariant(sims, acc, strict=True)

@@ -261,6 +261,11 @@ class Engine:
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
 
+    def named(self, account_id: str, tunnels: Sequence[str]) -> list[TunnelInfo]:
+        """The listed tunnels these ids or names name, each once, as a run would select them.
+        Raises ConfigError for an unknown or ambiguous name."""
+        return self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+
     # -- acknowledgements (manual devices) -----------------------------------------------------
     def acknowledge(self, account_id: str, tunnels: Sequence[str], holds: str | None = None,
                     rotation_id: str | None = None) -> dict[str, str | None]:
@@ -269,7 +274,7 @@ class Engine:
         Returns tunnel id -> None when acknowledged, else why not (the current state and the exact
         command). All or nothing: when one tunnel is refused, none is written. The next run or
         reconcile acts on acknowledged keys. Raises ConfigError for an unknown name."""
-        chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+        chosen = self.named(account_id, tunnels)
         records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
         out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
         wanted: list[Record] = []

@@ -74,15 +74,20 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         if not isinstance(body, dict) or not isinstance(body.get("account"), str):
             return JSONResponse({"error": "give an account and tunnels: [...], all: true or reconcile: true"},
                                 status_code=400)
-        for flag in ("all", "dry_run", "reconcile", "rollback"):
+        for flag in ("all", "dry_run", "reconcile", "rollback", "due"):
             if flag in body and not isinstance(body[flag], bool):
                 return JSONResponse({"error": f"{flag} must be a JSON boolean (true or false)"}, status_code=400)
         tunnels = body.get("tunnels")
         every, reconcile, rollback = body.get("all", False), body.get("reconcile", False), body.get("rollback", False)
         named = isinstance(tunnels, list) and bool(tunnels) and all(isinstance(t, str) for t in tunnels)
+        due = body.get("due", False)
         if reconcile and rollback:
             return JSONResponse({"error": "give reconcile: true or rollback: true, not both"}, status_code=400)
-        if reconcile:
+        if due:
+            if tunnels is not None or every or reconcile or rollback:
+                return JSONResponse({"error": "due: true takes no tunnels, all, reconcile or rollback: the "
+                                              "schedule decides who is due"}, status_code=400)
+        elif reconcile:
             if tunnels is not None or every:
                 return JSONResponse({"error": "reconcile: true takes no tunnels or all: it settles every pending "
                                               "record of the account"}, status_code=400)
@@ -90,7 +95,7 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
             return JSONResponse({"error": "rollback: true needs tunnels: [ids or names]"}, status_code=400)
         elif every == named or (tunnels is not None and not named):
             return JSONResponse({"error": "give exactly one of tunnels: [ids or names] or all: true"}, status_code=400)
-        kind = "reconcile" if reconcile else "rollback" if rollback else "rotate"
+        kind = "due" if due else "reconcile" if reconcile else "rollback" if rollback else "rotate"
         try:
             run_id, deduplicated = await run_in_threadpool(
                 control.trigger, body["account"], tunnels if named else None, body.get("dry_run", False), kind)

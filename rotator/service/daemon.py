@@ -294,8 +294,8 @@ class Daemon:
         def select(t: TunnelInfo) -> bool:
             return self._policy(account, t) is not None
 
-        if run.trigger == "schedule":
-            return RunRequest(account, select=select, **common)
+        if run.trigger == "schedule" or run.due:
+            return RunRequest(account, select=select, dry_run=run.dry_run, **common)
         if run.reconcile:
             return RunRequest(account, select=select, reconcile_only=True, dry_run=run.dry_run, **common)
         return RunRequest(account, tunnels=sorted(run.tunnels) if run.tunnels else None, due=lambda t, rec: True,
@@ -366,7 +366,8 @@ class Daemon:
             self._check_tunnels(account, tunnels)
         wanted = frozenset(tunnels) if tunnels else None
         run, deduplicated = self.runs.admit(Run(new_rotation_id(), account, wanted, dry_run, "api",
-                                                reconcile=kind == "reconcile", rollback=kind == "rollback"))
+                                                reconcile=kind == "reconcile", rollback=kind == "rollback",
+                                                due=kind == "due"))
         if not deduplicated:
             assert self._queue is not None
             self._queue.submit(self._execute, run)
