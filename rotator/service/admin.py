@@ -64,7 +64,8 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
             return denied()
         return JSONResponse(control.status())
 
-    async def trigger(request: Request) -> JSONResponse:
+    async def body_of(request: Request, usage: str) -> dict[str, Any] | JSONResponse:
+        """An authorized request's JSON object naming an ``account``, or the answer that refuses it."""
         if not authorized(request):
             return denied()
         try:
@@ -72,8 +73,13 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         except ValueError:
             return JSONResponse({"error": "body must be JSON"}, status_code=400)
         if not isinstance(body, dict) or not isinstance(body.get("account"), str):
-            return JSONResponse({"error": "give an account and tunnels: [...], all: true or reconcile: true"},
-                                status_code=400)
+            return JSONResponse({"error": usage}, status_code=400)
+        return body
+
+    async def trigger(request: Request) -> JSONResponse:
+        body = await body_of(request, "give an account and tunnels: [...], all: true or reconcile: true")
+        if isinstance(body, JSONResponse):
+            return body
         for flag in ("all", "dry_run", "reconcile", "rollback", "due"):
             if flag in body and not isinstance(body[flag], bool):
                 return JSONResponse({"error": f"{flag} must be a JSON boolean (true or false)"}, status_code=400)
@@ -111,16 +117,11 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         """``rotator ack`` over HTTP (model.ack's rules): 202 with the reconcile run that finishes the
         acknowledged tunnels; 409, nothing recorded, with the current state and the exact command per
         tunnel when any acknowledgement is ambiguous or the record has moved on."""
-        if not authorized(request):
-            return denied()
-        try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "body must be JSON"}, status_code=400)
         usage = ('give {"account": ID, "tunnels": [ids or names], "holds": "new" | "previous", '
                  '"rotation_id": ID (optional)}')
-        if not isinstance(body, dict) or not isinstance(body.get("account"), str):
-            return JSONResponse({"error": usage}, status_code=400)
+        body = await body_of(request, usage)
+        if isinstance(body, JSONResponse):
+            return body
         tunnels, holds, rotation = body.get("tunnels"), body.get("holds"), body.get("rotation_id")
         if not (isinstance(tunnels, list) and tunnels and all(isinstance(t, str) for t in tunnels)) \
                 or holds not in (None, "new", "previous") or not isinstance(rotation, str | None):
