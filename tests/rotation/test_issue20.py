@@ -4,6 +4,7 @@ with the invariant of DESIGN.md section 2 for both ends (Cloudflare and the far-
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -207,3 +208,21 @@ def test_a_dry_run_answers_what_the_run_does_for_a_key_whose_device_left_the_con
     assert {o.result for o in dry.outcomes if o.tunnel_id != t1} == {Outcome.WOULD_ROTATE}
     assert w.rec(t1).pending_psk is not None
     w.invariant()
+
+
+def test_status_says_what_a_manual_tunnel_waits_for_and_the_command_in_both_states() -> None:
+    from rotator.model import TunnelInfo
+    from rotator.service.inventory import assess
+
+    tunnel = TunnelInfo("b" * 32, "desk-1")
+    base = Record(ACCOUNT, tunnel.id, 4, psk=Secret("old" * 10), pending_psk=Secret("new" * 10),
+                  state="pending", rotation_id="20261202T101500Z-a1b2c3", device="desk")
+    pending = assess(None, tunnel, base, 0.0, manual=True)
+    assert pending.ack_command == (f"rotator ack --account {ACCOUNT} --tunnel {tunnel.id} "
+                                   "--rotation 20261202T101500Z-a1b2c3 --holds new")
+    assert "new key of rotation 20261202T101500Z-a1b2c3" in (pending.waits_for or "")
+    back = assess(None, tunnel, replace(base, state="rolling_back"), 0.0, manual=True)
+    assert (back.ack_command or "").endswith("--holds previous") and "previous key" in (back.waits_for or "")
+    assert assess(None, tunnel, base, 0.0).ack_command is None  # an automatic device is not waited for
+    assert assess(None, tunnel, replace(base, pending_psk=None), 0.0, manual=True).ack_command is None
+    assert "new" * 10 not in repr(pending.as_dict(0.0)) + repr(back.as_dict(0.0))
