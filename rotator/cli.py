@@ -481,10 +481,11 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
 
 
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:
+    from rotator.rotation.plan import listed_once
     from rotator.service.inventory import assess, summary
 
-    tunnels = runtime.cloudflare.list_tunnels(args.account)
-    records = runtime.store.read_many(args.account, [t.id for t in tunnels])
+    tunnels = listed_once(runtime.cloudflare.list_tunnels(args.account))  # a tunnel listed twice: one row, refused
+    records = runtime.store.read_many(args.account, [t.id for t in tunnels if t.problem is None])
     now = time.time()
     schedule = runtime.schedule_for(args.account)
 
@@ -492,7 +493,9 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
         spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
         return spec is not None and spec.kind == "manual"
 
-    views = [assess(schedule(t), t, records[t.id], now, manual=manual(records[t.id])) for t in tunnels]
+    unread = RotatorError("not read: the listing makes this tunnel unusable")
+    views = [assess(schedule(t), t, records.get(t.id, unread), now, manual=manual(records.get(t.id)))
+             for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]

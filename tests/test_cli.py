@@ -404,3 +404,23 @@ def test_history_lists_the_record_versions_never_a_key(sims):
     bad = run_cli(["history", "--account", acc, "--tunnel", "nonesuch"], sims.env())
     assert bad.returncode == 2 and "no tunnel 'nonesuch'" in bad.stderr and "Traceback" not in bad.stderr
     assert_invariant(sims, acc, strict=True)
+
+
+def test_a_tunnel_listed_twice_is_one_refused_row_in_rotate_and_status(sims):
+    """Issue 20 item 1 through the CLI: reported once, by id and both names; nothing written or sent."""
+    acc = account(sims)
+    assert run_cli(["rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    victim = sims.tunnels_by_account[acc][0]
+    sims.cloudflare.list_twice(acc, victim, "branch-dup")
+    before = record(sims, acc, victim)
+    proc = run_cli(["rotate", "--account", acc, "--all", "--output", "json"], sims.env())
+    report = json.loads(proc.stdout)
+    rows = [t for t in report["tunnels"] if t["tunnel_id"] == victim]
+    assert proc.returncode == 1 and len(report["tunnels"]) == 6 and report["counts"]["rotated"] == 5
+    assert [r["result"] for r in rows] == ["refused"] and rows[0]["name"] == "tun00001 / branch-dup"
+    assert record(sims, acc, victim) == before
+    status = json.loads(run_cli(["status", "--account", acc, "--output", "json"], sims.env()).stdout)
+    rows = [t for t in status["tunnels"] if t["tunnel_id"] == victim]
+    assert len(rows) == 1 and rows[0]["state"] == "refused" and "listing names tunnel" in rows[0]["last_error"]
+    assert status["summary"]["tunnels"] == 6
+    assert_invariant(sims, acc, strict=True)
