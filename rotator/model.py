@@ -156,8 +156,8 @@ def waits_for(record: Record) -> tuple[str, str] | None:
     if record.pending_psk is None or record.rotation_id is None:
         return None
     if record.state == "rolling_back":
-        return (f"the device back on its previous key: rotation {record.rotation_id}'s new key is being withdrawn "
-                "(an operator puts the previous key back on the device and acknowledges it)", "previous")
+        return (f"the device to be back on its previous key (rotation {record.rotation_id}'s new key is being "
+                "withdrawn)", "previous")
     if record.state == "pending":
         return f"the device to hold the new key of rotation {record.rotation_id}", "new"
     return None
