@@ -223,3 +223,41 @@ def test_the_metrics_wrapper_keeps_what_the_engine_reads_from_a_device():
     wrapped = MeasuredDevice(ManualDevice("desk", ack_timeout=120.0, timeout=10.0), Metrics(CollectorRegistry()))
     assert (wrapped.name, wrapped.kind) == ("desk", "manual")
     assert (wrapped.timeout, wrapped.verifies, wrapped.ack_timeout) == (10.0, False, 120.0)
+
+
+# -- CI hygiene --------------------------------------------------------------------------------------
+
+def test_ci_stops_only_the_debian_prometheus_service(tmp_path):
+    """.ci/run stops the Prometheus Debian's package started (its unit, init script or pid file) and no
+    other: a Prometheus of someone else's, named the same, survives (`pkill -x prometheus` ended it)."""
+    script = ROOT / ".ci" / "stop-system-prometheus"
+    for path in (ROOT / ".ci" / "run", script):
+        commands = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not any(re.search(r"\b(pkill|killall)\b", ln) for ln in commands), f"{path.name} stops by name"
+    assert str(script.relative_to(ROOT)) in (ROOT / ".ci" / "run").read_text()
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("systemctl", "service"):  # no init system here: the pid file is what is left
+        (stubs / name).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / name).chmod(0o755)
+    binary = tmp_path / "prometheus"  # two processes named prometheus: the service's and someone else's
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    theirs = subprocess.Popen([str(binary), "300"])
+    service = subprocess.Popen([str(binary), "300"])
+    try:
+        pidfile = tmp_path / "prometheus.pid"
+        pidfile.write_text(f"{service.pid}\n")
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PROMETHEUS_PIDFILE": str(pidfile),
+               "PROMETHEUS_BIN": str(binary)}
+        proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert service.wait(timeout=30) is not None  # the service's process is gone
+        assert theirs.poll() is None  # the other one still runs
+        again = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr  # nothing left to stop: still fine
+        assert theirs.poll() is None
+    finally:
+        for p in (theirs, service):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
