@@ -409,6 +409,7 @@ def build_daemon(settings: Settings, redactor: Redactor | None = None, tick_seco
     check_for_daemon(settings)
     log = structlog.get_logger("rotator")
     metrics = Metrics(CollectorRegistry())
+    metrics.known([a.id for a in settings.accounts], [d.name for d in settings.devices])
     stopping = threading.Event()
     runtime = build_runtime(settings, log=log, observer=metrics, holder=holder,
                             options=RunOptions(keep_leases=True, should_stop=stopping.is_set))
