@@ -4,6 +4,7 @@ and a real Prometheus (Debian's binary) where the alerts are the question."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,4 +187,35 @@ def test_real_prometheus_sees_the_first_rollback_failure_and_drift_after_a_start
         prom.stop()
     both_ends(fleet.sims, acc, fleet.device)
     fleet.run(reconcile=True)
+    both_ends(fleet.sims, acc, fleet.device, strict=True)
+
+
+# -- item 8: one view of a tunnel, the CLI's and the daemon's --------------------------------------------
+
+def test_the_status_api_shows_each_tunnel_as_the_cli_does(fleet):
+    """`GET /v1/status` showed device, rotation_id and ipsec_id as null where `rotator status` showed
+    them. After a clean run and a refused one, both say the same of every tunnel. (A rolled-back tunnel
+    is left out until a rollback's apply records what Cloudflare answered: issue 20, item 6.)"""
+    acc = fleet.account
+    fleet.sims.cloudflare.refuse_tunnels([fleet.tunnel(1)], stage="validate", reason="injected")
+    assert [t["result"] for t in fleet.run(tunnels=[fleet.tunnel(1)])["result"]["tunnels"]] == ["refused"]
+    fleet.sims.cloudflare.clear_refusals()
+    env = {**fleet.sims.env(), "ROTATOR_CONFIG": fleet.daemon.settings.source}
+    proc = helpers.run_cli(["status", "--account", acc, "--output", "json"], env)
+    assert proc.returncode == 0, proc.stderr
+    cli_doc = json.loads(proc.stdout)
+    cli = {t["tunnel_id"]: t for t in cli_doc["tunnels"]}
+    api_doc = httpx.get(fleet.url + "/v1/status", headers=AUTH).json()["accounts"][acc]
+    api = api_doc["tunnels"]
+    assert set(api) == set(cli) == set(fleet.sims.tunnels_by_account[acc])
+    for tid, seen in cli.items():
+        assert seen["device"] == "site" and seen["rotation_id"], seen
+        # The clock moved between the two looks; the daemon also remembers failures (its back-off), which
+        # a one-shot command cannot know.
+        skip = {"psk_age_seconds"} | ({"consecutive_failures", "next_due"} if tid == fleet.tunnel(1) else set())
+        assert {k: v for k, v in api[tid].items() if k not in skip} == \
+            {k: v for k, v in seen.items() if k not in skip}, tid
+        assert abs(api[tid]["psk_age_seconds"] - seen["psk_age_seconds"]) <= 5
+    assert api[fleet.tunnel(1)]["consecutive_failures"] == 1 and api[fleet.tunnel(1)]["failed"] is True
+    assert api_doc["summary"] == cli_doc["summary"]
     both_ends(fleet.sims, acc, fleet.device, strict=True)

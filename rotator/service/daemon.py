@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry
 from rotator.config import Settings, check_for_daemon, split_listen
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.model import TunnelInfo
+from rotator.model import Record, TunnelInfo
 from rotator.rotation.engine import ROTATED, UNKNOWN, WAITING, RunReport, RunRequest, new_rotation_id
 from rotator.schedule import Policy
 from rotator.service.admin import build_app
-from rotator.service.inventory import TunnelView, from_plan, rotated, summary
+from rotator.service.inventory import TunnelView, assess, from_plan, rotated, summary
 from rotator.service.logging import Redactor
 from rotator.service.metrics import Metrics
 from rotator.service.runs import DONE, FAILED, RUNNING, Run, Runs
@@ -327,6 +327,8 @@ class Daemon:
                     pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
                     views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
                                                              last_error=o.reason, failures=count + 1)
+        if not report.dry_run:
+            self._refresh(run.account, report)
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
         self.metrics.waiting_ack.labels(account=run.account).set(len(self._waiting.get(run.account, ())))
@@ -342,6 +344,32 @@ class Daemon:
              kind=run.kind, dry_run=report.dry_run, ok=report.ok, error=report.error,
              duration_seconds=round(report.finished_at - report.started_at, 3),
              **{k: v for k, v in counts.items() if v})
+
+    def _refresh(self, account: str, report: RunReport) -> None:
+        """The views of the tunnels a run acted on, from their records as the run left them: the same
+        ``assess`` as ``rotator status`` (service/inventory.py), so /v1/status shows what the CLI shows
+        (device, rotation id, ipsec id, state). One Vault read per tunnel acted on; where a read fails, the
+        view derived from the outcome stays. Drift is the listing's to judge: a rotated tunnel is not
+        drifted, another keeps what the plan saw."""
+        outcomes = {o.tunnel_id: o for o in report.outcomes}
+        if not outcomes:
+            return
+        try:
+            records = self.runtime.store.read_many(account, list(outcomes))
+        except RotatorError:
+            return
+        views, failures, now = self.views.setdefault(account, {}), self._failures.get(account, {}), self.clock()
+        for tid, o in outcomes.items():
+            record = records.get(tid)
+            if not isinstance(record, Record):
+                continue
+            tunnel = TunnelInfo(tid, o.name)
+            count, last = failures.get(tid, (0, None))
+            view = assess(self._policy(account, tunnel), tunnel, record, now, count, last)
+            before = views.get(tid)
+            drifted = bool(before and before.drifted) and o.result != ROTATED
+            views[tid] = dataclasses.replace(view, drifted=drifted)
+            self.metrics.observe_tunnel(account, views[tid])
 
     # -- admin control ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -76,16 +76,16 @@ def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception
             due = due_at(policy, tunnel, record, now, failures, last_failure)
         except ValueError:
             due = None  # a schedule that never fires (config check refuses it): never due
-    return from_plan(view_of(tunnel, record, due, is_drifted(tunnel, record)), policy, failures, record)
+    return from_plan(view_of(tunnel, record, due, is_drifted(tunnel, record)), policy, failures)
 
 
-def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: Record | None = None) -> TunnelView:
-    """The plan's view of a tunnel (a run's report carries one per tunnel), with what operators add."""
+def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0) -> TunnelView:
+    """The plan's view of a tunnel (a run's report carries one per tunnel, the record's fields with it),
+    with what operators add. ``assess`` comes here too: the CLI's status and the daemon's are one view."""
     max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
     return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted, seen.last_error is not None,
-                      seen.last_rotated, seen.next_due, max_age, seen.last_error,
-                      record.rotation_id if record else None, record.device if record else None,
-                      record.ipsec_id if record else None, policy.name if policy else None, failures)
+                      seen.last_rotated, seen.next_due, max_age, seen.last_error, seen.rotation_id, seen.device,
+                      seen.ipsec_id, policy.name if policy else None, failures)
 
 
 def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float) -> TunnelView:
