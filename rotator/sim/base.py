@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from rotator import wire
 from rotator.httpserver import ServerThread
 
 __all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp"]
@@ -37,7 +38,7 @@ class Request:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return wire.loads(self.body)  # deep nesting too is a ValueError: a 400, as malformed JSON is
 
 
 @dataclass(slots=True)
