@@ -3,7 +3,8 @@
 ``json.loads`` raises ``RecursionError``, not ``ValueError``, on deeply nested input (100,000
 brackets are a few hundred kilobytes): left alone, it escapes every ``except ValueError`` and kills
 the run with a traceback while keys are pending (issue 20, item 4). Here every failure to parse is
-a ``ValueError``, so each boundary's existing "garbage" handling covers it too.
+a ``ValueError``, so each boundary's existing "garbage" handling covers it too (docs/design.md
+section 7: a garbage answer is an adapter error; section 4: an ambiguous one leaves the key pending).
 """
 
 from __future__ import annotations

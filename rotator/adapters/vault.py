@@ -97,7 +97,8 @@ def _key_of(exc: Exception) -> tuple[int | None, str] | None:
 class Credentials:
     """What this process authenticates to Vault with (every token it used, the AppRole secret id, the
     Kubernetes JWT): redacted from every error text Vault (or a proxy in front of it) sends back, since
-    an echo of the request may quote them. Shared by the store and the login (wiring.py); thread-safe."""
+    an echo of the request may quote them (docs/design.md section 8: every reason text from Vault is
+    redacted). Shared by the store and the login (wiring.py); thread-safe."""
 
     LIMIT = 32  # tokens renewed or re-issued over a long life: the newest are kept
 
