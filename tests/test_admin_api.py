@@ -10,7 +10,7 @@ import httpx
 
 from rotator.service.admin import MAX_BODY
 from tests.helpers import assert_invariant, wait_for
-from tests.test_daemon import ADMIN, daemon  # noqa: F401  (the fixture)
+from tests.test_daemon import ADMIN, daemon, metric  # noqa: F401  (the fixture)
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -29,9 +29,16 @@ def _raw_exchange(url: str, head: bytes, body: bytes) -> bytes:
     return answer
 
 
+def _first_run_done(daemon, acc: str) -> None:  # noqa: F811
+    """The daemon's first tick rotates every tunnel; the invariant is asserted once it has settled."""
+    wait_for(lambda: metric(httpx.get(daemon.admin_url + "/metrics").text, "psk_rotator_rotations_total",
+                            account=acc, result="rotated") == 6, timeout=60, what="the first run")
+
+
 def test_a_deeply_nested_body_is_a_400_not_a_500(sims, daemon):  # noqa: F811
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
+    _first_run_done(daemon, acc)
     nested = b'{"account": "' + acc.encode() + b'", "tunnels": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
     assert len(nested) < MAX_BODY
     r = httpx.post(url + "/v1/rotations", content=nested, headers={**AUTH, "Content-Type": "application/json"})
@@ -45,6 +52,7 @@ def test_a_deeply_nested_body_is_a_400_not_a_500(sims, daemon):  # noqa: F811
 def test_an_oversized_body_is_a_413_without_reading_it_whole(sims, daemon):  # noqa: F811
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
+    _first_run_done(daemon, acc)
     host = urlparse(url).netloc.encode()
     # It says 30 MB and sends 10 bytes: an answer at all shows the server did not wait for the rest.
     head = (b"POST /v1/rotations HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: Bearer " + ADMIN.encode()

@@ -316,7 +316,7 @@ class Daemon:
                 tunnel = TunnelInfo(o.tunnel_id, o.name)
                 policy = self._policy(run.account, tunnel) or self.settings.policies["default"]
                 before = views.get(o.tunnel_id)
-                view = rotated(before, tunnel, policy, now)
+                view = rotated(before, tunnel, policy, now, report.rotation_id)
                 views[o.tunnel_id] = view
                 self.metrics.observe_tunnel(run.account, view)
             else:

@@ -88,12 +88,13 @@ def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0) -> Tunne
                       seen.ipsec_id, policy.name if policy else None, failures)
 
 
-def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float) -> TunnelView:
-    """The view right after this process rotated the tunnel (until the next plan looks again)."""
+def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float,
+            rotation_id: str | None = None) -> TunnelView:
+    """The view right after this process rotated the tunnel, where its record could not be read back."""
     max_age = policy.max_age or (policy.every or 0) * 1.2 or None
     return TunnelView(tunnel.id, tunnel.name, "active", False, False, False, now, next_due(policy, tunnel.id, now, now),
-                      max_age, None, None, before.device if before else None, before.ipsec_id if before else None,
-                      policy.name)
+                      max_age, None, rotation_id, before.device if before else None,
+                      before.ipsec_id if before else None, policy.name)
 
 
 def summary(views: Iterable[TunnelView]) -> dict[str, int]:
