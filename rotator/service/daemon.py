@@ -38,6 +38,7 @@ from rotator.wiring import RunOptions, Runtime, build_runtime
 SHUTDOWN_GRACE = 30.0
 RELIST_SECONDS = 600.0  # new tunnels are noticed within this long even when nothing is due
 CONNECT_BACKOFF_MAX = 60.0  # at start-up, Vault and Cloudflare are retried at most this far apart
+REFRESH_CHUNK = 64  # records read back per round after a run (Daemon._refresh)
 
 
 @dataclass
@@ -328,7 +329,10 @@ class Daemon:
                     views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
                                                              last_error=o.reason, failures=count + 1)
         if not report.dry_run:
-            self._refresh(run.account, report)
+            try:
+                self._refresh(run.account, report)
+            except RotatorError as exc:  # the views derived from the outcomes stay
+                self.log.warning("status_refresh_failed", account=run.account, error=str(exc))
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
         self.metrics.waiting_ack.labels(account=run.account).set(len(self._waiting.get(run.account, ())))
@@ -348,16 +352,18 @@ class Daemon:
     def _refresh(self, account: str, report: RunReport) -> None:
         """The views of the tunnels a run acted on, from their records as the run left them: the same
         ``assess`` as ``rotator status`` (service/inventory.py), so /v1/status shows what the CLI shows
-        (device, rotation id, ipsec id, state). One Vault read per tunnel acted on; where a read fails, the
-        view derived from the outcome stays. Drift is the listing's to judge: a rotated tunnel is not
-        drifted, another keeps what the plan saw."""
+        (device, rotation id, ipsec id, state). One Vault read per tunnel acted on, in chunks: a chunk
+        whose every read failed ends the refresh (Vault went away: a wait of one call deadline, not one per
+        tunnel), and where a read failed the view derived from the outcome stays. Drift is the listing's
+        to judge: a rotated tunnel is not drifted, another keeps what the plan saw."""
         outcomes = {o.tunnel_id: o for o in report.outcomes}
-        if not outcomes:
-            return
-        try:
-            records = self.runtime.store.read_many(account, list(outcomes))
-        except RotatorError:
-            return
+        ids = list(outcomes)
+        records: dict[str, Record | VaultError] = {}
+        for start in range(0, len(ids), REFRESH_CHUNK):
+            chunk = self.runtime.store.read_many(account, ids[start:start + REFRESH_CHUNK])
+            records.update(chunk)
+            if all(isinstance(r, VaultError) for r in chunk.values()):
+                break
         views, failures, now = self.views.setdefault(account, {}), self._failures.get(account, {}), self.clock()
         for tid, o in outcomes.items():
             record = records.get(tid)
