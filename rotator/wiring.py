@@ -23,7 +23,7 @@ import structlog
 from rotator.adapters.cloudflare import CloudflareClient, RateBudget, RetryPolicy
 from rotator.adapters.devices import DeviceRegistry
 from rotator.adapters.devices.manual import ManualSettings
-from rotator.adapters.vault import VaultStore, build_hvac_client, translate
+from rotator.adapters.vault import Credentials, VaultStore, build_hvac_client, translate
 from rotator.config import Settings
 from rotator.errors import CloudflareError, ConfigError, VaultError
 from rotator.model import PskSetResult, TunnelInfo
@@ -159,8 +159,14 @@ def warn_plain_http(addr: str, log: Any) -> None:
 class VaultAuthenticator:
     """Logs in (token, AppRole or Kubernetes), renews the token before expiry, re-logs in when it is gone."""
 
-    def __init__(self, client: hvac.Client, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: hvac.Client, settings: Settings, clock: Callable[[], float] = time.time,
+                 credentials: Credentials | None = None) -> None:
         self.client, self.settings, self.clock = client, settings, clock
+        auth = settings.vault.auth
+        # Redacted from every Vault error text, the login's and the store's (which share this object).
+        self.credentials = credentials or Credentials()
+        self.credentials.add(settings.vault.token.reveal() if settings.vault.token else None,
+                             auth.secret_id.reveal() if auth.secret_id else None)
         self.expires_at: float | None = None
         self.ttl = 0
         self.renewable = False
@@ -180,6 +186,7 @@ class VaultAuthenticator:
                 except OSError as exc:
                     raise ConfigError(f"vault.auth.jwt_file: cannot read {auth.jwt_file} ({exc.strerror})",
                                       "mount the service account token or set vault.auth.jwt_file") from None
+                self.credentials.add(jwt)
                 resp = self.client.auth.kubernetes.login(auth.role, jwt, mount_point=auth.mount)
                 self._note(resp["auth"]["lease_duration"], resp["auth"]["renewable"])
             else:
@@ -190,7 +197,9 @@ class VaultAuthenticator:
             raise VaultError(f"Vault login ({auth.method}) answered without the expected auth data",
                              "check VAULT_ADDR points at Vault and the auth mount name") from exc
         except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
-            raise translate(exc, f"Vault login ({auth.method})") from exc
+            raise translate(exc, f"Vault login ({auth.method})", secrets=self.credentials.with_token(self.client)) \
+                from exc
+        self.credentials.with_token(self.client)  # the token the login issued
 
     def _note(self, ttl: int, renewable: bool) -> None:
         self.ttl = ttl
@@ -212,6 +221,7 @@ class VaultAuthenticator:
                 try:
                     resp = self.client.auth.token.renew_self()
                     self._note(int(resp["auth"]["lease_duration"]), bool(resp["auth"]["renewable"]))
+                    self.credentials.with_token(self.client)
                     return "renewed"
                 except (hvac.exceptions.VaultError, requests.exceptions.RequestException, KeyError, TypeError):
                     pass  # the token is gone or not renewable after all: log in afresh below
@@ -245,7 +255,8 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
     )
     cloudflare = AccountHint(client_cf)
     store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
-                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None)
+                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None,
+                       credentials=authenticator.credentials)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)

@@ -194,3 +194,23 @@ def test_history_reads_each_version_newest_first_and_marks_deleted_ones(env):
     with pytest.raises(RepeatedTunnel):  # a batch naming one tunnel twice is refused, nothing written
         store.write_many([Record(A, T, 3), Record(A, T, 3)])
     assert store.read(A, T).version == 3
+
+
+# -- Vault's error texts quoting a credential (issue 20, item 3) ---------------------------------------
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_an_error_that_quotes_the_token_is_redacted(env, status):
+    """A proxy or plugin in front of Vault that echoes the request: its error quotes the token."""
+    import httpx
+
+    sim, store, addr = env
+    token = store._client.token
+    sim.echo_token_next("kv.read", status=status)
+    raw = httpx.get(f"{addr}/v1/secret/data/x", headers={"X-Vault-Token": token})
+    assert raw.status_code == status and token in raw.text  # the fault really quotes it
+    sim.echo_token_next("kv.read", status=status, count=3)
+    with pytest.raises(VaultError) as exc:
+        store.read(A, T)
+    text = str(exc.value) + repr(exc.value.args)
+    assert token not in text and "X-Vault-Token \"**redacted**\"" in text, text
+    assert str(status) in text and "\n" not in text

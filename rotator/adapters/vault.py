@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -21,8 +22,10 @@ import hvac.exceptions as hx
 import requests
 import urllib3
 
+from rotator import wire
 from rotator.errors import CasConflict, ConfigError, VaultError
 from rotator.model import Lease, Record, RecordVersion, check_distinct
+from rotator.secret import redact
 
 _json_dumps = json.dumps
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -86,18 +89,56 @@ def _key_of(exc: Exception) -> tuple[int | None, str] | None:
         return None, "refused" if "NewConnectionError" in repr(exc.args) else "connection"
     if isinstance(exc, requests.exceptions.RequestException):
         return None, "request"
-    if isinstance(exc, ValueError):  # hvac decoding a 200 that is not JSON
+    if isinstance(exc, ValueError | RecursionError):  # hvac decoding a 200 that is not JSON (or nests too deep)
         return 200, "not json"
     return None
 
 
-def translate(exc: Exception, what: str, *, write: bool = False) -> VaultError:
-    """Turn an hvac/requests failure into a VaultError with a hint (never the token or a PSK).
+class Credentials:
+    """What this process authenticates to Vault with (every token it used, the AppRole secret id, the
+    Kubernetes JWT): redacted from every error text Vault (or a proxy in front of it) sends back, since
+    an echo of the request may quote them (docs/design.md section 8: every reason text from Vault is
+    redacted). Shared by the store and the login (wiring.py); thread-safe."""
+
+    LIMIT = 32  # tokens renewed or re-issued over a long life: the newest are kept
+
+    def __init__(self, *values: str | None) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, None] = {}
+        self.add(*values)
+
+    def add(self, *values: str | None) -> None:
+        with self._lock:
+            for value in values:
+                if isinstance(value, str) and value:
+                    self._values.pop(value, None)
+                    self._values[value] = None
+            while len(self._values) > self.LIMIT:
+                del self._values[next(iter(self._values))]
+
+    def values(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._values)
+
+    def with_token(self, client: Any) -> tuple[str, ...]:
+        """Every value, after adding ``client``'s current token (a login or renewal may have replaced it)."""
+        token = getattr(client, "token", None)
+        self.add(token if isinstance(token, str) else None)
+        return self.values()
+
+    def __repr__(self) -> str:
+        return f"Credentials({len(self._values)} redacted)"
+
+
+def translate(exc: Exception, what: str, *, write: bool = False, secrets: Iterable[str] = ()) -> VaultError:
+    """Turn an hvac/requests failure into a VaultError with a hint (never the token or a PSK: Vault's
+    own text is redacted against ``secrets``, this process's credentials, before it is quoted).
     Anything that is neither is not a Vault failure and is re-raised."""
     key = _key_of(exc)
     if key is None:
         raise exc
     status, text = key
+    text = redact(text, secrets)
     row = next((r for r in ERROR_TABLE if r[0] == status and (r[1] is None or r[1] in text)), None)
     if row is None:
         code = status or 0
@@ -133,8 +174,10 @@ def _garbage(what: str, detail: str, *, write: bool = False) -> VaultError:
 
 class VaultStore:
     def __init__(self, client: hvac.Client, *, mount: str = "secret", prefix: str = "cloudflare/magic-ipsec",
-                 concurrency: int = 16, observe: Observer | None = None) -> None:
+                 concurrency: int = 16, observe: Observer | None = None,
+                 credentials: Credentials | None = None) -> None:
         self._client = client
+        self.credentials = credentials or Credentials()
         self.mount = mount.strip("/")
         self.prefix = prefix.strip("/")
         self._concurrency = concurrency
@@ -331,9 +374,9 @@ class VaultStore:
             self._observe(op, "missing" if missing_ok else "error")
             if missing_ok:
                 raise _Missing(_version_in(getattr(exc, "json", None))) from exc
-            raise translate(exc, what, write=write) from exc
+            raise translate(exc, what, write=write, secrets=self.credentials.with_token(self._client)) from exc
         except Exception as exc:
-            error = translate(exc, what, write=write)
+            error = translate(exc, what, write=write, secrets=self.credentials.with_token(self._client))
             self._observe(op, "conflict" if isinstance(error, CasConflict) else "error")
             raise error from exc
         if missing_ok and isinstance(result, dict) and isinstance(result.get("data"), dict) \
@@ -388,7 +431,7 @@ class _Response:
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return wire.loads(self.content)  # deep nesting too is a ValueError: hvac then hands back the response
 
 
 class PooledSession:

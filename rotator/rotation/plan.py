@@ -38,6 +38,9 @@ class TunnelView:
     last_rotated: float | None
     next_due: float | None
     drifted: bool
+    rotation_id: str | None = None  # the record's: who wrote its latest version
+    device: str | None = None
+    ipsec_id: str | None = None
 
 
 @dataclass
@@ -103,7 +106,8 @@ def due_at(policy: Policy, tunnel: TunnelInfo, record: Record, now: float, failu
 def view_of(tunnel: TunnelInfo, rec: Record, due: float | None, drifted: bool) -> TunnelView:
     state = "unmanaged" if rec.version == 0 else rec.state
     last = parse_time(rec.rotated_at) or parse_time(tunnel.last_generated_on)
-    return TunnelView(tunnel.id, tunnel.name, state, rec.pending_psk is not None, rec.last_error, last, due, drifted)
+    return TunnelView(tunnel.id, tunnel.name, state, rec.pending_psk is not None, rec.last_error, last, due, drifted,
+                      rec.rotation_id, rec.device, rec.ipsec_id)
 
 
 def _mode(tunnel: TunnelInfo, rec: Record, due: bool, drifted: bool, rollback: bool, on_drift: str) -> Mode | None:

@@ -16,9 +16,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rotator import wire
 from rotator.errors import ConfigError
 from rotator.secret import Secret
 from rotator.service.runs import QueueFull
+
+MAX_BODY = 64 * 1024  # a request names an account and some tunnels: far below this
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+    """The request's JSON body, read at most ``limit`` bytes far (BodyTooLarge past that, without
+    reading the rest); ``wire.NotJson`` (a ValueError) for anything unreadable, deep nesting included."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return wire.loads(bytes(body))
 
 
 class Control(Protocol):
@@ -69,7 +90,10 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
         if not authorized(request):
             return denied()
         try:
-            body = await request.json()
+            body = await read_json(request)
+        except BodyTooLarge:
+            return JSONResponse({"error": f"body over {MAX_BODY // 1024} KiB: send an account and its tunnels"},
+                                status_code=413)
         except ValueError:
             return JSONResponse({"error": "body must be JSON"}, status_code=400)
         if not isinstance(body, dict) or not isinstance(body.get("account"), str):

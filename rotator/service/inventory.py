@@ -87,23 +87,24 @@ def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception
 
 def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: Record | None = None,
               manual: bool = False) -> TunnelView:
-    """The plan's view of a tunnel (a run's report carries one per tunnel), with what operators add."""
+    """The plan's view of a tunnel (a run's report carries one per tunnel, the record's fields with it),
+    with what operators add. ``assess`` comes here too: the CLI's status and the daemon's are one view."""
     max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
     wanted = waits_for(record) if record is not None and manual else None
     return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted, seen.last_error is not None,
-                      seen.last_rotated, seen.next_due, max_age, seen.last_error,
-                      record.rotation_id if record else None, record.device if record else None,
-                      record.ipsec_id if record else None, policy.name if policy else None, failures,
+                      seen.last_rotated, seen.next_due, max_age, seen.last_error, seen.rotation_id, seen.device,
+                      seen.ipsec_id, policy.name if policy else None, failures,
                       wanted[0] if wanted else None,
                       ack_command(record, wanted[1]) if wanted and record is not None else None)
 
 
-def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float) -> TunnelView:
-    """The view right after this process rotated the tunnel (until the next plan looks again)."""
+def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float,
+            rotation_id: str | None = None) -> TunnelView:
+    """The view right after this process rotated the tunnel, where its record could not be read back."""
     max_age = policy.max_age or (policy.every or 0) * 1.2 or None
     return TunnelView(tunnel.id, tunnel.name, "active", False, False, False, now, next_due(policy, tunnel.id, now, now),
-                      max_age, None, None, before.device if before else None, before.ipsec_id if before else None,
-                      policy.name)
+                      max_age, None, rotation_id, before.device if before else None,
+                      before.ipsec_id if before else None, policy.name)
 
 
 def summary(views: Iterable[TunnelView]) -> dict[str, int]:

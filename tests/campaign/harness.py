@@ -618,7 +618,7 @@ class Campaign:
         if roll < 0.3:
             self._gate("vault", "kv.write", "html")  # the write took effect; a login page answers
         elif roll < 0.8:
-            variant, count = self.rng.choice(("html", "not_json", "types")), self.rng.randint(1, 3)
+            variant, count = self.rng.choice(("html", "not_json", "deep", "types")), self.rng.randint(1, 3)
             self.sims.vault.garbage_next("kv.read", variant=variant, count=count)
             self.result.faults_armed += 1
             self._event(f"the next {count} kv.read answered with garbage ({variant})")

@@ -84,12 +84,14 @@ def test_a_device_that_says_no_leaves_both_ends_on_the_old_key(world, fault, out
     both_ends(sims, acc, device_sim, strict=True)
 
 
-@pytest.mark.parametrize("fault", ["hang_verify", "garbage_deliver"])
+@pytest.mark.parametrize("fault", ["hang_verify", "garbage_deliver", "deep_deliver"])
 def test_an_unclear_device_answer_leaves_the_key_pending_until_reconcile(world, fault):
     sims, rt, acc, device_sim, registry = world
     assert run(rt, acc, registry).ok
     if fault == "hang_verify":
         device_sim.hang_next(5.0, count=1, action="verify")  # past the device's 3 s timeout
+    elif fault == "deep_deliver":  # a 200 nested 100,000 brackets deep: unreadable, not a crash
+        device_sim.garbage_next("device.deliver", variant="deep")
     else:
         device_sim.answer_garbage(count=1, action="deliver")
     verified_before = len(device_sim.calls_of("verify"))
