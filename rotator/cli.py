@@ -489,13 +489,13 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     now = time.time()
     schedule = runtime.schedule_for(args.account)
 
-    def manual(record: Any) -> bool:
-        spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
-        return spec is not None and spec.kind == "manual"
-
     unread = RotatorError("not read: the listing makes this tunnel unusable")
-    views = [assess(schedule(t), t, records.get(t.id, unread), now, manual=manual(records.get(t.id)))
-             for t in tunnels]
+
+    def view(t: Any) -> Any:
+        record = records.get(t.id, unread)
+        return assess(schedule(t), t, record, now, manual=runtime.is_manual(getattr(record, "device", None)))
+
+    views = [view(t) for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]
