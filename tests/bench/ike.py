@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from rotator.adapters.devices.webhook import WebhookDevice  # noqa: E402
 from rotator.adapters.devices._common import DeviceBase  # noqa: E402
+from rotator.adapters.devices.webhook import WebhookDevice  # noqa: E402
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel  # noqa: E402
 from rotator.secret import Secret  # noqa: E402
 from rotator.sim import Simulators  # noqa: E402
