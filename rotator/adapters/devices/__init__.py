@@ -80,6 +80,7 @@ KIND_MODULES = (
     "webhook",
     "strongswan",
     "manual",
+    "aws_vpn",
 )
 KINDS = KIND_MODULES
 COMMON_KEYS = ("name", "kind", "accounts", "tunnels", "timeout", "verify", "concurrency")
