@@ -227,3 +227,16 @@ def test_a_tunnel_without_customer_endpoint_is_refused_naming_what_to_set() -> N
     assert report.outcomes[0].result is Outcome.REFUSED
     assert "customer_endpoint" in (report.outcomes[0].reason or "")
     w.invariant(strict=True)
+
+
+def test_a_verify_that_polls_longer_than_the_lease_is_not_a_lease_covered_call() -> None:
+    """verify_timeout (docs/design.md section 10, long operations) is not bound by the lease TTL: only
+    calls that change a key are; a covered 600 s call under a 120 s lease would be refused."""
+    dev = FakeDevice("aws", timeout=0.3, verify_timeout=600.0)
+    w = managed(world(2, 100, device=dev, ttl=120.0))
+    report = w.run()
+    assert report.ok, [o.reason for o in report.outcomes]
+    w.invariant(strict=True)
+    dev.verify_timeout = None  # the same verify as a lease-covered call of the device's timeout: fine too
+    assert w.run().ok
+    w.invariant(strict=True)
