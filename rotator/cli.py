@@ -211,6 +211,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         preflight(runtime)
         if args.command == "status":
             return _status(runtime, args)
+        if not getattr(args, "dry_run", False):
+            handed = _meet_lease(runtime, args)
+            if handed is not None:
+                return handed
+        if progress:
+            progress.start()
         report = _rotate(runtime, args)
     finally:
         if progress:
@@ -327,14 +333,57 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
     if settings.admin.token is None:
         raise ConfigError("ROTATOR_ADMIN_URL is set but no admin token is",
                           "export ROTATOR_ADMIN_TOKEN (or pass --local to run here)")
+    return _hand_over(settings, args, url, None)
+
+
+def _meet_lease(runtime: Runtime, args: argparse.Namespace) -> int | None:
+    """Before waiting for another holder's lease: check the tunnel names, then hand the request to a
+    leading daemon found in the lease (it records its admin URL there, rotation/lease.py). None: run
+    here (the lease is free, ours to take, or held by another one-shot command: waited for, bounded).
+    A daemon that cannot be reached is one line naming it, never a wait for a lease it renews forever."""
+    from rotator.rotation.lease import Liveness
+
+    lease = runtime.store.read_lease(args.account)
+    if not lease.holder or lease.holder == runtime.leases.holder or lease.expires_at <= time.time():
+        return None
+    if runtime.leases.processes.probe(lease.holder) is Liveness.GONE:
+        return None  # taken over at once by the run
+    named = getattr(args, "tunnel", None)
+    if named and RUN_KINDS[args.command] != "reconcile":
+        runtime.engine.resolve(args.account, named)  # an unknown name fails now, not after a wait
+    if not lease.admin_url or args.local:
+        return None
+    from rotator.config import check_admin_url
+
+    url = check_admin_url(lease.admin_url, f"the admin URL in the lease of account {args.account}")
+    if runtime.settings.admin.token is None:
+        raise ConfigError(f"account {args.account} is led by the daemon {lease.holder} (admin API {url}) and no "
+                          "admin token is set to hand the request to it",
+                          "export ROTATOR_ADMIN_TOKEN with the daemon's admin token, or pass --local to wait "
+                          "for its lease here (--no-wait fails at once)")
+    return _hand_over(runtime.settings, args, url, lease.holder)
+
+
+def _hand_over(settings: Settings, args: argparse.Namespace, url: str, holder: str | None) -> int | None:
+    """POST the request to the daemon at ``url``, follow it and print its result; None when the daemon
+    does not lead the account. ``holder``: the lease that named the URL (None: ROTATOR_ADMIN_URL did)."""
     import httpx
 
+    assert settings.admin.token is not None
     auth = {"Authorization": f"Bearer {settings.admin.token.reveal()}"}
+    if holder is None:
+        unreachable = "check ROTATOR_ADMIN_URL, or pass --local to run here"
+        where = f"the daemon at {url}"
+    else:
+        unreachable = ("set ROTATOR_ADMIN_URL to an address of its admin API that this host reaches, or pass "
+                       "--local to wait for its lease here (--no-wait fails at once)")
+        where = f"the daemon {holder} leading account {args.account} (admin API {url}, from its lease)"
     try:
-        with httpx.Client(base_url=url, headers=auth, timeout=10.0) as client:
+        # A few seconds to connect: a daemon that does not answer is reported, not waited for.
+        with httpx.Client(base_url=url, headers=auth, timeout=httpx.Timeout(10.0, connect=3.0)) as client:
             status = client.get("/v1/status")
             if status.status_code == 401:
-                raise ConfigError(f"the daemon at {url} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
+                raise ConfigError(f"{where} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
             leads = (status.json().get("accounts", {}).get(args.account) or {}).get("leader") is True
             if not leads:
                 print(f"rotator: the daemon at {url} does not lead account {args.account}; running here",
@@ -359,8 +408,7 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
             print(f"rotator: handed to the daemon at {url} (run {run_id}); following it", file=sys.stderr)
             view = _follow(client, run_id)
     except (httpx.HTTPError, ValueError) as exc:
-        raise RotatorError(f"cannot talk to the daemon at {url}: {exc}",
-                           "check ROTATOR_ADMIN_URL, or pass --local to run here") from None
+        raise RotatorError(f"cannot talk to {where}: {exc}", unreachable) from None
     if view["state"] == "failed" or "result" not in view:
         raise RotatorError(f"the daemon's run {run_id} failed: {view.get('error')}", "see the daemon's log")
     return _show_run(view["result"], args)
@@ -384,10 +432,14 @@ class _Progress:
     """One self-rewriting line on the terminal, from the start of the plan: tunnels settled so far."""
 
     def __init__(self, account: str, command: str) -> None:
-        self.account = account
+        self.account, self.command = account, command
+        self.started = time.monotonic()
+        self.open = False
+
+    def start(self) -> None:
         self.started = time.monotonic()
         self.open = True
-        sys.stderr.write(f"{account[:8]}… {command}: listing tunnels and reading their Vault records")
+        sys.stderr.write(f"{self.account[:8]}… {self.command}: listing tunnels and reading their Vault records")
         sys.stderr.flush()
 
     def update(self, settled: int, total: int) -> None:

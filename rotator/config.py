@@ -118,6 +118,9 @@ class AdminSettings:
     listen: str = "127.0.0.1:9477"
     token: Secret | None = None
     queue: int = 16  # on-demand runs that may wait; more are refused with 429
+    # Where other hosts reach this daemon's admin API; recorded in its leases so a one-shot command
+    # that meets one hands its request here (issue 20). "" : derived from listen (a wildcard: loopback).
+    advertise_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,8 @@ class Settings:
                            "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
                            "rate_reserve": c.rate_reserve},
             "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
-            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
+            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue,
+                      "advertise_url": a.advertise_url or "<derived from listen>"},
             "policies": {n: _policy_view(p) for n, p in self.policies.items()},
             "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
@@ -456,7 +460,7 @@ def _rotation(r: _Table) -> RotationSettings:
 
 
 def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
-    a.reject_unknown({"listen", "token_file", "queue"})
+    a.reject_unknown({"listen", "token_file", "queue", "advertise_url"})
     listen = a.get("listen", str, "127.0.0.1:9477")
     split_listen(listen)
     queue = a.get("queue", int, 16)
@@ -465,7 +469,26 @@ def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
     token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
         token = _read_secret_file(a.data["token_file"], "admin.token_file")
-    return AdminSettings(listen, Secret(token) if token else None, queue)
+    advertise = env.get("ROTATOR_ADMIN_ADVERTISE_URL") or a.get("advertise_url", str, "")
+    if advertise:
+        check_admin_url(advertise, "admin.advertise_url")
+    return AdminSettings(listen, Secret(token) if token else None, queue, advertise.rstrip("/"))
+
+
+def check_admin_url(url: str, key: str) -> str:
+    """An admin API base URL: http(s)://HOST[:PORT], nothing else (no user, path or query)."""
+    from urllib.parse import urlsplit
+
+    hint = "write it like http://10.0.0.5:9477 (the daemon's admin API as this host reaches it)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} is not a URL", hint) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: {url!r} is not an http(s)://HOST:PORT address", hint)
+    return url.rstrip("/")
 
 
 def _accounts(root: _Table, policies: Mapping[str, Policy]) -> tuple[Account, ...]:

@@ -143,3 +143,4 @@ class Lease:
     expires_at: float
     version: int
     busy_until: float = 0.0  # the latest instant a call made under this lease may still land
+    admin_url: str = ""  # a daemon holder's admin API, where one-shot commands hand their requests (issue 20)

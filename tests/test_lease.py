@@ -435,3 +435,84 @@ def test_a_daemon_killed_on_this_host_is_succeeded_at_once(sims, tmp_path):
         successor.stop()
     assert lease_of(sims, acc)["holder"] == ""
     assert_invariant(sims, acc, strict=True)
+
+
+# -- issue 20 item 5: the CLI next to a leading daemon, without ROTATOR_ADMIN_URL --------------------
+
+def _daemon_text(acc, extra=""):
+    return (f'[admin]\nlisten = "127.0.0.1:0"\n{extra}[rotation]\nlease_ttl = "120s"\n'
+            f'[policies.default]\nevery = "1h"\n[[accounts]]\nid = "{acc}"\n')
+
+
+def test_the_cli_hands_its_request_to_the_daemon_named_in_the_lease(sims, tmp_path):
+    """Regression: with the daemon's own config and no ROTATOR_ADMIN_URL, a reconcile waited for a lease
+    the daemon renews forever. The daemon records its admin URL in its lease; the CLI hands over to it,
+    and checks tunnel names before anything else."""
+    acc = account(sims)
+    path = write_config(tmp_path, _daemon_text(acc))
+    env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}
+    env.pop("ROTATOR_ADMIN_URL", None)
+    proc = start_cli(["--config", path, "run"], env)
+    try:
+        wait_for(lambda: lease_of(sims, acc).get("admin_url", "").startswith("http://127.0.0.1:"),
+                 what="the daemon's lease with its admin URL")
+        wait_for(lambda: sims.cloudflare.request_counts().get("cf.psk_apply", 0) >= 1, what="the first rotation")
+        lease = lease_of(sims, acc)
+        assert HolderId.parse(lease["holder"]).pid == proc.pid
+        reconcile = run_cli(["--config", path, "reconcile", "--account", acc], env, timeout=60)
+        assert reconcile.returncode == 0, reconcile.stderr
+        assert f"handed to the daemon at {lease['admin_url']}" in reconcile.stderr
+        assert "leased to" not in reconcile.stderr and "waiting" not in reconcile.stderr
+        assert reconcile.stdout.startswith("Reconcile ")
+        nonesuch = run_cli(["--config", path, "rotate", "--account", acc, "--tunnel", "nonesuch"], env, timeout=60)
+        assert nonesuch.returncode == 2 and "no tunnel 'nonesuch'" in nonesuch.stderr
+        assert len(nonesuch.stderr.strip().splitlines()) == 1 and "waiting" not in nonesuch.stderr
+        before = sims.cloudflare.request_counts().get("cf.psk_apply", 0)
+        one = run_cli(["--config", path, "rotate", "--account", acc, "--tunnel", "tun00002", "--output", "json"],
+                      env, timeout=60)
+        assert one.returncode == 0, one.stderr
+        assert [t["result"] for t in json.loads(one.stdout)["tunnels"]] == ["rotated"]
+        assert sims.cloudflare.request_counts()["cf.psk_apply"] == before + 1  # the daemon applied it
+        assert lease_of(sims, acc)["holder"] == lease["holder"]  # the daemon kept the lead throughout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        OUTPUTS.extend(proc.communicate(timeout=60))
+    assert proc.returncode == 0
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_a_leading_daemon_that_cannot_be_reached_is_one_line_not_a_wait(sims, tmp_path):
+    """A daemon whose recorded admin URL does not answer from here: one line naming the holder,
+    ROTATOR_ADMIN_URL and --local/--no-wait, at once; without an admin token, one line naming it.
+    No hint tells the operator to stop the daemon."""
+    import socket
+
+    acc = account(sims)
+    with socket.socket() as closed:  # a loopback port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    settings = config.load(write_config(tmp_path, _daemon_text(acc, f'advertise_url = "{dead_url}"\n')),
+                           env={**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
+    d = build_daemon(settings, tick_seconds=3600)
+    d.start()
+    try:
+        wait_for(lambda: lease_of(sims, acc).get("admin_url") == dead_url, what="the daemon's lease")
+        holder = lease_of(sims, acc)["holder"]
+        d.tick()  # settled: nothing of the daemon in flight
+        env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}
+        for args in (["rotate", "--account", acc, "--all"], ["reconcile", "--account", acc, "--no-wait"]):
+            proc = run_cli(args, env, timeout=60)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert holder in lines[0] and dead_url in lines[0] and "ROTATOR_ADMIN_URL" in lines[0]
+            assert "--local" in lines[0] and "--no-wait" in lines[0] and "stop" not in lines[0]
+        untokened = {k: v for k, v in sims.env().items() if k != "ROTATOR_ADMIN_TOKEN"}
+        proc = run_cli(["rotate", "--account", acc, "--all"], untokened, timeout=60)
+        assert proc.returncode == 2 and "ROTATOR_ADMIN_TOKEN" in proc.stderr and holder in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        local = run_cli(["rotate", "--account", acc, "--all", "--local", "--no-wait"], env, timeout=60)
+        assert local.returncode == 1 and "leased to" in local.stderr and "stop" not in local.stderr
+        assert "ROTATOR_ADMIN_URL" in local.stderr
+    finally:
+        d.stop()
+    assert_invariant(sims, acc, strict=True)

@@ -233,6 +233,11 @@ class Engine:
                 item.key = key
         return items
 
+    def resolve(self, account_id: str, tunnels: Sequence[str]) -> list[TunnelInfo]:
+        """The named tunnels (ids or exact names) as listed now; ConfigError for an unknown or ambiguous one.
+        A command checks its names with this before it waits for anything (issue 20 item 11)."""
+        return self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=list(tunnels)))
+
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         if req.tunnels is None:
             return [t for t in tunnels if req.select is None or req.select(t)]

@@ -71,9 +71,18 @@ class Liveness(enum.Enum):
 class LeaseTaken(LeaseHeld):
     """Another holder has the account: who, until when (UNIX time) and whether it is known alive."""
 
-    def __init__(self, message: str, hint: str, holder: str, until: float, liveness: Liveness) -> None:
+    def __init__(self, message: str, hint: str, holder: str, until: float, liveness: Liveness,
+                 admin_url: str = "") -> None:
         super().__init__(message, hint)
-        self.holder, self.until, self.liveness = holder, until, liveness
+        self.holder, self.until, self.liveness, self.admin_url = holder, until, liveness, admin_url
+
+
+def holder_hint(lease: Lease) -> str:
+    """What to do about a live holder. Never "stop it": the holder may be the production daemon."""
+    if lease.admin_url:
+        return (f"it is the daemon leading the account: hand the request to it (ROTATOR_ADMIN_URL={lease.admin_url} "
+                "and ROTATOR_ADMIN_TOKEN, without --local), or try again once it lets the account go")
+    return "another rotator is working on it; let it finish, then try again"
 
 
 class LeaseLost(LeaseHeld):
@@ -217,7 +226,14 @@ class LeaseManager:
         self._held: dict[str, Lease] = {}
         self._inflight: dict[str, list[_Cover]] = {}
         self._pinned: dict[str, float] = {}  # no mutating call before this (a call may still land)
+        self._note: dict[str, str] = {}  # written with every renewal (the daemon's admin URL)
         self._lock = threading.RLock()
+
+    def advertise(self, admin_url: str) -> None:
+        """Record ``admin_url`` in every lease we write from now on: a one-shot command that meets the
+        lease hands its request there instead of waiting (cli.py; DESIGN.md section 4 and 5)."""
+        with self._lock:
+            self._note = {"admin_url": admin_url} if admin_url else {}
 
     # -- taking ---------------------------------------------------------------------------------
     def acquire(self, account_id: str) -> Lease:
@@ -271,15 +287,14 @@ class LeaseManager:
                     raise LeaseTaken(
                         f"account {account_id} is still leased to {exc.holder} after waiting "
                         f"{now - started:.0f}s: it renewed its lease, so it is alive and working on it",
-                        "let it finish, or stop it, then try again", exc.holder, exc.until, exc.liveness) from None
+                        exc.hint, exc.holder, exc.until, exc.liveness, exc.admin_url) from None
                 self.sleep(max(0.0, min(POLL_SECONDS, give_up - now)))
         raise LeaseHeld(f"account {account_id}: gave up waiting for the lease", "try again later")
 
     def _taken(self, account_id: str, current: Lease, liveness: Liveness, now: float) -> LeaseTaken:
-        hint = ("another rotator is working on it; wait, or stop it" if liveness is Liveness.ALIVE else
-                "another rotator is working on it; this one stands by")
         return LeaseTaken(f"account {account_id} is leased to {current.holder} ({liveness.value}) for another "
-                          f"{current.expires_at - now:.0f}s", hint, current.holder, current.expires_at, liveness)
+                          f"{current.expires_at - now:.0f}s", holder_hint(current), current.holder,
+                          current.expires_at, liveness, current.admin_url)
 
     def _write(self, account_id: str, cas: int, busy_until: float | None = None) -> Lease:
         """Write our lease for another TTL; ``busy_until`` None keeps what our lease says."""
@@ -287,8 +302,10 @@ class LeaseManager:
             held = self._held.get(account_id)
             busy_until = held.busy_until if held is not None and held.version == cas else 0.0
         expires = self.clock() + self.ttl
-        version = self.store.write_lease(account_id, self.holder, expires, cas, busy_until=busy_until)
-        lease = self._held[account_id] = Lease(self.holder, expires, version, busy_until)
+        version = self.store.write_lease(account_id, self.holder, expires, cas, busy_until=busy_until,
+                                         note=self._note or None)
+        lease = self._held[account_id] = Lease(self.holder, expires, version, busy_until,
+                                               self._note.get("admin_url", ""))
         return lease
 
     def _pinned_at(self, account_id: str) -> float:
@@ -476,14 +493,16 @@ def unlock(store: LeaseStore, account_id: str, processes: LocalProcesses, me: st
     expired = current.expires_at <= now
     if not expired and liveness is Liveness.ALIVE:
         pid = HolderId.parse(current.holder).pid  # type: ignore[union-attr]  # ALIVE implies it parsed
+        hint = holder_hint(current) if current.admin_url else (
+            f"process {pid} is still working on it; when it ends it releases the lease (nothing to unlock)")
         raise LeaseTaken(f"account {account_id} is leased to {current.holder}, a live process on this host",
-                         f"stop process {pid} first (SIGTERM lets it finish its batch and release the lease)",
-                         current.holder, current.expires_at, liveness)
+                         hint, current.holder, current.expires_at, liveness, current.admin_url)
     if not expired and liveness is Liveness.UNKNOWN:
         raise LeaseTaken(f"account {account_id} is leased to {current.holder}, which cannot be checked from here "
-                         f"(another host); it expires in {current.expires_at - now:.0f}s",
-                         "stop it on its host, or wait for the lease to expire", current.holder,
-                         current.expires_at, liveness)
+                         f"(another host or container); it expires in {current.expires_at - now:.0f}s",
+                         holder_hint(current) if current.admin_url else
+                         "wait for it to finish or for its lease to expire", current.holder,
+                         current.expires_at, liveness, current.admin_url)
     busy = current.busy_until if current.busy_until > now else 0.0
     try:
         version = store.write_lease(account_id, "", 0.0, current.version, busy_until=busy, note={
