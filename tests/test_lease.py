@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,10 +217,11 @@ def _killed_run(sims, tmp_path, route, latency, extra=""):
     acc = account(sims)
     cfg = write_config(tmp_path, f"[cloudflare]\ntimeout = 2\nretry_attempts = 1\n{extra}")  # lease: 120 s
     assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    base = sims.cloudflare.request_counts().get(route, 0)
     sims.cloudflare.set_latency(latency, route=route)
     proc = start_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env())
     try:
-        wait_for(lambda: sims.cloudflare.request_counts().get(route, 0) >= 2, what=f"the run's {route}")
+        wait_for(lambda: sims.cloudflare.request_counts().get(route, 0) > base, what=f"the run's {route}")
     finally:
         proc.send_signal(signal.SIGKILL)
         OUTPUTS.extend(proc.communicate(timeout=10))
@@ -515,4 +517,77 @@ def test_a_leading_daemon_that_cannot_be_reached_is_one_line_not_a_wait(sims, tm
         assert "ROTATOR_ADMIN_URL" in local.stderr
     finally:
         d.stop()
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- issue 20 item 10: liveness under the systemd unit's ProcSubset=pid -------------------------------
+
+RESTRICTED = ("mount -t proc -o subset=pid,hidepid=invisible proc /proc && test ! -e /proc/sys && "
+              "test ! -e /proc/stat && exec \"$@\"")
+
+
+def restricted(argv):
+    """``argv`` in a new mount namespace whose /proc is what the shipped unit leaves (ProcSubset=pid,
+    ProtectProc=invisible): process directories only. Skips when this machine does not allow it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot build the unit's /proc")
+    probe = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", RESTRICTED, "sh", "true"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a subset=pid /proc in a new mount namespace here (needs root and Linux 5.8+): "
+                    f"{probe.stderr.strip()[:200]}")
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", RESTRICTED, "sh", *argv]
+
+
+PROBE = """
+import json, os, subprocess, sys
+from rotator.rotation.lease import HolderId, LocalProcesses
+procs = LocalProcesses()
+me = HolderId.parse(procs.new_holder())
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+start = procs._start_of(child.pid)
+alive = str(HolderId(me.host, child.pid, me.scope, start, "cd"))
+before = procs.probe(alive).name
+child.communicate(b"", timeout=10)
+print(json.dumps({"scope": procs.scope, "start": procs.start, "alive": before, "gone": procs.probe(alive).name,
+                  "parent": procs.probe(sys.argv[1]).name, "proc_sys": os.path.exists("/proc/sys")}))
+"""
+
+
+def test_liveness_works_with_only_the_process_directories_of_proc(sims, tmp_path):
+    """Regression: with ProcSubset=pid there is no /proc/sys/kernel/random/boot_id, the scope read as
+    empty, and every holder counted as "another host": a crashed run was waited out, unlock refused.
+    The scope comes from the pid namespace and the boot time (clock_gettime), the same with either /proc."""
+    outside = LocalProcesses()
+    mine = outside.new_holder()
+    proc = subprocess.run(restricted([sys.executable, "-c", PROBE, mine]), capture_output=True, text=True,
+                          timeout=60, cwd=os.getcwd())
+    OUTPUTS.extend([proc.stdout, proc.stderr])
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["proc_sys"] is False  # it really ran without /proc/sys
+    assert seen["scope"] and seen["scope"] == outside.scope and seen["start"]
+    assert (seen["alive"], seen["gone"], seen["parent"]) == ("ALIVE", "GONE", "ALIVE")
+    assert_invariant(sims, account(sims), strict=True)
+
+
+def test_under_the_units_proc_a_crashed_run_is_taken_over_and_unlock_clears_it(sims, tmp_path):
+    """A run SIGKILLed on this host: under the unit's /proc, unlock clears its lease at once and the
+    next run takes the account over at once (no wait for lease_ttl)."""
+    acc = account(sims)
+    cfg = _killed_run(sims, tmp_path, "cf.psk_validate", 5)
+    dead = lease_of(sims, acc)["holder"]
+    env = {**os.environ, **sims.env()}
+    unlock = subprocess.run(restricted([sys.executable, "-m", "rotator", "--config", cfg, "unlock", "--account", acc]),
+                            capture_output=True, text=True, timeout=60, env=env)
+    OUTPUTS.extend([unlock.stdout, unlock.stderr])
+    assert unlock.returncode == 0, unlock.stderr
+    assert dead in unlock.stdout and "process is gone" in unlock.stdout and lease_of(sims, acc)["holder"] == ""
+    _killed_run(sims, tmp_path, "cf.psk_validate", 5)
+    again = subprocess.run(restricted([sys.executable, "-m", "rotator", "--config", cfg, "reconcile", "--account",
+                                       acc, "--no-wait"]), capture_output=True, text=True, timeout=60, env=env)
+    OUTPUTS.extend([again.stdout, again.stderr])
+    assert again.returncode == 0, again.stderr
+    assert "leased to" not in again.stderr and "waiting" not in again.stderr
     assert_invariant(sims, acc, strict=True)

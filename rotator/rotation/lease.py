@@ -3,7 +3,8 @@
 The rules, in the order they are applied:
 
 - A holder id names its process: ``host:pid:nonce``. The nonce starts with a tag of the machine
-  and pid namespace (boot id + namespace, hashed) and the process's start time, so another process
+  and pid namespace (namespace and machine id hashed, plus the boot time) and the process's start
+  time (both readable under the systemd unit's ``ProcSubset=pid``), so another process
   in the same pid namespace can tell for sure whether the holder is still running (a pid reused by
   a younger process counts as gone). A holder in another namespace or on another machine (a
   restarted container, another replica) cannot be checked: its lease is waited out.
@@ -129,7 +130,7 @@ def _utc(ts: float) -> str:
 class HolderId:
     host: str
     pid: int
-    scope: str  # machine + pid namespace tag; "" when it could not be determined
+    scope: str  # machine + pid namespace tag and boot time ("<tag>-<btime>"); "" when it could not be determined
     start: str  # the process's start time (clock ticks since boot); "" when unknown
     nonce: str
 
@@ -149,11 +150,22 @@ class HolderId:
         return cls(parts[0], int(parts[1]), scope, start, tags[2])
 
 
+BOOT_TIME_SLACK = 1  # seconds two readings of the boot time may differ by and still be the same boot
+
+
+def boot_time() -> int | None:
+    """This boot's start as UNIX seconds, as /proc/stat's ``btime``, without /proc (see LocalProcesses._scope)."""
+    try:
+        return math.floor(time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_BOOTTIME))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
 class LocalProcesses:
     """Makes this process's holder id and tells whether another holder id is a live process here."""
 
-    def __init__(self, proc: str = "/proc") -> None:
-        self.proc = proc
+    def __init__(self, proc: str = "/proc", machine_id: str = "/etc/machine-id") -> None:
+        self.proc, self.machine_id = proc, machine_id
         self.host = socket.gethostname().replace(":", "_") or "localhost"
         self.pid = os.getpid()
         self.scope = self._scope()
@@ -164,7 +176,7 @@ class LocalProcesses:
 
     def probe(self, holder: str) -> Liveness:
         h = HolderId.parse(holder)
-        if h is None or not self.scope or h.host != self.host or h.scope != self.scope or not h.start:
+        if h is None or not self.scope or h.host != self.host or not self.same_scope(h.scope) or not h.start:
             return Liveness.UNKNOWN
         if h.pid == self.pid:
             # This very process, or an earlier process that had our pid.
@@ -183,13 +195,37 @@ class LocalProcesses:
         return Liveness.ALIVE  # when its start time is unreadable, assume the worst: alive
 
     def _scope(self) -> str:
+        """``<tag>-<btime>``: a hash of the pid namespace (and /etc/machine-id when readable), and the
+        boot time in whole seconds. Only what the shipped systemd unit leaves visible is read: with
+        ``ProcSubset=pid`` /proc holds nothing but the process directories (no /proc/sys, so no boot_id,
+        and no /proc/stat), and ``ProtectProc=invisible`` hides other users' processes (proc(5), mount
+        option ``subset=pid``; systemd.exec(5), ``ProcSubset=``). The boot time is what /proc/stat calls
+        ``btime``: the kernel computes that as CLOCK_REALTIME minus CLOCK_BOOTTIME (fs/proc/stat.c,
+        getboottime64), which any process can read with clock_gettime(2). It moves only when the wall
+        clock is stepped: two readings then differ and the holder counts as "another host" (waited
+        for), the safe side. A one-shot command with the full /proc computes the same scope."""
         try:
-            with open(os.path.join(self.proc, "sys/kernel/random/boot_id"), encoding="ascii") as fh:
-                boot = fh.read().strip()
             ns = os.readlink(os.path.join(self.proc, "self/ns/pid"))
         except OSError:
             return ""
-        return hashlib.sha256(f"{boot}|{ns}".encode()).hexdigest()[:8]
+        try:
+            with open(self.machine_id, encoding="ascii") as fh:
+                machine = fh.read().strip()
+        except (OSError, ValueError):
+            machine = ""
+        btime = boot_time()
+        if btime is None:
+            return ""
+        return f"{hashlib.sha256(f'{machine}|{ns}'.encode()).hexdigest()[:8]}-{btime}"
+
+    def same_scope(self, other: str) -> bool:
+        """Same machine, pid namespace and boot: the tags match and the boot times are at most
+        BOOT_TIME_SLACK apart (two readings of a boot time straddling a second, or a leap second)."""
+        mine, _, my_boot = self.scope.partition("-")
+        theirs, _, their_boot = other.partition("-")
+        if not mine or mine != theirs or not my_boot.isdigit() or not their_boot.isdigit():
+            return False
+        return abs(int(my_boot) - int(their_boot)) <= BOOT_TIME_SLACK
 
     def _start_of(self, pid: int) -> str | None:
         try:
