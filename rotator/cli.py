@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from rotator.wiring import Runtime
 
 # The status filters (service/inventory.FILTERS), repeated here so --help stays fast.
-FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active")
+FILTERS = ("pending", "waiting", "failed", "drifted", "rolling_back", "unmanaged", "active")
 
 
 ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -204,7 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return handed
 
     progress = None
-    if args.command != "status" and args.output == "text" and sys.stderr.isatty():
+    if args.command != "status" and sys.stderr.isatty():  # stderr: the JSON on stdout stays whole
         progress = _Progress(args.account, args.command)
     runtime = build_runtime(settings, options=RunOptions(on_progress=progress.update if progress else None))
     try:
@@ -457,10 +457,12 @@ class _Progress:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    """Columns padded to their widest cell; the last column is cut to what the terminal has left."""
+    """Columns padded to their widest cell. On a terminal the last column is cut to what it has left;
+    anywhere else (a pipe, a file) nothing is cut."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    room = shutil.get_terminal_size((160, 24)).columns - sum(widths[:-1]) - 2 * (len(widths) - 1)
-    widths[-1] = max(len(headers[-1]), min(widths[-1], max(20, room)))
+    if sys.stdout.isatty():
+        room = shutil.get_terminal_size((160, 24)).columns - sum(widths[:-1]) - 2 * (len(widths) - 1)
+        widths[-1] = max(len(headers[-1]), min(widths[-1], max(20, room)))
 
     def cut(text: str, width: int) -> str:
         return text if len(text) <= width else text[:width - 1] + "…"
@@ -471,24 +473,92 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+GROUP_MIN = 3  # this many tunnels with the same result, device and reason are one line of the report
+KEPT_OLD_KEY = ("refused", "unapplied", "rolled_back", "failed", "skipped")
+
+
 def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
+    """The run's table: tunnels that need attention (``--verbose``: every one), identical reasons
+    grouped into one line with their count; per-device totals; the summary; what to do next."""
     tunnels = report.get("tunnels") or []
     if report.get("error") and not tunnels:
         return
     kind = RUN_KINDS.get(command, command)
     title = "Dry run" if report.get("dry_run") else {"reconcile": "Reconcile", "rollback": "Rollback"}.get(
         kind, "Rotation")
-    print(f"{title} {report['rotation_id']} on account {report['account_id']}")
+    account = report["account_id"]
+    print(f"{title} {report['rotation_id']} on account {account}")
     done = ("rolled_back",) if kind == "rollback" else DONE_RESULTS
     shown = tunnels if verbose else [t for t in tunnels if t["result"] not in done]
-    if shown:
-        rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
-                 " ".join((t.get("reason") or "").split())] for t in shown]
-        print(_table(rows, ["TUNNEL", "ID", "RESULT", "REASON"]))
+
+    def result(t: dict[str, Any]) -> str:
+        return str(t["result"]) + (" (reconciled)" if t.get("reconciled") else "")
+
+    def reason(t: dict[str, Any]) -> str:
+        return " ".join((t.get("reason") or "").split())
+
+    rows = []
+    if verbose:
+        rows = [[t["name"], t["tunnel_id"], result(t), t.get("device") or "-", reason(t)] for t in shown]
+    else:
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for t in shown:
+            groups.setdefault((result(t), t.get("device") or "-", reason(t)), []).append(t)
+        for (res, device, why), members in groups.items():
+            if len(members) < GROUP_MIN:
+                rows.extend([t["name"], t["tunnel_id"], res, device, why] for t in members)
+            else:
+                names = sorted(t["name"] for t in members)
+                rows.append([f"{len(members)} tunnels", f"{names[0]} … {names[-1]}", res, device, why])
+    if rows:
+        print(_table(rows, ["TUNNEL", "ID", "RESULT", "DEVICE", "REASON"]))
     if len(shown) < len(tunnels):
         print(f"({len(tunnels) - len(shown)} tunnels done as asked are not listed; --verbose lists every one)")
+    elif len(rows) < len(shown):
+        print("(tunnels with the same result, device and reason are one line; --verbose lists every one, "
+              "--output json gives the whole report)")
+    for line in _device_totals(tunnels):
+        print(line)
     counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
     print(f"Summary: {counts or 'nothing to do'} in {report.get('duration_seconds', 0):.2f}s")
+    for line in _next_steps(tunnels, account, done):
+        print(line)
+
+
+def _device_totals(tunnels: list[dict[str, Any]]) -> list[str]:
+    """``Device NAME: 1901 rotated, 99 refused`` per far-end device, when the run dealt with any."""
+    by_device: dict[str, dict[str, int]] = {}
+    for t in tunnels:
+        counts = by_device.setdefault(t.get("device") or "", {})
+        counts[t["result"]] = counts.get(t["result"], 0) + 1
+    if not any(by_device):
+        return []
+    return [f"{'Device ' + name if name else 'No device'}: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+            for name, counts in sorted(by_device.items(), key=lambda kv: (kv[0] == "", kv[0]))]
+
+
+def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ...]) -> list[str]:
+    """One line per kind of unfinished business: the command that moves it on."""
+    def of(*results: str) -> list[dict[str, Any]]:
+        return [t for t in tunnels if t["result"] in results and t["result"] not in done]
+
+    lines = []
+    unknown, waiting, kept = of("unknown"), of("waiting"), of(*KEPT_OLD_KEY)
+    if unknown:
+        lines.append(f"Next: {len(unknown)} key(s) stay pending with an unknown outcome: 'rotator reconcile --account "
+                     f"{account}' settles them (safe to repeat)")
+    if waiting:
+        lines.append(f"Next: {len(waiting)} key(s) wait for an operator: put each on its device, then 'rotator ack "
+                     f"--account {account} --tunnel ID' ('rotator status --account {account} --state waiting' "
+                     "lists them)")
+    if kept:
+        devices = sorted({t.get("device") or "" for t in kept} - {""})
+        where = f" on device {', '.join(devices)}" if devices else ""
+        example = kept[0]["tunnel_id"]
+        lines.append(f"Next: {len(kept)} tunnel(s) kept their old key on both ends: fix the cause named above{where}, "
+                     f"then rotate them again: 'rotator rotate --account {account} --tunnel {example}"
+                     f"{' --tunnel ...' if len(kept) > 1 else ''}' (--output json lists every id)")
+    return lines
 
 
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
 from rotator.rotation.lease import check_lease_ttl
-from rotator.schedule import Policy, Window, next_cron, parse_cron
+from rotator.schedule import Policy, Window, format_duration, next_cron, parse_cron
 from rotator.secret import Secret
 
 if TYPE_CHECKING:
@@ -155,11 +155,13 @@ class Settings:
             "source": self.source,
             "vault": {"addr": v.addr, "token": mask(v.token), "namespace": v.namespace, "cacert": v.cacert,
                       "mount": v.mount, "prefix": v.prefix, "concurrency": v.concurrency, "timeout": v.timeout,
-                      "auth": v.auth.method},
+                      "auth": v.auth.method, "auth_mount": v.auth.mount, "auth_role_id": v.auth.role_id,
+                      "auth_secret_id": mask(v.auth.secret_id), "auth_role": v.auth.role,
+                      "auth_jwt_file": v.auth.jwt_file},
             "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
                            "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
-                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
-                           "rate_reserve": c.rate_reserve},
+                           "retry_attempts": c.retry_attempts, "retry_timeout": c.retry_timeout,
+                           "rate_limit_ceiling": c.rate_limit_ceiling, "rate_reserve": c.rate_reserve},
             "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
             "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue,
                       "advertise_url": a.advertise_url or "<derived from listen>"},
@@ -178,7 +180,9 @@ def _policy_view(p: Policy) -> dict[str, Any]:
         "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
         "timezone": p.window.timezone}
     return {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age, "jitter": p.jitter,
-            "window": window, "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
+            "window": window, "retry_backoff": p.retry_backoff, "retry_backoff_max": p.retry_backoff_max,
+            "psk_length": p.psk.length, "psk_alphabet": p.psk.alphabet, "psk_forbidden_first": p.psk.forbidden_first,
+            "psk_entropy_bits": round(p.psk.entropy_bits)}
 
 
 class _Table:
@@ -265,10 +269,12 @@ def _policy(name: str, t: _Table) -> Policy:
     max_age = parse_duration(t.data["max_age"], t.key("max_age")) if "max_age" in t.data else None
     jitter = parse_duration(t.data.get("jitter", 0), t.key("jitter"))
     if every is not None and max_age is not None and max_age < every:
-        raise ConfigError(f"{t.key('max_age')}: {max_age:g}s is shorter than every ({every:g}s)",
+        raise ConfigError(f"{t.key('max_age')}: {format_duration(max_age)} is shorter than every "
+                          f"({format_duration(every)})",
                           "max_age is the oldest a key may get: make it at least 'every'")
     if every is not None and jitter > every:
-        raise ConfigError(f"{t.key('jitter')}: {jitter:g}s is longer than the interval every ({every:g}s)",
+        raise ConfigError(f"{t.key('jitter')}: {format_duration(jitter)} is longer than the interval every "
+                          f"({format_duration(every)})",
                           "keep jitter below 'every', e.g. a tenth of it")
     charset = t.get("psk_charset", str, "alnum")
     if charset not in PRESETS:

@@ -30,6 +30,10 @@ class Outcome(StrEnum):
     WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
 
 
+# Every reason of a WAITING outcome starts so (steps, devices/manual.py): status tells waiting from failed by it.
+WAITING_FOR_OPERATOR = "waiting for an operator to "
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelInfo:
     id: str

@@ -50,10 +50,11 @@ class TunnelOutcome:
     result: Outcome
     reason: str | None = None
     reconciled: bool = False
+    device: str | None = None  # the far-end device the run dealt with, if any (reports group by it)
 
     def as_dict(self) -> dict[str, Any]:
         return {"tunnel_id": self.tunnel_id, "name": self.name, "result": str(self.result), "reason": self.reason,
-                "reconciled": self.reconciled}
+                "reconciled": self.reconciled, "device": self.device}
 
 
 @dataclass
@@ -133,14 +134,16 @@ class Tally:
             keys = list(self._keys)
         return redact(text, keys)
 
-    def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False) -> None:
-        entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled)
+    def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False,
+               device: str | None = None) -> None:
+        entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled,
+                              device)
         with self.report.lock:
             self.report.outcomes.append(entry)
 
     def settled(self, result: steps.Result) -> None:
         for item, outcome, reason in result.settled:
-            self.settle(item.tunnel, outcome, reason, item.reconcile)
+            self.settle(item.tunnel, outcome, reason, item.reconcile, item.device.name if item.device else None)
 
 
 class Engine:
@@ -315,9 +318,10 @@ class Engine:
 
     # -- running the steps ----------------------------------------------------------------------
     def _run(self, req: RunRequest, tally: Tally, log: Any) -> None:
-        the_plan, items, total = self._plan(req, tally)
-        log.debug("planned", step="plan", tunnels=total, items=len(items), reconcile=len(the_plan.pending),
+        the_plan, items, listed = self._plan(req, tally)
+        log.debug("planned", step="plan", tunnels=listed, items=len(items), reconcile=len(the_plan.pending),
                   drifted=len(the_plan.drifted))
+        total = len(items) + len(the_plan.settled)  # what this run settles: progress counts these, not the listing
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
                           functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,

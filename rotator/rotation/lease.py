@@ -47,6 +47,7 @@ import structlog
 
 from rotator.errors import CasConflict, ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.model import Lease
+from rotator.schedule import format_duration
 
 POLL_SECONDS = 1.0  # how often a waiting rotator looks at the lease again
 MAX_WAIT_SECONDS = 3600.0  # a lease record claiming more than this is not trusted for a wait
@@ -117,7 +118,7 @@ def margin_for(seconds: float) -> float:
 
 
 def _secs(value: float) -> str:
-    return f"{value:g}s"
+    return format_duration(value)
 
 
 def _utc(ts: float) -> str:
@@ -392,7 +393,8 @@ class LeaseManager:
         """Renew the lease, recording how long the call may land; returns the cover and the deadline."""
         start, landing = call_window(self.ttl, seconds)
         if start <= 0:
-            raise LeaseLost(f"account {account_id}: a lease of {self.ttl:g}s is too short for a call of {seconds:g}s",
+            raise LeaseLost(f"account {account_id}: a lease of {_secs(self.ttl)} is too short for a call of "
+                            f"{_secs(seconds)}",
                             "raise rotation.lease_ttl to at least twice the call's timeout")
         with self._lock:
             held = self._held.get(account_id)

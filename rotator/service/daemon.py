@@ -328,7 +328,8 @@ class Daemon:
                 before = views.get(o.tunnel_id)
                 if before is not None:
                     pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
-                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
+                    waits = o.result == WAITING  # waiting for an operator is not a failure (issue 20 item 11)
+                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=not waits, waiting=waits,
                                                              last_error=o.reason, failures=count + 1)
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
