@@ -129,3 +129,74 @@ def test_status_counts_a_key_waiting_for_an_ack_as_waiting_not_failed(sims, tmp_
     [line] = [ln for ln in text.stdout.splitlines() if ln.startswith("Summary: ")]
     assert "1 waiting" in line and "failed" not in line
     assert_invariant(sims, acc)  # one key in flight, as asked
+
+
+def _on_a_terminal(args, env):
+    """The CLI with stderr on a pseudo-terminal and stdout on a pipe: (exit code, stdout, terminal text)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rotator", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=120)
+    chunks = []
+    for _ in range(10000):  # bounded: the child has exited, the terminal holds what it wrote
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data.decode(errors="replace"))
+    os.close(master)
+    helpers.OUTPUTS.extend([out, "".join(chunks)])
+    return proc.returncode, out, "".join(chunks)
+
+
+def test_progress_goes_to_stderr_in_json_mode_and_a_reconcile_counts_what_it_reconciles(sims, tmp_path):
+    """Regression: no progress at all with --output json; a reconcile of 2 pending keys counted to 6/6."""
+    acc = next(iter(sims.tunnels_by_account))
+    cfg = write_config(tmp_path, "[cloudflare]\nretry_attempts = 1\n")
+    assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    code, out, tty = _on_a_terminal(["--config", cfg, "rotate", "--account", acc, "--all", "--output", "json"],
+                                    sims.env())
+    assert code == 0 and json.loads(out)["counts"]["rotated"] == 6  # stdout is the JSON alone
+    assert "listing tunnels" in tty and "6/6 tunnels" in tty
+    sims.cloudflare.fail_next("cf.psk_apply", count=1, status=500)  # no answer: the keys stay pending
+    proc = run_cli(["--config", cfg, "rotate", "--account", acc, "--tunnel", "tun00001", "--tunnel", "tun00002"],
+                   sims.env())
+    assert proc.returncode == 1 and "rotator reconcile --account" in proc.stdout, proc.stdout + proc.stderr
+    assert_invariant(sims, acc)
+    code, out, tty = _on_a_terminal(["--config", cfg, "reconcile", "--account", acc], sims.env())
+    assert code == 0, out
+    assert "2/2 tunnels" in tty and "/6 tunnels" not in tty
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_the_admin_root_lists_its_routes(sims, tmp_path):
+    """Regression: GET / was a bare 404. It lists every route the app serves, none left out."""
+    import httpx
+
+    from rotator import config
+    from rotator.service.daemon import build_daemon
+
+    acc = next(iter(sims.tunnels_by_account))
+    text = f'[admin]\nlisten = "127.0.0.1:0"\n[policies.default]\nevery = "1h"\n[[accounts]]\nid = "{acc}"\n'
+    d = build_daemon(config.load(write_config(tmp_path, text), env={**sims.env(), "ROTATOR_ADMIN_TOKEN": "r" * 32}),
+                     tick_seconds=3600)
+    d.start()
+    try:
+        answer = httpx.get(d.admin_url + "/")
+        assert answer.status_code == 200
+        listed = {(r["method"], r["path"]) for r in answer.json()["routes"]}
+        served = {(m, route.path) for route in d._server.server.config.app.routes for m in route.methods - {"HEAD"}}
+        assert listed == served
+        assert all(r["token"] == r["path"].startswith("/v1/") for r in answer.json()["routes"])
+        d.tick()
+    finally:
+        d.stop()
+    assert_invariant(sims, acc, strict=True)
