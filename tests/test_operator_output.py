@@ -200,3 +200,30 @@ def test_the_admin_root_lists_its_routes(sims, tmp_path):
     finally:
         d.stop()
     assert_invariant(sims, acc, strict=True)
+
+
+def test_the_dashboard_counts_what_the_alerts_count_and_shows_devices_drift_and_acks():
+    """Regression: the failure panel left out ``failed`` and ``rolled_back``, which the alerts count, and
+    there was no panel for far-end devices, drift or keys waiting for an ack."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    dash = json.loads((root / "config" / "grafana" / "psk-rotator-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+    def counted(text: str) -> set[str]:
+        found: set[str] = set()
+        for matcher in re.findall(r'psk_rotator_rotations_total\{result(=~?)"([^"]+)"\}', text):
+            found |= set(matcher[1].split("|"))
+        return found
+
+    alerts = (root / "config" / "prometheus" / "alerts.yml").read_text()
+    assert {"failed", "rolled_back"} <= counted(alerts) <= counted("\n".join(exprs))
+    for metric in ("psk_rotator_device_calls_total", "psk_rotator_device_call_duration_seconds_bucket",
+                   "psk_rotator_tunnel_drifted", "psk_rotator_drift_detected_total", "psk_rotator_tunnels_waiting_ack",
+                   'psk_rotator_runs_total{ok="false"}'):
+        assert any(metric in e for e in exprs), f"no dashboard panel shows {metric}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dash["panels"]]
+    assert len(boxes) == len(set(boxes))  # no panel on top of another
