@@ -13,7 +13,7 @@ from rotator.sim import Simulators
 from rotator.sim.device import start as start_device
 from tests import helpers
 from tests.devices.test_end_to_end import both_ends
-from tests.helpers import assert_invariant, run_cli, write_config
+from tests.helpers import assert_invariant, run_cli, run_on_a_terminal, write_config
 
 
 @pytest.fixture
@@ -131,38 +131,12 @@ def test_status_counts_a_key_waiting_for_an_ack_as_waiting_not_failed(sims, tmp_
     assert_invariant(sims, acc)  # one key in flight, as asked
 
 
-def _on_a_terminal(args, env):
-    """The CLI with stderr on a pseudo-terminal and stdout on a pipe: (exit code, stdout, terminal text)."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "rotator", *args], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=slave, text=True)
-    os.close(slave)
-    out, _ = proc.communicate(timeout=120)
-    chunks = []
-    for _ in range(10000):  # bounded: the child has exited, the terminal holds what it wrote
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data.decode(errors="replace"))
-    os.close(master)
-    helpers.OUTPUTS.extend([out, "".join(chunks)])
-    return proc.returncode, out, "".join(chunks)
-
-
 def test_progress_goes_to_stderr_in_json_mode_and_a_reconcile_counts_what_it_reconciles(sims, tmp_path):
     """Regression: no progress at all with --output json; a reconcile of 2 pending keys counted to 6/6."""
     acc = next(iter(sims.tunnels_by_account))
     cfg = write_config(tmp_path, "[cloudflare]\nretry_attempts = 1\n")
     assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
-    code, out, tty = _on_a_terminal(["--config", cfg, "rotate", "--account", acc, "--all", "--output", "json"],
+    code, out, tty = run_on_a_terminal(["--config", cfg, "rotate", "--account", acc, "--all", "--output", "json"],
                                     sims.env())
     assert code == 0 and json.loads(out)["counts"]["rotated"] == 6  # stdout is the JSON alone
     assert "listing tunnels" in tty and "6/6 tunnels" in tty
@@ -171,7 +145,7 @@ def test_progress_goes_to_stderr_in_json_mode_and_a_reconcile_counts_what_it_rec
                    sims.env())
     assert proc.returncode == 1 and "rotator reconcile --account" in proc.stdout, proc.stdout + proc.stderr
     assert_invariant(sims, acc)
-    code, out, tty = _on_a_terminal(["--config", cfg, "reconcile", "--account", acc], sims.env())
+    code, out, tty = run_on_a_terminal(["--config", cfg, "reconcile", "--account", acc], sims.env())
     assert code == 0, out
     assert "2/2 tunnels" in tty and "/6 tunnels" not in tty
     assert_invariant(sims, acc, strict=True)
