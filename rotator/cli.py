@@ -474,7 +474,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 GROUP_MIN = 3  # this many tunnels with the same result, device and reason are one line of the report
-KEPT_OLD_KEY = ("refused", "unapplied", "rolled_back", "failed", "skipped")
+KEPT_OLD_KEY = ("refused", "unapplied", "rolled_back", "skipped")  # both ends stay on (or are back on) psk
 
 
 def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
@@ -521,7 +521,7 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
         print(line)
     counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
     print(f"Summary: {counts or 'nothing to do'} in {report.get('duration_seconds', 0):.2f}s")
-    for line in _next_steps(tunnels, account, done):
+    for line in _next_steps(tunnels, account, done, kind):
         print(line)
 
 
@@ -537,13 +537,13 @@ def _device_totals(tunnels: list[dict[str, Any]]) -> list[str]:
             for name, counts in sorted(by_device.items(), key=lambda kv: (kv[0] == "", kv[0]))]
 
 
-def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ...]) -> list[str]:
+def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ...], kind: str) -> list[str]:
     """One line per kind of unfinished business: the command that moves it on."""
     def of(*results: str) -> list[dict[str, Any]]:
         return [t for t in tunnels if t["result"] in results and t["result"] not in done]
 
     lines = []
-    unknown, waiting, kept = of("unknown"), of("waiting"), of(*KEPT_OLD_KEY)
+    unknown, waiting, failed, kept = of("unknown"), of("waiting"), of("failed"), of(*KEPT_OLD_KEY)
     if unknown:
         lines.append(f"Next: {len(unknown)} key(s) stay pending with an unknown outcome: 'rotator reconcile --account "
                      f"{account}' settles them (safe to repeat)")
@@ -551,13 +551,17 @@ def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ..
         lines.append(f"Next: {len(waiting)} key(s) wait for an operator: put each on its device, then 'rotator ack "
                      f"--account {account} --tunnel ID' ('rotator status --account {account} --state waiting' "
                      "lists them)")
+    if failed:
+        lines.append(f"Next: {len(failed)} tunnel(s) failed and were not settled: 'rotator status --account {account} "
+                     f"--state failed' says why and what each waits for; 'rotator reconcile --account {account}' "
+                     "finishes what is left")
     if kept:
         devices = sorted({t.get("device") or "" for t in kept} - {""})
         where = f" on device {', '.join(devices)}" if devices else ""
-        example = kept[0]["tunnel_id"]
-        lines.append(f"Next: {len(kept)} tunnel(s) kept their old key on both ends: fix the cause named above{where}, "
-                     f"then rotate them again: 'rotator rotate --account {account} --tunnel {example}"
-                     f"{' --tunnel ...' if len(kept) > 1 else ''}' (--output json lists every id)")
+        again = "rollback" if kind == "rollback" else "rotate"
+        lines.append(f"Next: {len(kept)} tunnel(s) kept their current key on both ends: fix the cause named above"
+                     f"{where}, then {again} them again: 'rotator {again} --account {account} --tunnel "
+                     f"{kept[0]['tunnel_id']}{' --tunnel ...' if len(kept) > 1 else ''}' (--output json lists every id)")
     return lines
 
 

@@ -51,7 +51,7 @@ def test_2000_tunnels_with_99_refused_on_one_device_read_as_one_line_and_a_next_
         assert "Device datacenter: 1001 rotated" in lines
         assert any(ln.startswith("Summary: 1901 rotated, 99 refused") for ln in lines)
         nexts = [ln for ln in lines if ln.startswith("Next: ")]
-        assert len(nexts) == 1 and "99 tunnel(s) kept their old key on both ends" in nexts[0]
+        assert len(nexts) == 1 and "99 tunnel(s) kept their current key on both ends" in nexts[0]
         assert "on device branch" in nexts[0] and f"rotator rotate --account {acc} --tunnel {refused[0]}" in nexts[0]
         # --verbose in a pipe: every tunnel, every reason whole.
         device.sim.clear()
