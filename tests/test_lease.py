@@ -591,3 +591,27 @@ def test_under_the_units_proc_a_crashed_run_is_taken_over_and_unlock_clears_it(s
     assert again.returncode == 0, again.stderr
     assert "leased to" not in again.stderr and "waiting" not in again.stderr
     assert_invariant(sims, acc, strict=True)
+
+
+def test_the_boot_time_in_a_holder_id_tolerates_a_second_and_nothing_more():
+    """Two readings of the boot time may straddle a second; a wall-clock step beyond that makes the
+    holder uncheckable (waited for), never "gone". No key is involved: nothing for the invariant."""
+    from pathlib import Path
+
+    procs = LocalProcesses()
+    tag, _, boot = procs.scope.partition("-")
+    assert tag and boot.isdigit() and abs(int(boot) - int(Path("/proc/stat").read_text().split("btime ")[1].split()[0])) <= 1
+    me = HolderId.parse(procs.new_holder())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        start = procs._start_of(child.pid)
+        for shift, alive in ((0, Liveness.ALIVE), (1, Liveness.ALIVE), (-1, Liveness.ALIVE), (2, Liveness.UNKNOWN),
+                             (-3600, Liveness.UNKNOWN)):
+            scope = f"{tag}-{int(boot) + shift}"
+            assert procs.probe(str(HolderId(me.host, child.pid, scope, start, "cd"))) is alive, shift
+        assert procs.probe(str(HolderId(me.host, child.pid, "0badc0de-" + boot, start, "cd"))) is Liveness.UNKNOWN
+        assert procs.probe(str(HolderId(me.host, child.pid, tag, start, "cd"))) is Liveness.UNKNOWN  # an older version's
+    finally:
+        child.communicate(b"", timeout=10)
+    dead = str(HolderId(me.host, child.pid, f"{tag}-{int(boot) + 1}", start, "cd"))
+    assert procs.probe(dead) is Liveness.GONE
