@@ -268,7 +268,7 @@ class LeaseManager:
 
     def advertise(self, admin_url: str) -> None:
         """Record ``admin_url`` in every lease we write from now on: a one-shot command that meets the
-        lease hands its request there instead of waiting (cli.py; DESIGN.md section 4 and 5)."""
+        lease hands its request there instead of waiting (cli.py; docs/design.md sections 4 and 5)."""
         with self._lock:
             self._note = {"admin_url": admin_url} if admin_url else {}
 
