@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rotator", description="Rotate Cloudflare Magic IPsec pre-shared keys, Vault first.",
         epilog="Environment: VAULT_ADDR, VAULT_TOKEN, VAULT_NAMESPACE, VAULT_CACERT, CLOUDFLARE_API_TOKEN "
                "(or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY), CLOUDFLARE_BASE_URL, ROTATOR_CONFIG, ROTATOR_ADMIN_TOKEN, "
-               "ROTATOR_ADMIN_URL (a running daemon: rotate and reconcile are handed to it when it leads the account).")
+               "ROTATOR_ADMIN_URL (a running daemon; without it the leader is found through its lease: rotate, "
+               "reconcile, rollback and ack are handed to the daemon leading the account).")
     parser.add_argument("--version", action="version", version=f"psk-rotator {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $ROTATOR_CONFIG; none needed for one-shot use)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--verbose", "-v", action="store_true", help="list every tunnel, not only those needing "
                                                                      "attention")
         cmd.add_argument("--local", action="store_true",
-                         help="run here even when ROTATOR_ADMIN_URL names a daemon leading the account")
+                         help="run here even when a daemon leads the account (found in its lease or at "
+                              "ROTATOR_ADMIN_URL): wait for its lease instead of handing the request to it")
         cmd.add_argument("--no-wait", action="store_true",
                          help="fail at once when another live rotator holds the account's lease")
 
