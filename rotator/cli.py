@@ -355,15 +355,37 @@ def _meet_lease(runtime: Runtime, args: argparse.Namespace) -> int | None:
         runtime.engine.resolve(args.account, named)  # an unknown name fails now, not after a wait
     if not lease.admin_url or args.local:
         return None
-    from rotator.config import check_admin_url
+    from urllib.parse import urlsplit
 
-    url = check_admin_url(lease.admin_url, f"the admin URL in the lease of account {args.account}")
+    from rotator.config import check_admin_url
+    from rotator.rotation.lease import HolderId
+
+    fix = ("set admin.advertise_url (or ROTATOR_ADMIN_ADVERTISE_URL) on the daemon to an address other hosts "
+           "reach, or ROTATOR_ADMIN_URL here; or pass --local to wait for its lease here (--no-wait fails at once)")
+    try:
+        url = check_admin_url(lease.admin_url, "its admin URL")
+    except ConfigError as exc:
+        raise RotatorError(f"account {args.account} is led by the daemon {lease.holder}, whose lease names no usable "
+                           f"admin URL ({exc.message})", fix) from None
+    holder = HolderId.parse(lease.holder)
+    if _loopback(urlsplit(url).hostname or "") and (holder is None or holder.host != runtime.leases.processes.host):
+        raise RotatorError(f"account {args.account} is led by the daemon {lease.holder} on another host; its admin "
+                           f"API {url} answers only there", fix)
     if runtime.settings.admin.token is None:
         raise ConfigError(f"account {args.account} is led by the daemon {lease.holder} (admin API {url}) and no "
                           "admin token is set to hand the request to it",
                           "export ROTATOR_ADMIN_TOKEN with the daemon's admin token, or pass --local to wait "
                           "for its lease here (--no-wait fails at once)")
     return _hand_over(runtime.settings, args, url, lease.holder)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _hand_over(settings: Settings, args: argparse.Namespace, url: str, holder: str | None) -> int | None:
@@ -387,6 +409,9 @@ def _hand_over(settings: Settings, args: argparse.Namespace, url: str, holder: s
             if status.status_code == 401:
                 raise ConfigError(f"{where} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
             leads = (status.json().get("accounts", {}).get(args.account) or {}).get("leader") is True
+            if not leads and holder is not None:  # the lease says it leads: this is not the daemon it names
+                raise RotatorError(f"{where} answers that it does not lead the account: the URL reaches another "
+                                   "daemon", unreachable)
             if not leads:
                 print(f"rotator: the daemon at {url} does not lead account {args.account}; running here",
                       file=sys.stderr)

@@ -615,3 +615,24 @@ def test_the_boot_time_in_a_holder_id_tolerates_a_second_and_nothing_more():
         child.communicate(b"", timeout=10)
     dead = str(HolderId(me.host, child.pid, f"{tag}-{int(boot) + 1}", start, "cd"))
     assert procs.probe(dead) is Liveness.GONE
+
+
+def test_a_daemon_on_another_host_that_advertises_loopback_is_one_line(sims, tmp_path):
+    """A daemon elsewhere whose lease names a loopback admin URL (admin.listen left at 127.0.0.1): from
+    here that URL is some other process. One line naming the holder and admin.advertise_url, nothing sent."""
+    acc = account(sims)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=60.0)
+    leases.advertise("http://127.0.0.1:9477")
+    leases.acquire(acc)
+    try:
+        assert lease_of(sims, acc)["admin_url"] == "http://127.0.0.1:9477"
+        proc = run_cli(["rotate", "--account", acc, "--all"], {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert "elsewhere:4242" in lines[0] and "another host" in lines[0] and "advertise_url" in lines[0]
+        assert "--local" in lines[0] and "stop" not in lines[0]
+        assert sims.cloudflare.request_counts().get("cf.psk_validate", 0) == 0
+    finally:
+        leases.release(acc)
+        rt.close()
+    assert_invariant(sims, acc, strict=True)
