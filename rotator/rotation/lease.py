@@ -200,7 +200,9 @@ class LocalProcesses:
         boot time in whole seconds. Only what the shipped systemd unit leaves visible is read: with
         ``ProcSubset=pid`` /proc holds nothing but the process directories (no /proc/sys, so no boot_id,
         and no /proc/stat), and ``ProtectProc=invisible`` hides other users' processes (proc(5), mount
-        option ``subset=pid``; systemd.exec(5), ``ProcSubset=``). The boot time is what /proc/stat calls
+        options ``subset=pid`` and ``hidepid``; the kernel's Documentation/filesystems/proc.rst and
+        tools/testing/selftests/proc/proc-subset-pid.c: only pids, /proc/self, /proc/thread-self;
+        systemd.exec(5), ``ProcSubset=``). The boot time is what /proc/stat calls
         ``btime``: the kernel computes that as CLOCK_REALTIME minus CLOCK_BOOTTIME (fs/proc/stat.c,
         getboottime64), which any process can read with clock_gettime(2). It moves only when the wall
         clock is stepped: two readings then differ and the holder counts as "another host" (waited
