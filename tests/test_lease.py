@@ -636,3 +636,21 @@ def test_a_daemon_on_another_host_that_advertises_loopback_is_one_line(sims, tmp
         leases.release(acc)
         rt.close()
     assert_invariant(sims, acc, strict=True)
+
+
+def test_an_unknown_tunnel_is_named_before_any_wait_for_a_lease(sims, tmp_path):
+    """Regression: 'rotate --tunnel nonesuch' next to a live holder waited out its lease (84 s) and then
+    failed on the lease, never saying the tunnel does not exist."""
+    acc = account(sims)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=60.0)  # another one-shot run: no admin URL
+    try:
+        for command in (["rotate", "--account", acc, "--tunnel", "tun00001", "--tunnel", "nonesuch"],
+                        ["rollback", "--account", acc, "--tunnel", "nonesuch"]):
+            proc = run_cli(command, sims.env(), timeout=60)
+            assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert "no tunnel 'nonesuch'" in proc.stderr and "leased" not in proc.stderr
+        assert lease_of(sims, acc)["holder"] == leases.holder
+    finally:
+        leases.release(acc)
+        rt.close()
+    assert_invariant(sims, acc, strict=True)
