@@ -118,7 +118,8 @@ def test_status_counts_a_key_waiting_for_an_ack_as_waiting_not_failed(sims, tmp_
     proc = run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env())
     assert proc.returncode == 1 and "waiting" in proc.stdout
     nexts = [ln for ln in proc.stdout.splitlines() if ln.startswith("Next: ")]
-    assert len(nexts) == 1 and f"rotator ack --account {acc} --tunnel" in nexts[0]
+    assert len(nexts) == 1 and f"rotator status --account {acc} --state waiting" in nexts[0]
+    assert re.search(rf"rotator ack --account {acc} --tunnel \w+ --rotation \S+ --holds new", proc.stdout)
     status = run_cli(["--config", cfg, "status", "--account", acc, "--output", "json"], sims.env())
     summary = json.loads(status.stdout)["summary"]
     assert (summary["waiting"], summary["failed"], summary["pending"]) == (1, 0, 1)

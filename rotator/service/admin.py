@@ -195,4 +195,6 @@ ROUTES = (
     ("POST", "/v1/rotations", True, 'queue a run: {"account", "tunnels": [...] | "all": true | "reconcile": true '
                                     '| "rollback": true, "dry_run"} -> 202 {"id"}'),
     ("GET", "/v1/rotations/{run_id}", True, "a run's state and per-tunnel outcome"),
+    ("POST", "/v1/acks", True, 'a manual device\'s acknowledgement: {"account", "tunnels": [...], "holds": "new" '
+                                '| "previous", "rotation_id"} -> 202 with the reconcile run that finishes them'),
 )
