@@ -158,7 +158,7 @@ class FakeVault:
             current = self.leases.get(account_id, Lease("", 0.0, 0))
             if current.version != cas:
                 raise CasConflict("lease changed")
-            self.leases[account_id] = Lease(holder, expires_at, cas + 1, busy_until)
+            self.leases[account_id] = Lease(holder, expires_at, cas + 1, busy_until, (note or {}).get("admin_url", ""))
             return cas + 1
 
 

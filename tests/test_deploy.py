@@ -157,6 +157,10 @@ def test_every_name_a_manifest_refers_to_exists():
             else:
                 assert ref["key"] in {**secret.get("stringData", {}), **secret.get("data", {})}, ref["key"]
     assert {"CLOUDFLARE_API_TOKEN", "ROTATOR_ADMIN_TOKEN", "ROTATOR_CONFIG"} <= set(env)
+    # The leader advertises its own pod's admin port, so a CLI in any replica reaches it (issue 20 item 11).
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["ROTATOR_ADMIN_ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{port_names['admin']}"
+    assert list(env).index("POD_IP") < list(env).index("ROTATOR_ADMIN_ADVERTISE_URL")  # $(VAR) needs it earlier
 
     # Volumes: every mount has a volume, every volume is mounted, ConfigMap keys exist.
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -205,8 +209,10 @@ def _k8s_env(objs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
     secret = objs[("Secret", "psk-rotator")]["stringData"]
     env = {}
     for e in container["env"]:
-        if "value" in e:
-            env[e["name"]] = e["value"]
+        if "value" in e:  # $(VAR) is Kubernetes' own expansion of an earlier variable
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+        elif "fieldRef" in e["valueFrom"]:  # the downward API: the pod's IP is this test's loopback
+            env[e["name"]] = {"status.podIP": "127.0.0.1"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
         elif e["valueFrom"]["secretKeyRef"]["key"] in secret:
             env[e["name"]] = secret[e["valueFrom"]["secretKeyRef"]["key"]]
     return env
