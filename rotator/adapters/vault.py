@@ -23,6 +23,7 @@ import urllib3
 
 from rotator.errors import CasConflict, ConfigError, VaultError
 from rotator.model import Lease, Record
+from rotator.rotation.ports import History, VersionInfo
 
 _json_dumps = json.dumps
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -256,6 +257,79 @@ class VaultStore:
         for share, done in zip(shares, self._pool.map(lambda ks: [safe(k) for k in ks], shares), strict=True):
             results.update(zip(share, done, strict=True))
         return {k: results[k] for k in keys}
+
+    # -- history (the audit report, service/report.py; docs/specs/vault-kv2.md) ------------------
+    def list_records(self, account_id: str) -> list[str]:
+        """The tunnel ids with a record under the account (LIST on the metadata path); [] when none."""
+        folder = f"{self.prefix}/{check_id(account_id, 'account')}"
+        what = f"listing {self.mount}/metadata/{folder}"
+        try:
+            resp = self._do("history_list", what, lambda: self._client.secrets.kv.v2.list_secrets(
+                folder, mount_point=self.mount))
+        except VaultError as exc:
+            if exc.status == 404:  # nothing under the folder
+                return []
+            raise
+        keys = (resp.get("data") or {}).get("keys") if isinstance(resp, dict) else None
+        if not isinstance(keys, list):
+            raise _garbage(what, "no list of keys")
+        return sorted(k for k in keys if isinstance(k, str) and _HEX32.fullmatch(k))
+
+    def history(self, account_id: str, tunnel_id: str) -> History:
+        """Metadata and every live version's data of one record: read, metadata read (least privilege)."""
+        path = self.path(account_id, tunnel_id)
+        what = f"reading the metadata of {self.mount}/{path}"
+        try:
+            resp = self._do("history_metadata", what, lambda: self._client.secrets.kv.v2.read_secret_metadata(
+                path, mount_point=self.mount))
+        except VaultError as exc:
+            if exc.status == 404:  # listed a moment ago, deleted since
+                return History(account_id, tunnel_id, f"{self.mount}/{path}", 0, 0, 0, "")
+            raise
+        meta = resp.get("data") if isinstance(resp, dict) else None
+        raw = meta.get("versions") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not isinstance(raw, dict):
+            raise _garbage(what, "no versions object")
+        numbers = {int(k): v for k, v in raw.items() if isinstance(k, str) and k.isdigit() and isinstance(v, dict)}
+        if len(numbers) != len(raw) or not all(isinstance(meta.get(f), int) for f in
+                                               ("current_version", "oldest_version", "max_versions")):
+            raise _garbage(what, "malformed version numbers")
+        versions = [self._version(account_id, tunnel_id, path, n, v) for n, v in sorted(numbers.items())]
+        return History(account_id, tunnel_id, f"{self.mount}/{path}", meta["current_version"], meta["oldest_version"],
+                       meta["max_versions"], str(meta.get("created_time") or ""), tuple(versions))
+
+    def _version(self, account_id: str, tunnel_id: str, path: str, number: int, meta: dict[str, Any]) -> VersionInfo:
+        created, deleted = str(meta.get("created_time") or ""), str(meta.get("deletion_time") or "") or None
+        destroyed = meta.get("destroyed") is True
+        record = None
+        if not destroyed:
+            what = f"reading {self.mount}/{path} version {number}"
+            try:
+                resp = self._do("history_read", what, lambda: self._client.secrets.kv.v2.read_secret_version(
+                    path, version=number, mount_point=self.mount, raise_on_deleted_version=False), missing_ok=True)
+            except _Missing:
+                resp = None
+            data = resp.get("data") if isinstance(resp, dict) else None
+            body = data.get("data") if isinstance(data, dict) else None
+            if resp is not None and not isinstance(body, dict):
+                raise _garbage(what, "no KV v2 data")
+            if isinstance(body, dict):
+                record = Record.from_data(account_id, tunnel_id, number, body)
+        return VersionInfo(number, created, deleted, destroyed, record)
+
+    def history_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, History | VaultError]:
+        out: dict[str, History | VaultError] = {}
+        ids = list(tunnel_ids)
+
+        def one(tid: str) -> History | VaultError:
+            try:
+                return self.history(account_id, tid)
+            except VaultError as exc:
+                return exc
+
+        for tid, res in zip(ids, self._pool.map(one, ids), strict=True):
+            out[tid] = res
+        return out
 
     # -- leases -------------------------------------------------------------------------------
     def _lease_path(self, account_id: str) -> str:
