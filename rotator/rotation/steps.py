@@ -474,6 +474,8 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     for item in todo:
         if item.id in done.applied and _contradiction(item.id, done) is None:
             item.cf_may_hold = False
+            # Cloudflare generated psk anew just now: unstage records it, or the next listing looks like drift.
+            item.generated_on = done.generated_on.get(item.id, item.generated_on)
             out.moved.append(item)
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
@@ -516,6 +518,7 @@ def unstage(ctx: Context, items: list[Item]) -> Result:
     out = Result()
     written = {} if ctx.dry_run else _write(ctx, [(i, dataclasses.replace(
         i.record, pending_psk=None, state="active", staged_at=None, acked_rotation_id=None,
+        cf_generated_on=i.generated_on if not i.cf_may_hold and i.generated_on else i.record.cf_generated_on,
         last_error=ctx.redact(i.reason or "")[:500] or None)) for i in items])
     for item in items:
         res = written.get(item.id)
