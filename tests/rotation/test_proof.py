@@ -98,3 +98,16 @@ def test_a_drift_re_key_carries_cloudflares_time_and_a_rotation_clears_it() -> N
     assert w.run(tunnels=[drifted]).ok
     assert w.rec(drifted).drift_generated_on is None
     assert w.invariant(strict=True) == 2
+
+
+def test_after_a_rollback_the_restored_key_is_not_taken_for_drift() -> None:
+    device = FakeDevice("edge", kind="strongswan")
+    w = managed(world(1, device=device))
+    tid = w.ids[0]
+    device.faults.on("verify", refuse("IKE_AUTH failed"))
+    report = w.run()
+    assert [str(o.result) for o in report.outcomes] == ["rolled_back"]
+    assert w.rec(tid).cf_generated_on == w.cf.generated_on[tid]  # the restore's stamp, not the abandoned key's
+    later = w.run(reconcile_only=True)
+    assert later.drifted == [] and later.ok
+    assert w.invariant(strict=True) == 1
