@@ -488,7 +488,8 @@ def _chart(acc: Mapping[str, Any], start: float, end: float) -> str:
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#000"/>']
     for frac in (0, 0.25, 0.5, 0.75, 1):
         ts = start + frac * span
-        parts.append(f'<text x="{x(ts)}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">'
+        anchor = "start" if frac == 0 else "end" if frac == 1 else "middle"
+        parts.append(f'<text x="{x(ts)}" y="{height - bottom + 16}" font-size="11" text-anchor="{anchor}">'
                      f'{time.strftime("%Y-%m-%d", time.gmtime(ts))}</text>')
         age = frac * peak * 1.1
         parts.append(f'<text x="{left - 6}" y="{y(age) + 4}" font-size="11" text-anchor="end">{age / 86400:.0f}d</text>')
