@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from rotator.errors import VaultError
 from rotator.model import Lease, PskSetResult, Record, TunnelInfo
@@ -61,6 +61,7 @@ class History:
     versions: tuple[VersionInfo, ...] = ()
 
 
+@runtime_checkable
 class HistoryStore(Protocol):
     """Reads with the least-privilege policy: data read, metadata read and list."""
 
