@@ -9,7 +9,6 @@ import pytest
 
 from rotator.adapters.vault import VaultStore, build_hvac_client
 from rotator.errors import VaultError
-from rotator.model import Record
 from rotator.secret import Secret
 from rotator.service import report as rpt
 from tests.helpers import SECRETS, run_cli
@@ -111,3 +110,13 @@ def test_the_command_with_the_least_privilege_token(env, tmp_path) -> None:
     text = out.read_text()
     assert text.startswith(",".join(rpt.CSV_COLUMNS)) and f"source,,,,,,1,,secret/cloudflare/magic-ipsec/{A}/{T}" in text
     assert KEYS[0] not in text
+
+
+def test_the_command_without_an_account_to_report_on(env) -> None:
+    _, _, _, addr, token = env
+    proc = run_cli(["report"], {"VAULT_ADDR": addr, "VAULT_TOKEN": token, "CLOUDFLARE_API_TOKEN": ""})
+    assert (proc.returncode, proc.stderr.strip()) == (2, "rotator: configuration error: no account to report on "
+                                                      "(give --account ID or configure [[accounts]] in the file)")
+    proc = run_cli(["report", "--account", A, "--from", "2026-02-01", "--to", "2026-01-01"],
+                   {"VAULT_ADDR": addr, "VAULT_TOKEN": token, "CLOUDFLARE_API_TOKEN": ""})
+    assert proc.returncode == 2 and "--from is not before --to" in proc.stderr
