@@ -200,6 +200,17 @@ def test_chromium_renders_the_page_with_its_chart_and_asks_for_nothing(page, tmp
     assert page_requests(proxy) == []
 
 
+def test_chromium_prints_the_page(page, tmp_path, proxy) -> None:
+    """Readable printed: the print stylesheet applies and the page prints to PDF pages."""
+    _, _, path = page
+    pdf = tmp_path / "report.pdf"
+    proc = run_chromium(tmp_path, proxy, path, f"--print-to-pdf={pdf}", "--no-pdf-header-footer")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF-") and len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 1
+    assert page_requests(proxy) == []
+
+
 def test_the_recording_proxy_does_see_a_page_that_asks(tmp_path, proxy) -> None:
     """The control for the test above: an external image is requested through the proxy."""
     control = tmp_path / "control.html"
