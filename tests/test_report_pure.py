@@ -114,3 +114,13 @@ def test_the_digest_covers_everything_but_itself() -> None:
     assert b" " not in rpt.canonical({"a": [1, 2]}) and rpt.canonical({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
     changed = {**made, "period": {**made["period"], "to": at(21)}}
     assert not rpt.intact(changed)
+
+
+def test_a_copy_of_a_promoting_version_is_not_another_rotation() -> None:
+    a = "9" * 32
+    promoted = rec(a, 1, 2, state="active", verified_by="ike_reauth", verified_at=at(2), device="edge")
+    patched = rec(a, 1, 2, state="active", verified_by="ike_reauth", verified_at=at(2), device="edge",
+                  ipsec_id="changed-by-an-operator")
+    made = build(hist(a, (0, rec(a, 0, 0, state="active", verified_by="none", verified_at=at(0))), (2, promoted),
+                      (3, patched)))
+    assert [(r["at"], r["version"]) for r in one(made, a)["rotations"]] == [(at(0), 1), (at(2), 2)]

@@ -136,7 +136,10 @@ def _events(h: History, end: float) -> tuple[list[dict[str, Any]], list[dict[str
         known = v.number == 1 or (pv is not None and pv.record is not None)
         pred = pv.record if pv is not None else None
         settled = rec.state == "active" and rec.pending_psk is None and rec.psk is not None
-        if settled and (rec.verified_by is not None or (known and (pred is None or pred.psk != rec.psk))):
+        # A later write that only copies a promoting version (an operator's patch) promotes nothing.
+        copy = pred is not None and pred.state == "active" and pred.pending_psk is None and pred.psk == rec.psk \
+            and pred.verified_at == rec.verified_at
+        if settled and not copy and (rec.verified_by is not None or (known and (pred is None or pred.psk != rec.psk))):
             entry = {"at": at, "version": v.number, "rotation_id": rec.rotation_id, "rotated_at": rec.rotated_at,
                      **_proof(rec)}
             if pred is not None and pred.previous_psk is not None and pred.previous_psk == rec.psk:
