@@ -15,7 +15,7 @@ SECRET_FIELDS = ("psk", "pending_psk", "previous_psk")
 _TEXT_FIELDS = ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error", "cf_generated_on", "device",
                 "staged_at", "acked_rotation_id", "verified_at", "verified_by", "drift_generated_on")
 
-# How both ends were shown to hold a promoted key (``verified_by``, DESIGN.md section 3).
+# How both ends were shown to hold a promoted key (``verified_by``, docs/design.md section 3).
 PROOFS = ("ike_reauth", "vendor_status", "health", "operator_ack", "none")
 
 

@@ -369,12 +369,12 @@ def note(ctx: Context, settled: Sequence[Settled]) -> None:
 
 # What a device kind's successful verification shows, until the Device port says it itself (``proof``):
 # cloud gateways report the tunnel's status from their API; a manual device has an operator's word;
-# every other kind forces a fresh IKE authentication (DESIGN.md sections 9 and 10).
+# every other kind forces a fresh IKE authentication (docs/design.md sections 9 and 10).
 _PROOF_OF_KIND = {"aws_vpn": "vendor_status", "azure_vpn": "vendor_status", "manual": "operator_ack"}
 
 
 def verified_by(item: Item) -> str:
-    """How both ends were shown to hold ``item.key`` (the record's ``verified_by``, DESIGN.md section 3),
+    """How both ends were shown to hold ``item.key`` (the record's ``verified_by``, docs/design.md section 3),
     from what the verify and health steps saw: the device's proof when its verification succeeded, an
     operator's acknowledgement for a manual device, else Cloudflare's health checks when they reported
     the tunnel healthy since the apply, else ``none`` (no device, or nothing proved it)."""
