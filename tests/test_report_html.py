@@ -154,6 +154,8 @@ def proxy() -> Iterator[RecordingProxy]:
         p.close()
 
 
+# Flags: Chromium's headless mode and its command-line switches (--headless, --screenshot, --dump-dom,
+# --print-to-pdf, --host-resolver-rules, --proxy-server), https://developer.chrome.com/docs/chromium/headless
 def run_chromium(tmp_path: Path, proxy: RecordingProxy, target: Path, *extra: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
     args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -259,6 +259,9 @@ class VaultStore:
         return {k: results[k] for k in keys}
 
     # -- history (the audit report, service/report.py; docs/specs/vault-kv2.md) ------------------
+    # Vault's KV v2 API: "Read secret metadata" (versions with created_time, deletion_time, destroyed;
+    # current_version, oldest_version, max_versions) and "Read secret version" (?version=N), see
+    # https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2
     def list_records(self, account_id: str) -> list[str]:
         """The tunnel ids with a record under the account (LIST on the metadata path); [] when none."""
         folder = f"{self.prefix}/{check_id(account_id, 'account')}"

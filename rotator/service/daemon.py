@@ -96,7 +96,8 @@ class Daemon:
         scheduler.add_job(self.tick, "interval", seconds=self.tick_seconds, id="tick", next_run_time=_now_dt())
         if self.settings.report is not None:
             # The report's cron means what a policy's does (rotator.schedule, crontab day-of-week: 0 is
-            # Sunday); APScheduler 3's CronTrigger.from_crontab counts 0 as Monday, so a minutely job asks ours.
+            # Sunday); APScheduler 3's CronTrigger.from_crontab counts 0 as Monday (agronholm/apscheduler#286,
+            # fixed only in 4.x), so a minutely job asks ours.
             self._report_at = next_cron(parse_cron(self.settings.report.cron), self.clock(), "UTC")
             scheduler.add_job(self.report_if_due, "interval", seconds=60.0, id="report")
         scheduler.start()
