@@ -124,3 +124,19 @@ def test_a_copy_of_a_promoting_version_is_not_another_rotation() -> None:
     made = build(hist(a, (0, rec(a, 0, 0, state="active", verified_by="none", verified_at=at(0))), (2, promoted),
                       (3, patched)))
     assert [(r["at"], r["version"]) for r in one(made, a)["rotations"]] == [(at(0), 1), (at(2), 2)]
+
+
+def test_the_rollback_command_is_a_rotation_that_restores_the_previous_key() -> None:
+    a = "8" * 32
+    k0, k1 = Secret(KEYS[0]), Secret(KEYS[1])
+    v1 = rec(a, 0, 0, state="active", verified_by="ike_reauth", verified_at=at(0))
+    v2 = rec(a, 1, 5, state="active", verified_by="ike_reauth", verified_at=at(5))
+    v2.previous_psk = k0
+    v3 = rec(a, 1, 5, state="pending", rotation_id="rb")
+    v3.pending_psk, v3.previous_psk = k0, k0
+    v4 = rec(a, 0, 6, state="active", rotation_id="rb", verified_by="ike_reauth", verified_at=at(6))
+    v4.previous_psk = k1
+    made = build(hist(a, (0, v1), (5, v2), (6, v3), (6, v4)))
+    rotations = one(made, a)["rotations"]
+    assert [(r["at"], r.get("restores_previous_key", False)) for r in rotations] == \
+        [(at(0), False), (at(5), False), (at(6), True)]
