@@ -88,7 +88,8 @@ def _segments(h: History, start: float, end: float) -> list[_Seg]:
         else:  # the record's metadata says when version 1 was written: unmanaged before, unknown after
             if created > start:
                 segs.append(_Seg(start, min(created, first_t), "unmanaged"))
-            segs.append(_Seg(max(start, min(created, first_t)), first_t, "unknown"))
+            if first_t > max(start, created):
+                segs.append(_Seg(max(start, created), first_t, "unknown"))
     for i, (v, t) in enumerate(timed):
         nxt = timed[i + 1][1] if i + 1 < len(timed) else end
         a, b = max(t, start), min(nxt, end)
