@@ -92,7 +92,7 @@ def history(tmp_path_factory) -> Any:
 
         def acknowledge(tid: str) -> None:
             current = rt.store.read(acc, tid)
-            rt.store.write_many([ack(current)])
+            rt.store.write_many([ack(current, holds="new")])
 
         def path(tid: str) -> str:
             return f"cloudflare/magic-ipsec/{acc}/{tid}"

@@ -41,7 +41,7 @@ def test_history_lists_every_version_with_its_data(env) -> None:
         put(store, T, n)
     put(store, U, 0)
     assert store.list_records(A) == [T, U]
-    h = store.history(A, T)
+    h = store.record_history(A, T)
     assert (h.path, h.current_version, h.oldest_version, h.max_versions) == (
         f"secret/cloudflare/magic-ipsec/{A}/{T}", 3, 0, 0)
     assert [v.number for v in h.versions] == [1, 2, 3]
@@ -58,7 +58,7 @@ def test_pruned_deleted_and_destroyed_versions(env) -> None:
         put(store, T, n)
     root.secrets.kv.v2.delete_secret_versions(path, versions=[3])
     root.secrets.kv.v2.destroy_secret_versions(path, versions=[4])
-    h = store.history(A, T)
+    h = store.record_history(A, T)
     assert (h.oldest_version, h.max_versions, [v.number for v in h.versions]) == (3, 3, [3, 4, 5])
     deleted, destroyed, live = h.versions
     assert (deleted.record, deleted.destroyed, bool(deleted.deletion_time)) == (None, False, True)

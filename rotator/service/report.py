@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.errors import VaultError
-from rotator.model import Record
+from rotator.model import VERIFIED_BY, Record
 from rotator.rotation.ports import History, HistoryStore, VersionInfo
 from rotator.schedule import parse_time
 
 FORMAT = "psk-rotator-report/1"
 NOT_RECORDED = "not recorded"
-PROOF_ORDER = ("ike_reauth", "vendor_status", "operator_ack", "health", "none", NOT_RECORDED)
+PROOF_ORDER = (*VERIFIED_BY, NOT_RECORDED)
 PolicyFor = Callable[[str, str, str], tuple[str | None, float | None]]  # account, tunnel, name -> (policy, max_age)
 
 
