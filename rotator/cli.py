@@ -22,6 +22,7 @@ from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
     from rotator.config import Settings
+    from rotator.rotation.ports import HistoryStore
     from rotator.wiring import Runtime
 
 # The status filters (service/inventory.FILTERS), repeated here so --help stays fast.
@@ -46,6 +47,18 @@ def account_id(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a Cloudflare account id: use the 32 lowercase hex digits from the dashboard URL")
     return value
+
+
+def report_time(value: str) -> float:
+    """A report's --from/--to: RFC 3339 (``2026-11-01T00:00:00Z``) or a UTC date (``2026-11-01``)."""
+    from rotator.schedule import parse_time
+
+    text = value.strip()
+    ts = parse_time(text + "T00:00:00Z" if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else text)
+    if ts is None or not re.match(r"\d{4}-\d{2}-\d{2}", text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time: use RFC 3339 (2026-11-01T00:00:00Z) or a date "
+                                         "(2026-11-01)")
+    return ts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check only what one-shot commands need (no accounts or admin token required); "
                             "the default when no config file is given")
 
+    report = command("report", "audit evidence from Vault's version history: key ages, rotations and how each "
+                     "was verified, rollbacks, drift, policy breaches (never a key)", account=False)
+    report.add_argument("--account", action="append", type=account_id,
+                        help="Cloudflare account id (repeatable; default: every configured account)")
+    report.add_argument("--from", dest="start", type=report_time, metavar="T",
+                        help="start of the period, RFC 3339 or YYYY-MM-DD (default: 30 days before --to)")
+    report.add_argument("--to", dest="end", type=report_time, metavar="T",
+                        help="end of the period, RFC 3339 or YYYY-MM-DD (default: now)")
+    report.add_argument("--output", choices=("json", "csv", "html"), default="json", help="the format (default json)")
+    report.add_argument("--out", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    report.add_argument("--check", metavar="FILE",
+                        help="rebuild the JSON report FILE from Vault for its period and accounts; exit 0 when it "
+                             "still matches, 1 with one line per difference")
+
     command("run", "run the daemon: schedules, admin API, metrics", account=False)
 
     demo = command("demo", "run the daemon against the built-in simulators", account=False)
@@ -184,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
-    settings = config_mod.load(args.config)
+    settings = config_mod.load(args.config, cloudflare=args.command != "report")
     redactor = Redactor()
     for value in settings.secrets:
         redactor.add(value)
@@ -208,6 +235,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     _retries_as_one_line()
     from rotator.wiring import RunOptions, build_runtime, preflight
 
+    if args.command == "report":
+        from rotator.wiring import build_vault
+
+        store, vault_auth = build_vault(settings)
+        try:
+            vault_auth.login()
+            store.check()
+            return _report(settings, store, args)
+        finally:
+            store.close()
     if args.command == "ack":
         runtime = build_runtime(settings)
         try:
@@ -636,6 +673,72 @@ def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ..
                      f"{where}, then {again} them again: 'rotator {again} --account {account} --tunnel "
                      f"{kept[0]['tunnel_id']}{' --tunnel ...' if len(kept) > 1 else ''}' (--output json lists every id)")
     return lines
+
+
+def _report(settings: Settings, store: HistoryStore, args: argparse.Namespace) -> int:
+    """``rotator report``: build (or ``--check``) the audit report from Vault's version history."""
+    from rotator.service import report as rpt
+
+    manual = [d.name for d in settings.devices if d.kind == "manual"]
+    lookup = rpt.policy_lookup(settings)
+    if args.check:
+        old = _report_file(args.check)
+        period = old["period"]
+        start, end = report_time(period["from"]), report_time(period["to"])
+        new = rpt.collect(store, [a["account_id"] for a in old["accounts"]], lookup, start, end, manual)
+        lines = [] if rpt.intact(old) else ["digest: the file's content no longer matches its own digest (edited)"]
+        lines += rpt.differences(old, new)
+        if not lines:
+            print(f"rotator: {args.check} matches Vault's history ({old['digest']})")
+            return 0
+        for line in lines:
+            print(f"rotator: differs: {line}")
+        print(f"rotator: {args.check} does not match Vault's history: {len(lines)} difference(s)", file=sys.stderr)
+        return 1
+    accounts = args.account or [a.id for a in settings.accounts]
+    if not accounts:
+        raise ConfigError("no account to report on", "give --account ID or configure [[accounts]] in the file")
+    end = args.end if args.end is not None else time.time()
+    start = args.start if args.start is not None else end - 30 * 86400.0
+    if start >= end:
+        raise ConfigError("--from is not before --to", "give a period that starts before it ends")
+    report = rpt.collect(store, list(dict.fromkeys(accounts)), lookup, start, end, manual)
+    text = rpt.RENDERERS[args.output](report)
+    if args.out:
+        try:
+            rpt.write_atomic(args.out, text)
+        except OSError as exc:
+            raise RotatorError(f"cannot write {args.out}: {exc.strerror or exc}",
+                               "choose a writable --out path") from None
+        print(f"rotator: report written to {args.out} ({report['digest']})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _report_file(path: str) -> dict[str, Any]:
+    """A JSON report to --check, or a usage error (exit 2) naming what is wrong with the file."""
+    from rotator.service.report import FORMAT
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--check: cannot read {path}: {exc.strerror or exc}", "name a report file") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"--check: {path} is not JSON", "check the JSON report (--output json), not the CSV or "
+                          "HTML one") from None
+    period = data.get("period") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(period, dict) \
+            or not isinstance(data.get("accounts"), list) or not isinstance(data.get("digest"), str):
+        raise ConfigError(f"--check: {path} is not a {FORMAT} report", "check a file written by 'rotator report'")
+    try:
+        report_time(str(period.get("from"))), report_time(str(period.get("to")))
+        [account_id(str(a.get("account_id"))) for a in data["accounts"]]
+    except (argparse.ArgumentTypeError, AttributeError):
+        raise ConfigError(f"--check: {path} has a malformed period or account id", "check an unedited report")\
+            from None
+    return data
 
 
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:

@@ -124,6 +124,19 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    """``[report]``: the daemon writes the audit report (service/report.py) on a schedule."""
+
+    directory: str
+    cron: str
+    output: tuple[str, ...] = ("json", "html")
+    period: float = 30 * 86400.0  # each report covers this long, ending when it is written
+
+
+REPORT_FORMATS = ("json", "csv", "html")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The validated configuration, one part per section of the file."""
 
@@ -135,6 +148,7 @@ class Settings:
     accounts: tuple[Account, ...]
     source: str
     devices: tuple[DeviceSpec, ...] = ()  # [[devices]]: the far ends (rotator/adapters/devices)
+    report: ReportSettings | None = None  # [report]: scheduled audit reports
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
@@ -170,6 +184,9 @@ class Settings:
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
                  "exclude": list(s.exclude)} for s in acc.selections]} for acc in self.accounts],
             "devices": [d.masked() for d in self.devices],
+            "report": None if self.report is None else {
+                "directory": self.report.directory, "cron": self.report.cron, "output": list(self.report.output),
+                "period": self.report.period},
         }
 
 
@@ -343,15 +360,16 @@ def check_for_daemon(settings: Settings) -> None:
                           "set ROTATOR_ADMIN_TOKEN or admin.token_file")
 
 
-def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use)."""
+def load(path: str | None = None, env: Mapping[str, str] | None = None, *, cloudflare: bool = True) -> Settings:
+    """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use).
+    ``cloudflare`` False: a command that reads only Vault (``rotator report``) needs no Cloudflare credentials."""
     env = os.environ if env is None else env
     path = path or env.get("ROTATOR_CONFIG") or None
     root = _Table(_read(path) if path else {}, "")
-    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices"})
+    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices", "report"})
     v, c = root.table("vault"), root.table("cloudflare")
     auth = _vault_auth(v.table("auth"), env)
-    _require_environment(v, auth, env)
+    _require_environment(v, auth, env, cloudflare=cloudflare)
     policies_t = root.table("policies")
     policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
     if "default" not in policies:
@@ -362,7 +380,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
     check_key_rules(devices, accounts, policies)  # docs/design.md section 10: no key a device refuses
     settings = Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
-                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
+                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices,
+                        report=_report(root.table("report")) if "report" in root.data else None)
     # Every call's total deadline must fit twice in the lease: Cloudflare's and each device's.
     check_lease_ttl(settings.rotation.lease_ttl, {"cloudflare.timeout": settings.cloudflare.timeout,
                                                   **{f"{d.path}.timeout": d.timeout for d in devices}})
@@ -383,14 +402,15 @@ def _read(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
 
 
-def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> None:
+def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str], *, cloudflare: bool = True) -> None:
     """Every missing variable in one message, not one per try."""
     missing = []
     if not (env.get("VAULT_ADDR") or v.get("addr", str, "")):
         missing.append("VAULT_ADDR (or vault.addr)")
     if auth.method == "token" and not env.get("VAULT_TOKEN"):
         missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
-    if not env.get("CLOUDFLARE_API_TOKEN") and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
+    if cloudflare and not env.get("CLOUDFLARE_API_TOKEN") \
+            and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
         missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
     if missing:
         raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
@@ -464,6 +484,28 @@ def _rotation(r: _Table) -> RotationSettings:
         raise ConfigError(f"rotation.on_drift: {on_drift!r} is neither \"rotate\" nor \"report\"",
                           "rotate re-keys a drifted tunnel from Vault; report only reports it")
     return RotationSettings(lease_ttl, on_drift)
+
+
+def _report(t: _Table) -> ReportSettings:
+    t.reject_unknown({"directory", "cron", "output", "period"})
+    directory = t.get("directory", str, "")
+    if not directory:
+        raise ConfigError(f"{t.key('directory')}: not set", "name the directory the reports are written to")
+    cron = t.get("cron", str, "")
+    try:
+        next_cron(parse_cron(cron), 0.0, "UTC")
+    except ValueError as exc:
+        raise ConfigError(f"{t.key('cron')}: {cron!r} is not a cron that fires ({exc})",
+                          "use 5 fields: minute hour day-of-month month day-of-week, e.g. \"0 6 1 * *\"") from None
+    output = t.get("output", list, ["json", "html"])
+    bad = [o for o in output if o not in REPORT_FORMATS]
+    if bad or not output:
+        raise ConfigError(f"{t.key('output')}: {bad or output!r} not among {', '.join(REPORT_FORMATS)}",
+                          "e.g. output = [\"json\", \"html\"]")
+    period = parse_duration(t.data.get("period", "30d"), t.key("period"))
+    if period < 3600:
+        raise ConfigError(f"{t.key('period')}: {period:g}s is shorter than an hour", "e.g. period = \"30d\"")
+    return ReportSettings(directory, cron, tuple(dict.fromkeys(output)), period)
 
 
 def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
