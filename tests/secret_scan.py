@@ -150,8 +150,14 @@ def _fake(fake: Any) -> None:
             add_text("fake vault record", getattr(rec, "last_error", None) or "", unique=True)
 
 
+def _scan_secrets(sim: Any) -> None:
+    """A fake that lists what it holds itself (``scan_secrets()``: keys, client secrets, tokens)."""
+    for value in sim.scan_secrets():
+        add_secret(value)
+
+
 HARVESTERS: dict[str, Callable[[Any], None]] = {
-    "VaultSim": _vault, "CloudflareSim": _cloudflare, "DeviceSim": _device_sim,
+    "VaultSim": _vault, "CloudflareSim": _cloudflare, "DeviceSim": _device_sim, "AzureSim": _scan_secrets,
     "FakeVault": _fake, "FakeCloudflare": _fake, "FakeDevice": _fake,
 }
 
@@ -291,13 +297,14 @@ def install() -> Iterator[None]:
     from rotator.rotation import engine
     from rotator.secret import Secret
     from rotator.service import admin
+    from rotator.sim.azure import AzureSim
     from rotator.sim.cloudflare import CloudflareSim
     from rotator.sim.device import DeviceSim
     from rotator.sim.vault import VaultSim
     from tests import fakes
 
     with contextlib.ExitStack() as stack:
-        for cls in (VaultSim, CloudflareSim, DeviceSim, fakes.FakeVault, fakes.FakeCloudflare, fakes.FakeDevice):
+        for cls in (VaultSim, CloudflareSim, DeviceSim, AzureSim, fakes.FakeVault, fakes.FakeCloudflare, fakes.FakeDevice):
             stack.enter_context(patched(cls, "__init__", _init_tracker))
         stack.enter_context(patched(Secret, "__init__", _secret_init))
         stack.enter_context(patched(CaptureFixture, "readouterr", _readouterr))
