@@ -195,6 +195,15 @@ class AzureSim(SimApp):
             self._settle(conn, self.clock())
             return conn.key
 
+    def held(self, account_id: str, tunnel_id: str) -> str | None:
+        """The key the connection of this Cloudflare tunnel holds (for invariant checks)."""
+        with self.lock:
+            for conn in self.connections.values():
+                if conn.tunnel == (account_id, tunnel_id):
+                    self._settle(conn, self.clock())
+                    return conn.key
+            return None
+
     def status_of(self, name: str) -> str:
         with self.lock:
             return self._status(self.connections[name.lower()], self.clock())
