@@ -150,14 +150,8 @@ def _fake(fake: Any) -> None:
             add_text("fake vault record", getattr(rec, "last_error", None) or "", unique=True)
 
 
-def _scan_secrets(sim: Any) -> None:
-    """A fake that lists what it holds itself (``scan_secrets()``: keys, client secrets, tokens)."""
-    for value in sim.scan_secrets():
-        add_secret(value)
-
-
 HARVESTERS: dict[str, Callable[[Any], None]] = {
-    "VaultSim": _vault, "CloudflareSim": _cloudflare, "DeviceSim": _device_sim, "AzureSim": _scan_secrets,
+    "VaultSim": _vault, "CloudflareSim": _cloudflare, "DeviceSim": _device_sim,
     "FakeVault": _fake, "FakeCloudflare": _fake, "FakeDevice": _fake,
 }
 
@@ -165,7 +159,12 @@ HARVESTERS: dict[str, Callable[[Any], None]] = {
 def harvest() -> None:
     started = time.perf_counter()
     for obj in [*STATE.fresh, *STATE.objects]:
-        HARVESTERS[type(obj).__name__](obj)
+        if hasattr(obj, "scan_secrets"):  # a simulator that lists what it holds (e.g. rotator/sim/aws.py)
+            for value in obj.scan_secrets():
+                add_secret(value)
+            continue
+        # a test's subclass of a tracked fake is harvested as the fake
+        HARVESTERS[next(c.__name__ for c in type(obj).__mro__ if c.__name__ in HARVESTERS)](obj)
     STATE.objects.update(STATE.fresh)
     STATE.fresh.clear()
     fresh = helpers.OUTPUTS[STATE.outputs_seen:]
@@ -297,6 +296,7 @@ def install() -> Iterator[None]:
     from rotator.rotation import engine
     from rotator.secret import Secret
     from rotator.service import admin
+    from rotator.sim.aws import AwsSim
     from rotator.sim.azure import AzureSim
     from rotator.sim.cloudflare import CloudflareSim
     from rotator.sim.device import DeviceSim
@@ -304,7 +304,8 @@ def install() -> Iterator[None]:
     from tests import fakes
 
     with contextlib.ExitStack() as stack:
-        for cls in (VaultSim, CloudflareSim, DeviceSim, AzureSim, fakes.FakeVault, fakes.FakeCloudflare, fakes.FakeDevice):
+        for cls in (VaultSim, CloudflareSim, DeviceSim, AwsSim, AzureSim, fakes.FakeVault, fakes.FakeCloudflare,
+                    fakes.FakeDevice):
             stack.enter_context(patched(cls, "__init__", _init_tracker))
         stack.enter_context(patched(Secret, "__init__", _secret_init))
         stack.enter_context(patched(CaptureFixture, "readouterr", _readouterr))
