@@ -1,0 +1,178 @@
+"""The azure_vpn kind end to end: the Vault and Cloudflare simulators, the Azure fake over loopback TLS
+(its connections come up only on the key Cloudflare holds for their tunnel), the real Azure SDK in the
+adapter and the engine. Every test ends with the invariant on both ends (Cloudflare's key and the
+Azure connection's key each readable from the latest Vault version)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tomllib
+
+import pytest
+
+from rotator.adapters.devices import DeviceRegistry, parse_devices
+from rotator.rotation.engine import RunRequest
+from rotator.sim.azure import AzureSim
+from tests import helpers
+from tests.devices.azure_env import serve
+from tests.devices.test_end_to_end import outcomes
+from tests.helpers import assert_both_ends, record, runtime
+
+CF_ENDPOINTS = ("162.159.66.164", "172.64.242.10")  # the pair's two Cloudflare anycast addresses
+
+
+def gateway_ip(i: int) -> str:
+    return f"198.51.100.{10 + i // 2}"  # tunnels 2k and 2k+1 are a pair on one Azure gateway
+
+
+def device_block(azure, *, tunnels: str = '["*"]', extra: str = "") -> str:
+    return (f'[[devices]]\nname = "azure-eu"\nkind = "azure_vpn"\ntunnels = {tunnels}\n'
+            f'subscription_id = "{azure.sim.subscription_id}"\nresource_group = "{azure.sim.resource_group}"\n'
+            f'authority = "{azure.url}"\narm_endpoint = "{azure.url}"\nca_file = "{azure.ca_file}"\n'
+            f'poll_interval = 0.05\ntimeout = "5s"\nverify_timeout = "4s"\n{extra}')
+
+
+@pytest.fixture
+def azure_world(sims, tmp_path, monkeypatch):
+    acc = next(iter(sims.tunnels_by_account))
+    tunnels = sims.tunnels_by_account[acc]
+    sim = AzureSim(peer=sims.cloudflare.psk_of, renegotiate=0.1, operation_seconds=0.05, retry_after="0")
+    for g in range(len(tunnels) // 2):
+        sim.add_gateway(f"vpngw-{g}", gateway_ip(2 * g))
+    for i, tid in enumerate(tunnels):
+        sims.cloudflare.set_endpoints(acc, tid, customer_endpoint=gateway_ip(i), cloudflare_endpoint=CF_ENDPOINTS[i % 2])
+        sim.add_connection(f"cf-{i}", f"vpngw-{i // 2}", CF_ENDPOINTS[i % 2],
+                           key=sims.cloudflare.psk_of(acc, tid), tunnel=(acc, tid))
+    with serve(sim, tmp_path) as azure:
+        for name, value in azure.env().items():
+            if name != "AZURE_AUTHORITY_HOST":
+                monkeypatch.setenv(name, value)
+        rt = runtime(sims, "[cloudflare]\nbatch_size = 6\nretry_attempts = 2\n", tmp_path)
+        registry = DeviceRegistry(parse_devices(tomllib.loads(device_block(azure))["devices"]))
+        try:
+            first = run(rt, acc, registry)  # every tunnel managed: both ends on the record's psk
+            assert first.ok, [(o.result, o.reason) for o in first.outcomes]
+            yield sims, rt, acc, azure, registry
+        finally:
+            registry.close()
+            rt.close()
+
+
+def run(rt, acc, registry, **kw):
+    return rt.engine.run(RunRequest(acc, device_for=registry.for_account(acc), **kw))
+
+
+def conn_of(azure, acc, tid) -> str:
+    return next(c.name for c in azure.sim.connections.values() if c.tunnel == (acc, tid))
+
+
+def test_a_rotation_sets_each_connection_once_and_verifies_it_connected(azure_world):
+    sims, rt, acc, azure, registry = azure_world
+    first = {tid: sims.cloudflare.psk_of(acc, tid) for tid in sims.tunnels_by_account[acc]}
+    report = run(rt, acc, registry)
+    assert report.ok, [(o.result, o.reason) for o in report.outcomes]
+    assert assert_both_ends(sims, acc, azure.sim.held, strict=True) == 6
+    for tid in sims.tunnels_by_account[acc]:
+        name = conn_of(azure, acc, tid)
+        now = sims.cloudflare.psk_of(acc, tid)
+        assert now != first[tid]
+        assert azure.sim.keys_set(name) == [first[tid], now]  # one modification per rotation
+        assert azure.sim.status_of(name) == "Connected"
+        assert azure.sim.connections[name.lower()].resets == 2  # each verify forced a fresh negotiation
+        data = record(sims, acc, tid) or {}
+        assert data.get("device") == "azure-eu"
+
+
+@pytest.mark.parametrize("fault", ["denied", "5xx", "timeout"])
+def test_a_modification_azure_refuses_fails_or_times_out(azure_world, fault):
+    sims, rt, acc, azure, registry = azure_world
+    bad = sims.tunnels_by_account[acc][0]
+    before = sims.cloudflare.psk_of(acc, bad)
+    name = conn_of(azure, acc, bad)
+    if fault == "denied":
+        azure.sim.deny(azure.client.client_id, "Microsoft.Network/connections/sharedKey/write")
+    elif fault == "5xx":
+        azure.sim.fail_next("azure.sharedkey_set", count=10, status=500)
+    else:
+        azure.sim.late_next("azure.sharedkey_set", delay=8.0, count=10)  # past the 5 s deadline
+    report = run(rt, acc, registry, tunnels=[bad])
+    result = outcomes(report)[bad]
+    if fault == "timeout":
+        assert result == "unknown"  # the write may still land: the key stays pending
+        assert (record(sims, acc, bad) or {}).get("pending_psk")
+    else:
+        assert result == "refused", [o.reason for o in report.outcomes if o.tunnel_id == bad]
+        assert azure.sim.keys_set(name) == [before]  # only the first rotation's
+        reason = next(o.reason for o in report.outcomes if o.tunnel_id == bad) or ""
+        assert ("sharedKey/write" in reason) if fault == "denied" else ("HTTP 500" in reason)
+    assert sims.cloudflare.psk_of(acc, bad) == before  # Cloudflare never saw the key
+    assert_both_ends(sims, acc, azure.sim.held)
+
+
+def test_a_connection_that_never_comes_back_is_rolled_back_on_both_ends(azure_world):
+    sims, rt, acc, azure, registry = azure_world
+    bad = sims.tunnels_by_account[acc][2]
+    before = sims.cloudflare.psk_of(acc, bad)
+    name = conn_of(azure, acc, bad)
+    azure.sim.fail_negotiation([name])
+    report = run(rt, acc, registry, tunnels=[bad])
+    assert outcomes(report)[bad] == "rolled_back", [(o.result, o.reason) for o in report.outcomes]
+    assert sims.cloudflare.psk_of(acc, bad) == before
+    assert azure.sim.key_of(name) == before  # set to the new key, then back
+    assert azure.sim.keys_set(name)[-1] == before and len(azure.sim.keys_set(name)) == 3
+    assert_both_ends(sims, acc, azure.sim.held, strict=True)
+
+
+def test_an_unmatched_tunnel_is_refused_and_nothing_is_sent(azure_world):
+    sims, rt, acc, azure, registry = azure_world
+    stray = sims.cloudflare.add_tunnel(acc, "branch-new", customer_endpoint="203.0.113.99",
+                                       cloudflare_endpoint=CF_ENDPOINTS[0])  # no Azure connection for it yet
+    writes = list(azure.sim.writes)
+    report = run(rt, acc, registry, tunnels=[stray])
+    assert outcomes(report)[stray] == "refused", [o.reason for o in report.outcomes]
+    reason = next(o.reason for o in report.outcomes if o.tunnel_id == stray) or ""
+    assert "203.0.113.99" in reason and "public IP" in reason and "rg-vpn" in reason
+    assert azure.sim.writes == writes  # nothing sent to any connection
+    assert sims.cloudflare.psk_of(acc, stray) != (record(sims, acc, stray) or {}).get("pending_psk")
+    assert_both_ends(sims, acc, azure.sim.held, strict=True)
+
+
+def test_reconcile_after_a_kill_during_the_update_does_not_modify_again(sims, tmp_path):
+    """SIGKILL a rotator while Azure's set-shared-key operation runs; reconcile must not set the key
+    a second time on a connection that already holds it."""
+    acc = next(iter(sims.tunnels_by_account))
+    tid = sims.tunnels_by_account[acc][0]
+    sim = AzureSim(peer=sims.cloudflare.psk_of, renegotiate=0.2, operation_seconds=0.2, retry_after="0")
+    sim.add_gateway("vpngw-0", gateway_ip(0))
+    sims.cloudflare.set_endpoints(acc, tid, customer_endpoint=gateway_ip(0), cloudflare_endpoint=CF_ENDPOINTS[0])
+    sim.add_connection("cf-0", "vpngw-0", CF_ENDPOINTS[0], key=sims.cloudflare.psk_of(acc, tid), tunnel=(acc, tid))
+    with serve(sim, tmp_path) as azure:
+        config = helpers.write_config(tmp_path, device_block(azure, tunnels=f'["{tid}"]'))
+        env = {**sims.env(), **{k: v for k, v in azure.env().items() if k != "AZURE_AUTHORITY_HOST"},
+               "ROTATOR_CONFIG": config}
+        first = helpers.run_cli(["rotate", "--account", acc, "--tunnel", tid], env)  # now managed
+        assert first.returncode == 0, first.stderr
+        assert_both_ends(sims, acc, sim.held, strict=True)
+        sim.hang_operations("cf-0")  # the next update runs until the test lets it finish
+        writes = len(sim.writes)
+        proc = helpers.start_cli(["rotate", "--account", acc, "--tunnel", tid], env)
+        try:
+            helpers.wait_for(lambda: len(sim.writes) > writes, timeout=60, what="the set-shared-key request")
+            helpers.wait_for(lambda: sim.request_counts().get("azure.connection", 0) >= 1, timeout=30,
+                             what="verify polling the connection")
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+            helpers.OUTPUTS.extend([out, err])
+        data = record(sims, acc, tid) or {}
+        assert data.get("state") == "pending" and data.get("pending_psk")
+        assert_both_ends(sims, acc, sim.held)
+        sim.finish_operations()  # Azure finishes the update the dead rotator started
+        assert sim.key_of("cf-0") == data["pending_psk"]
+        done = helpers.run_cli(["reconcile", "--account", acc], env)
+        assert done.returncode == 0, done.stderr
+        assert sim.keys_set("cf-0")[1:] == [data["pending_psk"]]  # no second modification
+        assert [w for w in sim.writes[writes:] if w[1] == "azure.sharedkey"] == [("cf-0", "azure.sharedkey")]
+        assert_both_ends(sims, acc, sim.held, strict=True)
+        assert sim.status_of("cf-0") == "Connected"
