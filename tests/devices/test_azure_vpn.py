@@ -176,3 +176,103 @@ def test_reconcile_after_a_kill_during_the_update_does_not_modify_again(sims, tm
         assert [w for w in sim.writes[writes:] if w[1] == "azure.sharedkey"] == [("cf-0", "azure.sharedkey")]
         assert_both_ends(sims, acc, sim.held, strict=True)
         assert sim.status_of("cf-0") == "Connected"
+
+
+def test_config_check_refuses_a_policy_azure_cannot_take(sims, tmp_path):
+    block = (f'[[devices]]\nname = "azure-eu"\nkind = "azure_vpn"\ntunnels = ["*"]\n'
+             f'subscription_id = "{"0" * 8}-1111-2222-3333-{"4" * 12}"\nresource_group = "rg-vpn"\n')
+    path = helpers.write_config(tmp_path, '[policies.default]\nevery = "30d"\npsk_charset = "aws"\n' + block)  # '.' and '_'
+    proc = helpers.run_cli(["config", "check", "--config", path], sims.env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "devices[0] (azure-eu, kind azure_vpn)" in line and "'._'" in line
+    ok = helpers.write_config(tmp_path, block)  # the default alnum policy fits
+    checked = helpers.run_cli(["config", "check", "--one-shot", "--config", ok], sims.env())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"subscription_id": "my-sub"}, "devices[0].subscription_id: 'my-sub' is not a subscription id"),
+    ({"resource_group": "rg/../x"}, "devices[0].resource_group: 'rg/../x' is not a resource group name"),
+    ({"connections": ["ok", "no/slash"]}, "devices[0].connections[1]: 'no/slash' is not a connection name"),
+    ({"cloud": "mars"}, "devices[0].cloud: unknown cloud 'mars'"),
+    ({"arm_endpoint": "http://127.0.0.1:1"}, "devices[0].arm_endpoint: must be an https URL"),
+    ({"ca_file": "/nonexistent/ca.pem"}, "devices[0].ca_file: /nonexistent/ca.pem is not a readable file"),
+    ({"client_secret": "x"}, "devices[0].client_secret: unknown setting for this kind of device"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_key(extra, message):
+    from rotator.errors import ConfigError
+
+    block = {"name": "azure-eu", "kind": "azure_vpn", "tunnels": ["*"],
+             "subscription_id": "00000000-1111-2222-3333-444444444444", "resource_group": "rg-vpn", **extra}
+    with pytest.raises(ConfigError) as exc:
+        parse_devices([block])
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+# -- the device alone, against the fake: the answers the engine builds on ------------------------------
+
+@pytest.fixture
+def device_rig(tmp_path, monkeypatch):
+    sim = AzureSim(renegotiate=0.05, operation_seconds=0.05, retry_after="0")
+    sim.add_gateway("vpngw-0", gateway_ip(0))
+    sim.add_connection("cf-0", "vpngw-0", CF_ENDPOINTS[0], key="OldKey0123456789abcdef")
+    with serve(sim, tmp_path) as azure:
+        for name, value in azure.env().items():
+            if name != "AZURE_AUTHORITY_HOST":
+                monkeypatch.setenv(name, value)
+        spec = parse_devices(tomllib.loads(device_block(azure).replace('timeout = "5s"', 'timeout = "2s"'))
+                             ["devices"])[0]
+        from rotator.adapters.devices import build_device
+
+        device = build_device(spec)
+        try:
+            yield azure, device
+        finally:
+            device.close()
+
+
+def tunnel(psk: str, previous: str = "OldKey0123456789abcdef"):
+    from rotator.rotation.ports import DeviceTunnel
+    from rotator.secret import Secret
+
+    return DeviceTunnel("a" * 32, "tun-a", Secret(psk), Secret(previous), gateway_ip(0), CF_ENDPOINTS[0])
+
+
+def deliver(device, t):
+    import time
+
+    return device.deliver("b" * 32, "r1", [t], deadline=time.monotonic() + device.timeout)[t.tunnel_id]
+
+
+def test_a_lost_answer_to_the_update_is_read_back(device_rig):
+    azure, device = device_rig
+    azure.sim.drop_next("azure.sharedkey_set")  # Azure takes the key; the answer never arrives
+    result = deliver(device, tunnel("NewKey0123456789abcdef"))
+    assert result.ok and "read back" in (result.reason or "")
+    assert azure.sim.key_of("cf-0") == "NewKey0123456789abcdef"
+
+
+def test_an_update_running_elsewhere_leaves_the_key_pending(device_rig):
+    azure, device = device_rig
+    azure.sim.busy("cf-0")  # another operation holds the connection past the deadline
+    result = deliver(device, tunnel("NewKey0123456789abcdef"))
+    assert result.status.value == "unknown" and "still updating" in (result.reason or "")
+    assert azure.sim.keys_set("cf-0") == []
+
+
+def test_reasons_from_azure_are_redacted(device_rig):
+    azure, device = device_rig
+    key = "NewKey0123456789abcdef"
+    azure.sim.fail_next("azure.sharedkey_set", count=5, status=400, message=f"the value {key} is not allowed")
+    result = deliver(device, tunnel(key))
+    assert result.status.value == "failed" and key not in (result.reason or "") and "HTTP 400" in (result.reason or "")
+
+
+def test_the_client_secret_is_a_secret_the_redactor_knows(device_rig, monkeypatch):
+    from rotator.adapters.devices import secrets_of
+
+    azure, device = device_rig
+    spec = parse_devices(tomllib.loads(device_block(azure))["devices"])
+    assert [s.reveal() for s in secrets_of(spec)] == [azure.client.secret]
+    assert azure.client.secret not in repr(spec) and azure.client.secret not in str(spec[0].masked())
