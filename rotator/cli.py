@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tunnels", type=int, default=5, help="tunnels per account (default 5)")
     sim.add_argument("--cloudflare-latency", type=float, default=0.0, help="seconds added to every Cloudflare call")
     sim.add_argument("--vault-latency", type=float, default=0.0, help="seconds added to every Vault call")
+    sim.add_argument("--aws", action="store_true",
+                     help="also an EC2 fake whose VPN connections terminate the first account's tunnels (aws_vpn)")
+    sim.add_argument("--aws-replacement", type=float, default=10.0,
+                     help="seconds the EC2 fake takes to replace a modified tunnel (default 10)")
     return parser
 
 
@@ -152,7 +156,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
         from rotator.sim import run_sim
 
-        return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency)
+        return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency,
+                       aws=args.aws, aws_replacement=args.aws_replacement)
     if args.command == "demo":
         from rotator.demo import run_demo
 

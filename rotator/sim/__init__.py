@@ -29,11 +29,12 @@ class Simulators:
     rate_limit: RateLimit | None = None
     edge_hook: EdgeHook | None = None  # sees every key Cloudflare applies for real (an IKE lab's edge)
     health_source: HealthSource | None = None  # GraphQL tunnel health from elsewhere (an IKE lab's SAs)
-    # With ``aws``: an EC2 fake whose VPN connections terminate the first account's tunnels, two per
+    # With ``aws``: an EC2 fake whose VPN connections terminate one account's tunnels, two per
     # connection, each AWS tunnel UP while its key equals Cloudflare's; ``aws_replacement`` seconds per
     # modification. ``aws_config()`` is the [[devices]] block for it, ``env()`` carries its credentials.
     aws: bool = False
     aws_replacement: float = 2.0
+    aws_account: int = 0  # which account (by order) terminates on AWS
     aws_sim: AwsSim | None = field(init=False, default=None)
     vault: VaultSim = field(init=False)
     cloudflare: CloudflareSim = field(init=False)
@@ -53,8 +54,8 @@ class Simulators:
             self.tunnels_by_account[acc] = [self.cloudflare.add_tunnel(acc) for _ in range(self.tunnels)]
         if self.aws:
             self.aws_sim = AwsSim(replacement=self.aws_replacement)
-            first = next(iter(self.tunnels_by_account))
-            attach(self.aws_sim, self.cloudflare, first, self.tunnels_by_account[first])
+            acc = list(self.tunnels_by_account)[self.aws_account]
+            attach(self.aws_sim, self.cloudflare, acc, self.tunnels_by_account[acc])
 
     def start(self) -> Simulators:
         self._servers = [ServerThread(self.vault).start(), ServerThread(self.cloudflare).start()]
@@ -122,10 +123,10 @@ class Simulators:
 
 
 def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
-            latency_vault: float = 0.0) -> int:
-    """``rotator sim``: serve both simulators until SIGINT/SIGTERM."""
+            latency_vault: float = 0.0, *, aws: bool = False, aws_replacement: float = 10.0) -> int:
+    """``rotator sim``: serve the simulators until SIGINT/SIGTERM."""
     stop = stop_on_signals()
-    sims = Simulators(accounts=accounts, tunnels=tunnels).start()
+    sims = Simulators(accounts=accounts, tunnels=tunnels, aws=aws, aws_replacement=aws_replacement).start()
     if latency_cf:
         sims.cloudflare.set_latency(latency_cf)
     if latency_vault:
@@ -137,6 +138,13 @@ def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
         print("Simulators running (Ctrl-C to stop).")
         print(f"  Vault       {info['vault_addr']}  (KV v2 mount 'secret', control: {info['vault_addr']}/_sim/state)")
         print(f"  Cloudflare  {info['cloudflare_base_url']}")
+        if sims.aws_sim is not None:
+            aws_info = info["aws"]
+            print(f"  AWS EC2     {aws_info['endpoint']}  (region {aws_info['region']}, "
+                  f"{len(aws_info['vpn_connection_ids'])} VPN connections for the first account's tunnels)")
+            print("  A device block for it (the PSK policy must make AWS keys: psk_charset = \"aws\"):")
+            for line in sims.aws_config().splitlines():
+                print(f"    {line}")
         print("  Set these to point the rotator at them:")
         for name, value in sims.env().items():
             print(f"    export {name}={value}")
