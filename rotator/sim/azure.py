@@ -263,6 +263,9 @@ class AzureSim(SimApp):
         """Another client's operation holds the connection for ``seconds``: writes answer 409."""
         with self.lock:
             conn = self.connections[connection.lower()]
+            self._settle(conn, self.clock())
+            if conn.op is not None:
+                raise ValueError(f"an operation is already running on {connection}")
             op = Operation(str(uuid.uuid4()), "other", conn.name, self.clock() + seconds, ours=False)
             self.operations[op.id] = op
             conn.op = op

@@ -276,3 +276,38 @@ def test_the_client_secret_is_a_secret_the_redactor_knows(device_rig, monkeypatc
     spec = parse_devices(tomllib.loads(device_block(azure))["devices"])
     assert [s.reveal() for s in secrets_of(spec)] == [azure.client.secret]
     assert azure.client.secret not in repr(spec) and azure.client.secret not in str(spec[0].masked())
+
+
+def verify(device, t, seconds: float = 2.0):
+    import time
+
+    return device.verify("b" * 32, "r1", [t], deadline=time.monotonic() + seconds)[t.tunnel_id]
+
+
+def test_verify_resets_once_the_connection_is_free_and_sees_it_connected(device_rig):
+    azure, device = device_rig
+    t = tunnel("NewKey0123456789abcdef")
+    assert deliver(device, t).ok
+    helpers.wait_for(lambda: azure.sim.key_of("cf-0") == t.psk.reveal(), what="the update to finish")
+    azure.sim.busy("cf-0", seconds=0.3)  # the reset meets 409 AnotherOperationInProgress first
+    assert verify(device, t).ok
+    assert azure.sim.connections["cf-0"].resets == 1 and azure.sim.status_of("cf-0") == "Connected"
+
+
+def test_verify_of_an_update_that_never_ends_is_unknown(device_rig):
+    azure, device = device_rig
+    azure.sim.hang_operations("cf-0")
+    t = tunnel("NewKey0123456789abcdef")
+    assert deliver(device, t).ok  # accepted by ARM
+    result = verify(device, t, seconds=1.5)
+    assert result.status.value == "unknown" and "reset not sent" in (result.reason or "")
+    assert azure.sim.connections["cf-0"].resets == 0
+
+
+def test_verify_of_an_update_that_failed_is_failed(device_rig):
+    azure, device = device_rig
+    azure.sim.fail_operations("cf-0")
+    t = tunnel("NewKey0123456789abcdef")
+    assert deliver(device, t).ok
+    result = verify(device, t)
+    assert result.status.value == "failed" and "does not hold the new key" in (result.reason or "")

@@ -238,7 +238,8 @@ class AzureVpnDevice(DeviceBase):
         self.verifies = spec.verify
         self.settings = settings
         self.clock, self.sleep = clock, sleep
-        self._client = client
+        # Built now, not under a call's deadline: importing the SDK takes a while; no request is sent yet.
+        self._client = client if client is not None else _network_client(settings)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"azure-{spec.name}")
         self._closed = False
