@@ -63,6 +63,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 from rotator.sim.base import Fault, Request, Response, SimApp
+from rotator.sim.cloudflare import CloudflareSim
 
 JSON_CT = (b"content-type", b"application/json; charset=utf-8")
 API_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
@@ -640,6 +641,44 @@ class AzureSim(SimApp):
         if op.status == "InProgress":
             headers.append((b"retry-after", self.retry_after.encode()))
         return Response(200, json.dumps(body).encode(), headers)
+
+
+CF_ANYCAST = ("162.159.66.164", "172.64.242.10")  # the two Cloudflare endpoints of a redundant pair
+
+
+def attach(azure: AzureSim, cloudflare: CloudflareSim, account_id: str, tunnel_ids: list[str]) -> list[str]:
+    """Terminate these Cloudflare tunnels on Azure, two per VPN gateway (in order): each tunnel's
+    customer_endpoint becomes its gateway's public IP, its cloudflare_endpoint its connection's local
+    network gateway address, and the connection starts on the key Cloudflare holds, coupled to it
+    (``peer``), so it is Connected. Returns the connection names."""
+    azure.peer = cloudflare.psk_of
+    names = []
+    for i, tid in enumerate(tunnel_ids):
+        gateway, address = f"vpngw-{i // 2}", f"198.51.100.{10 + i // 2}"
+        if i % 2 == 0:
+            azure.add_gateway(gateway, address)
+        cloudflare.set_endpoints(account_id, tid, customer_endpoint=address, cloudflare_endpoint=CF_ANYCAST[i % 2])
+        key = cloudflare.psk_of(account_id, tid) or secrets.token_urlsafe(24)
+        names.append(azure.add_connection(f"cf-{i}", gateway, CF_ANYCAST[i % 2], key=key,
+                                          tunnel=(account_id, tid)).name)
+    return names
+
+
+def loopback_tls(workdir: str) -> tuple[str, str]:
+    """A certificate authority and a certificate for 127.0.0.1 and localhost signed by it, made with
+    trustme (azure-identity talks only to an https authority, and azure-core sends bearer tokens only
+    over https): (the CA file a client trusts, the server's key and certificate chain file)."""
+    import os
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, server_file = os.path.join(workdir, "azure-ca.pem"), os.path.join(workdir, "azure-server.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    cert.private_key_and_cert_chain_pem.write_to_path(server_file)
+    os.chmod(server_file, 0o600)
+    return ca_file, server_file
 
 
 def _json(status: int, obj: Any) -> Response:

@@ -1,5 +1,5 @@
 """The Azure fake (rotator/sim/azure.py) served over HTTPS on loopback with a certificate made for the
-test (trustme), and the Azure SDK pointed at it: azure-identity's ``ClientSecretCredential`` with the
+test (``loopback_tls``, trustme), and the Azure SDK pointed at it: azure-identity's ``ClientSecretCredential`` with the
 fake as its authority (instance discovery off, docs/specs of azure-identity: ``disable_instance_discovery``
 is for authorities Microsoft does not know) and azure-mgmt-network's client with the fake as base URL."""
 
@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trustme
-
 from rotator.httpserver import ServerThread
-from rotator.sim.azure import AzureSim, Client
+from rotator.sim.azure import AzureSim, Client, loopback_tls
 from tests import helpers
 
 
@@ -65,19 +63,9 @@ class RunningAzure:
         return client
 
 
-def tls_files(workdir: Path) -> tuple[str, str]:
-    """A CA and a certificate for 127.0.0.1 signed by it: (CA file, server cert+key file)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, server_file = workdir / "azure-ca.pem", workdir / "azure-server.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(server_file))
-    return str(ca_file), str(server_file)
-
-
 @contextlib.contextmanager
 def serve(sim: AzureSim, workdir: Path) -> Iterator[RunningAzure]:
-    ca_file, server_file = tls_files(workdir)
+    ca_file, server_file = loopback_tls(str(workdir))
     client = sim.add_client()
     server = ServerThread(sim, tls=(server_file, server_file), name="azure").start()
     running = RunningAzure(sim, server, client, ca_file)

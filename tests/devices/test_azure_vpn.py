@@ -13,17 +13,16 @@ import pytest
 
 from rotator.adapters.devices import DeviceRegistry, parse_devices
 from rotator.rotation.engine import RunRequest
-from rotator.sim.azure import AzureSim
+from rotator.sim.azure import CF_ANYCAST as CF_ENDPOINTS
+from rotator.sim.azure import AzureSim, attach
 from tests import helpers
 from tests.devices.azure_env import serve
 from tests.devices.test_end_to_end import outcomes
 from tests.helpers import assert_both_ends, record, runtime
 
-CF_ENDPOINTS = ("162.159.66.164", "172.64.242.10")  # the pair's two Cloudflare anycast addresses
-
 
 def gateway_ip(i: int) -> str:
-    return f"198.51.100.{10 + i // 2}"  # tunnels 2k and 2k+1 are a pair on one Azure gateway
+    return f"198.51.100.{10 + i // 2}"  # attach(): tunnels 2k and 2k+1 are a pair on one Azure gateway
 
 
 def device_block(azure, *, tunnels: str = '["*"]', extra: str = "") -> str:
@@ -37,13 +36,8 @@ def device_block(azure, *, tunnels: str = '["*"]', extra: str = "") -> str:
 def azure_world(sims, tmp_path, monkeypatch):
     acc = next(iter(sims.tunnels_by_account))
     tunnels = sims.tunnels_by_account[acc]
-    sim = AzureSim(peer=sims.cloudflare.psk_of, renegotiate=0.1, operation_seconds=0.05, retry_after="0")
-    for g in range(len(tunnels) // 2):
-        sim.add_gateway(f"vpngw-{g}", gateway_ip(2 * g))
-    for i, tid in enumerate(tunnels):
-        sims.cloudflare.set_endpoints(acc, tid, customer_endpoint=gateway_ip(i), cloudflare_endpoint=CF_ENDPOINTS[i % 2])
-        sim.add_connection(f"cf-{i}", f"vpngw-{i // 2}", CF_ENDPOINTS[i % 2],
-                           key=sims.cloudflare.psk_of(acc, tid), tunnel=(acc, tid))
+    sim = AzureSim(renegotiate=0.1, operation_seconds=0.05, retry_after="0")
+    attach(sim, sims.cloudflare, acc, tunnels)  # two tunnels per gateway, coupled to Cloudflare's keys
     with serve(sim, tmp_path) as azure:
         for name, value in azure.env().items():
             if name != "AZURE_AUTHORITY_HOST":
@@ -143,10 +137,8 @@ def test_reconcile_after_a_kill_during_the_update_does_not_modify_again(sims, tm
     a second time on a connection that already holds it."""
     acc = next(iter(sims.tunnels_by_account))
     tid = sims.tunnels_by_account[acc][0]
-    sim = AzureSim(peer=sims.cloudflare.psk_of, renegotiate=0.2, operation_seconds=0.2, retry_after="0")
-    sim.add_gateway("vpngw-0", gateway_ip(0))
-    sims.cloudflare.set_endpoints(acc, tid, customer_endpoint=gateway_ip(0), cloudflare_endpoint=CF_ENDPOINTS[0])
-    sim.add_connection("cf-0", "vpngw-0", CF_ENDPOINTS[0], key=sims.cloudflare.psk_of(acc, tid), tunnel=(acc, tid))
+    sim = AzureSim(renegotiate=0.2, operation_seconds=0.2, retry_after="0")
+    attach(sim, sims.cloudflare, acc, [tid])
     with serve(sim, tmp_path) as azure:
         config = helpers.write_config(tmp_path, device_block(azure, tunnels=f'["{tid}"]'))
         env = {**sims.env(), **{k: v for k, v in azure.env().items() if k != "AZURE_AUTHORITY_HOST"},
@@ -311,3 +303,18 @@ def test_verify_of_an_update_that_failed_is_failed(device_rig):
     assert deliver(device, t).ok
     result = verify(device, t)
     assert result.status.value == "failed" and "does not hold the new key" in (result.reason or "")
+
+
+def test_rotator_sim_serves_the_azure_fake_for_a_config_to_try(tmp_path):
+    from rotator.sim import Simulators
+
+    with Simulators(accounts=1, tunnels=2, azure=True) as sims:
+        sims.azure_sim.renegotiate, sims.azure_sim.operation_seconds, sims.azure_sim.retry_after = 0.1, 0.1, "0"
+        acc = next(iter(sims.tunnels_by_account))
+        assert sims.info()["azure"]["connections"] == ["cf-0", "cf-1"]
+        path = helpers.write_config(tmp_path, sims.azure_config(poll_interval=0.05))
+        done = helpers.run_cli(["rotate", "--account", acc, "--all", "--local", "--config", path], sims.env())
+        helpers.SECRETS.update(sims.azure_sim.scan_secrets())
+        helpers.remember_secrets(sims)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert assert_both_ends(sims, acc, sims.azure_sim.held, strict=True) == 2
