@@ -259,7 +259,9 @@ def _held_back(ctx: Context, items: list[Item]) -> list[Item]:
 
 def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
     """Items whose deliver would take the tunnel down while no redundant partner is known to be up:
-    the vendor's own status first (Device.tunnels_up), then Cloudflare's tunnel health."""
+    the vendor's own status first (Device.tunnels_up), then Cloudflare's tunnel health. A tunnel
+    known to be down already is not held back: its deliver takes nothing down (and holding it back
+    would keep a pair whose two tunnels are down from ever healing)."""
     gated = [i for i in items if i.device is not None and i.device.interrupts and i.partners]
     if not gated:
         return {}
@@ -270,12 +272,13 @@ def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
     for group in by_device.values():
         device = group[0].device
         assert device is not None
-        partners = list({p.id: p for i in group for p in i.partners}.values())
+        partners = list({p.id: p for i in group for p in (i.tunnel, *i.partners)}.values())
         try:
             up.update(device.tunnels_up(ctx.account_id, partners, deadline=time.monotonic() + device.timeout))
         except Exception as exc:  # a device must not raise; no answer is "not known"
             ctx.log.warning("partner_status_failed", step="deliver", device=device.name, error=ctx.redact(str(exc)))
-    unknown = sorted({p.name: p for i in gated for p in i.partners if p.id not in up}.values(), key=lambda p: p.name)
+    unknown = sorted({p.name: p for i in gated for p in (i.tunnel, *i.partners) if p.id not in up}.values(),
+                     key=lambda p: p.name)
     if unknown and ctx.health is not None:
         try:
             health = ctx.health.tunnel_health(ctx.account_id, [p.name for p in unknown], since=ctx.clock() - 300.0,
@@ -288,7 +291,7 @@ def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
                 up[p.id] = health[p.name] is HealthState.HEALTHY
     down: dict[Item, str] = {}
     for item in gated:
-        if any(up.get(p.id) for p in item.partners):
+        if up.get(item.id) is False or any(up.get(p.id) for p in item.partners):
             continue
         states = ", ".join(f"{p.name} {'down' if p.id in up else 'state unknown'}" for p in item.partners)
         down[item] = f"delivering takes the tunnel down and no redundant partner is up ({states})"

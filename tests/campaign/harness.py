@@ -60,6 +60,9 @@ CLASSES: dict[str, str] = {
     "devices": "a simulated far-end device (webhook) for every tunnel: refusals, failed verifications, "
                "hangs, garbage, late and lost answers; its key is checked like Cloudflare's",
     "takeover": "the fault-free reconcile finds the leases the killed rotators held and must take them over at once",
+    "vendors": "vendor device kinds: 40 tunnels of the second account end on AWS Site-to-Site VPN (aws_vpn through "
+               "boto3 against the EC2 fake): refused, throttled, 5xx, late and lost modifications, a denied "
+               "DescribeVpnConnections, tunnels that never come UP; the AWS tunnel's key is checked like Cloudflare's",
 }
 # What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
 # the campaign's record; replay with the seed and ROTATOR_CAMPAIGN_FAULTS set to the class):
@@ -76,6 +79,9 @@ ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
 TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # every character a key or token of this campaign can hold
 CF_TIMEOUT = 2.0  # seconds; every injected pre-handling latency stays below it
 LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
+AWS_TUNNELS = 40  # of the second account, two per VPN connection
+AWS_TIMEOUT = 3.0  # the aws_vpn device's call deadline (a short lease of 6 s still covers it twice)
+AWS_REPLACEMENT = 1.0  # seconds the EC2 fake takes to replace a tunnel (at least 1: EC2 reports whole seconds)
 
 
 def parse_faults(text: str | None, default: tuple[str, ...] = DEFAULT_FAULTS) -> tuple[str, ...]:
@@ -231,6 +237,7 @@ class Campaign:
                 self.env.pop("ROTATOR_CONFIG", None)
                 self.http = httpx.Client(timeout=10)
                 device_server = self._start_device()
+                aws_server = self._start_aws()
                 try:
                     self._run_rounds()
                 finally:
@@ -238,6 +245,9 @@ class Campaign:
                     if device_server is not None:
                         device_server.stop()
                         self.result.device_calls = sum(self.device.request_counts().values())
+                    if aws_server is not None:
+                        aws_server.stop()
+                        self.result.device_calls += sum(self.aws.request_counts().values())
                     self.http.close()
                     self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
                     self._scan_outputs()
@@ -266,11 +276,37 @@ class Campaign:
         self.device_secret.write_text(self.device.secret)
         return server
 
+    def _start_aws(self) -> ServerThread | None:
+        """The EC2 fake for the vendors class: AWS_TUNNELS tunnels of the second account, two per VPN
+        connection, each UP while its key equals Cloudflare's (docs/design.md section 10)."""
+        self.aws: Any = None
+        self.aws_gate: Gate | None = None
+        if "vendors" not in self.faults:
+            return None
+        from rotator.sim.aws import AwsSim, attach
+
+        self.aws = AwsSim(replacement=AWS_REPLACEMENT)
+        account = self.accounts[1]
+        self.aws_tunnels = self.sims.tunnels_by_account[account][:AWS_TUNNELS]
+        attach(self.aws, self.sims.cloudflare, account, self.aws_tunnels)
+        self.aws_gate = Gate(self.aws)
+        server = ServerThread(self.aws_gate, name="aws").start()
+        self.env.update({"AWS_ENDPOINT_URL_EC2": server.url, "AWS_ACCESS_KEY_ID": self.aws.access_key,
+                         "AWS_SECRET_ACCESS_KEY": self.aws.secret_key, "AWS_REGION": self.aws.region,
+                         "AWS_EC2_METADATA_DISABLED": "true"})
+        return server
+
+    def _ends(self) -> list[tuple[str, Any]]:
+        """The far ends the monitor checks besides Cloudflare."""
+        ends: list[tuple[str, Any]] = [("device sim-device", self.device)] if self.device is not None else []
+        if self.aws is not None:
+            ends.append(("AWS tunnel", AwsEnd(self.aws, self.sims.cloudflare, self.accounts[1])))
+        return ends
+
     def _run_rounds(self) -> None:
         self._setup()
         applies_before = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0)
-        ends = [("device sim-device", self.device)] if self.device is not None else []
-        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=ends).start()
+        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=self._ends()).start()
         deadline = time.monotonic() + self.seconds
         try:
             while time.monotonic() < deadline - 6 and self.result.rounds < self.max_rounds:
@@ -308,8 +344,7 @@ class Campaign:
                              fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 120)
-        ends = [("device sim-device", self.device)] if self.device is not None else []
-        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=ends)
+        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=self._ends())
         bad = self.monitor_setup.check(strict=True, kind="strict")
         if bad:
             raise RuntimeError("the fault-free first rotation did not reach the strict form: " + bad[0].line()
@@ -390,6 +425,8 @@ class Campaign:
             actions.append((0.6, self._trigger_daemon))
         if "devices" in f and self.device is not None:
             actions.append((1.0, self._device_fault))
+        if "vendors" in f and self.aws is not None:
+            actions.append((1.0, self._vendor_fault))
         total = sum(w for w, _ in actions)
         pick = self.rng.uniform(0, total)
         for weight, action in actions:
@@ -410,9 +447,13 @@ class Campaign:
                 f'rate_limit_ceiling = 2\n'
                 f'[rotation]\nlease_ttl = "{lease}s"\n'
                 f'[admin]\nlisten = "127.0.0.1:0"\n'
+                + (f'[[devices]]\nname = "aws"\nkind = "aws_vpn"\nregion = "{self.aws.region}"\n'
+                   f'accounts = ["{self.accounts[1]}"]\ntunnels = [{", ".join(repr(t) for t in self.aws_tunnels)}]\n'
+                   f'timeout = {AWS_TIMEOUT}\nverify_timeout = "8s"\nconcurrency = 32\n' if self.aws is not None else "")
                 + (f'[[devices]]\nname = "sim-device"\nkind = "webhook"\ntunnels = ["*"]\ntimeout = {timeout}\n'
                    f'url = "{self.device_url}"\nsecret_file = "{self.device_secret}"\n' if self.device is not None else "")
-                + f'[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n{accounts}')
+                + '[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n'
+                + ('psk_charset = "aws"\n' if self.aws is not None else "") + accounts)
         self._configs += 1
         path = self.workdir / f"rotator-{self._configs}.toml"
         path.write_text(text)
@@ -643,6 +684,37 @@ class Campaign:
         self.result.faults_armed += 1
         self._event(text)
 
+    def _vendor_fault(self) -> None:
+        picks = self.rng.sample(self.aws_tunnels, self.rng.randint(1, 4))
+        roll, action = self.rng.random(), self.rng.choice(("ModifyVpnTunnelOptions", "DescribeVpnConnections"))
+        if roll < 0.2:
+            self.aws.refuse_next("ModifyVpnTunnelOptions", "InvalidParameterValue", "refused by the campaign",
+                                 count=self.rng.randint(1, 3))
+            text = "AWS refuses the next modifications (InvalidParameterValue)"
+        elif roll < 0.35:
+            self.aws.throttle_next(action, count=self.rng.randint(1, 3))
+            text = f"AWS throttles the next {action} (RequestLimitExceeded)"
+        elif roll < 0.5:
+            self.aws.server_error_next(action)
+            text = f"AWS answers the next {action} with 500 InternalError"
+        elif roll < 0.65:
+            delay = self.rng.uniform(*LATE_DELAY)
+            self.aws.late_next("ec2.ModifyVpnTunnelOptions", delay)
+            text = f"AWS acts on the next modification and answers {delay:.1f}s late"
+        elif roll < 0.75:
+            self.aws.drop_next("ec2.ModifyVpnTunnelOptions")
+            text = "AWS acts on the next modification and drops the connection"
+        elif roll < 0.9:
+            with self.sims.cloudflare.lock:
+                ips = [self.sims.cloudflare.accounts[self.accounts[1]][t].customer_endpoint for t in picks]
+            self.aws.hold_down([ip for ip in ips if ip])
+            text = f"{len(picks)} AWS tunnels never come UP this round"
+        else:
+            self.aws.deny("DescribeVpnConnections")
+            text = "AWS denies DescribeVpnConnections (UnauthorizedOperation) this round"
+        self.result.faults_armed += 1
+        self._event(text)
+
     def _lift_faults(self) -> None:
         for sim in (self.sims.cloudflare, self.sims.vault):
             sim.clear_faults()
@@ -654,6 +726,8 @@ class Campaign:
         self.sims.vault_gate.clear()
         if self.device is not None:
             self.device.clear()
+        if self.aws is not None:
+            self.aws.clear()
 
     # -- end of round: quiesce, fault-free reconcile, strict form -----------------------------------------
     def _settle(self) -> None:
@@ -662,7 +736,8 @@ class Campaign:
         self._event("every rotator killed, faults lifted")
         deadline = time.monotonic() + 30
         while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
-                self.device_gate is not None and self.device_gate.inflight):
+                self.device_gate is not None and self.device_gate.inflight) or (
+                self.aws_gate is not None and (self.aws_gate.inflight or self._aws_modifying())):
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
             time.sleep(0.01)
@@ -688,6 +763,10 @@ class Campaign:
             self._repair(bad)
         else:
             self._event("fault-free reconcile reached the strict form")
+
+    def _aws_modifying(self) -> bool:
+        """A replacement AWS still runs: the fault-free reconcile starts once AWS accepts modifications."""
+        return any(self.aws.state_of(c) == "modifying" for c in list(self.aws.connections))
 
     def _repair(self, bad: list[Violation]) -> None:
         """Make Vault agree with Cloudflare again so the next round starts from a sound state."""
@@ -732,6 +811,8 @@ class Campaign:
             for data in entry.data.values():
                 keys.update(v for k, v in (data or {}).items() if k.endswith("psk") and isinstance(v, str))
         tokens = {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token, ADMIN_TOKEN}
+        if self.aws is not None:
+            tokens.add(self.aws.secret_key)
         texts = []
         for proc in self.finished:
             for path in (proc.out, proc.err):
@@ -747,6 +828,32 @@ class Campaign:
         helpers.SECRETS.update(tokens)
         for account in self.accounts:
             helpers.SECRETS.update(k for k in self.sims.cloudflare.psks(account).values() if k)
+
+
+@dataclass
+class AwsEnd:
+    """The EC2 fake as a far end for the monitor: ``lock`` and ``held(account, tunnel)``, the key of the
+    AWS tunnel whose outside address is the Cloudflare tunnel's customer endpoint (None: not on AWS).
+    The monitor holds this lock, then Cloudflare's (RLocks: held() takes them again in the same thread)."""
+
+    aws: Any
+    cloudflare: Any
+    account: str
+
+    @property
+    def lock(self) -> Any:
+        return self.aws.lock
+
+    def held(self, account: str, tunnel: str) -> str | None:
+        if account != self.account:
+            return None
+        with self.cloudflare.lock:
+            t = self.cloudflare.accounts.get(account, {}).get(tunnel)
+            ip = t.customer_endpoint if t is not None else None
+        try:
+            return str(self.aws.key_of(ip)) if ip else None
+        except KeyError:
+            return None
 
 
 def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:

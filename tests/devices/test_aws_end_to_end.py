@@ -199,3 +199,33 @@ def test_config_check_refuses_a_policy_aws_cannot_take(aws: Simulators, tmp_path
     ok = write_config(tmp_path, config(aws))
     checked = run_cli(["config", "check", "--one-shot", "--config", ok], aws.env())
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_daemon_counts_the_tunnels_waiting_for_their_partner(aws: Simulators, tmp_path) -> None:
+    import httpx
+
+    from rotator import config as config_mod
+    from rotator.service.daemon import build_daemon
+    from tests.test_daemon import ADMIN, metric
+
+    acc = account(aws)
+    first, partner = aws.tunnels_by_account[acc][:2]
+    fake(aws).hold_down([endpoint(aws, partner)])
+    text = (f'[admin]\nlisten = "127.0.0.1:0"\n[[accounts]]\nid = "{acc}"\n' + config(aws, verify_timeout="6s")
+            .replace('every = "30d"', 'every = "1h"'))
+    d = build_daemon(config_mod.load(write_config(tmp_path, text), env={**aws.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}),
+                     tick_seconds=3600)
+    d.start()
+    try:
+        url = d.admin_url
+
+        def gauge() -> float | None:
+            return metric(httpx.get(url + "/metrics").text, "psk_rotator_partner_down_tunnels", account=acc)
+
+        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_runs_total", account=acc) is not None,
+                 timeout=60, what="the first run")
+        assert gauge() == 1  # the first tunnel waits; its partner, down anyway, was tried and rolled back
+        assert (record(aws, acc, first) or {}).get("pending_psk") is None
+    finally:
+        d.stop()
+    assert_both_ends(aws, acc, held(aws), strict=True)

@@ -206,3 +206,19 @@ def test_verify_needs_a_status_change_after_the_deliver(rig: Rig) -> None:
     rig.cloudflare[A1] = "Anew.key_a1_111111"
     result = dev.verify(ACCOUNT, "r", [t], deadline=deadline())[t.tunnel_id]
     assert result.status is DeviceStatus.FAILED  # UP, but LastStatusChange is in the deliver's own second
+
+
+def test_verify_timeout_does_not_count_for_the_lease_ttl_rule(tmp_path) -> None:
+    env = {"VAULT_ADDR": "http://127.0.0.1:1", "VAULT_TOKEN": "t" * 26, "CLOUDFLARE_API_TOKEN": "c" * 40}
+    from rotator import config
+
+    def load(timeout: str) -> config.Settings:
+        path = tmp_path / "rotator.toml"
+        path.write_text('[rotation]\nlease_ttl = "120s"\n[policies.default]\nevery = "30d"\npsk_charset = "aws"\n'
+                        '[[devices]]\nname = "aws-eu"\nkind = "aws_vpn"\nregion = "eu-west-1"\ntunnels = ["*"]\n'
+                        f'timeout = "{timeout}"\nverify_timeout = "20m"\n')
+        return config.load(str(path), env=env)
+
+    assert load("60s").devices[0].verify_timeout == 1200
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.timeout"):
+        load("61s")
