@@ -245,6 +245,19 @@ class AzureSim(SimApp):
         with self.lock:
             self.clients[client_id].actions.discard(action)
 
+    def restore(self, client_id: str) -> None:
+        """Give the client every action of its role again (undo ``deny``)."""
+        with self.lock:
+            self.clients[client_id].actions = set(ROLE_ACTIONS)
+
+    def updating(self) -> list[str]:
+        """The connections an operation still runs on."""
+        with self.lock:
+            now = self.clock()
+            for conn in self.connections.values():
+                self._settle(conn, now)
+            return [c.name for c in self.connections.values() if c.op is not None]
+
     def revoke_tokens(self) -> None:
         with self.lock:
             self.revoked.update(self.tokens)
@@ -646,6 +659,12 @@ class AzureSim(SimApp):
 CF_ANYCAST = ("162.159.66.164", "172.64.242.10")  # the two Cloudflare endpoints of a redundant pair
 
 
+def gateway_address(n: int) -> str:
+    """The public IP of the n-th gateway ``attach`` makes: 198.18.0.0/15 (RFC 2544, for tests), apart
+    from the documentation ranges the other simulators use."""
+    return f"198.18.{n // 250}.{n % 250 + 1}"
+
+
 def attach(azure: AzureSim, cloudflare: CloudflareSim, account_id: str, tunnel_ids: list[str]) -> list[str]:
     """Terminate these Cloudflare tunnels on Azure, two per VPN gateway (in order): each tunnel's
     customer_endpoint becomes its gateway's public IP, its cloudflare_endpoint its connection's local
@@ -654,7 +673,7 @@ def attach(azure: AzureSim, cloudflare: CloudflareSim, account_id: str, tunnel_i
     azure.peer = cloudflare.psk_of
     names = []
     for i, tid in enumerate(tunnel_ids):
-        gateway, address = f"vpngw-{i // 2}", f"198.51.100.{10 + i // 2}"
+        gateway, address = f"vpngw-{i // 2}", gateway_address(i // 2)
         if i % 2 == 0:
             azure.add_gateway(gateway, address)
         cloudflare.set_endpoints(account_id, tid, customer_endpoint=address, cloudflare_endpoint=CF_ANYCAST[i % 2])

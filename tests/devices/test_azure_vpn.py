@@ -14,7 +14,7 @@ import pytest
 from rotator.adapters.devices import DeviceRegistry, parse_devices
 from rotator.rotation.engine import RunRequest
 from rotator.sim.azure import CF_ANYCAST as CF_ENDPOINTS
-from rotator.sim.azure import AzureSim, attach
+from rotator.sim.azure import AzureSim, attach, gateway_address
 from tests import helpers
 from tests.devices.azure_env import serve
 from tests.devices.test_end_to_end import outcomes
@@ -22,7 +22,7 @@ from tests.helpers import assert_both_ends, record, runtime
 
 
 def gateway_ip(i: int) -> str:
-    return f"198.51.100.{10 + i // 2}"  # attach(): tunnels 2k and 2k+1 are a pair on one Azure gateway
+    return gateway_address(i // 2)  # attach(): tunnels 2k and 2k+1 are a pair on one Azure gateway
 
 
 def device_block(azure, *, tunnels: str = '["*"]', extra: str = "") -> str:

@@ -78,6 +78,7 @@ CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 CLOUDS = {"public": "AZURE_PUBLIC_CLOUD", "usgov": "AZURE_US_GOVERNMENT", "china": "AZURE_CHINA_CLOUD"}
 ROLE_HINT = "grant the identity the custom role of the README (azure_vpn)"
 UPDATING = "Updating"
+ADDRESS_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class _Conn:
     gateway: str  # the virtual network gateway's resource id (the pair key)
     customer_ips: tuple[str, ...]  # the gateway's public IPs
     cloudflare_ip: str | None  # the local network gateway's address
+    status: str = "Unknown"  # connectionStatus when listed
 
 
 @dataclass
@@ -243,6 +245,10 @@ class AzureVpnDevice(DeviceBase):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"azure-{spec.name}")
         self._closed = False
+        # Addresses of gateways, public IPs and local network gateways by resource id, for ADDRESS_TTL
+        # seconds: a run asks for the same ones call after call, and they change only when the
+        # customer re-plumbs a connection. The connections themselves are listed on every call.
+        self._addresses: dict[str, tuple[float, Any]] = {}
 
     # -- the SDK, built once ---------------------------------------------------------------------------
     def client(self) -> Any:
@@ -284,29 +290,40 @@ class AzureVpnDevice(DeviceBase):
             raw = [ops.get(s.resource_group, name, **kw) for name in s.connections]
         else:
             raw = list(ops.list(s.resource_group, **kw))
-        pips: dict[str, tuple[str, ...]] = {}
-        lgws: dict[str, str | None] = {}
         out = []
         for c in raw:
             gw_id = (c.virtual_network_gateway1.id if c.virtual_network_gateway1 else "") or ""
             lgw_id = (c.local_network_gateway2.id if c.local_network_gateway2 else "") or ""
             if not gw_id or not lgw_id or _text(c.connection_type).lower() != "ipsec":
                 continue  # VNet-to-VNet or ExpressRoute: never a Cloudflare tunnel
-            if gw_id not in pips:
-                gw = client.virtual_network_gateways.get(*_rg_name(gw_id), **self._kw(deadline))
-                addresses = []
-                for conf in gw.ip_configurations or []:
-                    pip_id = conf.public_ip_address.id if conf.public_ip_address else None
-                    if pip_id:
-                        address = client.public_ip_addresses.get(*_rg_name(pip_id), **self._kw(deadline)).ip_address
-                        if address:
-                            addresses.append(address)
-                pips[gw_id] = tuple(addresses)
-            if lgw_id not in lgws:
-                lgws[lgw_id] = client.local_network_gateways.get(*_rg_name(lgw_id),
-                                                                 **self._kw(deadline)).gateway_ip_address
-            out.append(_Conn(c.name, gw_id.lower(), pips[gw_id], lgws[lgw_id]))
+            ips = self._address(gw_id, lambda g=gw_id: self._gateway_ips(g, deadline))  # type: ignore[misc]
+            lgw = self._address(lgw_id, lambda i=lgw_id: client.local_network_gateways.get(  # type: ignore[misc]
+                *_rg_name(i), **self._kw(deadline)).gateway_ip_address)
+            out.append(_Conn(c.name, gw_id.lower(), ips, lgw, _text(c.connection_status) or "Unknown"))
         return out
+
+    def _address(self, resource_id: str, read: Callable[[], Any]) -> Any:
+        now = self.clock()
+        with self._lock:
+            hit = self._addresses.get(resource_id.lower())
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = read()
+        with self._lock:
+            self._addresses[resource_id.lower()] = (now + ADDRESS_TTL, value)
+        return value
+
+    def _gateway_ips(self, gateway_id: str, deadline: float) -> tuple[str, ...]:
+        client = self.client()
+        gw = client.virtual_network_gateways.get(*_rg_name(gateway_id), **self._kw(deadline))
+        addresses = []
+        for conf in gw.ip_configurations or []:
+            pip_id = conf.public_ip_address.id if conf.public_ip_address else None
+            if pip_id:
+                address = client.public_ip_addresses.get(*_rg_name(pip_id), **self._kw(deadline)).ip_address
+                if address:
+                    addresses.append(address)
+        return tuple(addresses)
 
     def _match(self, tunnel: DeviceTunnel | TunnelInfo, conns: Sequence[_Conn]) -> _Conn | str:
         """The connection of ``tunnel``, or why there is none."""
@@ -370,18 +387,17 @@ class AzureVpnDevice(DeviceBase):
         return out
 
     def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
-        """Azure's own view for partner gating: the matched connection's status is Connected."""
+        """Azure's own view for partner gating: the matched connection is Connected (as listed)."""
         try:
             conns = self._run(lambda: self._connections(deadline), deadline)
-            out = {}
-            for t in tunnels:
-                match = self._match(t, conns)
-                if not isinstance(match, str):
-                    status = self._run(lambda m=match: self._status(m.name, deadline)[0], deadline)  # type: ignore[misc]
-                    out[t.id] = status == "Connected"
-            return out
         except Exception:
             return {}  # not known here: the kit asks Cloudflare's tunnel health
+        out = {}
+        for t in tunnels:
+            match = self._match(t, conns)
+            if not isinstance(match, str):
+                out[t.id] = match.status == "Connected"
+        return out
 
     def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
         """Partners end on the same Azure VPN gateway (an active-active one has two public IPs)."""
