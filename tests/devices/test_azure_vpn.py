@@ -318,3 +318,24 @@ def test_rotator_sim_serves_the_azure_fake_for_a_config_to_try(tmp_path):
         helpers.remember_secrets(sims)
         assert done.returncode == 0, done.stdout + done.stderr
         assert assert_both_ends(sims, acc, sims.azure_sim.held, strict=True) == 2
+
+
+def test_the_error_table_without_an_http_answer():
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
+    from azure.identity import CredentialUnavailableError
+
+    from rotator.adapters.devices.azure_vpn import _Late, classify
+    from rotator.rotation.ports import DeviceStatus
+
+    what = "set the shared key of connection cf-0"
+    table = [
+        (ServiceRequestError("Connection refused"), DeviceStatus.FAILED, "nothing was sent"),
+        (ServiceResponseError("Connection aborted"), DeviceStatus.UNKNOWN, "answer from Azure was lost"),
+        (_Late(), DeviceStatus.UNKNOWN, "may still land"),
+        (CredentialUnavailableError("EnvironmentCredential unavailable"), DeviceStatus.FAILED, "AZURE_CLIENT_ID"),
+        (ClientAuthenticationError("AADSTS7000215: Invalid client secret"), DeviceStatus.FAILED, "AADSTS7000215"),
+        (ValueError("odd"), DeviceStatus.UNKNOWN, "unexpected error"),
+    ]
+    for exc, status, words in table:
+        got, reason = classify(exc, what)
+        assert got is status and words in reason and what in reason and "\n" not in reason, (exc, reason)
