@@ -860,13 +860,8 @@ class Campaign:
         elif roll < 0.5:
             self.aws.server_error_next(action)
             text = f"AWS answers the next {action} with 500 InternalError"
-        elif roll < 0.65:
-            delay = self.rng.uniform(*LATE_DELAY)
-            self.aws.late_next("ec2.ModifyVpnTunnelOptions", delay)
-            text = f"AWS acts on the next modification and answers {delay:.1f}s late"
         elif roll < 0.75:
-            self.aws.drop_next("ec2.ModifyVpnTunnelOptions")
-            text = "AWS acts on the next modification and drops the connection"
+            text = self._lost_answer(self.aws, "ec2.ModifyVpnTunnelOptions", "AWS", "modification", roll < 0.65)
         elif roll < 0.9:
             with self.sims.cloudflare.lock:
                 ips = [self.sims.cloudflare.accounts[self.accounts[1]][t].customer_endpoint for t in picks]
@@ -889,13 +884,8 @@ class Campaign:
             route = self.rng.choice(("azure.sharedkey_set", "azure.list", "azure.sharedkey_get", "azure.reset"))
             self.azure.fail_next(route, count=self.rng.randint(1, 4), status=self.rng.choice((429, 500, 503)))
             text = f"Azure answers the next {route} with an error status"
-        elif roll < 0.45:
-            delay = self.rng.uniform(*LATE_DELAY)
-            self.azure.late_next("azure.sharedkey_set", delay)
-            text = f"Azure acts on the next set-shared-key and answers {delay:.1f}s late"
         elif roll < 0.6:
-            self.azure.drop_next("azure.sharedkey_set")
-            text = "Azure acts on the next set-shared-key and drops the connection"
+            text = self._lost_answer(self.azure, "azure.sharedkey_set", "Azure", "set-shared-key", roll < 0.45)
         elif roll < 0.72:
             self.azure.fail_operations(count=self.rng.randint(1, 3))
             text = "the next Azure updates end Failed"
@@ -907,6 +897,15 @@ class Campaign:
             text = f"{len(names)} Azure connections never come up this round"
         self.result.faults_armed += 1
         self._event(text)
+
+    def _lost_answer(self, sim: Any, route: str, vendor: str, what: str, late: bool) -> str:
+        """A vendor write that takes effect, its answer late (past the call deadline) or dropped."""
+        if late:
+            delay = self.rng.uniform(*LATE_DELAY)
+            sim.late_next(route, delay)
+            return f"{vendor} acts on the next {what} and answers {delay:.1f}s late"
+        sim.drop_next(route)
+        return f"{vendor} acts on the next {what} and drops the connection"
 
     def _azure_connection(self, tunnel: str) -> str | None:
         return next((c.name for c in list(self.azure.connections.values()) if c.tunnel == (self.accounts[1], tunnel)),
