@@ -22,14 +22,16 @@ Actions (each safe to repeat):
   both ends hold the key (proof ``vendor_status``); ``NotConnected`` at the deadline fails it (both
   ends are rolled back); anything unclear is unknown (the key stays pending).
 
-Does a key change interrupt the tunnel? Yes: setting a connection's shared key makes the gateway
-renegotiate with the new key, and Cloudflare holds the new key only after the apply step, so the
-tunnel is down from the end of the update until the apply and the next negotiation. INTERRUPTS is
-therefore true: the kit starts a tunnel only while its partner is up.
+Does a key change interrupt the tunnel? Azure does not document whether an established SA outlives
+a shared-key update; if the gateway renegotiates at once, it does so against Cloudflare's old key
+(Cloudflare holds the new one only after the apply step) and the tunnel is down until the apply and
+the next negotiation, and verify's reset takes it down briefly in any case. INTERRUPTS is therefore
+true: the kit starts a tunnel only while its partner is up. (The fake renegotiates at once.)
 
 Keys: Azure documents a connection's shared key as 1 to 128 letters and digits (the ``SharedKey``
-parameter of Azure PowerShell's ``Set-AzureVNetGatewayKey``; the REST reference ``ConnectionSharedKey``
-sets no tighter rule); the kind accepts exactly that, so a PSK policy outside it is a config error.
+parameter of Azure PowerShell's ``Set-AzureVNetGatewayKey``; the REST reference's Reset Shared Key
+takes a ``keyLength`` of 1 to 128; ``ConnectionSharedKey`` itself sets no rule); the kind accepts
+exactly that, so a PSK policy outside it is a config error.
 
 Errors are mapped in one table (``classify``): what Azure refused for sure (401, 403 with the action
 the role lacks, 404, 400, 429, a request never sent) is FAILED; what may have happened (5xx,
