@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also an EC2 fake whose VPN connections terminate the first account's tunnels (aws_vpn)")
     sim.add_argument("--aws-replacement", type=float, default=10.0,
                      help="seconds the EC2 fake takes to replace a modified tunnel (default 10)")
+    sim.add_argument("--azure", action="store_true",
+                     help="also an ARM fake (HTTPS) whose VPN connections terminate the first account's tunnels "
+                          "(azure_vpn)")
     return parser
 
 
@@ -203,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from rotator.sim import run_sim
 
         return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency,
-                       aws=args.aws, aws_replacement=args.aws_replacement)
+                       aws=args.aws, aws_replacement=args.aws_replacement, azure=args.azure)
     if args.command == "demo":
         from rotator.demo import run_demo
 

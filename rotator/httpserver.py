@@ -21,7 +21,9 @@ class ServerThread:
     The socket is bound in the constructor, so a clash raises ``OSError`` before anything else starts.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "http") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "http",
+                 tls: tuple[str, str] | None = None) -> None:
+        """``tls``: (certificate chain file, private key file) to serve HTTPS instead of HTTP."""
         # Vault's LIST verb is not a method llhttp knows, so an app can ask for the h11 parser.
         http = getattr(app, "http_parser", "httptools")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -37,15 +39,16 @@ class ServerThread:
         config = uvicorn.Config(
             app, log_level="critical", access_log=False, lifespan="off", http=http,
             proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=30,
-            backlog=4096,
+            backlog=4096, ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
         )
+        self.scheme = "https" if tls else "http"
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"{name}-{self.port}", daemon=True)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def _run(self) -> None:
         self.server.run(sockets=[self.sock])
@@ -61,7 +64,13 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        # A TLS connection whose client never read its last answer (an SDK that raised on an error
+        # status) is closed with a TLS shutdown that waits for the client's close_notify: give the
+        # graceful stop a short while, then cut what is left.
+        self.thread.join(timeout=0.5 if self.scheme == "https" else 10)
+        if self.thread.is_alive() and self.scheme == "https":
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
         with contextlib.suppress(OSError):
             self.sock.close()
 

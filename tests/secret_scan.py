@@ -297,13 +297,14 @@ def install() -> Iterator[None]:
     from rotator.secret import Secret
     from rotator.service import admin
     from rotator.sim.aws import AwsSim
+    from rotator.sim.azure import AzureSim
     from rotator.sim.cloudflare import CloudflareSim
     from rotator.sim.device import DeviceSim
     from rotator.sim.vault import VaultSim
     from tests import fakes
 
     with contextlib.ExitStack() as stack:
-        for cls in (VaultSim, CloudflareSim, DeviceSim, AwsSim, fakes.FakeVault, fakes.FakeCloudflare,
+        for cls in (VaultSim, CloudflareSim, DeviceSim, AwsSim, AzureSim, fakes.FakeVault, fakes.FakeCloudflare,
                     fakes.FakeDevice):
             stack.enter_context(patched(cls, "__init__", _init_tracker))
         stack.enter_context(patched(Secret, "__init__", _secret_init))
