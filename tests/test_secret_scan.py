@@ -31,6 +31,7 @@ PLANTED = textwrap.dedent("""
     import sys
 
     from rotator.secret import Secret
+    from rotator.sim.base import SimApp
     from rotator.sim.vault import VaultSim
     from tests import helpers
 
@@ -52,41 +53,124 @@ PLANTED = textwrap.dedent("""
     def test_subprocess_output_shows_a_handmade_key():
         helpers.SECRETS.add("handmade-" + "Z" * 30)
         helpers.OUTPUTS.append("child said handmade-" + "Z" * 30)
+
+
+    def test_silent():
+        VaultSim()  # makes secrets, prints nothing: no failure of its own
+
+
+    class GatewaySim(SimApp):  # a simulator written after the scan: harvested through scan_secrets()
+        def __init__(self):
+            super().__init__()
+            self.key = "gw-Planted-Key-" + "W" * 20
+
+        def scan_secrets(self):
+            return [self.key]
+
+
+    def test_a_new_simulator_shows_its_key():
+        print("gateway key", GatewaySim().key)
 """)
 
+CRASH = textwrap.dedent("""
+    import os
 
-def run_planted(tmp_path: Path, *select: str) -> subprocess.CompletedProcess[str]:
+
+    def test_dies():
+        os._exit(3)
+""")
+
+UNHARVESTED = textwrap.dedent("""
+    from rotator.sim.base import SimApp
+
+
+    class OpaqueSim(SimApp):
+        pass
+
+
+    def test_makes_one():
+        OpaqueSim()
+""")
+
+HOOKS = ("import tests.conftest as _shared\n"
+         "globals().update({k: v for k, v in vars(_shared).items() if k.startswith('pytest_')})\n")
+
+
+def run_planted(tmp_path: Path, *select: str, workers: int = 0, source: str = PLANTED) -> str:
+    """Run the planted tests in a child pytest (``workers``: under ``-n``) with the suite's scan hooks;
+    returns its output, ending with its exit status."""
     test_file = tmp_path / "test_planted.py"
-    test_file.write_text(PLANTED)
-    (tmp_path / "conftest.py").write_text("from tests.conftest import (pytest_configure, pytest_runtest_logstart,"
-                                          " pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary)\n")
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-            "-c", os.devnull, *[f"{test_file}::{name}" for name in select]]
+    test_file.write_text(source)
+    (tmp_path / "conftest.py").write_text(HOOKS)
+    xdist = ["-n", str(workers)] if workers else ["-p", "no:xdist"]
+    targets = [f"{test_file}::{name}" for name in select] or [str(test_file)]
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, "--rootdir", str(tmp_path),
+            "-c", os.devnull, *targets]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    return proc
+    return f"{proc.stdout}{proc.stderr}\nexit status {proc.returncode}"
+
+
+def leaked_tests(out: str) -> set[str]:
+    leaks = [line for line in out.splitlines() if line.startswith("FAILED secret in output")]
+    return {line.split("test ", 1)[1].split(" ", 1)[0].rsplit("::", 1)[1] for line in leaks}
+
+
+LEAKING = {"test_prints_a_simulator_token", "test_logs_a_key", "test_subprocess_output_shows_a_handmade_key",
+           "test_a_new_simulator_shows_its_key"}
 
 
 def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the_tests(tmp_path):
-    proc = run_planted(tmp_path)
-    out = proc.stdout + proc.stderr
-    assert "4 passed" in out, out  # every test passed: the failure is the scan's
-    assert proc.returncode == 1, out
-    leaks = [line for line in out.splitlines() if line.startswith("FAILED secret in output")]
-    named = {line.split("test ", 1)[1].split(" ", 1)[0].rsplit("::", 1)[1] for line in leaks}
-    assert named == {"test_prints_a_simulator_token", "test_logs_a_key",
-                     "test_subprocess_output_shows_a_handmade_key"}, out
-    assert "Q" * 28 not in out and "Z" * 30 not in out  # the report names a fingerprint, never the key
+    out = run_planted(tmp_path)
+    assert "6 passed" in out, out  # every test passed: the failure is the scan's
+    assert out.endswith("exit status 1"), out
+    assert leaked_tests(out) == LEAKING, out
+    assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out  # fingerprints, never the key
+
+
+def test_under_xdist_a_leak_in_any_worker_fails_the_session(tmp_path):
+    out = run_planted(tmp_path, workers=2)
+    assert "6 passed" in out, out
+    assert out.endswith("exit status 1"), out
+    assert leaked_tests(out) == LEAKING, out
+    summary = re.search(r"(\d+) secrets looked for in (\d+) characters of \d+ outputs from (\d+) tests on 2 workers",
+                        out)
+    assert summary is not None, out
+    assert int(summary[1]) >= 4 and int(summary[3]) == 6, out  # every worker's secrets and tests were merged
+    assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out
+
+
+def test_under_xdist_a_clean_run_and_a_silent_test_pass(tmp_path):
+    out = run_planted(tmp_path, "test_clean", "test_silent", workers=2)
+    assert out.endswith("exit status 0"), out
+    assert re.search(r"[1-9]\d* secrets looked for in [1-9]\d* characters .* from 2 tests on 2 workers", out), out
+
+
+def test_under_xdist_a_worker_that_never_reports_fails_the_session(tmp_path):
+    out = run_planted(tmp_path, workers=2, source=CRASH)
+    assert not out.endswith("exit status 0"), out
+    assert re.search(r"FAILED secret scan: worker gw\d never reported what it captured", out), out
+
+
+def test_a_simulator_the_scan_cannot_harvest_fails_the_session(tmp_path):
+    out = run_planted(tmp_path, source=UNHARVESTED)
+    assert "1 passed" in out and out.endswith("exit status 1"), out
+    assert "secret scan cannot harvest OpaqueSim" in out and "scan_secrets()" in out, out
 
 
 def test_a_clean_run_passes_and_says_what_it_scanned(tmp_path):
-    proc = run_planted(tmp_path, "test_clean")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = run_planted(tmp_path, "test_clean", "test_silent")
+    assert out.endswith("exit status 0"), out
     summary = re.search(r"(\d+) secrets looked for in (\d+) characters", out)
     assert summary is not None, out
     assert int(summary[1]) >= 1 and int(summary[2]) > 0, out
     assert "no secret in any captured output" in out
+
+
+def test_a_run_whose_only_test_prints_nothing_passes(tmp_path):
+    out = run_planted(tmp_path, "test_silent")
+    assert out.endswith("exit status 0"), out
+    assert "no secret in any captured output" in out, out
 
 
 def test_an_exec_hook_never_gets_the_key_in_argv_or_environment(tmp_path, monkeypatch):

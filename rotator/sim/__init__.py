@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.httpserver import ServerThread, stop_on_signals
+from rotator.httpserver import ServerThread, stop_all, stop_on_signals
 from rotator.sim.cloudflare import CloudflareSim, EdgeHook, HealthSource, RateLimit
 from rotator.sim.vault import VaultSim
 
@@ -49,8 +49,7 @@ class Simulators:
         return self
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.stop()
+        stop_all(self._servers)
         self._servers = []
 
     def __enter__(self) -> Simulators:
