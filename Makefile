@@ -16,8 +16,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
+# Every test, the IKE lab, real Prometheus and the campaign included, on JOBS workers (pytest-xdist);
+# the lab's tests share one worker (tests/ike/conftest.py); the secret scan merges every worker's.
+JOBS ?= 4
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup
 
 demo: $(STAMP)
 	$(BIN)/rotator demo
