@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: test lint demo bench campaign
+.PHONY: test lint demo bench campaign lock
 lint: $(STAMP)
 	$(BIN)/ruff check rotator tests
 	$(BIN)/mypy
@@ -32,3 +32,7 @@ bench: $(STAMP)
 # prints its seed, the checks made and the violations found. ROTATOR_CAMPAIGN_SEED replays a schedule.
 campaign: $(STAMP)
 	ROTATOR_CAMPAIGN_SECONDS=$${ROTATOR_CAMPAIGN_SECONDS:-1200} $(BIN)/python -m tests.campaign
+
+# The hash-pinned lock of the runtime dependencies the image installs (requirements.lock), from pyproject.toml.
+lock: $(STAMP)
+	VENV=$(VENV) tools/lock.sh

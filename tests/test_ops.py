@@ -74,15 +74,19 @@ def test_dockerfile_is_hadolint_clean():
 
 
 def test_container_install_steps_work_in_a_venv(tmp_path):
-    """The Dockerfile's build stage, without a Docker engine: a venv, `pip install .`, the entrypoint."""
+    """The Dockerfile's build stage, without a Docker engine: a venv, the lock installed with
+    --require-hashes (every hash must match what the index serves), the project with --no-deps, the
+    entrypoint."""
     text = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["rotator"]' in text and 'CMD ["run"]' in text and "USER 10001" in text
     venv = tmp_path / "venv"
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], capture_output=True, text=True,
-                          env={**os.environ, "PIP_NO_INPUT": "1"})
-    assert proc.returncode == 0, proc.stderr
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    env = {**os.environ, "PIP_NO_INPUT": "1"}
+    for args in (["--require-hashes", "-r", str(ROOT / "requirements.lock")], ["--no-deps", str(ROOT)]):
+        proc = subprocess.run([*pip, *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
     out = subprocess.run([str(venv / "bin" / "rotator"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "rotate" in out.stdout
 
