@@ -29,6 +29,10 @@ class ServerThread:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted connections inherit TCP_NODELAY (Linux tcp(7)). Without it every answer, written
+            # as headers then body, waited for the client's delayed ACK: about 40 ms per request on
+            # loopback (a simulator served 22 requests/s per connection instead of hundreds).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.bind((host, port))
         except OSError:
             self.sock.close()
