@@ -51,6 +51,16 @@ def sims() -> Iterator[Simulators]:
         helpers.remember_secrets(s)
 
 
+# -- order under xdist ---------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (marked ``long``, and the IKE lab's) first: under ``-n`` xdist hands out tests in
+    this order, so no worker starts a minute-long test while the others have run out of work. A stable
+    sort: every other test keeps its place."""
+    items.sort(key=lambda item: not (item.get_closest_marker("long") or item.get_closest_marker("ike")))
+
+
 # -- the secret scan -----------------------------------------------------------------------------------
 # Without xdist this process collects and scans. Under ``-n`` (pytest-xdist) each worker collects and
 # writes its report to a private directory the controller made (secret_scan.write_report); the

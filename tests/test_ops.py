@@ -73,6 +73,7 @@ def test_dockerfile_is_hadolint_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.long
 def test_container_install_steps_work_in_a_venv(tmp_path):
     """The Dockerfile's build stage, without a Docker engine: a venv, the lock installed with
     --require-hashes (every hash must match what the index serves), the project with --no-deps, the
@@ -97,6 +98,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.long
 def test_real_prometheus_scrapes_the_demo_and_alerts_fire(tmp_path):
     prometheus = tool("prometheus")
     demo = start_cli(["demo", "--listen", "127.0.0.1:0"], {})

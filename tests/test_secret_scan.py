@@ -16,6 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from rotator.adapters.devices.exec import ExecDevice
 from rotator.rotation.ports import DeviceStatus
 from rotator.secret import Secret
@@ -116,6 +118,7 @@ LEAKING = {"test_prints_a_simulator_token", "test_logs_a_key", "test_subprocess_
            "test_a_new_simulator_shows_its_key"}
 
 
+@pytest.mark.long
 def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the_tests(tmp_path):
     out = run_planted(tmp_path)
     assert "7 passed" in out, out  # every test passed: the failure is the scan's
@@ -125,6 +128,7 @@ def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the
     assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out  # fingerprints, never the key
 
 
+@pytest.mark.long
 def test_under_xdist_a_leak_in_any_worker_fails_the_session(tmp_path):
     out = run_planted(tmp_path, workers=2)
     assert "7 passed" in out, out
@@ -137,6 +141,7 @@ def test_under_xdist_a_leak_in_any_worker_fails_the_session(tmp_path):
     assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out
 
 
+@pytest.mark.long
 def test_under_xdist_a_silent_test_and_an_idle_worker_pass(tmp_path):
     """One test that makes secrets and prints nothing, two workers: one runs it, one runs nothing."""
     out = run_planted(tmp_path, "test_silent", workers=2)
@@ -144,6 +149,7 @@ def test_under_xdist_a_silent_test_and_an_idle_worker_pass(tmp_path):
     assert re.search(r"[1-9]\d* secrets looked for in 0 characters of 0 outputs from 1 tests on 2 workers", out), out
 
 
+@pytest.mark.long
 def test_under_xdist_a_worker_that_never_reports_fails_the_session(tmp_path):
     out = run_planted(tmp_path, workers=2, source=CRASH)
     assert not out.endswith("exit status 0"), out
@@ -181,6 +187,7 @@ def test_an_exec_hook_never_gets_the_key_in_argv_or_environment(tmp_path, monkey
     assert not any(k in got for k in keys)
 
 
+@pytest.mark.long
 def test_no_secret_in_any_captured_output(tmp_path):
     with Simulators(accounts=1, tunnels=4) as sims:
         acc = next(iter(sims.tunnels_by_account))
