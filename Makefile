@@ -19,8 +19,9 @@ lint: $(STAMP)
 # Every test, the IKE lab, real Prometheus and the campaign included, on JOBS workers (pytest-xdist);
 # the lab's tests share one worker (tests/ike/conftest.py); the secret scan merges every worker's.
 JOBS ?= 4
+PYTEST_ARGS ?=
 test: lint
-	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup
+	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/rotator demo
