@@ -17,9 +17,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rotator.adapters.devices._common import DeviceBase
 from rotator.errors import CasConflict, CloudflareError, VaultError
-from rotator.model import Lease, PskSetResult, Record, TunnelInfo
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState
+from rotator.model import Lease, PskSetResult, Record, RecordVersion, TunnelInfo, check_distinct
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState, KeyRules
 from rotator.secret import Secret
 
 Fault = Callable[..., Any]
@@ -132,6 +133,7 @@ class FakeVault:
         return out
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
+        check_distinct((f"{r.account_id}/{r.tunnel_id}" for r in records), "write_many")  # as VaultStore
         out: dict[str, Record | VaultError] = {}
         for rec in records:
             try:
@@ -139,6 +141,11 @@ class FakeVault:
             except VaultError as exc:
                 out[rec.tunnel_id] = exc
         return out
+
+    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]:
+        with self._lock:
+            history = list(self.versions.get((account_id, tunnel_id), []))
+        return [RecordVersion(r.version, stamp(), dataclasses.replace(r)) for r in reversed(history[-limit:])]
 
     def _write(self, rec: Record) -> Record:
         fault = self.faults.take("write")
@@ -202,6 +209,11 @@ class FakeCloudflare:
             self.keys[t] = self.initial[t] = f"initial-{t}"
         return ids
 
+    def list_twice(self, account_id: str, tunnel_id: str, name: str) -> None:
+        """A broken listing: the tunnel appears a second time, under ``name`` (issue 20 item 1)."""
+        first = next(t for t in self.tunnels[account_id] if t.id == tunnel_id)
+        self.tunnels[account_id].append(dataclasses.replace(first, name=name))
+
     def key_of(self, tunnel_id: str) -> str:
         with self._lock:
             return self.keys[tunnel_id]
@@ -263,15 +275,28 @@ def lost_answer(*_: Any) -> Any:
 
 # -- far-end device --------------------------------------------------------------------------------
 
-class FakeDevice:
+class FakeDevice(DeviceBase):
     """Device: holds one key per tunnel; ``verify`` checks it against the key Cloudflare holds (a
     fresh IKE authentication succeeds only when both ends agree). Ops for faults: ``deliver``,
     ``verify``, ``rollback`` (args: the tunnels); a fault's return value replaces the answer.
-    Helpers for faults: refuse(), hang(), garbage(), waiting()."""
+    Helpers for faults: refuse(), hang(), garbage(), waiting().
+
+    Kit attributes: ``interrupts`` (a delivered tunnel is down until Cloudflare holds its key: the
+    fake's ``up`` then says False for it), ``key_rules``, ``pairs`` (tunnel id -> pair key, else the
+    kit's default by customer endpoint), ``status`` (tunnel id -> up, the vendor's own view; a
+    tunnel not in it is not known, unless ``interrupts`` makes the fake judge it by the keys)."""
 
     def __init__(self, name: str, cloudflare: FakeCloudflare | None = None, *, kind: str = "fake",
-                 timeout: float = 0.5, verify: bool = True, latency: float = 0.0) -> None:
+                 timeout: float = 0.5, verify: bool = True, latency: float = 0.0, interrupts: bool = False,
+                 key_rules: KeyRules | None = None, pairs: Mapping[str, str] | None = None,
+                 verify_timeout: float | None = None) -> None:
         self.name, self.kind, self.timeout, self.verifies = name, kind, timeout, verify
+        self.interrupts, self.verify_timeout = interrupts, verify_timeout
+        self.key_rules = key_rules or KeyRules()
+        self.pairs = dict(pairs) if pairs is not None else None
+        self.status: dict[str, bool] = {}
+        self.in_flight: set[str] = set()  # tunnels delivered and not yet verified or rolled back
+        self.overlaps: list[tuple[str, ...]] = []  # pairs seen with two tunnels in flight at once
         self.cloudflare = cloudflare
         self.latency = latency
         self.keys: dict[str, str] = {}
@@ -300,13 +325,44 @@ class FakeDevice:
             self.keys[t.tunnel_id] = t.psk.reveal()
         return DeviceResult(DeviceStatus.OK)
 
+    def _deliver(self, t: DeviceTunnel) -> DeviceResult:
+        with self._lock:
+            if self.pairs is not None and t.tunnel_id in self.pairs:
+                pair = self.pairs[t.tunnel_id]
+                busy = tuple(o for o in self.in_flight if self.pairs.get(o) == pair)
+                if busy:
+                    self.overlaps.append((t.tunnel_id, *busy))
+            self.in_flight.add(t.tunnel_id)
+        return self._hold(t)
+
+    def _settled(self, tunnels: Sequence[DeviceTunnel]) -> None:
+        with self._lock:
+            self.in_flight.difference_update(t.tunnel_id for t in tunnels)
+
     def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]:
-        return self._call("deliver", tunnels, deadline, self._hold)
+        return self._call("deliver", tunnels, deadline, self._deliver)
 
     def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                  deadline: float) -> dict[str, DeviceResult]:
-        return self._call("rollback", tunnels, deadline, self._hold)
+        try:
+            return self._call("rollback", tunnels, deadline, self._hold)
+        finally:
+            self._settled(tunnels)
+
+    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
+        if self.pairs is None:
+            return super().pair_of(account_id, tunnels, deadline=deadline)
+        return {t.id: self.pairs[t.id] for t in tunnels if t.id in self.pairs}
+
+    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
+        self.faults.counts["tunnels_up"] += 1
+        out = {t.id: self.status[t.id] for t in tunnels if t.id in self.status}
+        if self.interrupts and self.cloudflare is not None:
+            for t in tunnels:
+                if t.id not in out and t.id in self.keys:
+                    out[t.id] = self.cloudflare.key_of(t.id) == self.keys[t.id]
+        return out
 
     def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]:
@@ -317,7 +373,10 @@ class FakeDevice:
             if self.cloudflare is not None and self.cloudflare.key_of(t.tunnel_id) != held:
                 return DeviceResult(DeviceStatus.FAILED, "IKE_AUTH failed: AUTHENTICATION_FAILED")
             return DeviceResult(DeviceStatus.OK)
-        return self._call("verify", tunnels, deadline, check)
+        try:
+            return self._call("verify", tunnels, deadline, check)
+        finally:
+            self._settled(tunnels)
 
 
 def refuse(reason: str = "device said no") -> Fault:
@@ -372,7 +431,7 @@ def assert_invariant(cloudflare: FakeCloudflare, vault: FakeVault, account_id: s
     record's psk or pending_psk (during a tunnel's first rotation, also the key it had before).
     Strict (no rotation in flight): both are psk and nothing is pending."""
     checked = 0
-    for tunnel in cloudflare.tunnels[account_id]:
+    for tunnel in {t.id: t for t in cloudflare.tunnels[account_id]}.values():  # a tunnel listed twice once
         rec = vault.latest(account_id, tunnel.id)
         if rec is None or (rec.psk is None and rec.pending_psk is None and tunnel.id not in cloudflare.initial):
             continue  # never rotated by us: not managed yet
