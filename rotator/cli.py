@@ -313,7 +313,8 @@ def _retries_as_one_line() -> None:
     def hook(details: stamina.instrumentation.RetryDetails) -> None:
         cause = details.caused_by
         reason = str(getattr(cause, "error", cause)).split(" (")[0][:100]
-        sys.stderr.write(f"rotator: retrying (attempt {details.retry_num + 1}) in {details.wait_for:.1f}s: "
+        wait = getattr(cause, "wait_for", details.wait_for)  # the Cloudflare client waits on its own sleep
+        sys.stderr.write(f"rotator: retrying (attempt {details.retry_num + 1}) in {wait:.1f}s: "
                          f"{reason}\n")
 
     stamina.instrumentation.set_on_retry_hooks([hook])

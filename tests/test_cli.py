@@ -263,6 +263,7 @@ def test_a_retry_is_one_short_line(sims):
     assert proc.returncode == 0, proc.stderr
     retries = [ln for ln in proc.stderr.splitlines() if "retr" in ln.lower()]
     assert len(retries) == 1 and retries[0].startswith("rotator: retrying (attempt 2) in "), proc.stderr
+    assert float(retries[0].split(" in ", 1)[1].split("s:", 1)[0]) >= 0.5, retries  # the backoff it really waits
     assert "stamina" not in proc.stderr and len(retries[0]) < 160
     assert_invariant(sims, acc, strict=True)
 
