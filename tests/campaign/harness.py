@@ -340,7 +340,8 @@ class Campaign:
         self.azure = AzureSim(renegotiate=0.5, operation_seconds=0.5, retry_after="1")
         self.azure_client = self.azure.add_client()
         account = self.accounts[1]
-        self.azure_tunnels = self.sims.tunnels_by_account[account][AWS_TUNNELS:AWS_TUNNELS + AZURE_TUNNELS]
+        first = MANUAL_PER_ACCOUNT + AWS_TUNNELS  # after the manual device's and the AWS ones: no tunnel on two
+        self.azure_tunnels = self.sims.tunnels_by_account[account][first:first + AZURE_TUNNELS]
         attach(self.azure, self.sims.cloudflare, account, self.azure_tunnels)
         self.azure_ca, server_file = loopback_tls(str(self.workdir))
         self.azure_gate = Gate(self.azure)
