@@ -246,7 +246,6 @@ class AzureVpnDevice(DeviceBase):
         self._client = client if client is not None else _network_client(settings)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"azure-{spec.name}")
-        self._closed = False
         # Addresses of gateways, public IPs and local network gateways by resource id, for ADDRESS_TTL
         # seconds: a run asks for the same ones call after call, and they change only when the
         # customer re-plumbs a connection. The connections themselves are listed on every call.
@@ -260,7 +259,6 @@ class AzureVpnDevice(DeviceBase):
             return self._client
 
     def close(self) -> None:
-        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             if self._client is not None and hasattr(self._client, "close"):
