@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import uvicorn
@@ -30,6 +31,10 @@ class ServerThread:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted connections inherit TCP_NODELAY (Linux tcp(7)). Without it every answer, written
+            # as headers then body, waited for the client's delayed ACK: about 40 ms per request on
+            # loopback (a simulator served 22 requests/s per connection instead of hundreds).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.bind((host, port))
         except OSError:
             self.sock.close()
@@ -62,17 +67,33 @@ class ServerThread:
             time.sleep(0.005)
         return self
 
-    def stop(self) -> None:
+    def signal_stop(self) -> None:
+        """Ask the server to finish (it notices within uvicorn's 0.1 s tick); ``join`` waits for it."""
         self.server.should_exit = True
+
+    def join(self, timeout: float = 10) -> None:
         # A TLS connection whose client never read its last answer (an SDK that raised on an error
         # status) is closed with a TLS shutdown that waits for the client's close_notify: give the
         # graceful stop a short while, then cut what is left.
-        self.thread.join(timeout=0.5 if self.scheme == "https" else 10)
+        self.thread.join(timeout=min(0.5, timeout) if self.scheme == "https" else timeout)
         if self.thread.is_alive() and self.scheme == "https":
             self.server.force_exit = True
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=timeout)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def stop(self) -> None:
+        self.signal_stop()
+        self.join()
+
+
+def stop_all(servers: Iterable[ServerThread]) -> None:
+    """Stop several servers in the time of one: every server is signalled before any is waited for."""
+    servers = list(servers)
+    for server in servers:
+        server.signal_stop()
+    for server in servers:
+        server.join()
 
 
 def stop_on_signals() -> threading.Event:

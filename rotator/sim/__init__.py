@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.httpserver import ServerThread, stop_on_signals
+from rotator.httpserver import ServerThread, stop_all, stop_on_signals
 from rotator.sim.aws import AwsSim, attach
 from rotator.sim.azure import AzureSim, loopback_tls
 from rotator.sim.azure import Client as AzureClient
@@ -89,8 +89,7 @@ class Simulators:
         return self
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.stop()
+        stop_all(self._servers)
         self._servers = []
         if self._azure_server is not None:
             self._azure_server.stop()
