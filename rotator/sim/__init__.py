@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.sim.aws import AwsSim, attach
 from rotator.sim.cloudflare import CloudflareSim, EdgeHook, HealthSource, RateLimit
 from rotator.sim.vault import VaultSim
 
-__all__ = ["AwsSim", "CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
+if TYPE_CHECKING:
+    from rotator.sim.aws import AwsSim
+
+__all__ = ["CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Simulators:
             acc = self.cloudflare.add_account()
             self.tunnels_by_account[acc] = [self.cloudflare.add_tunnel(acc) for _ in range(self.tunnels)]
         if self.aws:
+            from rotator.sim.aws import AwsSim, attach  # botocore is loaded only for the EC2 fake
+
             self.aws_sim = AwsSim(replacement=self.aws_replacement)
             acc = list(self.tunnels_by_account)[self.aws_account]
             attach(self.aws_sim, self.cloudflare, acc, self.tunnels_by_account[acc])
