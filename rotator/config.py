@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
 from rotator.rotation.lease import check_lease_ttl
-from rotator.schedule import Policy, Window, next_cron, parse_cron
+from rotator.schedule import Policy, Window, format_duration, next_cron, parse_cron
 from rotator.secret import Secret
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ class AdminSettings:
     listen: str = "127.0.0.1:9477"
     token: Secret | None = None
     queue: int = 16  # on-demand runs that may wait; more are refused with 429
+    # Where other hosts reach this daemon's admin API; recorded in its leases so a one-shot command
+    # that meets one hands its request here (issue 20). "" : derived from listen (a wildcard: loopback).
+    advertise_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,13 +169,16 @@ class Settings:
             "source": self.source,
             "vault": {"addr": v.addr, "token": mask(v.token), "namespace": v.namespace, "cacert": v.cacert,
                       "mount": v.mount, "prefix": v.prefix, "concurrency": v.concurrency, "timeout": v.timeout,
-                      "auth": v.auth.method},
+                      "auth": v.auth.method, "auth_mount": v.auth.mount, "auth_role_id": v.auth.role_id,
+                      "auth_secret_id": mask(v.auth.secret_id), "auth_role": v.auth.role,
+                      "auth_jwt_file": v.auth.jwt_file},
             "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
                            "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
-                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
-                           "rate_reserve": c.rate_reserve},
+                           "retry_attempts": c.retry_attempts, "retry_timeout": c.retry_timeout,
+                           "rate_limit_ceiling": c.rate_limit_ceiling, "rate_reserve": c.rate_reserve},
             "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
-            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
+            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue,
+                      "advertise_url": a.advertise_url or "<derived from listen>"},
             "policies": {n: _policy_view(p) for n, p in self.policies.items()},
             "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
@@ -191,7 +197,9 @@ def _policy_view(p: Policy) -> dict[str, Any]:
         "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
         "timezone": p.window.timezone}
     return {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age, "jitter": p.jitter,
-            "window": window, "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
+            "window": window, "retry_backoff": p.retry_backoff, "retry_backoff_max": p.retry_backoff_max,
+            "psk_length": p.psk.length, "psk_alphabet": p.psk.alphabet, "psk_forbidden_first": p.psk.forbidden_first,
+            "psk_entropy_bits": round(p.psk.entropy_bits)}
 
 
 class _Table:
@@ -278,10 +286,12 @@ def _policy(name: str, t: _Table) -> Policy:
     max_age = parse_duration(t.data["max_age"], t.key("max_age")) if "max_age" in t.data else None
     jitter = parse_duration(t.data.get("jitter", 0), t.key("jitter"))
     if every is not None and max_age is not None and max_age < every:
-        raise ConfigError(f"{t.key('max_age')}: {max_age:g}s is shorter than every ({every:g}s)",
+        raise ConfigError(f"{t.key('max_age')}: {format_duration(max_age)} is shorter than every "
+                          f"({format_duration(every)})",
                           "max_age is the oldest a key may get: make it at least 'every'")
     if every is not None and jitter > every:
-        raise ConfigError(f"{t.key('jitter')}: {jitter:g}s is longer than the interval every ({every:g}s)",
+        raise ConfigError(f"{t.key('jitter')}: {format_duration(jitter)} is longer than the interval every "
+                          f"({format_duration(every)})",
                           "keep jitter below 'every', e.g. a tenth of it")
     charset = t.get("psk_charset", str, "alnum")
     if charset not in PRESETS:
@@ -499,7 +509,7 @@ def _report(t: _Table) -> ReportSettings:
 
 
 def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
-    a.reject_unknown({"listen", "token_file", "queue"})
+    a.reject_unknown({"listen", "token_file", "queue", "advertise_url"})
     listen = a.get("listen", str, "127.0.0.1:9477")
     split_listen(listen)
     queue = a.get("queue", int, 16)
@@ -508,7 +518,26 @@ def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
     token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
         token = _read_secret_file(a.data["token_file"], "admin.token_file")
-    return AdminSettings(listen, Secret(token) if token else None, queue)
+    advertise = env.get("ROTATOR_ADMIN_ADVERTISE_URL") or a.get("advertise_url", str, "")
+    if advertise:
+        check_admin_url(advertise, "admin.advertise_url")
+    return AdminSettings(listen, Secret(token) if token else None, queue, advertise.rstrip("/"))
+
+
+def check_admin_url(url: str, key: str) -> str:
+    """An admin API base URL: http(s)://HOST[:PORT], nothing else (no user, path or query)."""
+    from urllib.parse import urlsplit
+
+    hint = "write it like http://10.0.0.5:9477 (the daemon's admin API as this host reaches it)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} is not a URL", hint) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: {url!r} is not an http(s)://HOST:PORT address", hint)
+    return url.rstrip("/")
 
 
 def _accounts(root: _Table, policies: Mapping[str, Policy]) -> tuple[Account, ...]:

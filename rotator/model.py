@@ -35,6 +35,10 @@ class Outcome(StrEnum):
     WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
 
 
+# Every reason of a WAITING outcome starts so (steps, devices/manual.py): status tells waiting from failed by it.
+WAITING_FOR_OPERATOR = "waiting for an operator to "
+
+
 class RepeatedTunnel(AssertionError):
     """A batch that names one tunnel twice reached a step or a store: a programming error.
 
@@ -242,3 +246,4 @@ class Lease:
     expires_at: float
     version: int
     busy_until: float = 0.0  # the latest instant a call made under this lease may still land
+    admin_url: str = ""  # a daemon holder's admin API, where one-shot commands hand their requests (issue 20)

@@ -68,6 +68,7 @@ def _ends(ready: dict[str, Any], device_state_url: str) -> dict[str, dict[str, t
     return out
 
 
+@pytest.mark.long
 def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
     proc = start_cli(["demo", "--listen", "127.0.0.1:0"], {})
     text, ready = "", {}

@@ -409,14 +409,16 @@ class VaultStore:
             raise VaultError(f"{what}: the lease record is malformed (holder, expires_at or busy_until)",
                              f"inspect it with 'vault kv get {self.mount}/{path}'; 'vault kv put' a free lease "
                              "(holder \"\", expires_at 0) once its holder is stopped")
-        return Lease(holder, expires_at, version, busy_until)
+        admin_url = body.get("admin_url", "")
+        return Lease(holder, expires_at, version, busy_until, admin_url if isinstance(admin_url, str) else "")
 
     def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
                     busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int:
         """CAS-write the lease; raises CasConflict when someone else wrote it first.
 
         ``busy_until``: the latest instant a call made under the lease may still land (rotation/lease.py);
-        ``note``: extra fields for the record's history (who cleared it, and whom).
+        ``note``: extra fields for the record's history (who cleared it, and whom) and, from a daemon,
+        ``admin_url``: where its admin API answers (read back as ``Lease.admin_url``).
         """
         path = self._lease_path(account_id)
         data = {**(note or {}), "holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}

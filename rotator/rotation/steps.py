@@ -317,17 +317,18 @@ def _moved_away(item: Item) -> str | None:
 
 
 def _waiting(ctx: Context, item: Item, out: Result) -> None:
-    from rotator.schedule import parse_time
+    from rotator.model import WAITING_FOR_OPERATOR
+    from rotator.schedule import format_duration, parse_time
 
     staged = parse_time(item.record.staged_at)
     limit = (item.device.ack_timeout if item.device is not None else None) or ctx.ack_timeout
     if limit is not None and staged is not None and ctx.clock() - staged > limit:
         # Not acknowledged is not refused: the operator may have typed the key in without saying so.
         # The rollback asks them to put psk back and acknowledge that; both keys stay readable until then.
-        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {format_duration(limit)} "
                                         f"(ack_timeout): the key is being withdrawn"))
     else:
-        out.settle(item, Outcome.WAITING, f"waiting for an operator to put the new key of rotation "
+        out.settle(item, Outcome.WAITING, f"{WAITING_FOR_OPERATOR}put the new key of rotation "
                    f"{item.record.rotation_id} on device {item.device.name if item.device else '?'} and "
                    f"acknowledge it: {ack_command(item.record, 'new')}")
 

@@ -88,6 +88,9 @@ class Daemon:
                 reason = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
                 raise ConfigError(f"cannot listen on {self.settings.admin.listen}: {reason}",
                                   "set admin.listen to a free HOST:PORT or stop what holds it") from None
+            # Every lease we write names where we answer: a one-shot command that meets it hands its
+            # request here instead of waiting for a lease we renew forever (issue 20 item 5).
+            self.runtime.leases.advertise(self.settings.admin.advertise_url or advertised(self._server.url))
         self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="on-demand")
         self.connect()
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
@@ -376,7 +379,8 @@ class Daemon:
                 before = views.get(o.tunnel_id)
                 if before is not None:
                     pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
-                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
+                    waits = o.result == WAITING  # waiting for an operator is not a failure (issue 20 item 11)
+                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=not waits, waiting=waits,
                                                              last_error=o.reason, failures=count + 1)
         if not report.dry_run:
             try:
@@ -492,6 +496,11 @@ class Daemon:
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None
+
+
+def advertised(url: str) -> str:
+    """The admin URL to record in leases: a wildcard bind (0.0.0.0, ::) is reached over loopback here."""
+    return url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
 
 
 def _now_dt() -> Any:

@@ -81,6 +81,7 @@ KIND_MODULES = (
     "strongswan",
     "manual",
     "aws_vpn",
+    "azure_vpn",
 )
 KINDS = KIND_MODULES
 COMMON_KEYS = ("name", "kind", "accounts", "tunnels", "timeout", "verify", "concurrency")
