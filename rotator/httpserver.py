@@ -21,7 +21,8 @@ class ServerThread:
     The socket is bound in the constructor, so a clash raises ``OSError`` before anything else starts.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "http") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "http", *,
+                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
         # Vault's LIST verb is not a method llhttp knows, so an app can ask for the h11 parser.
         http = getattr(app, "http_parser", "httptools")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -34,10 +35,11 @@ class ServerThread:
             raise
         self.host, self.port = self.sock.getsockname()[:2]
         self.name = name
+        self.scheme = "https" if ssl_certfile else "http"  # TLS: the simulated vendor APIs serve HTTPS
         config = uvicorn.Config(
             app, log_level="critical", access_log=False, lifespan="off", http=http,
             proxy_headers=False, server_header=False, date_header=False, timeout_keep_alive=30,
-            backlog=4096,
+            backlog=4096, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"{name}-{self.port}", daemon=True)
@@ -45,7 +47,7 @@ class ServerThread:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def _run(self) -> None:
         self.server.run(sockets=[self.sock])

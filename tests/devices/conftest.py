@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from dataclasses import dataclass
 
 import pytest
 
@@ -39,3 +40,29 @@ def assert_no_key(text: str, tunnels: list[DeviceTunnel]) -> None:
 @pytest.fixture
 def tunnels() -> list[DeviceTunnel]:
     return make_tunnels(3)
+
+
+@dataclass(frozen=True)
+class LoopbackTls:
+    """A CA and a certificate for 127.0.0.1 it signed (the simulated vendor APIs serve HTTPS with it),
+    and the file of another CA, which does not trust that certificate."""
+
+    ca_file: str
+    certfile: str
+    keyfile: str
+    other_ca_file: str
+
+
+@pytest.fixture(scope="session")
+def loopback_tls(tmp_path_factory) -> LoopbackTls:
+    trustme = pytest.importorskip("trustme")
+    where = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    other.cert_pem.write_to_path(str(where / "other-ca.pem"))
+    cert.private_key_pem.write_to_path(str(where / "key.pem"))
+    for i, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(str(where / "cert.pem"), append=i > 0)
+    return LoopbackTls(str(where / "ca.pem"), str(where / "cert.pem"), str(where / "key.pem"),
+                       str(where / "other-ca.pem"))
