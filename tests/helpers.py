@@ -100,3 +100,20 @@ def assert_invariant(sims: Simulators, account: str, strict: bool = False) -> in
             assert held in (data.get("psk"), data.get("pending_psk")), \
                 f"{tunnel}: Cloudflare holds a key Vault does not have (invariant broken)"
     return checked
+
+
+def assert_both_ends(sims: Simulators, account: str, device_held: Any, strict: bool = False) -> int:
+    """The invariant on both ends: Cloudflare's (``assert_invariant``) and the far-end device's, whose
+    key for a tunnel ``device_held(account, tunnel_id)`` returns (None: the device has no such tunnel).
+    Returns how many managed tunnels were checked."""
+    checked = assert_invariant(sims, account, strict=strict)
+    for tid in sims.tunnels_by_account[account]:
+        data = record(sims, account, tid) or {}
+        held = device_held(account, tid)
+        if held is None or not (data.get("psk") or data.get("pending_psk")):
+            continue
+        if strict:
+            assert held == data.get("psk"), f"{tid}: the device holds a key that is not the record's psk"
+        else:
+            assert held in (data.get("psk"), data.get("pending_psk")), f"{tid}: the device holds a key Vault lacks"
+    return checked

@@ -147,7 +147,8 @@ class PanosSim(SimApp):
 
     # -- faults -------------------------------------------------------------------------------
     def fail_commit(self, text: str, count: int = 1) -> None:
-        """The next ``count`` commit jobs end FIN/FAIL with ``text`` as their details."""
+        """The next ``count`` commit jobs end FIN/FAIL with ``text`` as their details; ``{key}`` in it
+        becomes the key of the first gateway the commit changes (a firewall quoting a key back)."""
         with self.lock:
             self._commit_failures.extend([text] * count)
 
@@ -292,6 +293,9 @@ class PanosSim(SimApp):
         job_id = next(self._job_ids)
         now = time.monotonic()
         failure = self._commit_failures.pop(0) if self._commit_failures else None
+        changed = [g for g in self.gateways.values() if g.candidate != g.running]
+        if failure is not None and changed:
+            failure = failure.replace("{key}", changed[0].candidate or "")
         incomplete = sorted(g.name for g in self.gateways.values() if not g.complete)
         if failure is None and incomplete:
             failure = f"Validation Error: network -> ike -> gateway -> {incomplete[0]} is missing 'peer-address'"

@@ -37,18 +37,8 @@ def run(rt, acc, registry, **kw):
 
 
 def both_ends(sims, acc, device_sim, strict=False) -> int:
-    """The invariant, Cloudflare's end (the shared helper) and the device's end."""
-    checked = assert_invariant(sims, acc, strict=strict)
-    for tid in sims.tunnels_by_account[acc]:
-        data = record(sims, acc, tid) or {}
-        held = device_sim.held(acc, tid)
-        if held is None or not (data.get("psk") or data.get("pending_psk")):
-            continue
-        if strict:
-            assert held == data.get("psk"), f"{tid}: the device holds a key that is not the record's psk"
-        else:
-            assert held in (data.get("psk"), data.get("pending_psk")), f"{tid}: the device holds a key Vault lacks"
-    return checked
+    """The invariant, Cloudflare's end and the device's end."""
+    return helpers.assert_both_ends(sims, acc, device_sim.held, strict=strict)
 
 
 def outcomes(report) -> dict[str, str]:
