@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import ssl
 import string
 import threading
 import time
@@ -49,6 +47,7 @@ import pan.xapi
 import structlog
 
 from rotator.adapters.devices._common import Fields, batch_keys, fill, one_line
+from rotator.adapters.devices._vendor import parse_host, parse_tls, read_credential, tls_context
 from rotator.model import TunnelInfo
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret
@@ -66,7 +65,6 @@ KEY_RULES = KeyRules(min_length=1, max_length=255, alphabet=PRINTABLE,
 
 GATEWAYS = "/config/devices/entry[@name='localhost.localdomain']/network/ike/gateway"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")  # PAN-OS object names (and safe in an xpath)
-HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 DEFAULT_GATEWAY = "cf-{tunnel_name}"
 
 
@@ -85,37 +83,6 @@ class PanosSettings:
         return {"host": self.host, "port": self.port, "api_key_file": self.api_key_file,
                 "ca_file": self.ca_file or "<system>", "verify_tls": self.verify_tls, "gateway": self.gateway,
                 "poll_interval": self.poll_interval}
-
-
-def read_credential(f: Fields, name: str, what: str, fix: str) -> tuple[Secret, str]:
-    """A credential from the file named by ``name`` (never from argv or the config itself)."""
-    path = f.text(name, required=True)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = fh.read().strip()
-    except OSError as exc:
-        raise f.fail(name, f"cannot read {path} ({exc.strerror})", "check the path and its permissions") from None
-    if not value or any(c.isspace() for c in value):
-        raise f.fail(name, f"{path} holds {'no' if not value else 'a malformed'} {what}", fix)
-    return Secret(value), path
-
-
-def parse_tls(f: Fields) -> tuple[str, bool]:
-    ca_file = f.text("ca_file", "")
-    if ca_file and not os.path.isfile(ca_file):
-        raise f.fail("ca_file", f"{ca_file} is not a file", "give the PEM file of the CA that signed the device's cert")
-    verify_tls = f.flag("verify_tls", True)
-    if ca_file and not verify_tls:
-        raise f.fail("verify_tls", "is false while ca_file is set", "remove one of them (TLS is verified by default)")
-    return ca_file, verify_tls
-
-
-def parse_host(f: Fields) -> str:
-    host = f.text("host", required=True)
-    if not HOST_RE.match(host):
-        raise f.fail("host", f"{host!r} is not a host name or address",
-                     "give the management address alone, e.g. fw.example.net (no scheme, no path)")
-    return host
 
 
 def parse_settings(f: Fields) -> PanosSettings:
@@ -194,10 +161,7 @@ class PanosDevice:
         self.verify_timeout = verify_timeout
         self.concurrency = concurrency
         self.where = f"{settings.host}:{settings.port}"
-        if settings.verify_tls:
-            self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
-        else:  # the operator chose it (verify_tls = false); pan.xapi would not verify with no context either
-            self._tls = ssl._create_unverified_context()  # noqa: S323
+        self._tls = tls_context(settings.ca_file, settings.verify_tls)  # pan.xapi verifies only with a context
         # pan.xapi logs each request's fields at DEBUG, the key's <key> element among them.
         logging.getLogger("pan.xapi").setLevel(logging.INFO)
 
