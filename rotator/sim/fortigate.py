@@ -100,7 +100,7 @@ class FortigateSim(SimApp):
 
     # -- faults -------------------------------------------------------------------------------
     def refuse_key(self, name: str, text: str) -> None:
-        """A PUT of this phase 1's key answers HTTP 500, error -651, with ``text`` (``{key}``: the key sent)."""
+        """The next PUT of this phase 1's key answers HTTP 500, error -651, with ``text`` (``{key}``: the key sent)."""
         with self.lock:
             self._refused[name] = text
 
@@ -159,7 +159,8 @@ class FortigateSim(SimApp):
             if not isinstance(psk, str):
                 return _envelope("PUT", 500, error=-651, cli_error="psksecret: a string is required", **extra)
             if name in self._refused:
-                return _envelope("PUT", 500, error=-651, cli_error=self._refused[name].replace("{key}", psk), **extra)
+                return _envelope("PUT", 500, error=-651, cli_error=self._refused.pop(name).replace("{key}", psk),
+                                 **extra)
             if not 6 <= len(psk) <= 128:
                 return _envelope("PUT", 500, error=-651, cli_error="psksecret: the length must be 6-128", **extra)
             tunnel.psk = psk

@@ -153,7 +153,8 @@ class PanosSim(SimApp):
             self._commit_failures.extend([text] * count)
 
     def refuse_key(self, gateway: str, message: str) -> None:
-        """A set of this gateway's key is answered ``status="error" code="12"`` with ``message``."""
+        """The next set of this gateway's key is answered ``status="error" code="12"`` with ``message``
+        (a key the firewall refuses; the old key, sent back by a rollback, is taken again)."""
         with self.lock:
             self._refused[gateway] = message
 
@@ -263,7 +264,7 @@ class PanosSim(SimApp):
             return _error(200, "the simulator models only a set of <key> at .../pre-shared-key "
                                "or an edit of .../pre-shared-key/key", code=12)
         if name in self._refused:
-            return _error(200, f"{name} -> authentication -> pre-shared-key -> key {self._refused[name]}", code=12)
+            return _error(200, f"{name} -> authentication -> pre-shared-key -> key {self._refused.pop(name)}", code=12)
         value = key_node.text or ""
         if gw is None:  # as PAN-OS does, a set creates the node: an incomplete gateway
             gw = self.gateways[name] = Gateway(name, "", "", "", "", complete=False)

@@ -130,7 +130,7 @@ class VyosSim(SimApp):
             self._commit_failures.extend([text] * count)
 
     def refuse_key(self, name: str, message: str) -> None:
-        """A configure that sets psk ``name``'s secret fails validation (HTTP 400) with ``message``."""
+        """The next configure that sets psk ``name``'s secret fails validation (HTTP 400) with ``message``."""
         with self.lock:
             self._refused[name] = message
 
@@ -246,7 +246,7 @@ class VyosSim(SimApp):
                     first_secret = first_secret or path[6]
                     if path[4] in self._refused:
                         return _answer(400, False, None, f"Invalid value for vpn ipsec authentication psk {path[4]} "
-                                                         f"secret: {self._refused[path[4]]}\n")
+                                                         f"secret: {self._refused.pop(path[4])}\n")
                 _put(working, path[:-1], path[-1], leaf=True)
             else:
                 _delete(working, path)
