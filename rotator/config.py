@@ -346,10 +346,11 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
     if "default" not in policies:
         policies["default"] = Policy("default", every=30 * 86400.0, max_age=35 * 86400.0, jitter=3600.0)
-    from rotator.adapters.devices import parse_devices  # the device kinds import this module's parsers
+    from rotator.adapters.devices import check_key_rules, parse_devices  # the kinds import this module's parsers
 
     accounts = _accounts(root, policies)
     devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
+    check_key_rules(devices, accounts, policies)  # docs/design.md section 10: no key a device refuses
     settings = Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
                         _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
     # Every call's total deadline must fit twice in the lease: Cloudflare's and each device's.

@@ -249,10 +249,7 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
     def close() -> None:
         store.close()
         http.close()
-        for device in registry.devices.values():
-            closer = getattr(device, "close", None)
-            if callable(closer):
-                closer()
+        registry.close()
 
     return Runtime(settings, cloudflare, store, leases, engine, generators, authenticator, store.check, close,
                    registry, measured, lambda: cloudflare.api.rate_budget)

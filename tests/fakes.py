@@ -17,9 +17,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rotator.adapters.devices._common import DeviceBase
 from rotator.errors import CasConflict, CloudflareError, VaultError
 from rotator.model import Lease, PskSetResult, Record, TunnelInfo
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState, KeyRules
 from rotator.secret import Secret
 
 Fault = Callable[..., Any]
@@ -240,15 +241,28 @@ def lost_answer(*_: Any) -> Any:
 
 # -- far-end device --------------------------------------------------------------------------------
 
-class FakeDevice:
+class FakeDevice(DeviceBase):
     """Device: holds one key per tunnel; ``verify`` checks it against the key Cloudflare holds (a
     fresh IKE authentication succeeds only when both ends agree). Ops for faults: ``deliver``,
     ``verify``, ``rollback`` (args: the tunnels); a fault's return value replaces the answer.
-    Helpers for faults: refuse(), hang(), garbage(), waiting()."""
+    Helpers for faults: refuse(), hang(), garbage(), waiting().
+
+    Kit attributes: ``interrupts`` (a delivered tunnel is down until Cloudflare holds its key: the
+    fake's ``up`` then says False for it), ``key_rules``, ``pairs`` (tunnel id -> pair key, else the
+    kit's default by customer endpoint), ``status`` (tunnel id -> up, the vendor's own view; a
+    tunnel not in it is not known, unless ``interrupts`` makes the fake judge it by the keys)."""
 
     def __init__(self, name: str, cloudflare: FakeCloudflare | None = None, *, kind: str = "fake",
-                 timeout: float = 0.5, verify: bool = True, latency: float = 0.0) -> None:
+                 timeout: float = 0.5, verify: bool = True, latency: float = 0.0, interrupts: bool = False,
+                 key_rules: KeyRules | None = None, pairs: Mapping[str, str] | None = None,
+                 verify_timeout: float | None = None) -> None:
         self.name, self.kind, self.timeout, self.verifies = name, kind, timeout, verify
+        self.interrupts, self.verify_timeout = interrupts, verify_timeout
+        self.key_rules = key_rules or KeyRules()
+        self.pairs = dict(pairs) if pairs is not None else None
+        self.status: dict[str, bool] = {}
+        self.in_flight: set[str] = set()  # tunnels delivered and not yet verified or rolled back
+        self.overlaps: list[tuple[str, ...]] = []  # pairs seen with two tunnels in flight at once
         self.cloudflare = cloudflare
         self.latency = latency
         self.keys: dict[str, str] = {}
@@ -277,13 +291,44 @@ class FakeDevice:
             self.keys[t.tunnel_id] = t.psk.reveal()
         return DeviceResult(DeviceStatus.OK)
 
+    def _deliver(self, t: DeviceTunnel) -> DeviceResult:
+        with self._lock:
+            if self.pairs is not None and t.tunnel_id in self.pairs:
+                pair = self.pairs[t.tunnel_id]
+                busy = tuple(o for o in self.in_flight if self.pairs.get(o) == pair)
+                if busy:
+                    self.overlaps.append((t.tunnel_id, *busy))
+            self.in_flight.add(t.tunnel_id)
+        return self._hold(t)
+
+    def _settled(self, tunnels: Sequence[DeviceTunnel]) -> None:
+        with self._lock:
+            self.in_flight.difference_update(t.tunnel_id for t in tunnels)
+
     def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]:
-        return self._call("deliver", tunnels, deadline, self._hold)
+        return self._call("deliver", tunnels, deadline, self._deliver)
 
     def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                  deadline: float) -> dict[str, DeviceResult]:
-        return self._call("rollback", tunnels, deadline, self._hold)
+        try:
+            return self._call("rollback", tunnels, deadline, self._hold)
+        finally:
+            self._settled(tunnels)
+
+    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
+        if self.pairs is None:
+            return super().pair_of(account_id, tunnels, deadline=deadline)
+        return {t.id: self.pairs[t.id] for t in tunnels if t.id in self.pairs}
+
+    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
+        self.faults.counts["tunnels_up"] += 1
+        out = {t.id: self.status[t.id] for t in tunnels if t.id in self.status}
+        if self.interrupts and self.cloudflare is not None:
+            for t in tunnels:
+                if t.id not in out and t.id in self.keys:
+                    out[t.id] = self.cloudflare.key_of(t.id) == self.keys[t.id]
+        return out
 
     def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]:
@@ -294,7 +339,10 @@ class FakeDevice:
             if self.cloudflare is not None and self.cloudflare.key_of(t.tunnel_id) != held:
                 return DeviceResult(DeviceStatus.FAILED, "IKE_AUTH failed: AUTHENTICATION_FAILED")
             return DeviceResult(DeviceStatus.OK)
-        return self._call("verify", tunnels, deadline, check)
+        try:
+            return self._call("verify", tunnels, deadline, check)
+        finally:
+            self._settled(tunnels)
 
 
 def refuse(reason: str = "device said no") -> Fault:

@@ -38,7 +38,7 @@ def test_alert_rules_pass_their_promtool_unit_tests():
 def test_every_alert_has_a_unit_test_and_a_runbook_section():
     rules = re.findall(r"alert: (\w+)", (PROM / "alerts.yml").read_text())
     tested = set(re.findall(r"alertname: (\w+)", (PROM / "alerts_test.yml").read_text()))
-    assert len(rules) == 11 and set(rules) <= tested
+    assert len(rules) == 12 and set(rules) <= tested
     readme = (ROOT / "README.md").read_text().lower()
     for anchor in set(re.findall(r"#(runbook-[a-z-]+)", (PROM / "alerts.yml").read_text())):
         assert "### " + anchor.replace("-", " ") in readme.replace("-", " ").replace(":", ""), anchor
@@ -183,11 +183,12 @@ def test_assess_is_the_one_rule_for_state_drift_and_due():
 def test_device_calls_are_counted_and_timed_per_tunnel():
     from prometheus_client import CollectorRegistry
 
+    from rotator.adapters.devices._common import DeviceBase
     from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
     from rotator.secret import Secret
     from rotator.service.metrics import MeasuredDevice, Metrics
 
-    class Device:
+    class Device(DeviceBase):
         name, kind = "branch", "exec"
 
         def deliver(self, account_id, rotation_id, tunnels, *, deadline):

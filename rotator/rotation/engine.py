@@ -69,6 +69,7 @@ class RunReport:
     drifted: list[str] = field(default_factory=list)  # tunnel ids whose key changed outside the rotator
     views: list[TunnelView] = field(default_factory=list)  # every planned tunnel as the plan saw it
     rollback: bool = False
+    partner_down: list[str] = field(default_factory=list)  # tunnels that waited: their redundant partner was down
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
@@ -200,13 +201,15 @@ class Engine:
     # -- plan ---------------------------------------------------------------------------------
     def _plan(self, req: RunRequest, tally: Tally) -> tuple[Plan, list[Item], int]:
         started = time.monotonic()
-        selected = self._select(self.api.list_tunnels(req.account_id), req)
+        listed = self.api.list_tunnels(req.account_id)
+        selected = self._select(listed, req)
         readable = [t.id for t in selected if t.problem is None]
         records = self.store.read_many(req.account_id, readable) if readable else {}
         the_plan = plan(selected, records, req.policy_for, self.clock(), due=req.due,
                         reconcile_only=req.reconcile_only, rollback=req.rollback, on_drift=req.on_drift,
                         failures=req.failures)
         items = self._items(req, the_plan)
+        self._pairs(req, items, [t for t in listed if t.problem is None])
         tally.know(items)
         for tunnel, outcome, reason in the_plan.settled:
             tally.settle(tunnel, outcome, reason)
@@ -232,6 +235,41 @@ class Engine:
             for item, key in zip(group, generator.generate(len(group)), strict=True):
                 item.key = key
         return items
+
+    def _pairs(self, req: RunRequest, items: list[Item], listed: Sequence[TunnelInfo]) -> None:
+        """Each item's redundant pair and partners, as its device names them (Device.pair_of) over every
+        listed tunnel the device owns, planned or not. A device that cannot say falls back to the
+        usual pair (same device, same customer endpoint)."""
+        devices: dict[int, tuple[Device, list[TunnelInfo]]] = {}
+        for item in items:
+            if item.device is not None:
+                devices.setdefault(id(item.device), (item.device, []))
+        if not devices or req.device_for is None:
+            return
+        for tunnel in listed:
+            device = req.device_for(tunnel)
+            if device is not None and id(device) in devices:
+                devices[id(device)][1].append(tunnel)
+        keys: dict[tuple[int, str], str] = {}
+        for dev_id, (device, owned) in devices.items():
+            try:
+                named = device.pair_of(req.account_id, owned, deadline=time.monotonic() + device.timeout)
+            except Exception as exc:  # a device must not raise: fall back to the usual pair
+                self.log.warning("pairs_unknown", device=device.name, error=str(exc)[:200])
+                named = {}
+            if not isinstance(named, dict) or not named:
+                named = {t.id: t.customer_endpoint for t in owned if t.customer_endpoint}
+            keys.update({(dev_id, tid): key for tid, key in named.items() if isinstance(key, str)})
+        members: dict[tuple[int, str], list[TunnelInfo]] = collections.defaultdict(list)
+        for dev_id, (_, owned) in devices.items():
+            for tunnel in owned:
+                if (dev_id, tunnel.id) in keys:
+                    members[(dev_id, keys[(dev_id, tunnel.id)])].append(tunnel)
+        for item in items:
+            key = keys.get((id(item.device), item.id)) if item.device is not None else None
+            item.pair_key = key
+            if key is not None:
+                item.partners = tuple(t for t in members[(id(item.device), key)] if t.id != item.id)
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         if req.tunnels is None:
@@ -316,7 +354,9 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
                           functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,
-                          req.ack_timeout, req.health, self.apply_guard)
+                          req.ack_timeout, req.health, self.apply_guard,
+                          keepalive=functools.partial(self._still_leased, req.account_id),
+                          keepalive_every=max(1.0, self.leases.ttl / 3))
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
             if req.dry_run:  # a dry run changes nothing, not even an interrupted rollback
                 for item in going_back:
@@ -326,6 +366,7 @@ class Engine:
             phases = self._phases(ctx, tally, req, total)
             batches = self._batches([i for i in items if i.mode is not Mode.ROLLING_BACK])
             (pipeline.run_pipelined if self.pipelined else pipeline.run_sequential)(batches, phases)
+        tally.report.partner_down = sorted(ctx.partner_down)
         self.on_progress(len(tally.report.outcomes), total)
 
     def _phases(self, ctx: Context, tally: Tally, req: RunRequest, total: int) -> pipeline.Phases[Item]:
@@ -381,7 +422,7 @@ class Engine:
         self._steps(ctx, tally, [i.going_back(SKIPPED, why) for i in fresh], self.backward)
 
     def _batches(self, items: list[Item]) -> list[list[Item]]:
-        """Batches of ``batch_size``; tunnels sharing a device and customer endpoint (a redundant pair)
+        """Batches of ``batch_size``; tunnels of one redundant pair (as their device names it)
         go into different waves, so one is verified before the other starts; a key already in flight
         goes first, and its partner waits for a later run if it stays in flight."""
         waves: list[list[Item]] = [[]]

@@ -108,19 +108,48 @@ class KeyRules:
         return None
 
 
+PROOFS = ("ike_reauth", "vendor_status", "operator_ack")
+
+
 class Device(Protocol):
     """A far end. Every method answers for every tunnel it was given (a tunnel missing from the
     answer counts as UNKNOWN), never raises for a known failure, and returns before ``deadline``
     (``time.monotonic()`` value) has passed.
 
-    Optional attributes the engine reads: ``timeout`` (seconds, the total deadline of one call;
-    default 60), ``verifies`` (bool, ask for a verification after Cloudflare applies; default True).
+    What the engine reads besides the three actions (every kind sets each one; the kit's
+    ``DeviceBase`` in rotator/adapters/devices/_common.py holds the defaults, and a wrapper such as
+    the metrics one must forward each, which mypy checks against this protocol):
+
+    - ``timeout``: seconds, the total deadline of one deliver or rollback call (and of verify when
+      ``verify_timeout`` is None); covered by the lease, so the lease-TTL rule applies to it;
+    - ``verify_timeout``: None, or how long verify may poll for the vendor's status
+      (docs/design.md section 10, long operations). A device that sets it promises its verify
+      changes no key: such a verify is not a lease-covered call and does not count for the
+      lease-TTL rule; the engine keeps the lease alive while it runs;
+    - ``verifies``: ask for a verification after Cloudflare applies;
+    - ``ack_timeout``: manual devices, how long a key may wait for its acknowledgement (else None);
+    - ``interrupts``: deliver takes the tunnel down (AWS replaces the tunnel endpoint), so a tunnel
+      starts only while its redundant partner is up (docs/design.md section 10);
+    - ``key_rules``: what keys the vendor accepts; deliver never sends a key that breaks them;
+    - ``proof``: how verify shows both ends hold the key, one of PROOFS (the record's ``verified_by``).
+
+    ``pair_of`` names each tunnel's redundant pair (tunnels of one pair are never in flight
+    together); ``tunnels_up`` is the vendor's own view of whether tunnels are up (for partner
+    gating; a tunnel missing from the answer is not known there). ``close`` frees what it holds.
+
     The engine makes one call per device, action and batch, and calls different devices
     concurrently; a device with many tunnels in one call works on them concurrently (its own
     bounded pool, ``concurrency`` in its config), so verification time does not grow with the batch."""
 
     name: str
     kind: str
+    timeout: float
+    verify_timeout: float | None
+    verifies: bool
+    ack_timeout: float | None
+    interrupts: bool
+    key_rules: KeyRules
+    proof: str
 
     def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]: ...
@@ -130,6 +159,17 @@ class Device(Protocol):
 
     def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                  deadline: float) -> dict[str, DeviceResult]: ...
+
+    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
+        """Tunnel id -> the key of its redundant pair (tunnels with equal keys are partners); a
+        tunnel missing from the answer has no partner."""
+        ...
+
+    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
+        """Tunnel id -> whether the vendor reports it up; a tunnel missing: not known here."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class HealthState(StrEnum):

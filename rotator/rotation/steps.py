@@ -36,7 +36,7 @@ from rotator.rotation.ports import (
 )
 from rotator.secret import Secret
 
-DEFAULT_DEVICE_TIMEOUT = 60.0
+PARTNER_DOWN = "partner down"
 
 
 class LeaseLost(RotatorError):
@@ -59,6 +59,10 @@ class Item:
     generated_on: str | None = None
     ipsec_id: str | None = None
     applied_at: float | None = None
+    # The redundant pair, as the device names it (Device.pair_of; by default the customer endpoint),
+    # and the other tunnels of that pair (for partner gating). Set by the engine at planning.
+    pair_key: str | None = None
+    partners: tuple[TunnelInfo, ...] = ()
 
     @property
     def id(self) -> str:
@@ -66,10 +70,10 @@ class Item:
 
     @property
     def pair(self) -> tuple[str, str] | None:
-        """A redundant pair: tunnels that share a device and a customer endpoint."""
-        if self.device is None or not self.tunnel.customer_endpoint:
+        """A redundant pair: tunnels of one device that the device names as one pair."""
+        if self.device is None or self.pair_key is None:
             return None
-        return self.device.name, self.tunnel.customer_endpoint
+        return self.device.name, self.pair_key
 
     @property
     def reconcile(self) -> bool:
@@ -116,6 +120,9 @@ class Context:
     call_timeout: float = 30.0  # the total deadline of one Cloudflare call
     health_timeout: float = 30.0
     busy_pairs: set[tuple[str, str]] = field(default_factory=set)  # pairs with a key left in flight
+    partner_down: set[str] = field(default_factory=set)  # tunnels that waited because their partner was down
+    keepalive: Callable[[], object] = lambda: None  # renews the lease while a long verify polls
+    keepalive_every: float = 30.0
 
 
 Step = Callable[[Context, list[Item]], Result]
@@ -201,10 +208,10 @@ def validate(ctx: Context, items: list[Item]) -> Result:
 
 def deliver(ctx: Context, items: list[Item]) -> Result:
     """Hand each key to its far-end device; acknowledged manual keys and device-less tunnels pass.
-    A fresh key waits while its redundant partner's key is still in flight (it goes back, untouched)."""
-    out = Result(back=[i.going_back(Outcome.SKIPPED, "its redundant partner on the same device and endpoint has "
-                                    "a key in flight; it is rotated once that one settles")
-                       for i in items if not i.reconcile and i.pair in ctx.busy_pairs])
+    A fresh key waits while its redundant partner's key is still in flight, or, where the deliver
+    interrupts the tunnel, while its partner is not up (it goes back untouched). A key that breaks
+    the device's key rules is never sent (docs/design.md section 10)."""
+    out = Result(back=_held_back(ctx, items))
     items = [i for i in items if i not in out.back]
     for item in [i for i in items if _moved_away(i)]:
         out.settle(item, Outcome.UNKNOWN, _moved_away(item))
@@ -228,6 +235,66 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
     return out
 
 
+def _held_back(ctx: Context, items: list[Item]) -> list[Item]:
+    """What deliver takes back untouched before any device call: a fresh key whose partner's key is
+    in flight, a key that breaks the device's key rules (never sent), a fresh key whose deliver would
+    take the tunnel down while no redundant partner is up."""
+    back = [i.going_back(Outcome.SKIPPED, "its redundant partner on the same device has a key in flight; "
+                         "it is rotated once that one settles")
+            for i in items if not i.reconcile and i.pair in ctx.busy_pairs]
+    for item in [i for i in items if i.device is not None and not i.record.acked and i not in back]:
+        assert item.device is not None
+        broken = item.device.key_rules.refuses(item.key.reveal())
+        if broken is not None:
+            item.dev_refused = not item.reconcile
+            back.append(item.going_back(Outcome.REFUSED, f"the key breaks device {item.device.name}'s key rules "
+                                        f"({broken}); not sent: fix the PSK policy"))
+    fresh = [i for i in items if not i.reconcile and not i.record.acked and i not in back]
+    for item, why in _partners_down(ctx, fresh).items():
+        ctx.partner_down.add(item.id)
+        back.append(item.going_back(Outcome.SKIPPED, f"{PARTNER_DOWN}: {why}; the tunnel is rotated once its "
+                                    "partner is up again"))
+    return back
+
+
+def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
+    """Items whose deliver would take the tunnel down while no redundant partner is known to be up:
+    the vendor's own status first (Device.tunnels_up), then Cloudflare's tunnel health."""
+    gated = [i for i in items if i.device is not None and i.device.interrupts and i.partners]
+    if not gated:
+        return {}
+    up: dict[str, bool] = {}
+    by_device: dict[int, list[Item]] = {}
+    for item in gated:
+        by_device.setdefault(id(item.device), []).append(item)
+    for group in by_device.values():
+        device = group[0].device
+        assert device is not None
+        partners = list({p.id: p for i in group for p in i.partners}.values())
+        try:
+            up.update(device.tunnels_up(ctx.account_id, partners, deadline=time.monotonic() + device.timeout))
+        except Exception as exc:  # a device must not raise; no answer is "not known"
+            ctx.log.warning("partner_status_failed", step="deliver", device=device.name, error=ctx.redact(str(exc)))
+    unknown = sorted({p.name: p for i in gated for p in i.partners if p.id not in up}.values(), key=lambda p: p.name)
+    if unknown and ctx.health is not None:
+        try:
+            health = ctx.health.tunnel_health(ctx.account_id, [p.name for p in unknown], since=ctx.clock() - 300.0,
+                                              deadline=time.monotonic() + ctx.health_timeout)
+        except Exception as exc:  # no answer is "not known"
+            ctx.log.warning("partner_health_failed", step="deliver", error=ctx.redact(str(exc)))
+            health = {}
+        for p in unknown:
+            if p.name in health and health[p.name] is not HealthState.NO_DATA:
+                up[p.id] = health[p.name] is HealthState.HEALTHY
+    down: dict[Item, str] = {}
+    for item in gated:
+        if any(up.get(p.id) for p in item.partners):
+            continue
+        states = ", ".join(f"{p.name} {'down' if p.id in up else 'state unknown'}" for p in item.partners)
+        down[item] = f"delivering takes the tunnel down and no redundant partner is up ({states})"
+    return down
+
+
 def _moved_away(item: Item) -> str | None:
     """The pending key was handed to a device the configuration no longer names for this tunnel: that
     device may hold it, and neither a delivery elsewhere nor a rollback elsewhere settles it."""
@@ -243,7 +310,7 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
     from rotator.schedule import parse_time
 
     staged = parse_time(item.record.staged_at)
-    limit = getattr(item.device, "ack_timeout", None) or ctx.ack_timeout
+    limit = (item.device.ack_timeout if item.device is not None else None) or ctx.ack_timeout
     if limit is not None and staged is not None and ctx.clock() - staged > limit:
         # Not acknowledged is not refused: the operator may have typed the key in without saying so.
         # The rollback asks them to put psk back and acknowledge that; both keys stay readable until then.
@@ -310,7 +377,7 @@ def _undone(item: Item) -> Outcome:
 
 def verify(ctx: Context, items: list[Item]) -> Result:
     """The device forces a fresh IKE authentication with the new key; a failure rolls both ends back."""
-    checked = [i for i in items if i.device is not None and getattr(i.device, "verifies", True)]
+    checked = [i for i in items if i.device is not None and i.device.verifies]
     out = Result(moved=[i for i in items if i not in checked])
     for item, res in device_call(ctx, checked, "verify"):
         if res.ok:
@@ -513,21 +580,25 @@ def device_call(ctx: Context, items: Iterable[Item], action: str) -> list[tuple[
     """One call per device and action, devices concurrently; a tunnel without an answer is UNKNOWN."""
     groups: dict[int, list[Item]] = {}
     out: list[tuple[Item, DeviceResult]]
-    futures: list[tuple[list[Item], float, concurrent.futures.Future[dict[str, DeviceResult]]]]
+    futures: list[tuple[list[Item], float, bool, concurrent.futures.Future[dict[str, DeviceResult]]]]
     for item in items:
         groups.setdefault(id(item.device), []).append(item)
     futures = []
     for group in groups.values():
         device = group[0].device
         assert device is not None
-        timeout = float(getattr(device, "timeout", DEFAULT_DEVICE_TIMEOUT))
+        # A verify that only polls the vendor's status (verify_timeout set) changes no key: it is not
+        # a lease-covered call and its deadline is not bound by the lease TTL (docs/design.md section 10).
+        polls = action == "verify" and device.verify_timeout is not None
+        timeout = float(device.verify_timeout if polls and device.verify_timeout is not None else device.timeout)
         resend = action == "verify" or (action == "deliver" and all(i.reconcile for i in group))
         tunnels = [_device_tunnel(i, action) for i in group]
-        futures.append((group, timeout, ctx.pool.submit(_covered, ctx, getattr(device, action), tunnels, timeout,
-                                                        resend)))
+        method = {"deliver": device.deliver, "verify": device.verify, "rollback": device.rollback}[action]
+        call = _uncovered if polls else _covered
+        futures.append((group, timeout, polls, ctx.pool.submit(call, ctx, method, tunnels, timeout, resend)))
     out = []
-    for group, timeout, future in futures:
-        answers, missing = _answers(ctx, future, timeout, action)
+    for group, timeout, polls, future in futures:
+        answers, missing = _answers(ctx, future, timeout, action, polls)
         out.extend((i, answers.get(i.id) or DeviceResult(DeviceStatus.UNKNOWN, missing)) for i in group)
     return out
 
@@ -539,11 +610,33 @@ def _covered(ctx: Context, method: Callable[..., dict[str, DeviceResult]], tunne
         return method(ctx.account_id, ctx.rotation_id, tunnels, deadline=time.monotonic() + timeout)
 
 
+def _uncovered(ctx: Context, method: Callable[..., dict[str, DeviceResult]], tunnels: list[DeviceTunnel],
+               timeout: float, resend: bool) -> dict[str, DeviceResult]:
+    """A verify that only reads the vendor's status: no lease cover, its own (long) deadline."""
+    return method(ctx.account_id, ctx.rotation_id, tunnels, deadline=time.monotonic() + timeout)
+
+
+def _result(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceResult]], timeout: float,
+            keepalive: bool) -> dict[str, DeviceResult]:
+    """Wait for a device call; during a long verify, renew the lease every ``keepalive_every``."""
+    end = time.monotonic() + timeout + 5.0
+    if not keepalive:
+        return future.result(timeout=timeout + 5.0)
+    for _ in range(int((timeout + 5.0) / max(ctx.keepalive_every, 0.01)) + 2):
+        try:
+            return future.result(timeout=max(0.0, min(ctx.keepalive_every, end - time.monotonic())))
+        except concurrent.futures.TimeoutError:
+            if time.monotonic() >= end:
+                raise
+            ctx.keepalive()
+    return future.result(timeout=max(0.0, end - time.monotonic()))
+
+
 def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceResult]], timeout: float,
-             action: str) -> tuple[dict[str, DeviceResult], str]:
+             action: str, keepalive: bool = False) -> tuple[dict[str, DeviceResult], str]:
     """The device's answers (reasons redacted), and the reason for a tunnel it did not answer for."""
     try:
-        answers = future.result(timeout=timeout + 5.0)
+        answers = _result(ctx, future, timeout, keepalive)
     except concurrent.futures.TimeoutError:
         return {}, "no answer within the device's timeout"
     except LeaseLost as exc:

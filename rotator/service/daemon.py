@@ -52,6 +52,7 @@ class Daemon:
     runs: Runs = field(default_factory=Runs)
     _failures: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
     _waiting: dict[str, set[str]] = field(default_factory=dict)  # tunnels whose key waits for an ack
+    _partner_down: dict[str, set[str]] = field(default_factory=dict)  # tunnels waiting for their partner
     _stopping: threading.Event = field(default_factory=threading.Event)
     _account_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _queue: concurrent.futures.ThreadPoolExecutor | None = None
@@ -311,6 +312,8 @@ class Daemon:
             self.metrics.rotations.labels(account=run.account, result=o.result).inc()
             waiting = self._waiting.setdefault(run.account, set())
             (waiting.add if o.result == "waiting" else waiting.discard)(o.tunnel_id)
+            gated = self._partner_down.setdefault(run.account, set())
+            (gated.add if o.tunnel_id in report.partner_down else gated.discard)(o.tunnel_id)
             if o.result == ROTATED:
                 failures.pop(o.tunnel_id, None)
                 tunnel = TunnelInfo(o.tunnel_id, o.name)
@@ -330,6 +333,7 @@ class Daemon:
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
         self.metrics.waiting_ack.labels(account=run.account).set(len(self._waiting.get(run.account, ())))
+        self.metrics.partner_down.labels(account=run.account).set(len(self._partner_down.get(run.account, ())))
         self.metrics.runs.labels(account=run.account, trigger=run.trigger, ok=str(report.ok).lower()).inc()
         counts = report.counts()
         if report.error:

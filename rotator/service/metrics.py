@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rotator import __version__
+from rotator.adapters.devices._common import DeviceWrapper
 from rotator.rotation.ports import Device, DeviceResult, DeviceTunnel
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class Metrics:
         self.waiting_ack = Gauge(p + "tunnels_waiting_ack",
                                  "Tunnels whose pending key waits for an operator's acknowledgement (manual devices)",
                                  ["account"], registry=registry)
+        self.partner_down = Gauge(p + "partner_down_tunnels",
+                                  "Tunnels whose rotation waits because their redundant partner is not up "
+                                  "(their deliver would take them down)", ["account"], registry=registry)
         self.build_info = Gauge(p + "build_info", "Build information", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         self.cloudflare_ok: bool | None = None  # the token's standing on the last call, for readiness
@@ -104,22 +108,17 @@ class Metrics:
         self.step_duration.labels(step=step).observe(seconds)
 
 
-class MeasuredDevice:
+class MeasuredDevice(DeviceWrapper):
     """A Device (rotation/ports.py) that counts each tunnel's result and times each call.
 
     Wiring wraps every configured device in one, so the engine and the device adapters stay
-    free of metrics.
+    free of metrics. Every other attribute is the wrapped device's (DeviceWrapper forwards each
+    one the port names).
     """
 
     def __init__(self, device: Device, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
-        self.device, self.metrics, self.clock = device, metrics, clock
-        self.name, self.kind = device.name, device.kind
-
-    def __getattr__(self, name: str) -> Any:
-        # What the engine reads besides the port's methods (timeout, verifies, concurrency,
-        # ack_timeout) is the wrapped device's: a wrapper must not turn `verify = false` or a
-        # 10 s timeout back into the defaults.
-        return getattr(self.device, name)
+        super().__init__(device)
+        self.metrics, self.clock = metrics, clock
 
     def _measured(self, action: str, call: Callable[..., dict[str, DeviceResult]], account_id: str,
                   rotation_id: str, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:

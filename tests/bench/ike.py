@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from rotator.adapters.devices._common import DeviceBase  # noqa: E402
 from rotator.adapters.devices.webhook import WebhookDevice  # noqa: E402
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel  # noqa: E402
 from rotator.secret import Secret  # noqa: E402
@@ -41,7 +42,7 @@ from rotator.sim.ike import Lab, LabError, unavailable  # noqa: E402
 ACCOUNT = "0" * 32
 
 
-class InstantDevice:
+class InstantDevice(DeviceBase):
     """The baseline far end: holds nothing, answers OK at once (the engine's cost without IKE)."""
 
     name, kind = "instant", "sim"

@@ -18,14 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rotator import config
+from rotator.adapters.devices._common import DeviceWrapper
 from rotator.rotation.engine import RunRequest
 from rotator.wiring import build_runtime, preflight
 
 
-class StopsDead:
+class StopsDead(DeviceWrapper):
     def __init__(self, device, point: str) -> None:
-        self.device, self.point = device, point
-        self.name, self.kind = device.name, device.kind
+        super().__init__(device)
+        self.point = point
 
     def _crash(self) -> None:
         print(f"CRASH-POINT {self.point}", flush=True)
@@ -42,9 +43,6 @@ class StopsDead:
         if self.point == "applied":
             self._crash()
         return self.device.verify(account_id, rotation_id, tunnels, deadline=deadline)
-
-    def rollback(self, account_id, rotation_id, tunnels, *, deadline):
-        return self.device.rollback(account_id, rotation_id, tunnels, deadline=deadline)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import secrets
 
 import pytest
 
+from rotator.adapters.devices._common import DeviceWrapper
 from rotator.rotation.engine import RunRequest
 from rotator.rotation.ports import DeviceResult, DeviceStatus
 from rotator.sim.ike import summary
@@ -66,25 +67,19 @@ def assert_ends_agree(sims, lab, acc: str, tids: list[str]) -> None:
         assert attempt.ok, f"{t}: {attempt.detail}"
 
 
-class RefusingSite:
+class RefusingSite(DeviceWrapper):
     """The real site, except that it refuses one tunnel's new key (as a router rejecting a config
     would); everything else, rollback and verification included, goes to the real charon."""
 
     def __init__(self, device, refused: str) -> None:
-        self.device, self.refused = device, refused
-        self.name, self.kind = device.name, device.kind
+        super().__init__(device)
+        self.refused = refused
 
     def deliver(self, account_id, rotation_id, tunnels, *, deadline):
         out = {t.tunnel_id: DeviceResult(DeviceStatus.FAILED, "the site refused the key")
                for t in tunnels if t.tunnel_id == self.refused}
         rest = [t for t in tunnels if t.tunnel_id != self.refused]
         return {**out, **(self.device.deliver(account_id, rotation_id, rest, deadline=deadline) if rest else {})}
-
-    def verify(self, account_id, rotation_id, tunnels, *, deadline):
-        return self.device.verify(account_id, rotation_id, tunnels, deadline=deadline)
-
-    def rollback(self, account_id, rotation_id, tunnels, *, deadline):
-        return self.device.rollback(account_id, rotation_id, tunnels, deadline=deadline)
 
 
 @pytest.fixture

@@ -3,19 +3,69 @@ and a small typed reader of one ``[[devices]]`` table that names the exact key i
 
 from __future__ import annotations
 
+import fnmatch
+import hmac
 import json
 import string
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from rotator.config import parse_duration
 from rotator.errors import ConfigError
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+from rotator.model import TunnelInfo
+from rotator.rotation.ports import Device, DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret, redact
+
+T = TypeVar("T")
 
 REASON_MAX = 300
 ACTIONS = ("deliver", "verify", "rollback")
 TEMPLATE_FIELDS = frozenset({"tunnel_name", "tunnel_id", "customer_endpoint", "cloudflare_endpoint"})
+
+
+# -- one validated [[devices]] block ---------------------------------------------------------------
+
+class KindSettings(Protocol):
+    """What a kind's ``parse_settings`` returns: a frozen dataclass; ``masked()`` shows it without a secret."""
+
+    def masked(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One validated ``[[devices]]`` block: the common keys, and ``settings`` of the kind."""
+
+    name: str
+    kind: str
+    tunnels: tuple[str, ...]  # exact ids, or globs on names
+    settings: KindSettings
+    accounts: tuple[str, ...] = ()  # empty: every account
+    timeout: float = 60.0  # total deadline of one call to the device, seconds
+    verify: bool = True
+    concurrency: int = 16  # calls in flight to this device at once
+    path: str = "devices[0]"  # where it was configured, for messages
+    verify_timeout: float | None = None  # vendor kinds: how long verify polls for the vendor's status
+
+    def applies_to(self, account_id: str) -> bool:
+        return not self.accounts or account_id in self.accounts
+
+    def pattern_matches(self, pattern: str, tunnel: TunnelInfo) -> bool:
+        return tunnel.id == pattern or fnmatch.fnmatchcase(tunnel.name, pattern)
+
+    def matches(self, account_id: str, tunnel: TunnelInfo) -> bool:
+        return self.applies_to(account_id) and any(self.pattern_matches(p, tunnel) for p in self.tunnels)
+
+    def masked(self) -> dict[str, Any]:
+        """For ``rotator config check``: the effective settings, no secret."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "accounts": list(self.accounts) or "all",
+                               "tunnels": list(self.tunnels), "timeout": self.timeout, "verify": self.verify,
+                               "concurrency": self.concurrency}
+        if self.verify_timeout is not None:
+            out["verify_timeout"] = self.verify_timeout
+        out.update(self.settings.masked())
+        return out
 
 
 # -- redaction -------------------------------------------------------------------------------------
@@ -50,12 +100,67 @@ def split(tunnels: Sequence[DeviceTunnel], parts: int) -> list[Sequence[DeviceTu
     return [tunnels[i:i + size] for i in range(0, len(tunnels), size)] if tunnels else []
 
 
-class ActionDevice:
-    """A device kind whose three port methods are one call with the action named (exec, webhook).
-    ``timeout`` and ``verifies`` are the attributes the engine reads (rotation/ports.py)."""
+class DeviceBase:
+    """The defaults of the Device port (rotation/ports.py) every kind starts from; a kind sets
+    what differs (as class attributes or in ``__init__``)."""
 
+    name: str
+    kind: str
     timeout: float = 60.0
+    verify_timeout: float | None = None
     verifies: bool = True
+    ack_timeout: float | None = None
+    interrupts: bool = False
+    key_rules: KeyRules = KeyRules()
+    proof: str = "ike_reauth"
+
+    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
+        """The usual redundant pair: tunnels of one device to the same customer endpoint."""
+        return {t.id: t.customer_endpoint for t in tunnels if t.customer_endpoint}
+
+    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
+        return {}  # no status of its own: partner gating asks Cloudflare's tunnel health
+
+    def close(self) -> None:
+        return None
+
+
+class DeviceWrapper(DeviceBase):
+    """A Device around another one (metrics, a test's fault): every attribute of the port is the
+    wrapped device's, forwarded by name (so a wrapper never turns ``verify = false`` or a 10 s
+    timeout back into the defaults); subclasses override the actions they change."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.name, self.kind = device.name, device.kind
+        self.timeout, self.verify_timeout, self.verifies = device.timeout, device.verify_timeout, device.verifies
+        self.ack_timeout, self.interrupts, self.proof = device.ack_timeout, device.interrupts, device.proof
+        self.key_rules = device.key_rules
+
+    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                deadline: float) -> dict[str, DeviceResult]:
+        return self.device.deliver(account_id, rotation_id, tunnels, deadline=deadline)
+
+    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+               deadline: float) -> dict[str, DeviceResult]:
+        return self.device.verify(account_id, rotation_id, tunnels, deadline=deadline)
+
+    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
+                 deadline: float) -> dict[str, DeviceResult]:
+        return self.device.rollback(account_id, rotation_id, tunnels, deadline=deadline)
+
+    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
+        return self.device.pair_of(account_id, tunnels, deadline=deadline)
+
+    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
+        return self.device.tunnels_up(account_id, tunnels, deadline=deadline)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+class ActionDevice(DeviceBase):
+    """A device kind whose three port methods are one call with the action named (exec, webhook)."""
 
     def call(self, action: str, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel],
              deadline: float) -> dict[str, DeviceResult]:
@@ -72,6 +177,51 @@ class ActionDevice:
     def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                  deadline: float) -> dict[str, DeviceResult]:
         return self.call("rollback", account_id, rotation_id, tunnels, deadline)
+
+
+# -- what vendor kinds share (docs/design.md section 10) --------------------------------------------
+
+def match_endpoint(tunnel: DeviceTunnel, by_address: Mapping[str, T], looked_in: str) -> T | DeviceResult:
+    """The vendor tunnel whose outside address is the Cloudflare tunnel's ``customer_endpoint``, or
+    the FAILED result a deliver answers with (the tunnel is refused; nothing is sent anywhere).
+    ``looked_in`` names where the kind looked, e.g. "VPN connections vpn-1, vpn-2 in eu-west-1"."""
+    endpoint = tunnel.customer_endpoint
+    if not endpoint:
+        return DeviceResult(DeviceStatus.FAILED, f"tunnel {tunnel.tunnel_name} has no customer_endpoint at "
+                            f"Cloudflare, so no tunnel in {looked_in} can be matched to it; set the "
+                            "tunnel's customer_endpoint to the vendor tunnel's outside address")
+    found = by_address.get(endpoint)
+    if found is None:
+        return DeviceResult(DeviceStatus.FAILED, f"no tunnel with outside address {endpoint} (the customer_endpoint "
+                            f"of {tunnel.tunnel_name}) in {looked_in}; check the device's tunnels and "
+                            "the Cloudflare tunnel's customer_endpoint")
+    return found
+
+
+def holds(current: str | Secret | None, key: Secret) -> bool:
+    """Whether the vendor's current key (as it returned it; None: not returned) is already ``key``:
+    a repeated deliver (reconcile after a crash) then changes nothing."""
+    if current is None:
+        return False
+    text = current.reveal() if isinstance(current, Secret) else current
+    return hmac.compare_digest(text.encode(), key.reveal().encode())
+
+
+def poll(check: Callable[[], DeviceResult | None], deadline: float, *, interval: float,
+         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+         on_timeout: Callable[[], DeviceResult]) -> DeviceResult:
+    """Call ``check`` until it gives a result (None: not yet) or ``deadline`` passes; then
+    ``on_timeout()``. Bounded: at most one check per ``interval`` and none after the deadline."""
+    interval = max(interval, 0.001)
+    for _ in range(int(max(0.0, deadline - clock()) / interval) + 2):
+        result = check()
+        if result is not None:
+            return result
+        left = deadline - clock()
+        if left <= 0:
+            break
+        sleep(min(interval, left))
+    return on_timeout()
 
 
 # -- the JSON of DESIGN.md section 9 ---------------------------------------------------------------

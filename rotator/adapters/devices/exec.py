@@ -29,6 +29,7 @@ import structlog
 
 from rotator.adapters.devices._common import (
     ActionDevice,
+    DeviceSpec,
     Fields,
     Garbage,
     batch_keys,
@@ -40,7 +41,8 @@ from rotator.adapters.devices._common import (
     strangers_note,
     with_note,
 )
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
+from rotator.secret import Secret
 
 log = structlog.get_logger("rotator.devices.exec")
 
@@ -51,10 +53,19 @@ KILL_GRACE = 2.0  # seconds to reap a killed group before giving up on it
 MAX_OUTPUT = 1 << 20  # bytes of stdout kept; stderr keeps its last MAX_OUTPUT bytes (the reason is its last line)
 
 
+KIND = "exec"
+KEY_RULES = KeyRules()  # the hook's business: any printable ASCII key
+INTERRUPTS = False
+PROOF = "ike_reauth"
+
+
 @dataclass(frozen=True)
 class ExecSettings:
     command: tuple[str, ...]
     pass_env: tuple[str, ...] = ()
+
+    def masked(self) -> dict[str, object]:
+        return {"command": list(self.command), "pass_env": list(self.pass_env)}
 
 
 def parse_settings(f: Fields) -> ExecSettings:
@@ -74,6 +85,16 @@ def parse_settings(f: Fields) -> ExecSettings:
             raise f.fail(f"pass_env[{i}]", f"{name} looks like a secret and is never passed to a hook",
                          "let the hook read its credentials from a file it owns")
     return ExecSettings(tuple(command), tuple(pass_env))
+
+
+def build(spec: DeviceSpec) -> ExecDevice:
+    s = spec.settings
+    assert isinstance(s, ExecSettings)
+    return ExecDevice(spec.name, s.command, timeout=spec.timeout, verify=spec.verify, pass_env=s.pass_env)
+
+
+def secrets(settings: ExecSettings) -> list[Secret]:
+    return []
 
 
 class ExecDevice(ActionDevice):

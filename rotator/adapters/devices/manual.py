@@ -19,28 +19,48 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rotator.adapters.devices._common import Fields, every
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, every
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
+from rotator.secret import Secret
 
 DEFAULT_ACK_TIMEOUT = "24h"
+KIND = "manual"
+KEY_RULES = KeyRules()  # an operator types it in: any printable ASCII key
+INTERRUPTS = False
+PROOF = "operator_ack"
+VERIFIES = False  # the rotator cannot verify: verify = false is forced
 
 
 @dataclass(frozen=True)
 class ManualSettings:
     ack_timeout: float = 86400.0
 
+    def masked(self) -> dict[str, object]:
+        return {"ack_timeout": self.ack_timeout}
+
 
 def parse_settings(f: Fields) -> ManualSettings:
     return ManualSettings(f.duration("ack_timeout", DEFAULT_ACK_TIMEOUT))
 
 
-class ManualDevice:
+def build(spec: DeviceSpec) -> ManualDevice:
+    s = spec.settings
+    assert isinstance(s, ManualSettings)
+    return ManualDevice(spec.name, ack_timeout=s.ack_timeout, timeout=spec.timeout)
+
+
+def secrets(settings: ManualSettings) -> list[Secret]:
+    return []
+
+
+class ManualDevice(DeviceBase):
     kind = "manual"
     verifies = False  # read by the engine: a manual device is never asked to verify
+    proof = PROOF
 
     def __init__(self, name: str, *, ack_timeout: float = 86400.0, timeout: float = 60.0) -> None:
         self.name = name
-        self.ack_timeout = ack_timeout
+        self.ack_timeout: float | None = ack_timeout
         self.timeout = timeout
 
     def __repr__(self) -> str:

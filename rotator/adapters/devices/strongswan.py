@@ -40,8 +40,18 @@ import vici
 import vici.exception
 import vici.protocol
 
-from rotator.adapters.devices._common import Fields, batch_keys, check_template, every, fill, one_line
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+from rotator.adapters.devices._common import (
+    DeviceBase,
+    DeviceSpec,
+    Fields,
+    batch_keys,
+    check_template,
+    every,
+    fill,
+    one_line,
+)
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
+from rotator.secret import Secret
 
 DEFAULT_SOCKET = "/var/run/charon.vici"
 REAUTH_MODES = ("rekey", "restart")
@@ -52,6 +62,12 @@ WATCH_EVENTS = ("ike-updown",)
 WATCH_JOIN_TIMEOUT = 5.0
 
 
+KIND = "strongswan"
+KEY_RULES = KeyRules()  # load-shared takes any key; the policy's printable ASCII is fine
+INTERRUPTS = False  # load-shared replaces the key in place: established SAs keep running
+PROOF = "ike_reauth"
+
+
 @dataclass(frozen=True)
 class StrongSwanSettings:
     socket: str
@@ -60,6 +76,10 @@ class StrongSwanSettings:
     ike: str = "{tunnel_name}"
     child: str = "{tunnel_name}"
     reauth: str = "rekey"
+
+    def masked(self) -> dict[str, object]:
+        return {"socket": self.socket, "owners": list(self.owners), "secret_id": self.secret_id, "ike": self.ike,
+                "child": self.child, "reauth": self.reauth}
 
 
 def parse_settings(f: Fields) -> StrongSwanSettings:
@@ -113,7 +133,18 @@ class _DeadlineTransport(vici.protocol.Transport):  # type: ignore[misc]
         return data
 
 
-class StrongSwanDevice:
+def build(spec: DeviceSpec) -> StrongSwanDevice:
+    s = spec.settings
+    assert isinstance(s, StrongSwanSettings)
+    return StrongSwanDevice(spec.name, s.socket, owners=s.owners, secret_id=s.secret_id, ike=s.ike, child=s.child,
+                            reauth=s.reauth, timeout=spec.timeout, verify=spec.verify, concurrency=spec.concurrency)
+
+
+def secrets(settings: StrongSwanSettings) -> list[Secret]:
+    return []
+
+
+class StrongSwanDevice(DeviceBase):
     kind = "strongswan"
 
     def __init__(self, name: str, socket_path: str = DEFAULT_SOCKET, *, owners: Sequence[str],

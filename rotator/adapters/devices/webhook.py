@@ -32,6 +32,7 @@ import structlog
 from rotator import __version__
 from rotator.adapters.devices._common import (
     ActionDevice,
+    DeviceSpec,
     Fields,
     Garbage,
     batch_keys,
@@ -44,7 +45,7 @@ from rotator.adapters.devices._common import (
     with_note,
 )
 from rotator.errors import ConfigError
-from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel
+from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret
 
 log = structlog.get_logger("rotator.devices.webhook")
@@ -53,6 +54,12 @@ TIMESTAMP_HEADER = "X-Rotator-Timestamp"
 SIGNATURE_HEADER = "X-Rotator-Signature"
 MAX_ANSWER = 1 << 20  # bytes of a response body we read at most
 DEFAULT_WINDOW = 300.0
+
+
+KIND = "webhook"
+KEY_RULES = KeyRules()  # the receiver's business: any printable ASCII key
+INTERRUPTS = False
+PROOF = "ike_reauth"
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,17 @@ def sign(secret: Secret | str | bytes, timestamp: str, body: bytes) -> str:
     key = secret.reveal().encode() if isinstance(secret, Secret) else \
         secret.encode() if isinstance(secret, str) else secret
     return "sha256=" + hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def build(spec: DeviceSpec) -> WebhookDevice:
+    s = spec.settings
+    assert isinstance(s, WebhookSettings)
+    return WebhookDevice(spec.name, s.url, s.secret, timeout=spec.timeout, verify=spec.verify,
+                         concurrency=spec.concurrency, cacert=s.cacert)
+
+
+def secrets(settings: WebhookSettings) -> list[Secret]:
+    return [settings.secret]
 
 
 class WebhookDevice(ActionDevice):
