@@ -99,7 +99,8 @@ def test_keys_are_put_at_once_and_a_fresh_phase_2_proves_them(fortigate_sim):
     results = dev.verify(ACCOUNT, "r1", tunnels, deadline=deadline())
     assert statuses(results) == {tunnels[0].tunnel_id: DeviceStatus.OK, tunnels[1].tunnel_id: DeviceStatus.OK,
                                  tunnels[2].tunnel_id: DeviceStatus.FAILED}
-    assert "no fresh phase 2 of cf-site-2" in results[tunnels[2].tunnel_id].reason
+    assert "no fresh phase 2 within" in results[tunnels[2].tunnel_id].reason
+    assert "bringing cf-site-2 down and up" in results[tunnels[2].tunnel_id].reason
     assert sim.request_counts()["fortigate.down"] == 3 and sim.request_counts()["fortigate.up"] == 3
 
 

@@ -80,6 +80,9 @@ KIND_MODULES = (
     "webhook",
     "strongswan",
     "manual",
+    "panos",
+    "vyos",
+    "fortigate",
 )
 KINDS = KIND_MODULES
 COMMON_KEYS = ("name", "kind", "accounts", "tunnels", "timeout", "verify", "concurrency")

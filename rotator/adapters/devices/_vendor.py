@@ -1,13 +1,17 @@
-"""What the firewall kinds (panos, vyos, fortigate) share: the management host, TLS settings and an
-API credential read from a file named in the config (never argv, never the config itself)."""
+"""What the firewall kinds (panos, vyos, fortigate) share: the management host, TLS settings, an API
+credential read from a file named in the config (never argv, never the config itself), the three
+ways a call can fail, and the wait for a fresh IKE SA after verify forced one."""
 
 from __future__ import annotations
 
 import os
 import re
 import ssl
+import time
+from collections.abc import Callable
 
-from rotator.adapters.devices._common import Fields
+from rotator.adapters.devices._common import Fields, one_line, poll
+from rotator.rotation.ports import DeviceResult, DeviceStatus
 from rotator.secret import Secret
 
 HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
@@ -50,3 +54,49 @@ def tls_context(ca_file: str, verify: bool) -> ssl.SSLContext:
     if verify:
         return ssl.create_default_context(cafile=ca_file or None)
     return ssl._create_unverified_context()  # noqa: S323 - the operator's explicit choice
+
+
+class Refused(Exception):
+    """The device answered that it did not do it (an error answer of its API): nothing changed."""
+
+
+class Unclear(Exception):
+    """No clear answer (a timeout, a 5xx, garbage): the request may have been acted on."""
+
+
+class Unreached(Exception):
+    """The request never reached the device, or the device refused the credential before acting."""
+
+
+def tls_failure(text: str, where: str, what: str) -> str | None:
+    """One line for a certificate the configured CA does not trust (None: not a TLS failure)."""
+    if "CERTIFICATE_VERIFY_FAILED" not in text and "certificate verify failed" not in text:
+        return None
+    cause = text.split("]", 1)[-1].split("(_ssl", 1)[0].strip(" :") or "certificate verify failed"
+    return f"TLS verification of {where} failed ({cause}): set ca_file to the CA that signed the {what}'s certificate"
+
+
+def wait_fresh(fresh: Callable[[], bool], end: float, interval: float, keys: list[str], *, what: str,
+               since: float, failure: str) -> DeviceResult:
+    """Poll ``fresh`` (raises Refused/Unclear/Unreached when it has no answer) until it is true or
+    ``end``: OK, FAILED with ``failure`` after answers that never showed a fresh SA, UNKNOWN when no
+    poll was answered at all."""
+    seen: dict[str, object] = {"answered": False, "last": ""}
+
+    def check() -> DeviceResult | None:
+        try:
+            if fresh():
+                return DeviceResult(DeviceStatus.OK)
+            seen["answered"] = True
+        except (Refused, Unclear, Unreached) as exc:
+            seen["last"] = f" (last answer: {exc})"
+        return None
+
+    def timed_out() -> DeviceResult:
+        if not seen["answered"]:
+            return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"{what}, then no readable status{seen['last']}", keys))
+        return DeviceResult(DeviceStatus.FAILED, one_line(
+            f"{failure} within {time.monotonic() - since:.0f}s of {what}: the two ends hold different keys, or the "
+            f"device does not initiate{seen['last']}", keys))
+
+    return poll(check, end - 0.05, interval=interval, on_timeout=timed_out)

@@ -40,8 +40,18 @@ import structlog
 
 from rotator import __version__
 from rotator.adapters.cloudflare import DeadlinePassed, exchange
-from rotator.adapters.devices._common import Fields, batch_keys, fill, one_line
-from rotator.adapters.devices._vendor import parse_host, parse_tls, read_credential, tls_context
+from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, one_line
+from rotator.adapters.devices._vendor import (
+    Refused,
+    Unclear,
+    Unreached,
+    parse_host,
+    parse_tls,
+    read_credential,
+    tls_context,
+    tls_failure,
+    wait_fresh,
+)
 from rotator.model import TunnelInfo
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret
@@ -96,32 +106,19 @@ def secrets(settings: FortigateSettings) -> list[Secret]:
     return [settings.token]
 
 
-def build(spec: Any) -> FortigateDevice:
-    s: FortigateSettings = spec.settings
-    return FortigateDevice(spec.name, s, timeout=spec.timeout, verify=spec.verify,
-                           verify_timeout=getattr(spec, "verify_timeout", None), concurrency=spec.concurrency)
+def build(spec: DeviceSpec) -> FortigateDevice:
+    assert isinstance(spec.settings, FortigateSettings)
+    return FortigateDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
+                           verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
 
 
-class Refused(Exception):
-    """FortiOS answered an error envelope (4xx, or 500 with its negative error code): not done."""
-
-
-class Unclear(Exception):
-    """No clear answer: the request may have been acted on."""
-
-
-class Unreached(Exception):
-    """The request never reached the FortiGate, or it refused the token before acting."""
-
-
-class FortigateDevice:
+class FortigateDevice(DeviceBase):
     """A FortiGate as a far end. Attributes the engine reads: rotation/ports.py, Device."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
-    ack_timeout: float | None = None
 
     def __init__(self, name: str, settings: FortigateSettings, *, timeout: float = 60.0, verify: bool = True,
                  verify_timeout: float | None = None, concurrency: int = 16,
@@ -143,9 +140,6 @@ class FortigateDevice:
     def close(self) -> None:
         self._client.close()
 
-    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
-        return {t.id: t.customer_endpoint for t in tunnels if t.customer_endpoint}
-
     # -- one request ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, end: float, body: Any = None) -> dict[str, Any]:
         budget = end - time.monotonic()
@@ -162,10 +156,9 @@ class FortigateDevice:
             raise Unclear(f"no answer from the FortiGate at {self.where} within {budget:.0f}s") from None
         except httpx.ConnectError as exc:
             text = str(exc)
-            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                cause = text.split("]", 1)[-1].split("(_ssl", 1)[0].strip(" :") or "certificate verify failed"
-                raise Unreached(f"TLS verification of {self.where} failed ({cause}): set ca_file to the CA that "
-                                "signed the FortiGate's HTTPS certificate") from None
+            tls = tls_failure(text, self.where, "FortiGate's HTTPS")
+            if tls:
+                raise Unreached(tls) from None
             raise Unreached(f"cannot connect to the FortiGate at {self.where} ({text or 'refused'}): check host "
                             "and port") from None
         except (httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
@@ -300,24 +293,9 @@ class FortigateDevice:
                 return DeviceResult(DeviceStatus.FAILED, one_line(f"taking {name} down and up: {exc}", keys))
             except (Unclear, Unreached) as exc:
                 return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"taking {name} down and up: {exc}", keys))
-            last, answered = "", False
-            for _ in range(100_000):  # bounded: one poll per interval until the deadline
-                try:
-                    if self._fresh(self._monitor(end).get(name), time.monotonic() - since):
-                        return DeviceResult(DeviceStatus.OK)
-                    answered = True
-                except (Refused, Unclear, Unreached) as exc:
-                    last = f" (last answer: {exc})"
-                left = end - time.monotonic()
-                if left <= 0.05:
-                    break
-                time.sleep(min(self.settings.poll_interval, left - 0.05))
-            if not answered:
-                return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"took {name} down and up, then no readable "
-                                                                   f"monitor answer{last}", keys))
-            return DeviceResult(DeviceStatus.FAILED, one_line(
-                f"no fresh phase 2 of {name} within {time.monotonic() - since:.0f}s of bringing it down and up: the "
-                f"two ends hold different keys{last}", keys))
+            return wait_fresh(lambda: self._fresh(self._monitor(end).get(name), time.monotonic() - since), end,
+                              self.settings.poll_interval, keys, what=f"bringing {name} down and up", since=since,
+                              failure="no fresh phase 2")
 
         return self._each(tunnels, one)
 

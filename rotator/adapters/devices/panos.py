@@ -46,9 +46,16 @@ from xml.sax.saxutils import escape
 import pan.xapi
 import structlog
 
-from rotator.adapters.devices._common import Fields, batch_keys, fill, one_line
-from rotator.adapters.devices._vendor import parse_host, parse_tls, read_credential, tls_context
-from rotator.model import TunnelInfo
+from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, one_line
+from rotator.adapters.devices._vendor import (
+    Unclear,
+    parse_host,
+    parse_tls,
+    read_credential,
+    tls_context,
+    tls_failure,
+    wait_fresh,
+)
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret
 
@@ -101,10 +108,10 @@ def secrets(settings: PanosSettings) -> list[Secret]:
     return [settings.api_key]
 
 
-def build(spec: Any) -> PanosDevice:
-    s: PanosSettings = spec.settings
-    return PanosDevice(spec.name, s, timeout=spec.timeout, verify=spec.verify,
-                       verify_timeout=getattr(spec, "verify_timeout", None), concurrency=spec.concurrency)
+def build(spec: DeviceSpec) -> PanosDevice:
+    assert isinstance(spec.settings, PanosSettings)
+    return PanosDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
+                       verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
 
 
 # -- talking to the firewall -------------------------------------------------------------------------
@@ -122,10 +129,9 @@ class CallError(Exception):
 def translate(detail: str, where: str) -> CallError:
     """pan.xapi's error text as one line naming the cause and the fix (one table)."""
     low = detail.lower()
-    if "certificate_verify_failed" in low or "certificateerror" in low or "wrong version number" in low:
-        cause = detail.split("]", 1)[-1].split("(_ssl", 1)[0].strip(" :") or "certificate verify failed"
-        return CallError(f"TLS verification of {where} failed ({cause}): set ca_file to the CA that signed the "
-                         "firewall's management certificate", sent=False)
+    tls = tls_failure(detail, where, "firewall's management")
+    if tls:
+        return CallError(tls, sent=False)
     if "code: 403" in low or "invalid credential" in low:
         return CallError(f"the firewall at {where} refused the API key (HTTP 403 Invalid Credential): write a "
                          "valid key of an admin with XML API access to api_key_file", sent=False, refused=True)
@@ -143,14 +149,13 @@ def translate(detail: str, where: str) -> CallError:
     return CallError(f"unreadable answer from the firewall at {where} ({detail})", sent=True)
 
 
-class PanosDevice:
+class PanosDevice(DeviceBase):
     """A PAN-OS firewall as a far end. Attributes the engine reads: rotation/ports.py, Device."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
-    ack_timeout: float | None = None
 
     def __init__(self, name: str, settings: PanosSettings, *, timeout: float = 60.0, verify: bool = True,
                  verify_timeout: float | None = None, concurrency: int = 16) -> None:
@@ -167,15 +172,6 @@ class PanosDevice:
 
     def __repr__(self) -> str:
         return f"PanosDevice(name={self.name!r}, host={self.where!r}, api_key=**redacted**)"
-
-    def close(self) -> None:
-        return None
-
-    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
-        return {t.id: t.customer_endpoint for t in tunnels if t.customer_endpoint}
-
-    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
-        return {}
 
     # -- one request with a total deadline --------------------------------------------------------
     def _call(self, end: float, work: Callable[[pan.xapi.PanXapi], T]) -> T:
@@ -406,23 +402,11 @@ class PanosDevice:
         except CallError as exc:
             status = DeviceStatus.FAILED if exc.refused else DeviceStatus.UNKNOWN
             return DeviceResult(status, one_line(f"clearing the IKE SA of {gateway}: {exc}", keys))
-        last, answered = "", False
-        for _ in range(100_000):  # bounded: one poll per interval until the deadline
-            try:
-                fresh = self._serials(end, gateway) - before - {""}
-                answered = True
-                if fresh:
-                    return DeviceResult(DeviceStatus.OK)
-            except CallError as exc:
-                last = f" (last answer: {exc})"
-            left = end - time.monotonic()
-            if left <= 0.05:
-                break
-            time.sleep(min(self.settings.poll_interval, left - 0.05))
-        if not answered:
-            return DeviceResult(DeviceStatus.UNKNOWN, one_line(
-                f"cleared the IKE SA of {gateway}, then no readable answer about it{last}", keys))
-        return DeviceResult(DeviceStatus.FAILED, one_line(
-            f"no fresh IKE SA on gateway {gateway} within {time.monotonic() - started:.0f}s of clearing it: the "
-            f"two ends hold different keys, or the firewall does not initiate{last}", keys))
 
+        def fresh() -> bool:
+            try:
+                return bool(self._serials(end, gateway) - before - {""})
+            except CallError as exc:
+                raise Unclear(str(exc)) from None
+        return wait_fresh(fresh, end, self.settings.poll_interval, keys, what=f"clearing the IKE SA of {gateway}",
+                          since=started, failure="no fresh IKE SA")

@@ -40,9 +40,18 @@ import structlog
 
 from rotator import __version__
 from rotator.adapters.cloudflare import DeadlinePassed, exchange
-from rotator.adapters.devices._common import Fields, batch_keys, fill, one_line
-from rotator.adapters.devices._vendor import parse_host, parse_tls, read_credential, tls_context
-from rotator.model import TunnelInfo
+from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, holds, one_line
+from rotator.adapters.devices._vendor import (
+    Refused,
+    Unclear,
+    Unreached,
+    parse_host,
+    parse_tls,
+    read_credential,
+    tls_context,
+    tls_failure,
+    wait_fresh,
+)
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
 from rotator.secret import Secret, redact
 
@@ -97,22 +106,10 @@ def secrets(settings: VyosSettings) -> list[Secret]:
     return [settings.api_key]
 
 
-def build(spec: Any) -> VyosDevice:
-    s: VyosSettings = spec.settings
-    return VyosDevice(spec.name, s, timeout=spec.timeout, verify=spec.verify,
-                      verify_timeout=getattr(spec, "verify_timeout", None), concurrency=spec.concurrency)
-
-
-class Refused(Exception):
-    """VyOS answered ``success: false`` (or 4xx); ``str()`` is its error text (unredacted)."""
-
-
-class Unclear(Exception):
-    """No clear answer: the request may have been acted on."""
-
-
-class Unreached(Exception):
-    """The request never reached the router (no connection, a refused certificate)."""
+def build(spec: DeviceSpec) -> VyosDevice:
+    assert isinstance(spec.settings, VyosSettings)
+    return VyosDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
+                      verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
 
 
 def uptime_seconds(text: str) -> float | None:
@@ -123,14 +120,13 @@ def uptime_seconds(text: str) -> float | None:
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
 
-class VyosDevice:
+class VyosDevice(DeviceBase):
     """A VyOS router as a far end. Attributes the engine reads: rotation/ports.py, Device."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
-    ack_timeout: float | None = None
 
     def __init__(self, name: str, settings: VyosSettings, *, timeout: float = 60.0, verify: bool = True,
                  verify_timeout: float | None = None, concurrency: int = 16,
@@ -151,12 +147,6 @@ class VyosDevice:
     def close(self) -> None:
         self._client.close()
 
-    def pair_of(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, str]:
-        return {t.id: t.customer_endpoint for t in tunnels if t.customer_endpoint}
-
-    def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
-        return {}
-
     # -- one request ---------------------------------------------------------------------------
     def _post(self, endpoint: str, data: Any, end: float) -> Any:
         """POST ``data`` (JSON in the ``data`` form field, the API key in ``key``) and return the
@@ -172,10 +162,9 @@ class VyosDevice:
             raise Unclear(f"no answer from the router at {where} within {budget:.0f}s") from None
         except httpx.ConnectError as exc:
             text = str(exc)
-            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                cause = text.split("]", 1)[-1].split("(_ssl", 1)[0].strip(" :") or "certificate verify failed"
-                raise Unreached(f"TLS verification of {where} failed ({cause}): set ca_file to the CA that signed "
-                                "the router's HTTPS certificate") from None
+            tls = tls_failure(text, where, "router's HTTPS")
+            if tls:
+                raise Unreached(tls) from None
             raise Unreached(f"cannot connect to the router at {where} ({text or 'refused'}): check host and port") \
                 from None
         except (httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
@@ -247,7 +236,7 @@ class VyosDevice:
                 out[tid] = DeviceResult(DeviceStatus.FAILED, one_line(f"{exc}; nothing was changed", keys))
                 continue
             secret = current.get("secret") if isinstance(current, dict) else None
-            if isinstance(secret, str) and secret == t.psk.reveal():
+            if isinstance(secret, str) and holds(secret, t.psk):
                 held.append(tid)
                 continue
             ops.append({"op": "set", "path": [*PSK, name, "secret"], "value": t.psk.reveal()})
@@ -328,21 +317,5 @@ class VyosDevice:
             return DeviceResult(DeviceStatus.FAILED, one_line(f"resetting peer {peer}: {exc}", keys))
         except (Unclear, Unreached) as exc:
             return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"resetting peer {peer}: {exc}", keys))
-        last, answered = "", False
-        for _ in range(100_000):  # bounded: one poll per interval until the deadline
-            try:
-                if self._fresh(peer, since, end):
-                    return DeviceResult(DeviceStatus.OK)
-                answered = True
-            except (Refused, Unclear, Unreached) as exc:
-                last = f" (last answer: {exc})"
-            left = end - time.monotonic()
-            if left <= 0.05:
-                break
-            time.sleep(min(self.settings.poll_interval, left - 0.05))
-        if not answered:
-            return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"reset peer {peer}, then no readable SA table{last}",
-                                                               keys))
-        return DeviceResult(DeviceStatus.FAILED, one_line(
-            f"no fresh SA for peer {peer} within {time.monotonic() - since:.0f}s of resetting it: the two ends "
-            f"hold different keys, or the router does not initiate{last}", keys))
+        return wait_fresh(lambda: self._fresh(peer, since, end), end, self.settings.poll_interval, keys,
+                          what=f"resetting peer {peer}", since=since, failure="no fresh SA")
