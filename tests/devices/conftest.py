@@ -17,7 +17,8 @@ ALNUM = string.ascii_letters + string.digits
 
 
 def new_key() -> str:
-    key = "".join(secrets.choice(ALNUM) for _ in range(32))
+    # A letter first: every kind takes it (AWS and FortiOS refuse a leading 0).
+    key = secrets.choice(string.ascii_letters) + "".join(secrets.choice(ALNUM) for _ in range(31))
     helpers.SECRETS.add(key)
     return key
 

@@ -20,7 +20,8 @@ from tests.devices.firewalls import KINDS, firewall
 from tests.helpers import assert_both_ends, record, runtime
 
 CHILD = Path(__file__).with_name("firewall_crash_child.py")
-CONFIG = "[cloudflare]\nbatch_size = 4\nretry_attempts = 2\n"
+# Keys every firewall kind takes (FortiOS refuses a leading 0).
+CONFIG = '[cloudflare]\nbatch_size = 4\nretry_attempts = 2\n\n[policies.default]\nevery = "30d"\npsk_forbidden_first = "0"\n'
 
 
 @pytest.fixture(params=KINDS)
@@ -136,8 +137,10 @@ def test_sigkill_between_deliver_and_apply_then_reconcile(world, tmp_path):
     device_json = tmp_path / "device.json"
     device_json.write_text(json.dumps(fw.table))
     holder = f"{fw.kind}-crash-test"
+    config_file = tmp_path / "child.toml"
+    config_file.write_text(CONFIG.replace("batch_size = 4", "batch_size = 100"))
     proc = subprocess.Popen([sys.executable, str(CHILD), acc, str(device_json), "delivered", holder],
-                            env={**os.environ, **sims.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **sims.env(), "ROTATOR_CONFIG": str(config_file)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = []  # the engine logs on stdout too; the child ends by itself within 60 s
         while not (seen and seen[-1].startswith("CRASH-POINT")) and len(seen) < 1000:

@@ -30,26 +30,21 @@ import re
 import string
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import structlog
 
-from rotator import __version__
-from rotator.adapters.cloudflare import DeadlinePassed, exchange
-from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, one_line
+from rotator.adapters.devices._common import DeviceSpec, Fields, fill, one_line
 from rotator.adapters.devices._vendor import (
+    HttpsFirewall,
     Refused,
     Unclear,
     Unreached,
     parse_host,
     parse_tls,
     read_credential,
-    tls_context,
-    tls_failure,
     wait_fresh,
 )
 from rotator.model import TunnelInfo
@@ -108,64 +103,27 @@ def secrets(settings: FortigateSettings) -> list[Secret]:
 
 def build(spec: DeviceSpec) -> FortigateDevice:
     assert isinstance(spec.settings, FortigateSettings)
-    return FortigateDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
-                           verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
+    return FortigateDevice.from_spec(spec)
 
 
-class FortigateDevice(DeviceBase):
-    """A FortiGate as a far end. Attributes the engine reads: rotation/ports.py, Device."""
+class FortigateDevice(HttpsFirewall):
+    """A FortiGate as a far end (rotation/ports.py, Device)."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
-
-    def __init__(self, name: str, settings: FortigateSettings, *, timeout: float = 60.0, verify: bool = True,
-                 verify_timeout: float | None = None, concurrency: int = 16,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.name = name
-        self.settings = settings
-        self.timeout = timeout
-        self.verifies = verify
-        self.verify_timeout = verify_timeout
-        self.concurrency = concurrency
-        self.base = f"https://{settings.host}:{settings.port}"
-        self.where = f"{settings.host}:{settings.port}"
-        self._client = httpx.Client(verify=tls_context(settings.ca_file, settings.verify_tls), transport=transport,
-                                    follow_redirects=False, headers={"User-Agent": f"psk-rotator/{__version__}"})
-
-    def __repr__(self) -> str:
-        return f"FortigateDevice(name={self.name!r}, base={self.base!r}, token=**redacted**)"
-
-    def close(self) -> None:
-        self._client.close()
+    product = "FortiGate"
+    settings: FortigateSettings
 
     # -- one request ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, end: float, body: Any = None) -> dict[str, Any]:
-        budget = end - time.monotonic()
-        if budget <= 0.05:
-            raise Unreached("not sent: no time left before the deadline")
         headers = {"Authorization": f"Bearer {self.settings.token.reveal()}", "Accept": "application/json"}
         url = f"{self.base}{path}?vdom={quote(self.settings.vdom)}"
         kwargs: dict[str, Any] = {"content": json.dumps(body).encode()} if body is not None else {}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        try:
-            answer = exchange(self._client, method, url, headers, budget, **kwargs)
-        except DeadlinePassed:
-            raise Unclear(f"no answer from the FortiGate at {self.where} within {budget:.0f}s") from None
-        except httpx.ConnectError as exc:
-            text = str(exc)
-            tls = tls_failure(text, self.where, "FortiGate's HTTPS")
-            if tls:
-                raise Unreached(tls) from None
-            raise Unreached(f"cannot connect to the FortiGate at {self.where} ({text or 'refused'}): check host "
-                            "and port") from None
-        except (httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
-            raise Unreached(f"cannot connect to the FortiGate at {self.where} ({type(exc).__name__})") from None
-        except (httpx.HTTPError, ValueError) as exc:
-            raise Unclear(f"the connection to {self.where} failed after the request went out "
-                          f"({type(exc).__name__})") from None
+        answer = self.send(method, url, end, headers, **kwargs)
         if answer.status == 401:
             raise Unreached(f"the FortiGate at {self.where} refused the API token (HTTP 401): write a valid REST "
                             "API admin token to token_file (and allow this host in its trusthost)")
@@ -199,26 +157,8 @@ class FortigateDevice(DeviceBase):
                                 "not a FortiOS phase1-interface name (at most 35 characters); set the tunnel template")
         return name
 
-    def _each(self, tunnels: Sequence[DeviceTunnel], work: Any) -> dict[str, DeviceResult]:
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(tunnels))),
-                                thread_name_prefix=f"fortigate-{self.name}") as pool:
-            answers = list(pool.map(work, tunnels))
-        return {t.tunnel_id: a for t, a in zip(tunnels, answers, strict=True)}
-
-    # -- deliver and rollback: an immediate PUT per tunnel -----------------------------------------
-    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
-
-    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                 deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
-
-    def _set_keys(self, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + self.timeout)
+    def set_keys(self, action: str, tunnels: Sequence[DeviceTunnel], end: float, keys: list[str]
+                 ) -> dict[str, DeviceResult]:
 
         def one(t: DeviceTunnel) -> DeviceResult:
             name = self._name(t)
@@ -252,7 +192,7 @@ class FortigateDevice(DeviceBase):
                                                                    "may hold it", keys))
             return DeviceResult(DeviceStatus.OK)
 
-        return self._each(tunnels, one)
+        return self.each(tunnels, one)
 
     # -- verify: down, up, and a fresh phase 2 in the monitor ---------------------------------------
     def _monitor(self, end: float) -> dict[str, dict[str, Any]]:
@@ -269,35 +209,26 @@ class FortigateDevice(DeviceBase):
         up = any(isinstance(p, dict) and p.get("status") == "up" for p in entry.get("proxyid") or [])
         return up and isinstance(age, int | float) and not isinstance(age, bool) and age <= elapsed + 1.0
 
-    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-               deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + (self.verify_timeout or self.timeout))
-
-        def one(t: DeviceTunnel) -> DeviceResult:
-            name = self._name(t)
-            if isinstance(name, DeviceResult):
-                return name
-            since = time.monotonic()
-            try:
-                entry = self._monitor(end).get(name)
-                p2names = [str(p.get("p2name")) for p in (entry or {}).get("proxyid") or []
-                           if isinstance(p, dict) and p.get("p2name")] or [name]
-                for p2 in dict.fromkeys(p2names):
-                    self._request("POST", MONITOR + "/tunnel_down", end, {"p1name": name, "p2name": p2})
-                for p2 in dict.fromkeys(p2names):
-                    self._request("POST", MONITOR + "/tunnel_up", end, {"p1name": name, "p2name": p2})
-            except Refused as exc:
-                return DeviceResult(DeviceStatus.FAILED, one_line(f"taking {name} down and up: {exc}", keys))
-            except (Unclear, Unreached) as exc:
-                return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"taking {name} down and up: {exc}", keys))
-            return wait_fresh(lambda: self._fresh(self._monitor(end).get(name), time.monotonic() - since), end,
-                              self.settings.poll_interval, keys, what=f"bringing {name} down and up", since=since,
-                              failure="no fresh phase 2")
-
-        return self._each(tunnels, one)
+    def verify_one(self, t: DeviceTunnel, end: float, keys: list[str]) -> DeviceResult:
+        name = self._name(t)
+        if isinstance(name, DeviceResult):
+            return name
+        since = time.monotonic()
+        try:
+            entry = self._monitor(end).get(name)
+            p2names = [str(p.get("p2name")) for p in (entry or {}).get("proxyid") or []
+                       if isinstance(p, dict) and p.get("p2name")] or [name]
+            for p2 in dict.fromkeys(p2names):
+                self._request("POST", MONITOR + "/tunnel_down", end, {"p1name": name, "p2name": p2})
+            for p2 in dict.fromkeys(p2names):
+                self._request("POST", MONITOR + "/tunnel_up", end, {"p1name": name, "p2name": p2})
+        except Refused as exc:
+            return DeviceResult(DeviceStatus.FAILED, one_line(f"taking {name} down and up: {exc}", keys))
+        except (Unclear, Unreached) as exc:
+            return DeviceResult(DeviceStatus.UNKNOWN, one_line(f"taking {name} down and up: {exc}", keys))
+        return wait_fresh(lambda: self._fresh(self._monitor(end).get(name), time.monotonic() - since), end,
+                          self.settings.poll_interval, keys, what=f"bringing {name} down and up", since=since,
+                          failure="no fresh phase 2")
 
     def tunnels_up(self, account_id: str, tunnels: Sequence[TunnelInfo], *, deadline: float) -> dict[str, bool]:
         """The monitor's view, for partner gating: a tunnel with a phase 2 up is up."""

@@ -38,7 +38,6 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
@@ -46,13 +45,13 @@ from xml.sax.saxutils import escape
 import pan.xapi
 import structlog
 
-from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, one_line
+from rotator.adapters.devices._common import DeviceSpec, Fields, fill, one_line
 from rotator.adapters.devices._vendor import (
+    FirewallDevice,
     Unclear,
     parse_host,
     parse_tls,
     read_credential,
-    tls_context,
     tls_failure,
     wait_fresh,
 )
@@ -110,8 +109,7 @@ def secrets(settings: PanosSettings) -> list[Secret]:
 
 def build(spec: DeviceSpec) -> PanosDevice:
     assert isinstance(spec.settings, PanosSettings)
-    return PanosDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
-                       verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
+    return PanosDevice.from_spec(spec)
 
 
 # -- talking to the firewall -------------------------------------------------------------------------
@@ -149,29 +147,19 @@ def translate(detail: str, where: str) -> CallError:
     return CallError(f"unreadable answer from the firewall at {where} ({detail})", sent=True)
 
 
-class PanosDevice(DeviceBase):
-    """A PAN-OS firewall as a far end. Attributes the engine reads: rotation/ports.py, Device."""
+class PanosDevice(FirewallDevice):
+    """A PAN-OS firewall as a far end (rotation/ports.py, Device)."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
+    settings: PanosSettings
 
-    def __init__(self, name: str, settings: PanosSettings, *, timeout: float = 60.0, verify: bool = True,
-                 verify_timeout: float | None = None, concurrency: int = 16) -> None:
-        self.name = name
-        self.settings = settings
-        self.timeout = timeout
-        self.verifies = verify
-        self.verify_timeout = verify_timeout
-        self.concurrency = concurrency
-        self.where = f"{settings.host}:{settings.port}"
-        self._tls = tls_context(settings.ca_file, settings.verify_tls)  # pan.xapi verifies only with a context
+    def __init__(self, name: str, settings: PanosSettings, **kw: Any) -> None:
+        super().__init__(name, settings, **kw)
         # pan.xapi logs each request's fields at DEBUG, the key's <key> element among them.
         logging.getLogger("pan.xapi").setLevel(logging.INFO)
-
-    def __repr__(self) -> str:
-        return f"PanosDevice(name={self.name!r}, host={self.where!r}, api_key=**redacted**)"
 
     # -- one request with a total deadline --------------------------------------------------------
     def _call(self, end: float, work: Callable[[pan.xapi.PanXapi], T]) -> T:
@@ -187,7 +175,7 @@ class PanosDevice(DeviceBase):
             try:
                 xapi = pan.xapi.PanXapi(hostname=self.settings.host, port=self.settings.port,
                                         api_key=self.settings.api_key.reveal(), timeout=max(1, math.ceil(budget)),
-                                        ssl_context=self._tls)
+                                        ssl_context=self.tls)
                 box["value"] = work(xapi)
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
@@ -245,14 +233,6 @@ class PanosDevice(DeviceBase):
         return self._call(end, work)
 
     # -- deliver and rollback: set, then one commit ---------------------------------------------
-    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys("deliver", tunnels, deadline)
-
-    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                 deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys("rollback", tunnels, deadline)
-
     def _gateway_of(self, tunnel: DeviceTunnel) -> str | DeviceResult:
         name = fill(self.settings.gateway, tunnel)
         if not NAME_RE.match(name):
@@ -260,11 +240,8 @@ class PanosDevice(DeviceBase):
                                 "is not a PAN-OS gateway name; set the device's gateway template")
         return name
 
-    def _set_keys(self, action: str, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + self.timeout)
+    def set_keys(self, action: str, tunnels: Sequence[DeviceTunnel], end: float, keys: list[str]
+                 ) -> dict[str, DeviceResult]:
         out: dict[str, DeviceResult] = {}
         todo: dict[str, tuple[DeviceTunnel, str]] = {}
         for t in tunnels:
@@ -375,23 +352,12 @@ class PanosDevice(DeviceBase):
                     "still finish, the key stays pending")
 
     # -- verify: a fresh IKE SA per gateway --------------------------------------------------------
-    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-               deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + (self.verify_timeout or self.timeout))
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(tunnels))),
-                                thread_name_prefix=f"panos-verify-{self.name}") as pool:
-            answers = list(pool.map(lambda t: self._verify_one(t, end, keys), tunnels))
-        return {t.tunnel_id: a for t, a in zip(tunnels, answers, strict=True)}
-
     def _serials(self, end: float, gateway: str) -> set[str]:
         root = self._op(end, f"<show><vpn><ike-sa><gateway>{gateway}</gateway></ike-sa></vpn></show>")
         return {(e.findtext("sn") or "").strip() for e in root.findall("./result/entry")
                 if (e.findtext("state") or "").strip().lower() == "established"}
 
-    def _verify_one(self, tunnel: DeviceTunnel, end: float, keys: list[str]) -> DeviceResult:
+    def verify_one(self, tunnel: DeviceTunnel, end: float, keys: list[str]) -> DeviceResult:
         gateway = self._gateway_of(tunnel)
         if isinstance(gateway, DeviceResult):
             return gateway

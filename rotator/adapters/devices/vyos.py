@@ -31,25 +31,20 @@ import re
 import string
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import structlog
 
-from rotator import __version__
-from rotator.adapters.cloudflare import DeadlinePassed, exchange
-from rotator.adapters.devices._common import DeviceBase, DeviceSpec, Fields, batch_keys, fill, holds, one_line
+from rotator.adapters.devices._common import DeviceSpec, Fields, fill, holds, one_line
 from rotator.adapters.devices._vendor import (
+    HttpsFirewall,
     Refused,
     Unclear,
     Unreached,
     parse_host,
     parse_tls,
     read_credential,
-    tls_context,
-    tls_failure,
     wait_fresh,
 )
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, KeyRules
@@ -108,8 +103,7 @@ def secrets(settings: VyosSettings) -> list[Secret]:
 
 def build(spec: DeviceSpec) -> VyosDevice:
     assert isinstance(spec.settings, VyosSettings)
-    return VyosDevice(spec.name, spec.settings, timeout=spec.timeout, verify=spec.verify,
-                      verify_timeout=spec.verify_timeout, concurrency=spec.concurrency)
+    return VyosDevice.from_spec(spec)
 
 
 def uptime_seconds(text: str) -> float | None:
@@ -120,58 +114,23 @@ def uptime_seconds(text: str) -> float | None:
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
 
-class VyosDevice(DeviceBase):
-    """A VyOS router as a far end. Attributes the engine reads: rotation/ports.py, Device."""
+class VyosDevice(HttpsFirewall):
+    """A VyOS router as a far end (rotation/ports.py, Device)."""
 
     kind = KIND
     interrupts = INTERRUPTS
     key_rules = KEY_RULES
     proof = PROOF
-
-    def __init__(self, name: str, settings: VyosSettings, *, timeout: float = 60.0, verify: bool = True,
-                 verify_timeout: float | None = None, concurrency: int = 16,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.name = name
-        self.settings = settings
-        self.timeout = timeout
-        self.verifies = verify
-        self.verify_timeout = verify_timeout
-        self.concurrency = concurrency
-        self.base = f"https://{settings.host}:{settings.port}"
-        self._client = httpx.Client(verify=tls_context(settings.ca_file, settings.verify_tls), transport=transport,
-                                    follow_redirects=False, headers={"User-Agent": f"psk-rotator/{__version__}"})
-
-    def __repr__(self) -> str:
-        return f"VyosDevice(name={self.name!r}, base={self.base!r}, api_key=**redacted**)"
-
-    def close(self) -> None:
-        self._client.close()
+    product = "router"
+    settings: VyosSettings
 
     # -- one request ---------------------------------------------------------------------------
     def _post(self, endpoint: str, data: Any, end: float) -> Any:
         """POST ``data`` (JSON in the ``data`` form field, the API key in ``key``) and return the
         answer's ``data``; raises Refused, Unclear or Unreached, each with a one-line message."""
-        budget = end - time.monotonic()
-        if budget <= 0.05:
-            raise Unreached("not sent: no time left before the deadline")
         form = {"data": json.dumps(data), "key": self.settings.api_key.reveal()}
-        where = f"{self.settings.host}:{self.settings.port}"
-        try:
-            answer = exchange(self._client, "POST", self.base + endpoint, {}, budget, data=form)
-        except DeadlinePassed:
-            raise Unclear(f"no answer from the router at {where} within {budget:.0f}s") from None
-        except httpx.ConnectError as exc:
-            text = str(exc)
-            tls = tls_failure(text, where, "router's HTTPS")
-            if tls:
-                raise Unreached(tls) from None
-            raise Unreached(f"cannot connect to the router at {where} ({text or 'refused'}): check host and port") \
-                from None
-        except (httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
-            raise Unreached(f"cannot connect to the router at {where} ({type(exc).__name__})") from None
-        except (httpx.HTTPError, ValueError) as exc:
-            raise Unclear(f"the connection to {where} failed after the request went out "
-                          f"({type(exc).__name__})") from None
+        where = self.where
+        answer = self.send("POST", self.base + endpoint, end, {}, data=form)
         try:
             doc = json.loads(answer.body)
         except ValueError:
@@ -191,14 +150,6 @@ class VyosDevice(DeviceBase):
         return doc.get("data")
 
     # -- deliver and rollback --------------------------------------------------------------------
-    def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
-
-    def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-                 deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
-
     def _name(self, template: str, what: str, tunnel: DeviceTunnel) -> str | DeviceResult:
         name = fill(template, tunnel)
         if not NAME_RE.match(name):
@@ -206,11 +157,8 @@ class VyosDevice(DeviceBase):
                                 f"VyOS {what} name; set the device's {what} template")
         return name
 
-    def _set_keys(self, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + self.timeout)
+    def set_keys(self, action: str, tunnels: Sequence[DeviceTunnel], end: float, keys: list[str]
+                 ) -> dict[str, DeviceResult]:
         out: dict[str, DeviceResult] = {}
         todo: dict[str, tuple[DeviceTunnel, str]] = {}
         for t in tunnels:
@@ -284,17 +232,6 @@ class VyosDevice(DeviceBase):
         return each(DeviceStatus.OK, None)
 
     # -- verify: reset the peer, wait for a fresh SA -------------------------------------------------
-    def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
-               deadline: float) -> dict[str, DeviceResult]:
-        if not tunnels:
-            return {}
-        keys = batch_keys(tunnels)
-        end = min(deadline, time.monotonic() + (self.verify_timeout or self.timeout))
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(tunnels))),
-                                thread_name_prefix=f"vyos-verify-{self.name}") as pool:
-            answers = list(pool.map(lambda t: self._verify_one(t, end, keys), tunnels))
-        return {t.tunnel_id: a for t, a in zip(tunnels, answers, strict=True)}
-
     def _fresh(self, peer: str, since: float, end: float) -> bool:
         table = self._post("/show", {"op": "show", "path": ["vpn", "ipsec", "sa"]}, end)
         elapsed = time.monotonic() - since + 1.0  # uptime has second resolution
@@ -306,7 +243,7 @@ class VyosDevice(DeviceBase):
                     return True
         return False
 
-    def _verify_one(self, tunnel: DeviceTunnel, end: float, keys: list[str]) -> DeviceResult:
+    def verify_one(self, tunnel: DeviceTunnel, end: float, keys: list[str]) -> DeviceResult:
         peer = self._name(self.settings.peer, "peer", tunnel)
         if isinstance(peer, DeviceResult):
             return peer
