@@ -239,6 +239,11 @@ class PanosSim(SimApp):
     # -- type=config --------------------------------------------------------------------------
     def _config(self, p: dict[str, str]) -> Response:
         action, xpath = p.get("action", ""), p.get("xpath", "")
+        if xpath == GATEWAYS and action in ("get", "show"):  # every gateway at once
+            listed = [g for g in self.gateways.values() if action == "get" or g.running is not None]
+            entries = "".join(self._entry(g, g.candidate if action == "get" else g.running) for g in listed)
+            counts = ' total-count="1" count="1"' if action == "get" else ""
+            return _ok(f"<result{counts}><gateway>{entries}</gateway></result>", code=19)
         m = ENTRY_RE.match(xpath)
         if not m or (m.group(2) or "") not in ("", *PSK_PATHS):
             return _error(200, f"the simulator does not model {xpath[:120]!r}", code=6)

@@ -202,28 +202,17 @@ class PanosDevice(FirewallDevice):
     def _xpath(gateway: str, sub: str = "") -> str:
         return f"{GATEWAYS}/entry[@name='{gateway}']{sub}"
 
-    def _read_entry(self, end: float, gateway: str) -> ET.Element | None:
-        def work(x: pan.xapi.PanXapi) -> ET.Element | None:
-            x.get(xpath=self._xpath(gateway))
-            entry: ET.Element | None = x.element_root.find(f"./result/entry[@name='{gateway}']")
-            return entry
+    def _gateways(self, end: float, running: bool) -> dict[str, ET.Element]:
+        """Every IKE gateway of the candidate (or running) configuration, in one request."""
+        def work(x: pan.xapi.PanXapi) -> dict[str, ET.Element]:
+            (x.show if running else x.get)(xpath=GATEWAYS)
+            return {e.get("name", ""): e for e in x.element_root.findall("./result/gateway/entry")}
         return self._call(end, work)
 
-    def _stored_keys(self, end: float, gateway: str) -> tuple[str | None, str | None]:
-        """The encrypted key of the candidate and of the running configuration."""
-        path = self._xpath(gateway, "/authentication/pre-shared-key/key")
-
-        def work(x: pan.xapi.PanXapi) -> tuple[str | None, str | None]:
-            x.get(xpath=path)
-            candidate = x.element_root.findtext("./result/key")
-            try:
-                x.show(xpath=path)
-            except pan.xapi.PanXapiError:
-                if x.status_code == "7":  # not in the running configuration (yet)
-                    return candidate, None
-                raise
-            return candidate, x.element_root.findtext("./result/key")
-        return self._call(end, work)
+    @staticmethod
+    def _stored(entries: dict[str, ET.Element], gateway: str) -> str | None:
+        entry = entries.get(gateway)
+        return entry.findtext("authentication/pre-shared-key/key") if entry is not None else None
 
     def _op(self, end: float, cmd: str) -> ET.Element:
         def work(x: pan.xapi.PanXapi) -> ET.Element:
@@ -269,8 +258,9 @@ class PanosDevice(FirewallDevice):
                 if (pending or "").strip() != "no":
                     return all_left(DeviceStatus.FAILED, "the candidate configuration holds uncommitted changes; "
                                     "a commit is device-wide, so the key is not sent: commit or revert them")
+            candidate = self._gateways(end, running=False)
             for tid, (_t, gateway) in list(todo.items()):
-                entry = self._read_entry(end, gateway)
+                entry = candidate.get(gateway)
                 if entry is None or entry.find("authentication/pre-shared-key") is None:
                     problem = "no IKE gateway" if entry is None else "no pre-shared-key IKE gateway"
                     out[tid] = DeviceResult(DeviceStatus.FAILED, f"{problem} named {gateway} on the firewall (gateway "
@@ -295,16 +285,17 @@ class PanosDevice(FirewallDevice):
                 continue
             sent[tid] = gateway
 
-        need: dict[str, str] = {}
-        for tid, gateway in sent.items():
-            try:
-                candidate, running = self._stored_keys(end, gateway)
+        need: dict[str, str] = dict(sent)
+        if sent:
+            try:  # the same key encrypts the same: equal stored values mean the firewall runs this key
+                after, running = self._gateways(end, running=False), self._gateways(end, running=True)
             except CallError:
-                candidate, running = None, None
-            if candidate is not None and candidate == running:
-                out[tid] = DeviceResult(DeviceStatus.OK, "the firewall already runs this key: nothing to commit")
-            else:
-                need[tid] = gateway
+                after, running = {}, {}
+            for tid, gateway in sent.items():
+                stored = self._stored(after, gateway)
+                if stored and stored == self._stored(running, gateway):
+                    out[tid] = DeviceResult(DeviceStatus.OK, "the firewall already runs this key: nothing to commit")
+                    del need[tid]
         if need:
             out.update(self._commit(end, list(need), keys))
         return out
