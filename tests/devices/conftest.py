@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -36,6 +37,15 @@ def keys_of(tunnels: list[DeviceTunnel]) -> set[str]:
 def assert_no_key(text: str, tunnels: list[DeviceTunnel]) -> None:
     leaked = [k[:4] for k in keys_of(tunnels) if k in text]
     assert leaked == [], f"a key leaked into output: {leaked}"
+
+
+def statuses(results) -> dict:
+    """tunnel id -> DeviceStatus of one device call's answer."""
+    return {tid: r.status for tid, r in results.items()}
+
+
+def deadline(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
 
 
 @pytest.fixture

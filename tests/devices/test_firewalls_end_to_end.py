@@ -5,9 +5,6 @@ Cloudflare holds. Every test ends with the invariant on both ends (tests/helpers
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -139,23 +136,8 @@ def test_sigkill_between_deliver_and_apply_then_reconcile(world, tmp_path):
     holder = f"{fw.kind}-crash-test"
     config_file = tmp_path / "child.toml"
     config_file.write_text(CONFIG.replace("batch_size = 4", "batch_size = 100"))
-    proc = subprocess.Popen([sys.executable, str(CHILD), acc, str(device_json), "delivered", holder],
-                            env={**os.environ, **sims.env(), "ROTATOR_CONFIG": str(config_file)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = []  # the engine logs on stdout too; the child ends by itself within 60 s
-        while not (seen and seen[-1].startswith("CRASH-POINT")) and len(seen) < 1000:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-        assert seen and seen[-1].strip() == "CRASH-POINT delivered", (seen[-3:], proc.stderr.read())
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    helpers.OUTPUTS.extend([proc.stdout.read(), proc.stderr.read()])
+    helpers.kill_at_crash_point([sys.executable, str(CHILD), acc, str(device_json), "delivered", holder],
+                                {**sims.env(), "ROTATOR_CONFIG": str(config_file)}, "delivered")
     helpers.remember_secrets(sims)
     pending = [tid for tid in sims.tunnels_by_account[acc] if (record(sims, acc, tid) or {}).get("pending_psk")]
     assert len(pending) == 6  # every tunnel staged in Vault; none applied at Cloudflare

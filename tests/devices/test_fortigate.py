@@ -18,7 +18,7 @@ from rotator.model import TunnelInfo
 from rotator.rotation.ports import DeviceStatus
 from rotator.sim.fortigate import FortigateSim, serve
 from tests import helpers
-from tests.devices.conftest import ACCOUNT, assert_no_key, make_tunnels
+from tests.devices.conftest import ACCOUNT, assert_no_key, deadline, make_tunnels, statuses
 
 PHASE1 = "/api/v2/cmdb/vpn.ipsec/phase1-interface/"
 
@@ -49,14 +49,6 @@ def fortigate_sim(loopback_tls, tmp_path):
                 d.close()
             helpers.SECRETS.update(sim.scan_secrets())
             print(sim.snapshot())  # the secret scan reads it: no key, no token
-
-
-def statuses(results):
-    return {tid: r.status for tid, r in results.items()}
-
-
-def deadline(seconds=10.0):
-    return time.monotonic() + seconds
 
 
 def test_the_simulator_speaks_the_fortios_rest_api(fortigate_sim, loopback_tls):

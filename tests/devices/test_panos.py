@@ -15,7 +15,7 @@ from rotator.errors import ConfigError
 from rotator.rotation.ports import DeviceStatus
 from rotator.sim.panos import PanosSim, serve
 from tests import helpers
-from tests.devices.conftest import ACCOUNT, assert_no_key, make_tunnels
+from tests.devices.conftest import ACCOUNT, assert_no_key, deadline, make_tunnels, statuses
 
 
 @pytest.fixture
@@ -38,14 +38,6 @@ def firewall(loopback_tls, tmp_path):
             yield sim, device, tunnels, cloudflare
         finally:
             helpers.SECRETS.update(sim.scan_secrets())
-
-
-def statuses(results):
-    return {tid: r.status for tid, r in results.items()}
-
-
-def deadline(seconds=10.0):
-    return time.monotonic() + seconds
 
 
 def test_a_batch_is_set_and_committed_once_then_a_fresh_ike_sa_proves_it(firewall):

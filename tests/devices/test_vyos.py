@@ -18,7 +18,7 @@ from rotator.errors import ConfigError
 from rotator.rotation.ports import DeviceStatus
 from rotator.sim.vyos import VyosSim, serve
 from tests import helpers
-from tests.devices.conftest import ACCOUNT, assert_no_key, make_tunnels
+from tests.devices.conftest import ACCOUNT, assert_no_key, deadline, make_tunnels, statuses
 
 
 @pytest.fixture
@@ -47,14 +47,6 @@ def router(loopback_tls, tmp_path):
                 d.close()
             helpers.SECRETS.update(sim.scan_secrets())
             print(sim.snapshot())  # the secret scan reads it: no key, no credential
-
-
-def statuses(results):
-    return {tid: r.status for tid, r in results.items()}
-
-
-def deadline(seconds=10.0):
-    return time.monotonic() + seconds
 
 
 def test_the_simulator_speaks_the_vyos_api(router, loopback_tls):
