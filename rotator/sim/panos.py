@@ -244,6 +244,8 @@ class PanosSim(SimApp):
             entries = "".join(self._entry(g, g.candidate if action == "get" else g.running) for g in listed)
             counts = ' total-count="1" count="1"' if action == "get" else ""
             return _ok(f"<result{counts}><gateway>{entries}</gateway></result>", code=19)
+        if xpath == GATEWAYS and action == "set":  # many gateways in one set, all or nothing
+            return self._set_many(p.get("element", ""))
         m = ENTRY_RE.match(xpath)
         if not m or (m.group(2) or "") not in ("", *PSK_PATHS):
             return _error(200, f"the simulator does not model {xpath[:120]!r}", code=6)
@@ -274,6 +276,26 @@ class PanosSim(SimApp):
         if gw is None:  # as PAN-OS does, a set creates the node: an incomplete gateway
             gw = self.gateways[name] = Gateway(name, "", "", "", "", complete=False)
         gw.candidate = value
+        return _ok("<msg>command succeeded</msg>", code=20)
+
+    def _set_many(self, element: str) -> Response:
+        try:
+            root = ET.fromstring(f"<root>{element}</root>")  # noqa: S314 - the rotator's own request
+        except ET.ParseError:
+            return _error(200, "Malformed element", code=18)
+        changes: dict[str, str] = {}
+        for entry in root.findall("entry"):
+            name, key = entry.get("name") or "", entry.find("authentication/pre-shared-key/key")
+            if key is None or len(entry) != 1 or not re.fullmatch(r"[^']{1,63}", name):
+                return _error(200, "the simulator models only <entry name=...> holding authentication/"
+                                   "pre-shared-key/key in a set on the gateway list", code=12)
+            if name in self._refused:
+                return _error(200, f"{name} -> authentication -> pre-shared-key -> key {self._refused.pop(name)}",
+                              code=12)
+            changes[name] = key.text or ""
+        for name, value in changes.items():  # a set merges into the list (a new name: an incomplete gateway)
+            gw = self.gateways.get(name) or self.gateways.setdefault(name, Gateway(name, "", "", "", "", complete=False))
+            gw.candidate = value
         return _ok("<msg>command succeeded</msg>", code=20)
 
     def _entry(self, gw: Gateway, key: str | None) -> str:

@@ -80,18 +80,20 @@ def test_a_failed_commit_is_reported_redacted_and_a_rollback_needs_no_commit(fir
     assert [sim.candidate_key(f"cf-{t.tunnel_name}") for t in tunnels] == [t.previous_psk.reveal() for t in tunnels]
 
 
-def test_a_key_the_firewall_refuses_and_a_missing_gateway_are_failed_and_change_nothing(firewall):
+def test_a_key_the_firewall_refuses_fails_its_batch_and_a_missing_gateway_is_never_created(firewall):
     sim, device, tunnels, _ = firewall
     sim.refuse_key("cf-site-1", f"'{tunnels[1].psk.reveal()}' is not a valid key")
     del sim.gateways["cf-site-2"]
     results = device().deliver(ACCOUNT, "r1", tunnels, deadline=deadline())
-    assert statuses(results) == {tunnels[0].tunnel_id: DeviceStatus.OK, tunnels[1].tunnel_id: DeviceStatus.FAILED,
-                                 tunnels[2].tunnel_id: DeviceStatus.FAILED}
-    assert "the firewall refused the key for cf-site-1" in results[tunnels[1].tunnel_id].reason
+    assert set(statuses(results).values()) == {DeviceStatus.FAILED}  # one set for the batch: all or none
+    assert "the firewall refused the keys of this batch: cf-site-1 -> authentication" in \
+        results[tunnels[0].tunnel_id].reason
     assert "no IKE gateway named cf-site-2" in results[tunnels[2].tunnel_id].reason
-    assert "cf-site-2" not in sim.gateways  # never created by a set
+    assert "cf-site-2" not in sim.gateways and sim.commits == 0  # never created by a set, nothing committed
+    assert sim.candidate_key("cf-site-0") == tunnels[0].previous_psk.reveal()
     for r in results.values():
         assert_no_key(r.reason or "", tunnels)
+    assert all(r.ok for r in device().deliver(ACCOUNT, "r1", tunnels[:2], deadline=deadline()).values())
 
 
 def test_uncommitted_changes_of_someone_else_stop_the_deliver_before_anything_is_set(firewall):

@@ -1,10 +1,11 @@
 """The ``panos`` device kind: a Palo Alto Networks firewall through the PAN-OS XML API (pan-python's
 ``pan.xapi``), docs/design.md section 10.
 
-deliver / rollback (one call per batch): read each tunnel's IKE gateway (named by the ``gateway``
-template, default ``cf-{tunnel_name}``) from the candidate configuration; set its pre-shared key
-(``type=config&action=set`` on ``.../authentication/pre-shared-key`` with ``<key>``, in the POST
-body, never a URL); then **one commit for the batch**, waited for (``type=commit``, then
+deliver / rollback (one call per batch): read the IKE gateways (each tunnel's named by the
+``gateway`` template, default ``cf-{tunnel_name}``) from the candidate configuration; set the
+pre-shared keys of the batch in one request (``type=config&action=set`` on the gateway list with an
+``<entry>`` per gateway holding ``authentication/pre-shared-key/key``, in the POST body, never a URL;
+the firewall takes all of them or none); then **one commit for the batch**, waited for (``type=commit``, then
 ``<show><jobs><id>N</id></jobs></show>`` until FIN; a FAIL's details are reported, redacted).
 
 What the API can and cannot tell: PAN-OS never returns a key; it stores it encrypted with its master
@@ -269,22 +270,17 @@ class PanosDevice(FirewallDevice):
         except CallError as exc:
             return all_left(DeviceStatus.FAILED, f"{exc}; nothing was changed")
 
-        sent: dict[str, str] = {}  # tunnel id -> gateway whose candidate may now hold the key
-        for tid, (t, gateway) in todo.items():
-            def set_key(x: pan.xapi.PanXapi, g: str = gateway, k: Secret = t.psk) -> None:
-                x.set(xpath=self._xpath(g, "/authentication/pre-shared-key"), element=f"<key>{escape(k.reveal())}</key>")
-            try:
-                self._call(end, set_key)
-            except CallError as exc:
-                if exc.sent and not exc.refused:
-                    out[tid] = DeviceResult(DeviceStatus.UNKNOWN, one_line(f"setting the key on {gateway}: {exc}; "
-                                                                           "the candidate may hold it", keys))
-                else:
-                    out[tid] = DeviceResult(DeviceStatus.FAILED, one_line(f"the firewall refused the key for "
-                                                                          f"{gateway}: {exc}", keys))
-                continue
-            sent[tid] = gateway
-
+        sent = {tid: gateway for tid, (_t, gateway) in todo.items()}  # whose candidate may now hold the key
+        if not sent:
+            return out
+        element = "".join(f"<entry name='{gateway}'><authentication><pre-shared-key><key>{escape(t.psk.reveal())}"
+                          "</key></pre-shared-key></authentication></entry>" for t, gateway in todo.values())
+        try:  # one set for the batch: the firewall takes every key of it or none
+            self._call(end, lambda x: x.set(xpath=GATEWAYS, element=element))
+        except CallError as exc:
+            if exc.sent and not exc.refused:
+                return all_left(DeviceStatus.UNKNOWN, f"setting the keys: {exc}; the candidate may hold them")
+            return all_left(DeviceStatus.FAILED, f"the firewall refused the keys of this batch: {exc}")
         need: dict[str, str] = dict(sent)
         if sent:
             try:  # the same key encrypts the same: equal stored values mean the firewall runs this key

@@ -4,9 +4,9 @@ Why httpx and not pyvyos: pyvyos is a thin requests wrapper that returns each ra
 no total deadline; httpx is the project's HTTP client already, with the total-deadline exchange the
 Cloudflare adapter uses (a trickling answer cannot stretch a call past its deadline).
 
-deliver / rollback (one call per batch): read each tunnel's key (``/retrieve`` ``returnValue`` on
-``vpn ipsec authentication psk NAME secret``; NAME from the ``psk`` template, default
-``cf-{tunnel_name}``). VyOS returns keys in clear, so a tunnel whose router already holds the key is
+deliver / rollback (one call per batch): read every psk entry in one request (``/retrieve``
+``showConfig`` on ``vpn ipsec authentication psk``; each tunnel's NAME from the ``psk`` template,
+default ``cf-{tunnel_name}``). VyOS returns keys in clear, so a tunnel whose router already holds the key is
 left alone (a reconcile never commits again); the others are set with **one** ``/configure`` call
 for the batch (a list of ``set`` ops, the key as ``value`` in the POST form, committed together:
 a refused commit changes nothing), optionally as a commit-confirm (``confirm_time`` minutes, then
@@ -173,17 +173,23 @@ class VyosDevice(HttpsFirewall):
         ops: list[dict[str, Any]] = []
         changing: list[str] = []
         held: list[str] = []
-        for tid, (t, name) in todo.items():
-            try:
-                current = self._post("/retrieve", {"op": "showConfig", "path": [*PSK, name]}, end)
+        entries: Any = {}
+        if todo:
+            try:  # every psk entry in one request; VyOS shows the secrets in clear
+                entries = self._post("/retrieve", {"op": "showConfig", "path": PSK}, end)
             except Refused:
+                entries = {}  # "Configuration under specified path is empty"
+            except (Unclear, Unreached) as exc:
+                for tid in todo:
+                    out[tid] = DeviceResult(DeviceStatus.FAILED, one_line(f"{exc}; nothing was changed", keys))
+                return out
+        for tid, (t, name) in todo.items():
+            current = entries.get(name) if isinstance(entries, dict) else None
+            if not isinstance(current, dict):
                 out[tid] = DeviceResult(DeviceStatus.FAILED, f"no psk entry {name} (vpn ipsec authentication psk) "
                                         f"on the router (psk template {self.settings.psk!r}); nothing was sent")
                 continue
-            except (Unclear, Unreached) as exc:
-                out[tid] = DeviceResult(DeviceStatus.FAILED, one_line(f"{exc}; nothing was changed", keys))
-                continue
-            secret = current.get("secret") if isinstance(current, dict) else None
+            secret = current.get("secret")
             if isinstance(secret, str) and holds(secret, t.psk):
                 held.append(tid)
                 continue
