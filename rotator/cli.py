@@ -30,6 +30,7 @@ FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active"
 
 ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
 DONE_RESULTS = ("rotated", "would_rotate")
+ACK_COMMAND = re.compile(r"rotator ack --account \S+ --tunnel \S+ --rotation \S+ --holds (new|previous)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = rotate.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every tunnel of the account")
     which.add_argument("--tunnel", action="append", metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    which.add_argument("--due", action="store_true",
+                       help="only what the schedule would rotate now: each tunnel's policy decides who is due, "
+                            "and drift is handled as on_drift says (for cron and CI)")
     rotate.add_argument("--dry-run", action="store_true", help="plan and validate, change nothing")
     run_options(rotate)
 
@@ -91,11 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a tunnel (repeatable)")
     run_options(rollback)
 
-    ack = command("ack", "acknowledge that a manual device holds its tunnel's pending key, then apply it")
+    ack = command("ack", "confirm what a manual device holds (the new key, or the previous one back), then "
+                         "finish the rotation or the rollback; 'status' prints the exact command")
     ack.add_argument("--tunnel", action="append", required=True, metavar="ID_OR_NAME", help="a tunnel (repeatable)")
+    ack.add_argument("--holds", choices=("new", "previous"),
+                     help="what the device holds now: 'new' (the pending key of the rotation, typed in) or "
+                          "'previous' (the old key put back, while the rotation is rolled back); required")
+    ack.add_argument("--rotation", metavar="ROTATION_ID",
+                     help="the rotation whose key you acted on (printed by the waiting run and by 'status'); "
+                          "refused when the tunnel has moved on to another")
     run_options(ack)
 
     command("unlock", "clear an account's lease whose holder is known to be gone (kept in the lease's history)")
+
+    history = command("history", "a tunnel's Vault record, version by version: when, rotation, state, outcome, "
+                                 "device (never a key)")
+    history.add_argument("--tunnel", required=True, metavar="ID_OR_NAME", help="the tunnel")
+    history.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
+    history.add_argument("--limit", type=int, default=20, metavar="N", help="the newest N versions (default 20)")
 
     status = command("status", "per tunnel: state, PSK age, pending, drift, last error (never a key)")
     status.add_argument("--output", choices=("text", "json"), default="text", help="a table or JSON")
@@ -126,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tunnels", type=int, default=5, help="tunnels per account (default 5)")
     sim.add_argument("--cloudflare-latency", type=float, default=0.0, help="seconds added to every Cloudflare call")
     sim.add_argument("--vault-latency", type=float, default=0.0, help="seconds added to every Vault call")
+    sim.add_argument("--aws", action="store_true",
+                     help="also an EC2 fake whose VPN connections terminate the first account's tunnels (aws_vpn)")
+    sim.add_argument("--aws-replacement", type=float, default=10.0,
+                     help="seconds the EC2 fake takes to replace a modified tunnel (default 10)")
     return parser
 
 
@@ -152,7 +173,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
         from rotator.sim import run_sim
 
-        return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency)
+        return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency,
+                       aws=args.aws, aws_replacement=args.aws_replacement)
     if args.command == "demo":
         from rotator.demo import run_demo
 
@@ -188,14 +210,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         runtime = build_runtime(settings)
         try:
             preflight(runtime)
-            _ack(runtime, args)
+            if not _ack(runtime, args):
+                return 1
         finally:
             runtime.close()
-    if args.command == "unlock":
+    if args.command in ("unlock", "history"):
         runtime = build_runtime(settings)
         try:
             preflight(runtime)
-            return _unlock(runtime, args.account)
+            return _unlock(runtime, args.account) if args.command == "unlock" else _history(runtime, args)
         finally:
             runtime.close()
     if args.command in RUN_KINDS and not args.local:
@@ -256,11 +279,15 @@ def _rotate(runtime: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     from rotator.rotation.engine import RunRequest
 
     kind = RUN_KINDS[args.command]
+    schedule: dict[str, Any] = {}
+    if getattr(args, "due", False):  # the schedule's own decision (rotation/plan.py), as the daemon's runs
+        policy_for = runtime.schedule_for(args.account)
+        schedule = {"policy_for": policy_for, "select": lambda t: policy_for(t) is not None}
     req = RunRequest(
         account_id=args.account,
-        tunnels=None if kind == "reconcile" or getattr(args, "all", False) else args.tunnel,
+        tunnels=None if kind == "reconcile" or getattr(args, "all", False) or schedule else args.tunnel,
         reconcile_only=kind == "reconcile", rollback=kind == "rollback", dry_run=getattr(args, "dry_run", False),
-        **runtime.request_options(args.account),
+        **schedule, **runtime.request_options(args.account),
     )
     if not req.dry_run:
         # Wait (bounded, one line saying for whom) for a live holder; a gone holder of this host is taken over.
@@ -279,33 +306,47 @@ def _unlock(runtime: Runtime, account: str) -> int:
     return 0
 
 
-def _ack(runtime: Runtime, args: argparse.Namespace) -> None:
-    """Record in Vault (CAS) that each named tunnel's manual device holds its pending key."""
-    from rotator.errors import VaultError
-    from rotator.model import ack
+def _history(runtime: Runtime, args: argparse.Namespace) -> int:
+    """The tunnel's record, version by version, newest first; never a key or anything derived from one."""
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, not {args.limit}", "give --limit N with N >= 1")
+    try:
+        (tunnel,) = runtime.engine.named(args.account, [args.tunnel])
+        tid, name = tunnel.id, tunnel.name
+    except ConfigError:
+        if not ACCOUNT_RE.match(args.tunnel):  # an id no longer listed still has its history in Vault
+            raise
+        tid, name = args.tunnel, None
+    versions = [v.as_dict() for v in runtime.store.history(args.account, tid, args.limit)]
+    if args.output == "json":
+        print(json.dumps({"account_id": args.account, "tunnel_id": tid, "tunnel_name": name, "versions": versions},
+                         indent=2))
+        return 0
+    print(f"History of tunnel {name or '?'} ({tid}) in account {args.account}, newest first")
+    if not versions:
+        print("(no versions: the rotator has never written this tunnel's record)")
+        return 0
+    rows = [[str(v["version"]), v["written_at"] or "-", "(deleted)", "", "", "", ""] if v["deleted"] else
+            [str(v["version"]), v["written_at"] or "-", v["rotation_id"] or "-",
+             v["state"] + (" (pending key)" if v["pending"] else ""), v["device"] or "-",
+             " ".join(filter(None, (v["verified_by"], v["verified_at"]))) or "-", " ".join(v["outcome"].split())]
+            for v in versions]
+    print(_table(rows, ["VERSION", "WRITTEN", "ROTATION", "STATE", "DEVICE", "VERIFIED", "OUTCOME"]))
+    return 0
 
-    tunnels = runtime.cloudflare.list_tunnels(args.account)
-    ids = []
-    for wanted in args.tunnel:
-        match = [t.id for t in tunnels if wanted in (t.id, t.name)]
-        if len(match) != 1:
-            raise ConfigError(f"{'no' if not match else 'more than one'} tunnel {wanted!r} in account {args.account}",
-                              "name the tunnel by its id")
-        ids.append(match[0])
-    records = runtime.store.read_many(args.account, ids)
-    acked = []
-    for tid in ids:
-        record = records[tid]
-        if isinstance(record, VaultError):
-            raise record
-        try:
-            acked.append(ack(record))
-        except ValueError as exc:
-            raise RotatorError(str(exc), "rotator status --state pending lists the keys waiting") from None
-    for tid, result in runtime.store.write_many(acked).items():
-        if isinstance(result, VaultError):
-            raise RotatorError(f"acknowledging tunnel {tid} failed: {result}", "run the ack again")
-    print(f"rotator: acknowledged {len(acked)} pending key(s); applying them", file=sys.stderr)
+
+def _ack(runtime: Runtime, args: argparse.Namespace) -> bool:
+    """Record in Vault (CAS) what each named tunnel's manual device holds: the engine's acknowledge
+    (model.ack), all or nothing. False, with one line per refusal naming the current state and the
+    exact command, when any is refused (nothing is recorded then)."""
+    answer = runtime.engine.acknowledge(args.account, args.tunnel, args.holds, args.rotation)
+    refused = [why for why in answer.values() if why is not None]
+    for why in refused:
+        print(f"rotator: error: not acknowledged: {why}", file=sys.stderr)
+    if not refused:
+        print(f"rotator: acknowledged {len(answer)} tunnel(s): the device holds the {args.holds} key; "
+              "finishing them", file=sys.stderr)
+    return not refused
 
 
 def _show_run(report: dict[str, Any], args: argparse.Namespace) -> int:
@@ -347,7 +388,7 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
             elif kind == "rollback":
                 body.update({"rollback": True, "tunnels": args.tunnel})
             else:
-                body.update({"all": True} if args.all else {"tunnels": args.tunnel})
+                body.update({"all": True} if args.all else {"due": True} if args.due else {"tunnels": args.tunnel})
                 body["dry_run"] = bool(args.dry_run)
             answer = client.post("/v1/rotations", json=body)
             if answer.status_code != 202:
@@ -433,6 +474,11 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
         rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
                  " ".join((t.get("reason") or "").split())] for t in shown]
         print(_table(rows, ["TUNNEL", "ID", "RESULT", "REASON"]))
+        for t in shown:  # the acknowledgement a manual device waits for, in full (never cut to the terminal)
+            wanted = ACK_COMMAND.search(t.get("reason") or "")
+            if wanted:
+                print(f"{t['name']} waits for an operator; once the device holds the "
+                      f"{wanted.group(1)} key: {wanted.group(0)}")
     if len(shown) < len(tunnels):
         print(f"({len(tunnels) - len(shown)} tunnels done as asked are not listed; --verbose lists every one)")
     counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
@@ -440,19 +486,21 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
 
 
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:
+    from rotator.rotation.plan import listed_once
     from rotator.service.inventory import assess, summary
 
-    account = next((a for a in runtime.settings.accounts if a.id == args.account), None)
-    tunnels = runtime.cloudflare.list_tunnels(args.account)
-    records = runtime.store.read_many(args.account, [t.id for t in tunnels])
+    tunnels = listed_once(runtime.cloudflare.list_tunnels(args.account))  # a tunnel listed twice: one row, refused
+    records = runtime.store.read_many(args.account, [t.id for t in tunnels if t.problem is None])
     now = time.time()
-    policies = runtime.settings.policies
+    schedule = runtime.schedule_for(args.account)
 
-    def policy(tunnel_id: str, name: str) -> Any:
-        chosen = account.policy_for(tunnel_id, name) if account else "default"
-        return policies[chosen] if chosen else None
+    def manual(record: Any) -> bool:
+        spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
+        return spec is not None and spec.kind == "manual"
 
-    views = [assess(policy(t.id, t.name), t, records[t.id], now) for t in tunnels]
+    unread = RotatorError("not read: the listing makes this tunnel unusable")
+    views = [assess(schedule(t), t, records.get(t.id, unread), now, manual=manual(records.get(t.id)))
+             for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]
@@ -466,6 +514,9 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
              _age(None if v.last_rotated is None else int(now - v.last_rotated)), "yes" if v.pending else "no",
              v.device or "-", " ".join((v.last_error or "").split())] for v in views]
     print(_table(rows, ["TUNNEL", "ID", "STATE", "PSK AGE", "PENDING", "DEVICE", "LAST ERROR"]))
+    for v in views:
+        if v.ack_command:
+            print(f"{v.name} ({v.tunnel_id}) waits for {v.waits_for}; acknowledge it with: {v.ack_command}")
     print("Summary: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "tunnels"))
     if budget is not None:
         print(f"Cloudflare rate budget: {budget['remaining']} of {budget['limit'] or '?'} requests left in this "

@@ -1,8 +1,10 @@
 """``rotator demo``: the daemon against the built-in simulators, on a fast schedule, with a far end.
 
 The first account's tunnels go through a simulated device (the ``webhook`` kind, rotator/sim/device.py):
-each key is delivered to it before Cloudflare applies it, and verified there after. The other
-account's tunnels are rotated at Cloudflare and in Vault only, so both paths are visible.
+each key is delivered to it before Cloudflare applies it, and verified there after. The second
+account's tunnels are rotated at Cloudflare and in Vault only. The third account's tunnels end on
+AWS Site-to-Site VPN connections (the ``aws_vpn`` kind against the EC2 fake, rotator/sim/aws.py: two
+tunnels per connection, each replaced for a few seconds, one tunnel of a connection at a time).
 
 ``rotator demo --ike`` replaces the simulated device with real IKE peers (rotator/sim/ike): two
 strongSwan charons in network namespaces, the Cloudflare simulator's edge loading every applied key,
@@ -62,10 +64,12 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
     if ike:
         sims, device_block, far_end, watch = _ike_far_end(workdir, cleanup)
     else:
-        sims = Simulators(accounts=2, tunnels=4)
+        sims = Simulators(accounts=3, tunnels=4, aws=True, aws_account=2, aws_replacement=AWS_REPLACEMENT)
         cleanup.callback(sims.stop)
         sims.start()
         device_block, far_end, watch = _simulated_far_end(sims, workdir, cleanup)
+        aws_block, aws_watch = _aws_far_end(sims)
+        device_block, watch = device_block + aws_block, watch + "\n" + aws_watch
     accounts = "".join(f'[[accounts]]\nid = "{acc}"\n' for acc in sims.tunnels_by_account)
     cfg = os.path.join(workdir, "rotator.toml")
     with open(cfg, "w", encoding="utf-8") as fh:
@@ -73,9 +77,11 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
                  # the simulators answer at once; a lease must outlive two call deadlines
                  '[cloudflare]\ntimeout = "10s"\n'
                  f'[policies.default]\nevery = "20s"\njitter = "10s"\nmax_age = "60s"\nretry_backoff = "5s"\n'
-                 f'retry_backoff_max = "30s"\n{accounts}{device_block}')
+                 # keys every kind takes, AWS's rules included (8-64 of A-Z a-z 0-9 . _, not 0 first)
+                 f'retry_backoff_max = "30s"\npsk_charset = "aws"\n{accounts}{device_block}')
     redactor = Redactor()
-    for value in (sims.vault_token, sims.cloudflare_api_token):
+    aws_secret = [sims.aws_sim.secret_key] if sims.aws_sim is not None else []
+    for value in (sims.vault_token, sims.cloudflare_api_token, *aws_secret):
         redactor.add(value)
     configure(redactor)  # stderr: the demo's stdout carries its instructions
     settings = config_mod.load(cfg, env=sims.env())
@@ -87,9 +93,12 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
         raise ConfigError(exc.message, "pass --listen HOST:PORT with a free port") from None
     acc = next(iter(sims.tunnels_by_account))
     url = daemon.admin_url
-    print(json.dumps({"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
-                      "accounts": list(sims.tunnels_by_account), "far_end": far_end, "simulators": {
-                          "vault": sims.vault_addr, "cloudflare": sims.cloudflare_base_url}}), flush=True)
+    ready: dict[str, Any] = {"event": "demo_ready", "admin_url": url, "metrics_url": f"{url}/metrics",
+                             "accounts": list(sims.tunnels_by_account), "far_end": far_end, "simulators": {
+                                 "vault": sims.vault_addr, "cloudflare": sims.cloudflare_base_url}}
+    if sims.aws_sim is not None:
+        ready["aws"] = _aws_end(sims)
+    print(json.dumps(ready), flush=True)
     n = sum(map(len, sims.tunnels_by_account.values()))
     print(f"""
 psk-rotator demo: the daemon rotates {n} simulated tunnels in {len(sims.tunnels_by_account)} account(s) every \
@@ -108,12 +117,37 @@ psk-rotator demo: the daemon rotates {n} simulated tunnels in {len(sims.tunnels_
     return 0
 
 
+AWS_REPLACEMENT = 3.0  # seconds the EC2 fake takes to replace a tunnel endpoint (AWS: minutes)
+
+
+def _aws_far_end(sims: Any) -> tuple[str, str]:
+    """The third account's tunnels on AWS Site-to-Site VPN (the EC2 fake): the aws_vpn kind finds
+    them by customer endpoint, through boto3 with the fake's credentials in the standard variables."""
+    os.environ.update({k: v for k, v in sims.env().items() if k.startswith("AWS_")})  # boto3's own chain
+    block = sims.aws_config(name="demo-aws", verify_timeout="60s") + f'accounts = ["{_aws_end(sims)["account"]}"]\n'
+    end = _aws_end(sims)
+    watch = (f"  AWS       : account {end['account']}'s tunnels end on {len(end['vpn_connection_ids'])} AWS VPN "
+             f"connections (aws_vpn kind, EC2 fake {end['endpoint']});\n"
+             "              each modification replaces the tunnel for a few seconds, one tunnel of a connection "
+             "at a time.\n"
+             f"  AWS state : curl -s {end['state_url']}")
+    return block, watch
+
+
+def _aws_end(sims: Any) -> dict[str, Any]:
+    info = sims.info()["aws"]
+    acc = list(sims.tunnels_by_account)[sims.aws_account]
+    return {"account": acc, "endpoint": info["endpoint"], "state_url": info["endpoint"] + "/_sim/state",
+            "vpn_connection_ids": info["vpn_connection_ids"], "device": "demo-aws"}
+
+
 def _simulated_far_end(sims: Any, workdir: str, cleanup: contextlib.ExitStack) -> tuple[str, dict[str, Any], str]:
     """The first account's tunnels through the simulated device, whose verification succeeds only
     when Cloudflare's simulator holds the same key (a fresh IKE authentication would)."""
     from rotator.sim import device
 
     acc, *others = list(sims.tunnels_by_account)
+    others = others[:1]
     dev = device.start(workdir, peer=sims.cloudflare.psk_of)
     cleanup.callback(dev.stop)
     block = dev.config("demo-device") + f'accounts = ["{acc}"]\n'

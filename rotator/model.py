@@ -5,6 +5,7 @@ Standard library only, so the engine can speak of them without importing httpx o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -28,6 +29,24 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"    # both ends are back on the previous key (verification failed, or asked)
     FAILED = "failed"              # the attempt failed and could not be undone (or an ack timed out)
     WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
+
+
+class RepeatedTunnel(AssertionError):
+    """A batch that names one tunnel twice reached a step or a store: a programming error.
+
+    Every step builds ``{tunnel id: key}`` maps and writes one record per tunnel, so a repeated id
+    would send or stage one of two keys at random (issue 20 item 1). The plan reports a listing that
+    names a tunnel twice; nothing after it may ever see one."""
+
+
+def check_distinct(ids: Iterable[str], where: str) -> None:
+    """Raise RepeatedTunnel when ``ids`` names a tunnel twice."""
+    seen: set[str] = set()
+    for tid in ids:
+        if tid in seen:
+            raise RepeatedTunnel(f"{where}: tunnel {tid} appears twice in one batch (a programming error: "
+                                 "the plan takes each tunnel once)")
+        seen.add(tid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,25 +135,94 @@ class Record:
 
 
 ROLLBACK_ACK = "rollback:"  # acked_rotation_id of a rollback's acknowledgement: never taken for a delivery's
+HOLDS = ("new", "previous")  # what an acknowledgement confirms the manual device holds (rotator ack --holds)
 
 
-def ack(record: Record, rotation_id: str | None = None, state: str | None = None) -> Record:
-    """The record with its pending key acknowledged (``rotator ack``), to be written with CAS: in state
-    ``pending``, the manual device holds the pending key; in ``rolling_back``, it is back on ``psk``.
+class AckRefused(ValueError):
+    """An acknowledgement that does not match the record: nothing waits, it is ambiguous, or the
+    record has moved on. The message names the current state and the exact command to use."""
 
-    ``rotation_id``/``state``: what the operator acted on (the rotation whose key they typed in, and
-    whether they put the new key on or the old one back). Given, they bind the acknowledgement: when
-    the record has moved on (the key was withdrawn and another staged, or a delivery turned into a
-    rollback), the acknowledgement would vouch for something the operator never did, so it is refused.
 
-    Raises ValueError when nothing is pending (there is nothing to acknowledge), or it moved on."""
-    if record.pending_psk is None or record.state not in ("pending", "rolling_back") or record.rotation_id is None:
-        raise ValueError(f"tunnel {record.tunnel_id} has no key waiting for an acknowledgement")
-    if (rotation_id is not None and rotation_id != record.rotation_id) or (state is not None and state != record.state):
-        raise ValueError(f"tunnel {record.tunnel_id} now waits for rotation {record.rotation_id} ({record.state}), "
-                         "not what was acknowledged: check the device and acknowledge again")
+def ack_command(record: Record, holds: str) -> str:
+    """The exact acknowledgement for what ``record`` waits for (printed by runs, status and refusals)."""
+    return (f"rotator ack --account {record.account_id} --tunnel {record.tunnel_id} "
+            f"--rotation {record.rotation_id} --holds {holds}")
+
+
+def waits_for(record: Record) -> tuple[str, str] | None:
+    """What a record with a key in flight waits for from a manual device's operator, and which
+    ``--holds`` confirms it; None when nothing is in flight. (Whether the tunnel's device is manual is
+    the caller's to know: an automatic device is not waited for.)"""
+    if record.pending_psk is None or record.rotation_id is None:
+        return None
+    if record.state == "rolling_back":
+        return (f"the device to be back on its previous key (rotation {record.rotation_id}'s new key is being "
+                "withdrawn)", "previous")
+    if record.state == "pending":
+        return f"the device to hold the new key of rotation {record.rotation_id}", "new"
+    return None
+
+
+def ack(record: Record, holds: str | None = None, rotation_id: str | None = None) -> Record:
+    """The record with its pending key acknowledged (``rotator ack``), to be written with CAS.
+
+    ``holds``: what the operator confirms the manual device holds: ``new`` (the pending key, state
+    ``pending``) or ``previous`` (``psk`` again, while state is ``rolling_back``). ``rotation_id``:
+    the rotation whose key they acted on (printed by the waiting run and by ``status``). Raises
+    AckRefused, naming the current state and the exact command, when nothing waits, when ``holds``
+    is missing (the same words would mean opposite things in ``pending`` and ``rolling_back``), when
+    it is not what the record waits for, or when the record has moved on to another rotation; a
+    refused acknowledgement changes nothing, so every key the device may hold stays readable."""
+    wanted = waits_for(record)
+    if wanted is None:
+        raise AckRefused(f"tunnel {record.tunnel_id} has no key waiting for an acknowledgement (state "
+                         f"{record.state}): check 'rotator status --account {record.account_id}'")
+    what, expected = wanted
+    command = ack_command(record, expected)
+    if holds is not None and holds not in HOLDS:
+        raise AckRefused(f"--holds must be one of {', '.join(HOLDS)}, not {holds!r}")
+    if rotation_id is not None and rotation_id != record.rotation_id:
+        raise AckRefused(f"tunnel {record.tunnel_id} now waits for {what} ({record.state}), not for rotation "
+                         f"{rotation_id}: the record has moved on; check what the device holds, then run '{command}'")
+    if holds is None:
+        raise AckRefused(f"tunnel {record.tunnel_id} waits for {what} ({record.state}): say what the device holds; "
+                         f"once it does, run '{command}'")
+    if holds != expected and expected == "previous":
+        raise AckRefused(f"tunnel {record.tunnel_id} is rolling back rotation {record.rotation_id}: its new key is "
+                         "being withdrawn and will not be applied (both keys stay in Vault meanwhile); put the "
+                         f"previous key back on the device, then run '{command}'")
+    if holds != expected:
+        raise AckRefused(f"tunnel {record.tunnel_id} waits for the new key of rotation {record.rotation_id} "
+                         f"(pending), so there is nothing to go back from: once the device holds the new key run "
+                         f"'{command}'; to abandon the key run 'rotator rollback --account {record.account_id} "
+                         f"--tunnel {record.tunnel_id}'")
     prefix = ROLLBACK_ACK if record.state == "rolling_back" else ""
-    return replace(record, acked_rotation_id=prefix + record.rotation_id)
+    return replace(record, acked_rotation_id=f"{prefix}{record.rotation_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordVersion:
+    """One KV v2 version of a tunnel's record (``rotator history``). ``record`` None: the version was
+    deleted or destroyed (its number and time remain)."""
+
+    version: int
+    written_at: str | None
+    record: Record | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """What history shows of a version: never a key, nor anything derived from one."""
+        rec = self.record
+        out: dict[str, Any] = {"version": self.version, "written_at": self.written_at, "deleted": rec is None}
+        if rec is None:
+            return out
+        outcome = rec.last_error or ("rotated" if rec.state == "active" and rec.psk is not None else rec.state)
+        if rec.state == "pending" and rec.acked:
+            outcome = "acknowledged: the device holds the new key" + (f" ({rec.last_error})" if rec.last_error else "")
+        out.update({"rotation_id": rec.rotation_id, "state": rec.state, "pending": rec.pending_psk is not None,
+                    "outcome": outcome, "last_error": rec.last_error, "rotated_at": rec.rotated_at,
+                    "device": rec.device, "tunnel_name": rec.tunnel_name,
+                    "verified_at": getattr(rec, "verified_at", None), "verified_by": getattr(rec, "verified_by", None)})
+        return out
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ import structlog
 from rotator.adapters.cloudflare import CloudflareClient, RateBudget, RetryPolicy
 from rotator.adapters.devices import DeviceRegistry
 from rotator.adapters.devices.manual import ManualSettings
-from rotator.adapters.vault import VaultStore, build_hvac_client, translate
+from rotator.adapters.vault import Credentials, VaultStore, build_hvac_client, translate
 from rotator.config import Settings
 from rotator.errors import CloudflareError, ConfigError, VaultError
 from rotator.model import PskSetResult, TunnelInfo
@@ -31,6 +31,7 @@ from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine
 from rotator.rotation.lease import LeaseManager, LocalProcesses
 from rotator.rotation.ports import Device, RecordStore, TunnelApi
+from rotator.schedule import Policy
 from rotator.secret import Secret
 
 
@@ -92,6 +93,16 @@ class Runtime:
         return {"psk_for": self.psk_for(account_id), "device_for": device_for if self.measured else None,
                 "ack_timeout": min(manual) if manual else None, "on_drift": self.settings.rotation.on_drift}
 
+    def schedule_for(self, account_id: str) -> Callable[[TunnelInfo], Policy | None]:
+        """A tunnel's schedule: the policy its account's selections name (None: no selection covers
+        it); an account the config does not list runs every tunnel on the ``default`` policy."""
+        account = next((a for a in self.settings.accounts if a.id == account_id), None)
+
+        def choose(tunnel: TunnelInfo) -> Policy | None:
+            name = account.policy_for(tunnel.id, tunnel.name) if account else "default"
+            return self.settings.policies[name] if name else None
+        return choose
+
     def psk_for(self, account_id: str) -> Callable[[TunnelInfo], PskGenerator]:
         account = next((a for a in self.settings.accounts if a.id == account_id), None)
 
@@ -148,8 +159,14 @@ def warn_plain_http(addr: str, log: Any) -> None:
 class VaultAuthenticator:
     """Logs in (token, AppRole or Kubernetes), renews the token before expiry, re-logs in when it is gone."""
 
-    def __init__(self, client: hvac.Client, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: hvac.Client, settings: Settings, clock: Callable[[], float] = time.time,
+                 credentials: Credentials | None = None) -> None:
         self.client, self.settings, self.clock = client, settings, clock
+        auth = settings.vault.auth
+        # Redacted from every Vault error text, the login's and the store's (which share this object).
+        self.credentials = credentials or Credentials()
+        self.credentials.add(settings.vault.token.reveal() if settings.vault.token else None,
+                             auth.secret_id.reveal() if auth.secret_id else None)
         self.expires_at: float | None = None
         self.ttl = 0
         self.renewable = False
@@ -169,6 +186,7 @@ class VaultAuthenticator:
                 except OSError as exc:
                     raise ConfigError(f"vault.auth.jwt_file: cannot read {auth.jwt_file} ({exc.strerror})",
                                       "mount the service account token or set vault.auth.jwt_file") from None
+                self.credentials.add(jwt)
                 resp = self.client.auth.kubernetes.login(auth.role, jwt, mount_point=auth.mount)
                 self._note(resp["auth"]["lease_duration"], resp["auth"]["renewable"])
             else:
@@ -179,7 +197,9 @@ class VaultAuthenticator:
             raise VaultError(f"Vault login ({auth.method}) answered without the expected auth data",
                              "check VAULT_ADDR points at Vault and the auth mount name") from exc
         except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
-            raise translate(exc, f"Vault login ({auth.method})") from exc
+            raise translate(exc, f"Vault login ({auth.method})", secrets=self.credentials.with_token(self.client)) \
+                from exc
+        self.credentials.with_token(self.client)  # the token the login issued
 
     def _note(self, ttl: int, renewable: bool) -> None:
         self.ttl = ttl
@@ -201,6 +221,7 @@ class VaultAuthenticator:
                 try:
                     resp = self.client.auth.token.renew_self()
                     self._note(int(resp["auth"]["lease_duration"]), bool(resp["auth"]["renewable"]))
+                    self.credentials.with_token(self.client)
                     return "renewed"
                 except (hvac.exceptions.VaultError, requests.exceptions.RequestException, KeyError, TypeError):
                     pass  # the token is gone or not renewable after all: log in afresh below
@@ -234,7 +255,8 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
     )
     cloudflare = AccountHint(client_cf)
     store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
-                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None)
+                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None,
+                       credentials=authenticator.credentials)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)

@@ -19,7 +19,7 @@ from typing import Any
 
 from rotator.adapters.devices._common import DeviceBase
 from rotator.errors import CasConflict, CloudflareError, VaultError
-from rotator.model import Lease, PskSetResult, Record, TunnelInfo
+from rotator.model import Lease, PskSetResult, Record, RecordVersion, TunnelInfo, check_distinct
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState, KeyRules
 from rotator.secret import Secret
 
@@ -110,6 +110,7 @@ class FakeVault:
         return out
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
+        check_distinct((f"{r.account_id}/{r.tunnel_id}" for r in records), "write_many")  # as VaultStore
         out: dict[str, Record | VaultError] = {}
         for rec in records:
             try:
@@ -117,6 +118,11 @@ class FakeVault:
             except VaultError as exc:
                 out[rec.tunnel_id] = exc
         return out
+
+    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]:
+        with self._lock:
+            history = list(self.versions.get((account_id, tunnel_id), []))
+        return [RecordVersion(r.version, stamp(), dataclasses.replace(r)) for r in reversed(history[-limit:])]
 
     def _write(self, rec: Record) -> Record:
         fault = self.faults.take("write")
@@ -179,6 +185,11 @@ class FakeCloudflare:
             self.tunnels[account_id].append(TunnelInfo(t, f"tun{start + i + 1:05d}", **info))
             self.keys[t] = self.initial[t] = f"initial-{t}"
         return ids
+
+    def list_twice(self, account_id: str, tunnel_id: str, name: str) -> None:
+        """A broken listing: the tunnel appears a second time, under ``name`` (issue 20 item 1)."""
+        first = next(t for t in self.tunnels[account_id] if t.id == tunnel_id)
+        self.tunnels[account_id].append(dataclasses.replace(first, name=name))
 
     def key_of(self, tunnel_id: str) -> str:
         with self._lock:
@@ -397,7 +408,7 @@ def assert_invariant(cloudflare: FakeCloudflare, vault: FakeVault, account_id: s
     record's psk or pending_psk (during a tunnel's first rotation, also the key it had before).
     Strict (no rotation in flight): both are psk and nothing is pending."""
     checked = 0
-    for tunnel in cloudflare.tunnels[account_id]:
+    for tunnel in {t.id: t for t in cloudflare.tunnels[account_id]}.values():  # a tunnel listed twice once
         rec = vault.latest(account_id, tunnel.id)
         if rec is None or (rec.psk is None and rec.pending_psk is None and tunnel.id not in cloudflare.initial):
             continue  # never rotated by us: not managed yet

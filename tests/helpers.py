@@ -103,20 +103,20 @@ def assert_invariant(sims: Simulators, account: str, strict: bool = False) -> in
     return checked
 
 
-def assert_both_ends(sims: Simulators, account: str, device_held: Any, strict: bool = False) -> int:
-    """The invariant on both ends: Cloudflare's (``assert_invariant``) and the far-end device's, whose
-    key for a tunnel ``device_held(account, tunnel_id)`` returns (None: the device has no such tunnel).
-    Returns how many managed tunnels were checked."""
+def assert_both_ends(sims: Simulators, account: str, held: Any, strict: bool = False) -> int:
+    """DESIGN.md section 2 for both ends: Cloudflare's key (``assert_invariant``) and the far end's,
+    ``held(account, tunnel_id)`` (None: the device holds no key for the tunnel), each readable from the
+    latest record, as psk or pending_psk (strictly psk once nothing is in flight)."""
     checked = assert_invariant(sims, account, strict=strict)
     for tid in sims.tunnels_by_account[account]:
         data = record(sims, account, tid) or {}
-        held = device_held(account, tid)
-        if held is None or not (data.get("psk") or data.get("pending_psk")):
+        key = held(account, tid)
+        if key is None or not (data.get("psk") or data.get("pending_psk")):
             continue
         if strict:
-            assert held == data.get("psk"), f"{tid}: the device holds a key that is not the record's psk"
+            assert key == data.get("psk"), f"{tid}: the device holds a key that is not the record's psk"
         else:
-            assert held in (data.get("psk"), data.get("pending_psk")), f"{tid}: the device holds a key Vault lacks"
+            assert key in (data.get("psk"), data.get("pending_psk")), f"{tid}: the device holds a key Vault lacks"
     return checked
 
 

@@ -296,13 +296,15 @@ def install() -> Iterator[None]:
     from rotator.rotation import engine
     from rotator.secret import Secret
     from rotator.service import admin
+    from rotator.sim.aws import AwsSim
     from rotator.sim.cloudflare import CloudflareSim
     from rotator.sim.device import DeviceSim
     from rotator.sim.vault import VaultSim
     from tests import fakes
 
     with contextlib.ExitStack() as stack:
-        for cls in (VaultSim, CloudflareSim, DeviceSim, fakes.FakeVault, fakes.FakeCloudflare, fakes.FakeDevice):
+        for cls in (VaultSim, CloudflareSim, DeviceSim, AwsSim, fakes.FakeVault, fakes.FakeCloudflare,
+                    fakes.FakeDevice):
             stack.enter_context(patched(cls, "__init__", _init_tracker))
         stack.enter_context(patched(Secret, "__init__", _secret_init))
         stack.enter_context(patched(CaptureFixture, "readouterr", _readouterr))

@@ -312,8 +312,115 @@ def test_ack_records_the_acknowledgement_and_applies_the_pending_key(sims):
     sims.cloudflare.clear_faults()
     pending = record(sims, acc, tunnel)
     assert pending["state"] == "pending"
-    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--verbose"], sims.env())
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--holds", "new", "--verbose"], sims.env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "acknowledged 1 pending key" in proc.stderr and proc.stdout.startswith("Reconcile ")
+    assert "acknowledged 1 tunnel(s)" in proc.stderr and proc.stdout.startswith("Reconcile ")
     assert record(sims, acc, tunnel)["psk"] == pending["pending_psk"]
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_ack_says_what_the_manual_device_holds_and_status_prints_the_command(sims, tmp_path):
+    """Issue 20 item 2: an acknowledgement names what it confirms (--holds, --rotation); one that does
+    not, or that names a rotation the record moved on from, is refused with the state and the command."""
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    path = write_config(tmp_path, '[[devices]]\nname = "desk"\nkind = "manual"\ntunnels = ["tun00001"]\n')
+    env = {**sims.env(), "ROTATOR_CONFIG": path}
+    assert run_cli(["rotate", "--account", acc, "--all"], sims.env()).returncode == 0  # every tunnel managed
+    proc = run_cli(["rotate", "--account", acc, "--tunnel", tunnel], env)
+    rotation = record(sims, acc, tunnel)["rotation_id"]
+    command = f"rotator ack --account {acc} --tunnel {tunnel} --rotation {rotation} --holds new"
+    assert proc.returncode == 1 and "waiting" in proc.stdout and command in proc.stdout, proc.stdout
+    status = run_cli(["status", "--account", acc], env)
+    assert command in status.stdout and "waits for the device to hold the new key" in status.stdout
+    row = next(r for r in json.loads(run_cli(["status", "--account", acc, "--output", "json"], env).stdout)["tunnels"]
+               if r["tunnel_id"] == tunnel)
+    assert row["ack_command"] == command and row["waits_for"]
+    for extra, needle in (([], "say what the device holds"), (["--holds", "previous"], "nothing to go back from"),
+                          (["--holds", "new", "--rotation", "20260101T000000Z-abcdef"], "moved on")):
+        proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", *extra], env)
+        assert proc.returncode == 1 and needle in proc.stderr and command in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert record(sims, acc, tunnel)["state"] == "pending" and "acked_rotation_id" not in record(sims, acc, tunnel)
+        assert_invariant(sims, acc)
+    pending = record(sims, acc, tunnel)["pending_psk"]
+    proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--rotation", rotation, "--holds", "new"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert record(sims, acc, tunnel)["psk"] == pending and sims.cloudflare.psk_of(acc, tunnel) == pending
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_rotate_due_rotates_only_what_the_schedule_would(sims, tmp_path):
+    """Issue 20 item 12: `rotate --due` for cron and CI, the policies' due and drift decision."""
+    acc = account(sims)
+    path = write_config(tmp_path, f'[[accounts]]\nid = "{acc}"\n[policies.default]\nevery = "30d"\n')
+    env = {**sims.env(), "ROTATOR_CONFIG": path}
+    assert run_cli(["rotate", "--account", acc, "--all"], env).returncode == 0
+    applies = sims.cloudflare.request_counts().get("cf.psk_apply", 0)
+    proc = run_cli(["rotate", "--account", acc, "--due"], env)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
+    assert sims.cloudflare.request_counts().get("cf.psk_apply", 0) == applies  # nothing was due: nothing sent
+    drifted = sims.tunnels_by_account[acc][2]
+    sims.cloudflare.change_psk_out_of_band(acc, drifted)  # a key set outside the rotator: re-keyed as drift
+    new = sims.cloudflare.add_tunnel(acc)  # a tunnel never rotated: due at once
+    sims.tunnels_by_account[acc].append(new)
+    proc = run_cli(["rotate", "--account", acc, "--due", "--output", "json"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted(t["tunnel_id"] for t in report["tunnels"]) == sorted([drifted, new])
+    assert report["counts"]["rotated"] == 2 and report["drifted"] == [drifted]
+    proc = run_cli(["rotate", "--account", acc, "--due", "--all"], env)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_history_lists_the_record_versions_never_a_key(sims):
+    """Issue 20 item 12: `rotator history`: when, rotation id, state, outcome, device; never a key."""
+    acc = account(sims)
+    tunnel = sims.tunnels_by_account[acc][0]
+    proc = run_cli(["history", "--account", acc, "--tunnel", tunnel], sims.env())
+    assert proc.returncode == 0 and "never written" in proc.stdout, proc.stdout + proc.stderr
+    rotations = []
+    for _ in range(2):
+        report = json.loads(run_cli(["rotate", "--account", acc, "--tunnel", tunnel, "--output", "json"],
+                                    sims.env()).stdout)
+        rotations.append(report["rotation_id"])
+    proc = run_cli(["history", "--account", acc, "--tunnel", "tun00001", "--output", "json"], sims.env())
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    versions = answer["versions"]
+    assert [v["version"] for v in versions] == [4, 3, 2, 1] and answer["tunnel_id"] == tunnel
+    assert [(v["rotation_id"], v["state"], v["pending"]) for v in versions] == [
+        (rotations[1], "active", False), (rotations[1], "pending", True),
+        (rotations[0], "active", False), (rotations[0], "pending", True)]
+    assert versions[0]["outcome"] == "rotated" and all(v["written_at"] for v in versions)
+    data = record(sims, acc, tunnel)
+    for key in (data["psk"], data["previous_psk"]):
+        assert key not in proc.stdout
+    assert all("psk" not in field for v in versions for field in v)
+    text = run_cli(["history", "--account", acc, "--tunnel", tunnel, "--limit", "2"], sims.env())
+    assert text.returncode == 0 and rotations[1] in text.stdout and rotations[0] not in text.stdout
+    assert "VERSION" in text.stdout and "OUTCOME" in text.stdout
+    bad = run_cli(["history", "--account", acc, "--tunnel", "nonesuch"], sims.env())
+    assert bad.returncode == 2 and "no tunnel 'nonesuch'" in bad.stderr and "Traceback" not in bad.stderr
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_a_tunnel_listed_twice_is_one_refused_row_in_rotate_and_status(sims):
+    """Issue 20 item 1 through the CLI: reported once, by id and both names; nothing written or sent."""
+    acc = account(sims)
+    assert run_cli(["rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    victim = sims.tunnels_by_account[acc][0]
+    sims.cloudflare.list_twice(acc, victim, "branch-dup")
+    before = record(sims, acc, victim)
+    proc = run_cli(["rotate", "--account", acc, "--all", "--output", "json"], sims.env())
+    report = json.loads(proc.stdout)
+    rows = [t for t in report["tunnels"] if t["tunnel_id"] == victim]
+    assert proc.returncode == 1 and len(report["tunnels"]) == 6 and report["counts"]["rotated"] == 5
+    assert [r["result"] for r in rows] == ["refused"] and rows[0]["name"] == "tun00001 / branch-dup"
+    assert record(sims, acc, victim) == before
+    status = json.loads(run_cli(["status", "--account", acc, "--output", "json"], sims.env()).stdout)
+    rows = [t for t in status["tunnels"] if t["tunnel_id"] == victim]
+    assert len(rows) == 1 and rows[0]["state"] == "refused" and "listing names tunnel" in rows[0]["last_error"]
+    assert status["summary"]["tunnels"] == 6
     assert_invariant(sims, acc, strict=True)

@@ -244,7 +244,7 @@ def test_retries_never_run_past_the_engines_deadline(env):
 
 # -- garbage (issue 9.5) ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["html", "not_json", "types"])
+@pytest.mark.parametrize("variant", ["html", "not_json", "deep", "types"])
 def test_garbage_lists_are_one_line_errors(env, variant):
     sim, client, _, _, _ = env
     sim.garbage_next("cf.list", variant=variant)
@@ -253,7 +253,7 @@ def test_garbage_lists_are_one_line_errors(env, variant):
     assert "\n" not in str(exc.value) and "CLOUDFLARE_BASE_URL" in str(exc.value)
 
 
-@pytest.mark.parametrize("variant", ["html", "not_json", "types"])
+@pytest.mark.parametrize("variant", ["html", "not_json", "deep", "types"])
 def test_garbage_after_an_apply_is_ambiguous(env, variant):
     sim, client, tunnels, _, _ = env
     sim.garbage_next("cf.psk_apply", variant=variant)

@@ -448,20 +448,38 @@ def test_a_manual_device_waits_for_its_ack_and_the_metrics_say_so(sims, tmp_path
     from tests.helpers import run_cli
 
     acc = next(iter(sims.tunnels_by_account))
-    tunnel = sims.tunnels_by_account[acc][0]
-    device = '[[devices]]\nname = "unifi"\nkind = "manual"\ntunnels = ["tun00001"]\n'
+    tunnel, second = sims.tunnels_by_account[acc][:2]
+    device = '[[devices]]\nname = "unifi"\nkind = "manual"\ntunnels = ["tun00001", "tun00002"]\n'
     d = build_daemon(daemon_config(sims, tmp_path, extra=device), tick_seconds=3600)
     d.start()
     try:
         url = d.admin_url
         wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
-                                result="rotated") == 5, what="the first run")
+                                result="rotated") == 4, what="the first run")
         text = httpx.get(url + "/metrics").text
-        assert metric(text, "psk_rotator_tunnels_waiting_ack", account=acc) == 1
-        assert metric(text, "psk_rotator_device_calls_total", device="unifi", action="deliver", result="waiting") == 1
+        assert metric(text, "psk_rotator_tunnels_waiting_ack", account=acc) == 2
+        assert metric(text, "psk_rotator_device_calls_total", device="unifi", action="deliver", result="waiting") == 2
         assert record(sims, acc, tunnel)["state"] == "pending"
+        rotation = record(sims, acc, second)["rotation_id"]
+        # The admin API's ack (issue 20 item 2): one that does not say what the device holds, or names
+        # another rotation, is refused with the state and the exact command; nothing is recorded.
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        for body, needle in (({"account": acc, "tunnels": ["tun00002"]}, f"--rotation {rotation} --holds new"),
+                             ({"account": acc, "tunnels": [second], "holds": "new", "rotation_id": "x"}, "moved on"),
+                             ({"account": acc, "tunnels": [second], "holds": "previous"}, "nothing to go back")):
+            answer = httpx.post(url + "/v1/acks", json=body, headers=auth)
+            assert answer.status_code == 409 and needle in answer.json()["tunnels"][second], answer.text
+        assert httpx.post(url + "/v1/acks", json={"account": acc, "tunnels": "tun00002"}, headers=auth).status_code == 400
+        assert httpx.post(url + "/v1/acks", json={"account": acc, "tunnels": ["nonesuch"], "holds": "new"},
+                          headers=auth).status_code == 400
+        assert "acked_rotation_id" not in record(sims, acc, second)
+        answer = httpx.post(url + "/v1/acks", json={"account": acc, "tunnels": ["tun00002"], "holds": "new",
+                                                   "rotation_id": rotation}, headers=auth)
+        assert answer.status_code == 202 and answer.json()["acknowledged"] == [second], answer.text
+        run = answer.json()["href"]
+        wait_for(lambda: httpx.get(url + run, headers=auth).json()["state"] == "done", what="the reconcile")
         env = {**sims.env(), "ROTATOR_ADMIN_URL": url, "ROTATOR_ADMIN_TOKEN": ADMIN, "ROTATOR_CONFIG": d.settings.source}
-        proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001"], env)
+        proc = run_cli(["ack", "--account", acc, "--tunnel", "tun00001", "--holds", "new"], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "handed to the daemon" in proc.stderr and proc.stdout.startswith("Reconcile ")
         text = httpx.get(url + "/metrics").text
@@ -469,4 +487,28 @@ def test_a_manual_device_waits_for_its_ack_and_the_metrics_say_so(sims, tmp_path
         assert metric(text, "psk_rotator_rotations_total", account=acc, result="rotated") == 6
     finally:
         d.stop()
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_a_due_run_through_the_api_and_the_cli_rotates_only_what_is_due(sims, daemon):
+    """Issue 20 item 12: `rotate --due` handed to the leading daemon (POST /v1/rotations {"due": true})."""
+    from tests.helpers import run_cli
+
+    acc = next(iter(sims.tunnels_by_account))
+    url, auth = daemon.admin_url, {"Authorization": f"Bearer {ADMIN}"}
+    wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_rotations_total", account=acc,
+                            result="rotated") == 6, what="the first run")
+    r = httpx.post(url + "/v1/rotations", json={"account": acc, "due": True}, headers=auth)
+    assert r.status_code == 202, r.text
+    wait_for(lambda: httpx.get(url + r.json()["href"], headers=auth).json()["state"] == "done")
+    view = httpx.get(url + r.json()["href"], headers=auth).json()
+    assert view["kind"] == "due" and view["result"]["tunnels"] == []  # nothing is due an hour early
+    assert httpx.post(url + "/v1/rotations", json={"account": acc, "due": True, "all": True},
+                      headers=auth).status_code == 400
+    drifted = sims.tunnels_by_account[acc][3]
+    sims.cloudflare.change_psk_out_of_band(acc, drifted)
+    env = {**sims.env(), "ROTATOR_ADMIN_URL": url, "ROTATOR_ADMIN_TOKEN": ADMIN, "ROTATOR_CONFIG": daemon.settings.source}
+    proc = run_cli(["rotate", "--account", acc, "--due", "--output", "json"], env)
+    assert proc.returncode == 0 and "handed to the daemon" in proc.stderr, proc.stdout + proc.stderr
+    assert [(t["tunnel_id"], t["result"]) for t in json.loads(proc.stdout)["tunnels"]] == [(drifted, "rotated")]
     assert_invariant(sims, acc, strict=True)

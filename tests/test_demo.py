@@ -76,7 +76,8 @@ def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
         metrics = ready["metrics_url"]
         far_end = ready["far_end"]
         device_acc = far_end["account"]
-        (plain_acc,) = [a for a in ready["accounts"] if a != device_acc]
+        aws_acc = ready["aws"]["account"]
+        (plain_acc,) = [a for a in ready["accounts"] if a not in (device_acc, aws_acc)]
 
         # The printed "Device : curl -s URL" is where a newcomer watches the far end's keys.
         device_url = shlex.split(text.split("Device    :", 1)[1].split("(", 1)[0])[-1]
@@ -97,9 +98,16 @@ def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
                               for rec, pending, dev_name, cf, dev in ends[device_acc].values())
             without = all(rec and not pending and dev_name is None and rec == cf and dev is None
                           for rec, pending, dev_name, cf, dev in ends[plain_acc].values())
-            return ends if with_device and without else None
+            # the AWS account: both ends (Cloudflare and the AWS tunnel by its outside address) on the psk
+            aws_state = httpx.get(ready["aws"]["state_url"]).json()["result"]["connections"]
+            aws_keys = {ip: t["key"] for c in aws_state.values() for ip, t in c["tunnels"].items()}
+            cf_state = httpx.get(ready["simulators"]["cloudflare"].removesuffix("/client/v4") + "/_sim/state")
+            endpoints = {tid: t.get("customer_endpoint") for tid, t in cf_state.json()["result"]["accounts"][aws_acc].items()}
+            on_aws = all(rec and not pending and dev_name == "demo-aws" and rec == cf == aws_keys.get(endpoints[tid])
+                         for tid, (rec, pending, dev_name, cf, _) in ends[aws_acc].items())
+            return ends if with_device and without and on_aws else None
 
-        wait_for(lambda: settled() is not None, timeout=30, what="both ends holding the record's psk")
+        wait_for(lambda: settled() is not None, timeout=60, what="both ends holding the record's psk")
         before = settled()
         assert before is not None
 

@@ -296,3 +296,20 @@ def test_a_retried_apply_never_outlives_the_lease(sims, tmp_path, managed):
         assert all("outlive" in o.reason for o in report.outcomes)
         assert sims.cloudflare.request_counts()["cf.psk_apply"] == 1
         assert_invariant(sims, acc, strict=True)
+
+
+def test_a_tunnel_cloudflare_lists_twice_is_refused_once_and_never_touched(sims, rt, managed):
+    """Issue 20 item 1 over HTTP: the simulator's listing names one tunnel twice, under a second name."""
+    acc = managed
+    victim = sims.tunnels_by_account[acc][0]
+    sims.cloudflare.list_twice(acc, victim, "dup-of-the-first")
+    before, held = record(sims, acc, victim), sims.cloudflare.psk_of(acc, victim)
+    report = rotate_all(rt, acc)
+    mine = [o for o in report.outcomes if o.tunnel_id == victim]
+    assert [o.result for o in mine] == [REFUSED] and "dup-of-the-first" in mine[0].name
+    assert "listing names tunnel" in mine[0].reason and len(report.outcomes) == 6
+    assert report.counts()[ROTATED] == 5 and not report.ok
+    assert record(sims, acc, victim) == before and sims.cloudflare.psk_of(acc, victim) == held
+    sims.cloudflare.clear_listed_twice()
+    assert rotate_all(rt, acc, tunnels=[victim]).ok
+    assert_invariant(sims, acc, strict=True)

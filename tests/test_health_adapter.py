@@ -67,7 +67,7 @@ def test_timeline_through_the_control_api(env):
     assert health.tunnel_health(A, ["site-3"], since=now - 10, deadline=soon()) == {"site-3": HealthState.DEGRADED}
 
 
-@pytest.mark.parametrize("variant", ["html", "not_json", "types"])
+@pytest.mark.parametrize("variant", ["html", "not_json", "deep", "types"])
 def test_garbage_is_a_cloudflare_error(env, variant):
     sim, health, _, _ = env
     sim.garbage_next("cf.graphql", variant=variant)

@@ -93,31 +93,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Prometheus:
+    """A real Prometheus (Debian's binary) on a free loopback port, its own storage under ``workdir``,
+    scraping ``target`` (HOST:PORT) every second with ``rules`` (the text of a rules file)."""
+
+    def __init__(self, workdir: Path, target: str, rules: str) -> None:
+        (workdir / "alerts.yml").write_text(rules)
+        (workdir / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\n"
+            f"scrape_configs:\n  - job_name: psk-rotator\n    static_configs:\n      - targets: ['{target}']\n")
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api/v1"
+        self.process = subprocess.Popen([tool("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+                                         f"--storage.tsdb.path={workdir / 'data'}",
+                                         f"--web.listen-address=127.0.0.1:{port}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(self, expr: str) -> list:
+        try:
+            return httpx.get(f"{self.api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+
+    def alerts(self, name: str) -> list:
+        try:
+            alerts = httpx.get(f"{self.api}/alerts", timeout=5).json()["data"]["alerts"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+        return [a for a in alerts if a["labels"]["alertname"] == name]
+
+    def firing(self, name: str, **labels: str) -> bool:
+        return any(a["state"] == "firing" and all(a["labels"].get(k) == v for k, v in labels.items())
+                   for a in self.alerts(name))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
 def test_real_prometheus_scrapes_the_demo_and_alerts_fire(tmp_path):
-    prometheus = tool("prometheus")
+    tool("prometheus")
     demo = start_cli(["demo", "--listen", "127.0.0.1:0"], {})
     prom = None
     try:
         ready = json.loads(demo.stdout.readline())
         admin = ready["admin_url"]
-        target = admin.removeprefix("http://")
-        rules = (PROM / "alerts.yml").read_text()
-        (tmp_path / "alerts.yml").write_text(rules)
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\n"
-            f"scrape_configs:\n  - job_name: psk-rotator\n    static_configs:\n      - targets: ['{target}']\n")
-        port = _free_port()
-        prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        api = f"http://127.0.0.1:{port}/api/v1"
-
-        def query(expr: str) -> list:
-            try:
-                return httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
-            except (httpx.HTTPError, ValueError, KeyError):
-                return []
-
+        prom = Prometheus(tmp_path, admin.removeprefix("http://"), (PROM / "alerts.yml").read_text())
+        query = prom.query
         wait_for(lambda: query('up{job="psk-rotator"} == 1'), timeout=60, what="Prometheus scraping the demo")
         wait_for(lambda: query('sum(psk_rotator_rotations_total{result="rotated"}) > 0'), timeout=60,
                  what="rotation metrics in Prometheus")
@@ -128,22 +150,13 @@ def test_real_prometheus_scrapes_the_demo_and_alerts_fire(tmp_path):
         httpx.post(sim_root + "/_sim/control", json={"op": "refuse_tunnels", "tunnel_ids": list(state["accounts"][acc]),
                                                      "stage": "validate", "reason": "injected by the test"})
 
-        def alert(name: str) -> list:
-            try:
-                alerts = httpx.get(f"{api}/alerts", timeout=5).json()["data"]["alerts"]
-            except (httpx.HTTPError, ValueError, KeyError):
-                return []
-            return [a for a in alerts if a["labels"]["alertname"] == name]
-
-        wait_for(lambda: any(a["state"] == "firing" and a["labels"].get("account") == acc
-                             for a in alert("PskRotationFailing")), timeout=90, what="PskRotationFailing firing")
+        wait_for(lambda: prom.firing("PskRotationFailing", account=acc), timeout=90, what="PskRotationFailing firing")
         httpx.post(ready["simulators"]["vault"] + "/_sim/control", json={"op": "seal"})
-        wait_for(lambda: any(a["state"] in ("pending", "firing") for a in alert("PskRotatorVaultUnreachable")),
+        wait_for(lambda: any(a["state"] in ("pending", "firing") for a in prom.alerts("PskRotatorVaultUnreachable")),
                  timeout=90, what="PskRotatorVaultUnreachable pending")
     finally:
         if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=20)
+            prom.stop()
         demo.terminate()
         out, err = demo.communicate(timeout=40)
         OUTPUTS.extend([out, err])
@@ -224,3 +237,41 @@ def test_the_metrics_wrapper_keeps_what_the_engine_reads_from_a_device():
     wrapped = MeasuredDevice(ManualDevice("desk", ack_timeout=120.0, timeout=10.0), Metrics(CollectorRegistry()))
     assert (wrapped.name, wrapped.kind) == ("desk", "manual")
     assert (wrapped.timeout, wrapped.verifies, wrapped.ack_timeout) == (10.0, False, 120.0)
+
+
+# -- CI hygiene --------------------------------------------------------------------------------------
+
+def test_ci_stops_only_the_debian_prometheus_service(tmp_path):
+    """.ci/run stops the Prometheus Debian's package started (its unit, init script or pid file) and no
+    other: a Prometheus of someone else's, named the same, survives (`pkill -x prometheus` ended it)."""
+    script = ROOT / ".ci" / "stop-system-prometheus"
+    for path in (ROOT / ".ci" / "run", script):
+        commands = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not any(re.search(r"\b(pkill|killall)\b", ln) for ln in commands), f"{path.name} stops by name"
+    assert str(script.relative_to(ROOT)) in (ROOT / ".ci" / "run").read_text()
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("systemctl", "service"):  # no init system here: the pid file is what is left
+        (stubs / name).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / name).chmod(0o755)
+    binary = tmp_path / "prometheus"  # two processes named prometheus: the service's and someone else's
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    theirs = subprocess.Popen([str(binary), "300"])
+    service = subprocess.Popen([str(binary), "300"])
+    try:
+        pidfile = tmp_path / "prometheus.pid"
+        pidfile.write_text(f"{service.pid}\n")
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PROMETHEUS_PIDFILE": str(pidfile),
+               "PROMETHEUS_BIN": str(binary)}
+        proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert service.wait(timeout=30) is not None  # the service's process is gone
+        assert theirs.poll() is None  # the other one still runs
+        again = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr  # nothing left to stop: still fine
+        assert theirs.poll() is None
+    finally:
+        for p in (theirs, service):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)

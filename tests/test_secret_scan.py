@@ -23,6 +23,7 @@ from rotator.sim import Simulators
 from tests import helpers, secret_scan
 from tests.devices.conftest import ACCOUNT, make_tunnels
 from tests.devices.test_exec import hook
+from tests.helpers import assert_invariant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,11 @@ def test_no_secret_in_any_captured_output(tmp_path):
         sims.vault.seal()
         helpers.run_cli(["rotate", "--account", acc, "--all"], env)
         sims.vault.unseal()
+        # Errors from Vault (or a proxy in front of it) that quote the request's token.
+        sims.vault.echo_token_next("kv.read", status=403, count=50)
+        helpers.run_cli(["status", "--account", acc, "--output", "json"], env)
+        helpers.run_cli(["rotate", "--account", acc, "--all"], env)
+        sims.vault.clear_faults()
         # Vault records really hold the keys the scan looks for.
         for t in sims.tunnels_by_account[acc]:
             data = sims.vault.read_data(f"cloudflare/magic-ipsec/{acc}/{t}")
@@ -133,6 +139,30 @@ def test_no_secret_in_any_captured_output(tmp_path):
         helpers.remember_secrets(sims)
     # The scan itself runs at session end; here: it has what it needs to look at.
     assert len(helpers.OUTPUTS) >= 16
+
+
+def test_a_vault_error_quoting_the_token_never_reaches_output():
+    """Issue 20, item 3: a 403 or 500 whose message quotes the token printed it in `status --output json`
+    and on stderr of `rotate`. The scan (session end) looks for the token in this output too."""
+    with Simulators(accounts=1, tunnels=3) as sims:
+        acc = next(iter(sims.tunnels_by_account))
+        env = sims.env()
+        assert helpers.run_cli(["rotate", "--account", acc, "--all"], env).returncode == 0
+        shown = []
+        for route, status in (("kv.read", 403), ("kv.read", 500), ("kv.write", 500)):
+            sims.vault.echo_token_next(route, status=status, count=50)
+            for args in (["status", "--account", acc, "--output", "json"], ["rotate", "--account", acc, "--all"]):
+                proc = helpers.run_cli(args, env)
+                if route == "kv.read" and args[0] == "rotate":
+                    assert proc.returncode == 1, proc.stdout + proc.stderr
+                shown.append(proc.stdout + proc.stderr)
+            sims.vault.clear_faults()
+        helpers.remember_secrets(sims)
+        assert all(sims.vault_token not in text for text in shown)
+        assert sum("**redacted**" in text for text in shown) >= 4, shown  # Vault's text is quoted, redacted
+        assert_invariant(sims, acc)
+        assert helpers.run_cli(["reconcile", "--account", acc], env).returncode == 0
+        assert_invariant(sims, acc, strict=True)
 
 
 def test_secret_type_never_shows_itself():

@@ -55,3 +55,29 @@ def test_kubernetes_login(sims, tmp_path):
     with logged_in(sims, tmp_path, "jwt", jwt, block) as rt:
         assert rt.vault_auth.expires_at is not None
         assert sims.vault.tokens[rt.vault_auth.client.token].meta["service_account_namespace"] == "ops"
+
+
+def test_a_login_error_that_quotes_the_credential_is_redacted(sims, tmp_path):
+    """Issue 20, item 3: Vault (or a proxy echoing the request) may quote the AppRole secret id or the
+    Kubernetes JWT in its error; the one-line error shows neither, nor a token issued before."""
+    import pytest
+
+    from rotator.errors import VaultError
+
+    role_id, secret_id = sims.vault.add_approle("psk-rotator", ["rotator"], ttl=30)
+    block = f'[vault.auth]\nmethod = "approle"\nrole_id = "{role_id}"\nsecret_id_file = "{{file}}"\n'
+    with logged_in(sims, tmp_path, "secret-id", secret_id, block) as rt:
+        old_token = rt.vault_auth.client.token
+        sims.vault.fail_next("auth.approle.login", status=400,
+                             message=f"invalid secret id {secret_id!r} for a client that sent {old_token}")
+        with pytest.raises(VaultError) as exc:
+            rt.vault_auth.login()
+        assert secret_id not in str(exc.value) and old_token not in str(exc.value)
+        assert "**redacted**" in str(exc.value) and "400" in str(exc.value)
+    jwt = sims.vault.add_kubernetes_role("psk-rotator", ["rotator"], service_account="rot", namespace="ops")
+    block = '[vault.auth]\nmethod = "kubernetes"\nrole = "psk-rotator"\njwt_file = "{file}"\n'
+    with logged_in(sims, tmp_path, "jwt", jwt, block) as rt:
+        sims.vault.fail_next("auth.kubernetes.login", status=403, message=f"service account token {jwt} rejected")
+        with pytest.raises(VaultError) as exc:
+            rt.vault_auth.login()
+        assert jwt not in str(exc.value) and "**redacted**" in str(exc.value)

@@ -170,3 +170,47 @@ def test_latest_under_is_one_consistent_view(env):
     store.write(Record(A, "d" * 32, version=rec.version, psk=Secret("r" * 32)))
     view = sim.latest_under(f"cloudflare/magic-ipsec/{A}/")
     assert {p.rsplit("/", 1)[1]: d["psk"] for p, d in view.items()} == {T: "p" * 32, "d" * 32: "r" * 32}
+
+
+def test_history_reads_each_version_newest_first_and_marks_deleted_ones(env):
+    import httpx
+
+    from rotator.model import RepeatedTunnel
+
+    sim, store, addr = env
+    rec = Record(A, T, psk=Secret("p" * 32), state="active")
+    for n in range(3):
+        rec = store.write(Record(A, T, rec.version, psk=Secret(f"{n}" * 32), state="active", rotation_id=f"r{n}"))
+    path = f"cloudflare/magic-ipsec/{A}/{T}"
+    r = httpx.post(f"{addr}/v1/secret/delete/{path}", json={"versions": [2]}, headers={"X-Vault-Token": sim.root_token})
+    assert r.status_code == 204
+    history = store.history(A, T, limit=10)
+    assert [v.version for v in history] == [3, 2, 1] and history[1].record is None
+    assert [v.record.rotation_id for v in (history[0], history[2]) if v.record] == ["r2", "r0"]
+    assert all(v.written_at for v in history if v.record is not None)
+    assert "1" * 32 not in repr([v.as_dict() for v in history])
+    assert [v.version for v in store.history(A, T, limit=1)] == [3]
+    assert store.history(A, "d" * 32) == []
+    with pytest.raises(RepeatedTunnel):  # a batch naming one tunnel twice is refused, nothing written
+        store.write_many([Record(A, T, 3), Record(A, T, 3)])
+    assert store.read(A, T).version == 3
+
+
+# -- Vault's error texts quoting a credential (issue 20, item 3) ---------------------------------------
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_an_error_that_quotes_the_token_is_redacted(env, status):
+    """A proxy or plugin in front of Vault that echoes the request: its error quotes the token."""
+    import httpx
+
+    sim, store, addr = env
+    token = store._client.token
+    sim.echo_token_next("kv.read", status=status)
+    raw = httpx.get(f"{addr}/v1/secret/data/x", headers={"X-Vault-Token": token})
+    assert raw.status_code == status and token in raw.text  # the fault really quotes it
+    sim.echo_token_next("kv.read", status=status, count=3)
+    with pytest.raises(VaultError) as exc:
+        store.read(A, T)
+    text = str(exc.value) + repr(exc.value.args)
+    assert token not in text and "X-Vault-Token \"**redacted**\"" in text, text
+    assert str(status) in text and "\n" not in text

@@ -15,7 +15,6 @@ slow-trickling body together), and calls are paced so that a share of the token'
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 import stamina
 
+from rotator import wire
 from rotator.errors import CloudflareError, ConfigError
 from rotator.model import PskSetResult, TunnelInfo
 from rotator.secret import Secret, redact
@@ -453,8 +453,8 @@ def _psk_set_result(result: Any, psks: Mapping[str, Secret], keys: list[str], *,
 
 def _json_or_none(resp: Answer) -> Any:
     try:
-        return json.loads(resp.body)
-    except ValueError:
+        return wire.loads(resp.body)
+    except ValueError:  # wire.NotJson: malformed or nested too deeply
         return None
 
 

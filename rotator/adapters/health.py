@@ -14,7 +14,6 @@ shape is a ``CloudflareError``, texts from outside are cut to one line.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from rotator import wire
 from rotator.adapters.cloudflare import (
     DEFAULT_BASE_URL,
     DeadlinePassed,
@@ -137,8 +137,8 @@ def _garbage(detail: str) -> CloudflareError:
 
 def _groups(status: int, raw: bytes) -> list[Any]:
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = wire.loads(raw)
+    except ValueError:  # wire.NotJson: malformed or nested too deeply
         raise _garbage("not JSON") from None
     if not isinstance(body, dict):
         raise _garbage("not an object")

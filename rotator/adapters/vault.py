@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -21,8 +22,10 @@ import hvac.exceptions as hx
 import requests
 import urllib3
 
+from rotator import wire
 from rotator.errors import CasConflict, ConfigError, VaultError
-from rotator.model import Lease, Record
+from rotator.model import Lease, Record, RecordVersion, check_distinct
+from rotator.secret import redact
 
 _json_dumps = json.dumps
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -86,18 +89,56 @@ def _key_of(exc: Exception) -> tuple[int | None, str] | None:
         return None, "refused" if "NewConnectionError" in repr(exc.args) else "connection"
     if isinstance(exc, requests.exceptions.RequestException):
         return None, "request"
-    if isinstance(exc, ValueError):  # hvac decoding a 200 that is not JSON
+    if isinstance(exc, ValueError | RecursionError):  # hvac decoding a 200 that is not JSON (or nests too deep)
         return 200, "not json"
     return None
 
 
-def translate(exc: Exception, what: str, *, write: bool = False) -> VaultError:
-    """Turn an hvac/requests failure into a VaultError with a hint (never the token or a PSK).
+class Credentials:
+    """What this process authenticates to Vault with (every token it used, the AppRole secret id, the
+    Kubernetes JWT): redacted from every error text Vault (or a proxy in front of it) sends back, since
+    an echo of the request may quote them (docs/design.md section 8: every reason text from Vault is
+    redacted). Shared by the store and the login (wiring.py); thread-safe."""
+
+    LIMIT = 32  # tokens renewed or re-issued over a long life: the newest are kept
+
+    def __init__(self, *values: str | None) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, None] = {}
+        self.add(*values)
+
+    def add(self, *values: str | None) -> None:
+        with self._lock:
+            for value in values:
+                if isinstance(value, str) and value:
+                    self._values.pop(value, None)
+                    self._values[value] = None
+            while len(self._values) > self.LIMIT:
+                del self._values[next(iter(self._values))]
+
+    def values(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._values)
+
+    def with_token(self, client: Any) -> tuple[str, ...]:
+        """Every value, after adding ``client``'s current token (a login or renewal may have replaced it)."""
+        token = getattr(client, "token", None)
+        self.add(token if isinstance(token, str) else None)
+        return self.values()
+
+    def __repr__(self) -> str:
+        return f"Credentials({len(self._values)} redacted)"
+
+
+def translate(exc: Exception, what: str, *, write: bool = False, secrets: Iterable[str] = ()) -> VaultError:
+    """Turn an hvac/requests failure into a VaultError with a hint (never the token or a PSK: Vault's
+    own text is redacted against ``secrets``, this process's credentials, before it is quoted).
     Anything that is neither is not a Vault failure and is re-raised."""
     key = _key_of(exc)
     if key is None:
         raise exc
     status, text = key
+    text = redact(text, secrets)
     row = next((r for r in ERROR_TABLE if r[0] == status and (r[1] is None or r[1] in text)), None)
     if row is None:
         code = status or 0
@@ -133,8 +174,10 @@ def _garbage(what: str, detail: str, *, write: bool = False) -> VaultError:
 
 class VaultStore:
     def __init__(self, client: hvac.Client, *, mount: str = "secret", prefix: str = "cloudflare/magic-ipsec",
-                 concurrency: int = 16, observe: Observer | None = None) -> None:
+                 concurrency: int = 16, observe: Observer | None = None,
+                 credentials: Credentials | None = None) -> None:
         self._client = client
+        self.credentials = credentials or Credentials()
         self.mount = mount.strip("/")
         self.prefix = prefix.strip("/")
         self._concurrency = concurrency
@@ -233,7 +276,38 @@ class VaultStore:
     def read_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, Record | VaultError]:
         return self._map(lambda tid: self.read(account_id, tid), list(tunnel_ids))
 
+    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]:
+        """The record's latest ``limit`` KV v2 versions, newest first (``rotator history``): each read
+        with ``GET <mount>/data/<path>?version=N`` (docs/specs/vault-kv2.md 4.2), so the policy the
+        rotator already needs suffices; a deleted, destroyed or trimmed version has no record."""
+        path = self.path(account_id, tunnel_id)
+        latest, _ = self._read_latest("read", f"reading {self.mount}/{path}", path)
+        return [self._read_version(account_id, tunnel_id, path, n) for n in range(latest, max(0, latest - limit), -1)]
+
+    def _read_version(self, account_id: str, tunnel_id: str, path: str, number: int) -> RecordVersion:
+        what = f"reading version {number} of {self.mount}/{path}"
+
+        def call() -> Any:
+            return self._client.secrets.kv.v2.read_secret_version(
+                path, version=number, mount_point=self.mount, raise_on_deleted_version=False)
+
+        try:
+            resp = self._do("read", what, call, missing_ok=True)
+        except _Missing:
+            return RecordVersion(number, None, None)
+        data = resp.get("data") if isinstance(resp, dict) else None
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        body = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or not isinstance(body, dict):
+            raise _garbage(what, "no KV v2 version and data")
+        written = meta.get("created_time")
+        return RecordVersion(number, written if isinstance(written, str) else None,
+                             Record.from_data(account_id, tunnel_id, number, body))
+
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
+        """CAS-write each record; raises model.RepeatedTunnel (a programming error, nothing written)
+        for a batch that names a tunnel twice, whose answers could not be told apart."""
+        check_distinct((f"{r.account_id}/{r.tunnel_id}" for r in records), "write_many")
         by_id = {r.tunnel_id: r for r in records}
         return self._map(lambda tid: self.write(by_id[tid]), list(by_id))
 
@@ -300,9 +374,9 @@ class VaultStore:
             self._observe(op, "missing" if missing_ok else "error")
             if missing_ok:
                 raise _Missing(_version_in(getattr(exc, "json", None))) from exc
-            raise translate(exc, what, write=write) from exc
+            raise translate(exc, what, write=write, secrets=self.credentials.with_token(self._client)) from exc
         except Exception as exc:
-            error = translate(exc, what, write=write)
+            error = translate(exc, what, write=write, secrets=self.credentials.with_token(self._client))
             self._observe(op, "conflict" if isinstance(error, CasConflict) else "error")
             raise error from exc
         if missing_ok and isinstance(result, dict) and isinstance(result.get("data"), dict) \
@@ -357,7 +431,7 @@ class _Response:
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return wire.loads(self.content)  # deep nesting too is a ValueError: hvac then hands back the response
 
 
 class PooledSession:

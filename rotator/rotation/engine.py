@@ -24,11 +24,11 @@ from typing import Any
 import structlog
 
 from rotator.errors import CloudflareError, ConfigError, LeaseHeld, VaultError
-from rotator.model import Outcome, Record, TunnelInfo, ack
+from rotator.model import AckRefused, Outcome, Record, TunnelInfo, ack
 from rotator.psk import PskGenerator
 from rotator.rotation import pipeline, steps
 from rotator.rotation.lease import LeaseManager
-from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, plan
+from rotator.rotation.plan import Mode, Plan, PolicyFor, TunnelView, listed_once, plan
 from rotator.rotation.ports import Device, Health, RecordStore, TunnelApi
 from rotator.rotation.steps import Context, Item, LeaseLost, Step
 from rotator.secret import Secret, redact
@@ -272,19 +272,26 @@ class Engine:
                 item.partners = tuple(t for t in members[(id(item.device), key)] if t.id != item.id)
 
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
+        """The tunnels this run is about, each once: an id listed twice is one entry with a problem
+        (plan.listed_once), chosen when any of its names or entries is, and never rotated."""
+        once = listed_once(tunnels)
         if req.tunnels is None:
-            return [t for t in tunnels if req.select is None or req.select(t)]
-        by_id = {t.id: t for t in tunnels}
-        by_name: dict[str, list[TunnelInfo]] = collections.defaultdict(list)
+            if req.select is None:
+                return once
+            chosen_ids = {t.id for t in tunnels if req.select(t)}
+            return [t for t in once if t.id in chosen_ids]
+        by_id = {t.id: t for t in once}
+        by_name: dict[str, dict[str, TunnelInfo]] = collections.defaultdict(dict)
         for t in tunnels:
-            by_name[t.name].append(t)
+            by_name[t.name][t.id] = by_id[t.id]
         chosen: dict[str, TunnelInfo] = {}
         for wanted in req.tunnels:
+            named = list(by_name.get(wanted, {}).values())
             if wanted in by_id:
                 chosen[wanted] = by_id[wanted]
-            elif len(by_name.get(wanted, [])) == 1:
-                chosen[by_name[wanted][0].id] = by_name[wanted][0]
-            elif wanted in by_name:
+            elif len(named) == 1:
+                chosen[named[0].id] = named[0]
+            elif named:
                 raise ConfigError(f"tunnel name {wanted!r} is ambiguous in account {req.account_id}",
                                   "name the tunnel by its id")
             else:
@@ -292,12 +299,20 @@ class Engine:
                                   f"run 'rotator status --account {req.account_id}' to list its tunnels")
         return list(chosen.values())
 
+    def named(self, account_id: str, tunnels: Sequence[str]) -> list[TunnelInfo]:
+        """The listed tunnels these ids or names name, each once, as a run would select them.
+        Raises ConfigError for an unknown or ambiguous name."""
+        return self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+
     # -- acknowledgements (manual devices) -----------------------------------------------------
-    def acknowledge(self, account_id: str, tunnels: Sequence[str]) -> dict[str, str | None]:
-        """``rotator ack``: mark each named tunnel's pending key as held by its manual device (CAS
-        write of ``model.ack``). Returns tunnel id -> None when acknowledged, else why not; the
-        next run or reconcile applies acknowledged keys. Raises ConfigError for an unknown name."""
-        chosen = self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=tunnels))
+    def acknowledge(self, account_id: str, tunnels: Sequence[str], holds: str | None = None,
+                    rotation_id: str | None = None) -> dict[str, str | None]:
+        """``rotator ack`` and the admin API's ack: record (CAS write of ``model.ack``) that each named
+        tunnel's manual device holds what ``holds`` says, for rotation ``rotation_id`` when given.
+        Returns tunnel id -> None when acknowledged, else why not (the current state and the exact
+        command). All or nothing: when one tunnel is refused, none is written. The next run or
+        reconcile acts on acknowledged keys. Raises ConfigError for an unknown name."""
+        chosen = self.named(account_id, tunnels)
         records = self.store.read_many(account_id, [t.id for t in chosen if t.problem is None])
         out: dict[str, str | None] = {t.id: t.problem for t in chosen if t.problem is not None}
         wanted: list[Record] = []
@@ -306,9 +321,12 @@ class Engine:
                 out[tid] = f"reading Vault: {rec}"
                 continue
             try:
-                wanted.append(ack(rec))
-            except ValueError as exc:
+                wanted.append(ack(rec, holds, rotation_id))
+            except AckRefused as exc:
                 out[tid] = str(exc)
+        if out:
+            return {**{r.tunnel_id: "not acknowledged: another tunnel of this acknowledgement was refused"
+                       for r in wanted}, **out}
         for tid, res in (self.store.write_many(wanted) if wanted else {}).items():
             out[tid] = None if isinstance(res, Record) else f"writing the acknowledgement failed: {res}"
         return out

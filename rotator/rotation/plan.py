@@ -6,7 +6,7 @@ No I/O, no metrics: the engine acts on the plan; the daemon and the CLI read it 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from rotator.errors import VaultError
@@ -38,6 +38,9 @@ class TunnelView:
     last_rotated: float | None
     next_due: float | None
     drifted: bool
+    rotation_id: str | None = None  # the record's: who wrote its latest version
+    device: str | None = None
+    ipsec_id: str | None = None
 
 
 @dataclass
@@ -63,6 +66,28 @@ class Plan:
         return [t.id for t, _, _ in self.settled]
 
 
+def listed_once(tunnels: Sequence[TunnelInfo]) -> list[TunnelInfo]:
+    """The listing with one entry per tunnel id, in listing order. An id listed more than once (under
+    one name or several) is a contradictory answer: it becomes one entry, named by every name it was
+    listed under, whose ``problem`` says so, so it is reported once and neither read, staged nor sent
+    in this run (issue 20 item 1). Idempotent: a listing that names each id once comes back equal."""
+    groups: dict[str, list[TunnelInfo]] = {}
+    for tunnel in tunnels:
+        groups.setdefault(tunnel.id, []).append(tunnel)
+    out: list[TunnelInfo] = []
+    for tid, group in groups.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        names = list(dict.fromkeys(t.name for t in group))
+        why = (f"Cloudflare's listing names tunnel {tid} {len(group)} times (as {', '.join(repr(n) for n in names)}): "
+               "a contradictory answer, so it is not rotated in this run and nothing is written or sent for it; "
+               "check the tunnel in the Cloudflare dashboard, the next run that sees it listed once rotates it")
+        first = next((t.problem for t in group if t.problem), None)
+        out.append(replace(group[0], name=" / ".join(names), problem=f"{first}; {why}" if first else why))
+    return out
+
+
 def is_drifted(tunnel: TunnelInfo, record: Record) -> bool:
     """Cloudflare's key changed after our last apply: someone set it outside the rotator."""
     if record.pending_psk is not None or record.psk is None:
@@ -81,7 +106,8 @@ def due_at(policy: Policy, tunnel: TunnelInfo, record: Record, now: float, failu
 def view_of(tunnel: TunnelInfo, rec: Record, due: float | None, drifted: bool) -> TunnelView:
     state = "unmanaged" if rec.version == 0 else rec.state
     last = parse_time(rec.rotated_at) or parse_time(tunnel.last_generated_on)
-    return TunnelView(tunnel.id, tunnel.name, state, rec.pending_psk is not None, rec.last_error, last, due, drifted)
+    return TunnelView(tunnel.id, tunnel.name, state, rec.pending_psk is not None, rec.last_error, last, due, drifted,
+                      rec.rotation_id, rec.device, rec.ipsec_id)
 
 
 def _mode(tunnel: TunnelInfo, rec: Record, due: bool, drifted: bool, rollback: bool, on_drift: str) -> Mode | None:
@@ -100,7 +126,7 @@ def plan(tunnels: Sequence[TunnelInfo], records: Mapping[str, Record | VaultErro
     """Sort the selected tunnels into modes. ``policies`` None: every selected tunnel is due (on-demand
     rotation); a tunnel without a policy is not. ``due`` overrides the schedule's predicate."""
     out = Plan()
-    for tunnel in tunnels:
+    for tunnel in listed_once(tunnels):
         rec = records.get(tunnel.id)
         if tunnel.problem is not None or rec is None:
             out.settled.append((tunnel, Outcome.REFUSED, tunnel.problem or "no record was read for this tunnel"))

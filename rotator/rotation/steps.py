@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
-from rotator.model import Outcome, PskSetResult, Record, TunnelInfo
+from rotator.model import Outcome, PskSetResult, Record, TunnelInfo, ack_command, check_distinct
 from rotator.rotation.plan import Mode
 from rotator.rotation.ports import (
     Device,
@@ -59,6 +60,7 @@ class Item:
     generated_on: str | None = None
     ipsec_id: str | None = None
     applied_at: float | None = None
+    restored: bool = False  # Cloudflare was given psk back (restore_cloudflare); generated_on is its answer
     # The redundant pair, as the device names it (Device.pair_of; by default the customer endpoint),
     # and the other tunnels of that pair (for partner gating). Set by the engine at planning.
     pair_key: str | None = None
@@ -199,9 +201,7 @@ def validate(ctx: Context, items: list[Item]) -> Result:
             out.back.append(item.going_back(Outcome.REFUSED, f"refused by validation: {verdict.unapplied[item.id]}"))
         elif item.id not in verdict.applied:
             out.back.append(item.going_back(Outcome.REFUSED, "refused by validation: not acknowledged by validate_only"))
-        elif ctx.dry_run:
-            out.settle(item, Outcome.WOULD_ROTATE)
-        else:
+        else:  # a dry run goes on too: deliver's checks answer what the run would (issue 20 item 9)
             out.moved.append(item)
     return out
 
@@ -216,6 +216,9 @@ def deliver(ctx: Context, items: list[Item]) -> Result:
     for item in [i for i in items if _moved_away(i)]:
         out.settle(item, Outcome.UNKNOWN, _moved_away(item))
     items = [i for i in items if not _moved_away(i)]
+    if ctx.dry_run:  # the last check a dry run passes: nothing is handed to a device
+        out.settled.extend((i, Outcome.WOULD_ROTATE, None) for i in items)
+        return out
     out.moved = [i for i in items if i.device is None or i.record.acked]
     for item in out.moved:
         item.dev_may_hold = item.device is not None
@@ -259,7 +262,9 @@ def _held_back(ctx: Context, items: list[Item]) -> list[Item]:
 
 def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
     """Items whose deliver would take the tunnel down while no redundant partner is known to be up:
-    the vendor's own status first (Device.tunnels_up), then Cloudflare's tunnel health."""
+    the vendor's own status first (Device.tunnels_up), then Cloudflare's tunnel health. A tunnel
+    known to be down already is not held back: its deliver takes nothing down (and holding it back
+    would keep a pair whose two tunnels are down from ever healing)."""
     gated = [i for i in items if i.device is not None and i.device.interrupts and i.partners]
     if not gated:
         return {}
@@ -270,12 +275,13 @@ def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
     for group in by_device.values():
         device = group[0].device
         assert device is not None
-        partners = list({p.id: p for i in group for p in i.partners}.values())
+        partners = list({p.id: p for i in group for p in (i.tunnel, *i.partners)}.values())
         try:
             up.update(device.tunnels_up(ctx.account_id, partners, deadline=time.monotonic() + device.timeout))
         except Exception as exc:  # a device must not raise; no answer is "not known"
             ctx.log.warning("partner_status_failed", step="deliver", device=device.name, error=ctx.redact(str(exc)))
-    unknown = sorted({p.name: p for i in gated for p in i.partners if p.id not in up}.values(), key=lambda p: p.name)
+    unknown = sorted({p.name: p for i in gated for p in (i.tunnel, *i.partners) if p.id not in up}.values(),
+                     key=lambda p: p.name)
     if unknown and ctx.health is not None:
         try:
             health = ctx.health.tunnel_health(ctx.account_id, [p.name for p in unknown], since=ctx.clock() - 300.0,
@@ -288,7 +294,7 @@ def _partners_down(ctx: Context, items: list[Item]) -> dict[Item, str]:
                 up[p.id] = health[p.name] is HealthState.HEALTHY
     down: dict[Item, str] = {}
     for item in gated:
-        if any(up.get(p.id) for p in item.partners):
+        if up.get(item.id) is False or any(up.get(p.id) for p in item.partners):
             continue
         states = ", ".join(f"{p.name} {'down' if p.id in up else 'state unknown'}" for p in item.partners)
         down[item] = f"delivering takes the tunnel down and no redundant partner is up ({states})"
@@ -317,8 +323,9 @@ def _waiting(ctx: Context, item: Item, out: Result) -> None:
         out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
                                         f"(ack_timeout): the key is being withdrawn"))
     else:
-        out.settle(item, Outcome.WAITING, f"waiting for an operator to acknowledge the key on device "
-                   f"{item.device.name if item.device else '?'} (rotator ack)")
+        out.settle(item, Outcome.WAITING, f"waiting for an operator to put the new key of rotation "
+                   f"{item.record.rotation_id} on device {item.device.name if item.device else '?'} and "
+                   f"acknowledge it: {ack_command(item.record, 'new')}")
 
 
 def apply(ctx: Context, items: list[Item]) -> Result:
@@ -511,6 +518,7 @@ def restore_cloudflare(ctx: Context, items: list[Item]) -> Result:
     for item in todo:
         if item.id in done.applied and _contradiction(item.id, done) is None:
             item.cf_may_hold = False
+            item.restored, item.generated_on = True, done.generated_on.get(item.id)  # unstage records it
             out.moved.append(item)
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; restoring the previous key at Cloudflare failed "
@@ -542,6 +550,10 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
         if res.ok or (res.status is DeviceStatus.WAITING and (item.dev_refused or item.record.rollback_acked)):
             item.dev_may_hold = False
             out.moved.append(item)
+        elif res.status is DeviceStatus.WAITING:
+            out.settle(item, Outcome.UNKNOWN, f"{item.reason}; waiting for an operator to put the previous key "
+                       f"back on device {item.device.name if item.device else '?'} and acknowledge it: "
+                       f"{ack_command(item.record, 'previous')}")
         else:
             out.settle(item, Outcome.UNKNOWN, f"{item.reason}; rolling the device back failed "
                        f"({res.reason or res.status}): the key stays pending")
@@ -549,10 +561,13 @@ def restore_device(ctx: Context, items: list[Item]) -> Result:
 
 
 def unstage(ctx: Context, items: list[Item]) -> Result:
-    """Neither end holds the key any more: drop pending_psk, state=active, with the reason."""
+    """Neither end holds the key any more: drop pending_psk, state=active, with the reason. Where the
+    rollback applied ``psk`` at Cloudflare again, its ``last_generated_on`` moved: record it as
+    ``cf_generated_on``, or every later listing would take the rollback for drift (issue 20 item 6)."""
     out = Result()
     written = {} if ctx.dry_run else _write(ctx, [(i, dataclasses.replace(
         i.record, pending_psk=None, state="active", staged_at=None, acked_rotation_id=None,
+        cf_generated_on=(i.restored and i.generated_on) or i.record.cf_generated_on,
         last_error=ctx.redact(i.reason or "")[:500] or None)) for i in items])
     for item in items:
         res = written.get(item.id)
@@ -650,7 +665,17 @@ def _answers(ctx: Context, future: concurrent.futures.Future[dict[str, DeviceRes
             for tid, r in answers.items() if isinstance(r, DeviceResult)}, "no answer for this tunnel"
 
 
-FORWARD: tuple[Step, ...] = (
+def one_per_tunnel(step: Step) -> Step:
+    """The step, refusing a batch that names a tunnel twice (model.RepeatedTunnel, a programming
+    error) before it does anything: its key maps and record writes hold one entry per tunnel."""
+    @functools.wraps(step)
+    def checked(ctx: Context, items: list[Item]) -> Result:
+        check_distinct((i.id for i in items), step.__name__)
+        return step(ctx, items)
+    return checked
+
+
+FORWARD: tuple[Step, ...] = tuple(one_per_tunnel(s) for s in (
     stage,
     validate,
     deliver,
@@ -658,5 +683,6 @@ FORWARD: tuple[Step, ...] = (
     verify,
     check_health,
     promote,
-)
-BACKWARD: tuple[Step, ...] = (mark_rolling_back, restore_cloudflare, restore_device, unstage)
+))
+BACKWARD: tuple[Step, ...] = tuple(one_per_tunnel(s) for s in (mark_rolling_back, restore_cloudflare, restore_device,
+                                                                 unstage))

@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry
 from rotator.config import Settings, check_for_daemon, split_listen
 from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
-from rotator.model import TunnelInfo
+from rotator.model import Record, TunnelInfo
 from rotator.rotation.engine import ROTATED, UNKNOWN, WAITING, RunReport, RunRequest, new_rotation_id
 from rotator.schedule import Policy
 from rotator.service.admin import build_app
-from rotator.service.inventory import TunnelView, from_plan, rotated, summary
+from rotator.service.inventory import TunnelView, assess, from_plan, rotated, summary
 from rotator.service.logging import Redactor
 from rotator.service.metrics import Metrics
 from rotator.service.runs import DONE, FAILED, RUNNING, Run, Runs
@@ -38,6 +38,7 @@ from rotator.wiring import RunOptions, Runtime, build_runtime
 SHUTDOWN_GRACE = 30.0
 RELIST_SECONDS = 600.0  # new tunnels are noticed within this long even when nothing is due
 CONNECT_BACKOFF_MAX = 60.0  # at start-up, Vault and Cloudflare are retried at most this far apart
+REFRESH_CHUNK = 64  # records read back per round after a run (Daemon._refresh)
 
 
 @dataclass
@@ -295,8 +296,8 @@ class Daemon:
         def select(t: TunnelInfo) -> bool:
             return self._policy(account, t) is not None
 
-        if run.trigger == "schedule":
-            return RunRequest(account, select=select, **common)
+        if run.trigger == "schedule" or run.due:
+            return RunRequest(account, select=select, dry_run=run.dry_run, **common)
         if run.reconcile:
             return RunRequest(account, select=select, reconcile_only=True, dry_run=run.dry_run, **common)
         return RunRequest(account, tunnels=sorted(run.tunnels) if run.tunnels else None, due=lambda t, rec: True,
@@ -319,7 +320,7 @@ class Daemon:
                 tunnel = TunnelInfo(o.tunnel_id, o.name)
                 policy = self._policy(run.account, tunnel) or self.settings.policies["default"]
                 before = views.get(o.tunnel_id)
-                view = rotated(before, tunnel, policy, now)
+                view = rotated(before, tunnel, policy, now, report.rotation_id)
                 views[o.tunnel_id] = view
                 self.metrics.observe_tunnel(run.account, view)
             else:
@@ -330,6 +331,11 @@ class Daemon:
                     pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
                     views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
                                                              last_error=o.reason, failures=count + 1)
+        if not report.dry_run:
+            try:
+                self._refresh(run.account, report)
+            except RotatorError as exc:  # the views derived from the outcomes stay
+                self.log.warning("status_refresh_failed", account=run.account, error=str(exc))
         current = list(views.values())
         self.metrics.pending.labels(account=run.account).set(sum(v.pending for v in current))
         self.metrics.waiting_ack.labels(account=run.account).set(len(self._waiting.get(run.account, ())))
@@ -346,6 +352,34 @@ class Daemon:
              kind=run.kind, dry_run=report.dry_run, ok=report.ok, error=report.error,
              duration_seconds=round(report.finished_at - report.started_at, 3),
              **{k: v for k, v in counts.items() if v})
+
+    def _refresh(self, account: str, report: RunReport) -> None:
+        """The views of the tunnels a run acted on, from their records as the run left them: the same
+        ``assess`` as ``rotator status`` (service/inventory.py), so /v1/status shows what the CLI shows
+        (device, rotation id, ipsec id, state). One Vault read per tunnel acted on, in chunks: a chunk
+        whose every read failed ends the refresh (Vault went away: a wait of one call deadline, not one per
+        tunnel), and where a read failed the view derived from the outcome stays. Drift is the listing's
+        to judge: a rotated tunnel is not drifted, another keeps what the plan saw."""
+        outcomes = {o.tunnel_id: o for o in report.outcomes}
+        ids = list(outcomes)
+        records: dict[str, Record | VaultError] = {}
+        for start in range(0, len(ids), REFRESH_CHUNK):
+            chunk = self.runtime.store.read_many(account, ids[start:start + REFRESH_CHUNK])
+            records.update(chunk)
+            if all(isinstance(r, VaultError) for r in chunk.values()):
+                break
+        views, failures, now = self.views.setdefault(account, {}), self._failures.get(account, {}), self.clock()
+        for tid, o in outcomes.items():
+            record = records.get(tid)
+            if not isinstance(record, Record):
+                continue
+            tunnel = TunnelInfo(tid, o.name)
+            count, last = failures.get(tid, (0, None))
+            view = assess(self._policy(account, tunnel), tunnel, record, now, count, last)
+            before = views.get(tid)
+            drifted = bool(before and before.drifted) and o.result != ROTATED
+            views[tid] = dataclasses.replace(view, drifted=drifted)
+            self.metrics.observe_tunnel(account, views[tid])
 
     # -- admin control ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -370,7 +404,8 @@ class Daemon:
             self._check_tunnels(account, tunnels)
         wanted = frozenset(tunnels) if tunnels else None
         run, deduplicated = self.runs.admit(Run(new_rotation_id(), account, wanted, dry_run, "api",
-                                                reconcile=kind == "reconcile", rollback=kind == "rollback"))
+                                                reconcile=kind == "reconcile", rollback=kind == "rollback",
+                                                due=kind == "due"))
         if not deduplicated:
             assert self._queue is not None
             self._queue.submit(self._execute, run)
@@ -396,6 +431,17 @@ class Daemon:
             raise ConfigError(f"no tunnel {missing[0]!r} in account {account}",
                               "name tunnels by id or exact name as GET /v1/status lists them")
 
+    def acknowledge(self, account: str, tunnels: list[str], holds: str | None,
+                    rotation_id: str | None) -> tuple[dict[str, str | None], str | None]:
+        """The admin API's ack: the engine's (model.ack's rules, all or nothing), then a reconcile run
+        that finishes what was acknowledged. ConfigError: unknown account or tunnel."""
+        if account not in self._account_locks:
+            raise ConfigError(f"account {account} is not configured", "add it to [[accounts]] in the config")
+        answer = self.runtime.engine.acknowledge(account, tunnels, holds, rotation_id)
+        if any(why is not None for why in answer.values()):
+            return answer, None
+        return answer, self.trigger(account, None, False, "reconcile")[0]
+
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None
@@ -413,6 +459,7 @@ def build_daemon(settings: Settings, redactor: Redactor | None = None, tick_seco
     check_for_daemon(settings)
     log = structlog.get_logger("rotator")
     metrics = Metrics(CollectorRegistry())
+    metrics.known([a.id for a in settings.accounts], [d.name for d in settings.devices])
     stopping = threading.Event()
     runtime = build_runtime(settings, log=log, observer=metrics, holder=holder,
                             options=RunOptions(keep_leases=True, should_stop=stopping.is_set))

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.model import Record, TunnelInfo
+from rotator.model import Record, TunnelInfo, ack_command, waits_for
 from rotator.rotation.engine import rfc3339
 from rotator.rotation.plan import TunnelView as PlanView
 from rotator.rotation.plan import due_at, is_drifted, view_of
@@ -39,6 +39,10 @@ class TunnelView:
     ipsec_id: str | None = None
     policy: str | None = None
     failures: int = 0
+    # A manual device's key in flight: what the tunnel waits for from an operator, and the exact command
+    # that acknowledges it (model.waits_for, model.ack_command).
+    waits_for: str | None = None
+    ack_command: str | None = None
 
     def matches(self, state: str) -> bool:
         """The ``status --state`` filter."""
@@ -56,13 +60,15 @@ class TunnelView:
                 "psk_age_seconds": None if self.last_rotated is None else int(now - self.last_rotated),
                 "next_due": None if self.next_due is None else rfc3339(self.next_due),
                 "policy": self.policy, "rotation_id": self.rotation_id, "device": self.device,
-                "ipsec_id": self.ipsec_id, "last_error": self.last_error, "consecutive_failures": self.failures}
+                "ipsec_id": self.ipsec_id, "last_error": self.last_error, "consecutive_failures": self.failures,
+                "waits_for": self.waits_for, "ack_command": self.ack_command}
 
 
 def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception, now: float,
-           failures: int = 0, last_failure: float | None = None) -> TunnelView:
+           failures: int = 0, last_failure: float | None = None, manual: bool = False) -> TunnelView:
     """The tunnel as an operator should see it, by the plan's own rules (rotation/plan.py: state,
-    drift, when due). ``policy`` None: no selection of the config covers it."""
+    drift, when due). ``policy`` None: no selection of the config covers it. ``manual``: the record's
+    device is a manual one (a key in flight waits for an operator's acknowledgement)."""
     name = policy.name if policy else None
     if tunnel.problem:
         return TunnelView(tunnel.id, tunnel.name, "refused", False, False, True, None, None, None,
@@ -76,24 +82,29 @@ def assess(policy: Policy | None, tunnel: TunnelInfo, record: Record | Exception
             due = due_at(policy, tunnel, record, now, failures, last_failure)
         except ValueError:
             due = None  # a schedule that never fires (config check refuses it): never due
-    return from_plan(view_of(tunnel, record, due, is_drifted(tunnel, record)), policy, failures, record)
+    return from_plan(view_of(tunnel, record, due, is_drifted(tunnel, record)), policy, failures, record, manual)
 
 
-def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: Record | None = None) -> TunnelView:
-    """The plan's view of a tunnel (a run's report carries one per tunnel), with what operators add."""
+def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: Record | None = None,
+              manual: bool = False) -> TunnelView:
+    """The plan's view of a tunnel (a run's report carries one per tunnel, the record's fields with it),
+    with what operators add. ``assess`` comes here too: the CLI's status and the daemon's are one view."""
     max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
+    wanted = waits_for(record) if record is not None and manual else None
     return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted, seen.last_error is not None,
-                      seen.last_rotated, seen.next_due, max_age, seen.last_error,
-                      record.rotation_id if record else None, record.device if record else None,
-                      record.ipsec_id if record else None, policy.name if policy else None, failures)
+                      seen.last_rotated, seen.next_due, max_age, seen.last_error, seen.rotation_id, seen.device,
+                      seen.ipsec_id, policy.name if policy else None, failures,
+                      wanted[0] if wanted else None,
+                      ack_command(record, wanted[1]) if wanted and record is not None else None)
 
 
-def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float) -> TunnelView:
-    """The view right after this process rotated the tunnel (until the next plan looks again)."""
+def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float,
+            rotation_id: str | None = None) -> TunnelView:
+    """The view right after this process rotated the tunnel, where its record could not be read back."""
     max_age = policy.max_age or (policy.every or 0) * 1.2 or None
     return TunnelView(tunnel.id, tunnel.name, "active", False, False, False, now, next_due(policy, tunnel.id, now, now),
-                      max_age, None, None, before.device if before else None, before.ipsec_id if before else None,
-                      policy.name)
+                      max_age, None, rotation_id, before.device if before else None,
+                      before.ipsec_id if before else None, policy.name)
 
 
 def summary(views: Iterable[TunnelView]) -> dict[str, int]:

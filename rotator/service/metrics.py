@@ -14,13 +14,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rotator import __version__
 from rotator.adapters.devices._common import DeviceWrapper
-from rotator.rotation.ports import Device, DeviceResult, DeviceTunnel
+from rotator.model import Outcome
+from rotator.rotation.ports import Device, DeviceResult, DeviceStatus, DeviceTunnel
 
 if TYPE_CHECKING:
     from rotator.service.inventory import TunnelView
 
 TUNNEL = ["account", "tunnel", "tunnel_name"]
 CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The label values known before anything happens (see Metrics.known).
+TRIGGERS = ("schedule", "api")
+DEVICE_ACTIONS = ("deliver", "verify", "rollback")
+CLOUDFLARE_ENDPOINTS = ("list", "psk_validate", "psk_apply")
 
 
 class Metrics:
@@ -74,6 +79,29 @@ class Metrics:
         self.build_info = Gauge(p + "build_info", "Build information", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         self.cloudflare_ok: bool | None = None  # the token's standing on the last call, for readiness
+
+    def known(self, accounts: Sequence[str], devices: Sequence[str]) -> None:
+        """Export every label set known at start at 0: accounts x results, runs by trigger and ok, drift,
+        devices x actions x results, Cloudflare's 429s. A counter whose series first appears at 1 has no
+        earlier sample, so ``increase()`` over it stays 0 and an alert on the first failure after a
+        restart never fires (issue 20, item 7; Prometheus docs, "Avoid missing metrics":
+        https://prometheus.io/docs/practices/instrumentation/#avoid-missing-metrics)."""
+        for account in accounts:
+            for result in Outcome:
+                self.rotations.labels(account=account, result=str(result))
+            for trigger in TRIGGERS:
+                for ok in ("true", "false"):
+                    self.runs.labels(account=account, trigger=trigger, ok=ok)
+            self.drift_detected.labels(account=account)
+            self.pending.labels(account=account).set(0)
+            self.waiting_ack.labels(account=account).set(0)
+            self.leader.labels(account=account).set(0)
+        for device in devices:
+            for action in DEVICE_ACTIONS:
+                for status in DeviceStatus:
+                    self.device_calls.labels(device=device, action=action, result=str(status))
+        for endpoint in CLOUDFLARE_ENDPOINTS:
+            self.cloudflare_requests.labels(endpoint=endpoint, status="429")
 
     def observe_cloudflare(self, endpoint: str, status: str) -> None:
         self.cloudflare_requests.labels(endpoint=endpoint, status=status).inc()

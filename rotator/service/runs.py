@@ -28,13 +28,14 @@ class Run:
     trigger: str
     reconcile: bool = False
     rollback: bool = False
+    due: bool = False  # only what the schedule would rotate now (rotate --due)
     state: str = QUEUED
     report: RunReport | None = None
     error: str | None = None
 
     @property
     def kind(self) -> str:
-        return "reconcile" if self.reconcile else "rollback" if self.rollback else "rotate"
+        return "reconcile" if self.reconcile else "rollback" if self.rollback else "due" if self.due else "rotate"
 
     @property
     def active(self) -> bool:

@@ -1,4 +1,5 @@
-"""Local simulators of Vault KV v2 and the Cloudflare Magic IPsec API, for the demo, tests and benchmarks."""
+"""Local simulators of Vault KV v2 and the Cloudflare Magic IPsec API (and, optionally, the EC2 API
+of AWS Site-to-Site VPN, rotator/sim/aws.py), for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotator.httpserver import ServerThread, stop_on_signals
+from rotator.sim.aws import AwsSim, attach
 from rotator.sim.cloudflare import CloudflareSim, EdgeHook, HealthSource, RateLimit
 from rotator.sim.vault import VaultSim
 
-__all__ = ["CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
+__all__ = ["AwsSim", "CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
 
 
 @dataclass
@@ -27,6 +29,13 @@ class Simulators:
     rate_limit: RateLimit | None = None
     edge_hook: EdgeHook | None = None  # sees every key Cloudflare applies for real (an IKE lab's edge)
     health_source: HealthSource | None = None  # GraphQL tunnel health from elsewhere (an IKE lab's SAs)
+    # With ``aws``: an EC2 fake whose VPN connections terminate one account's tunnels, two per
+    # connection, each AWS tunnel UP while its key equals Cloudflare's; ``aws_replacement`` seconds per
+    # modification. ``aws_config()`` is the [[devices]] block for it, ``env()`` carries its credentials.
+    aws: bool = False
+    aws_replacement: float = 2.0
+    aws_account: int = 0  # which account (by order) terminates on AWS
+    aws_sim: AwsSim | None = field(init=False, default=None)
     vault: VaultSim = field(init=False)
     cloudflare: CloudflareSim = field(init=False)
     vault_token: str = field(init=False)
@@ -43,9 +52,15 @@ class Simulators:
         for _ in range(self.accounts):
             acc = self.cloudflare.add_account()
             self.tunnels_by_account[acc] = [self.cloudflare.add_tunnel(acc) for _ in range(self.tunnels)]
+        if self.aws:
+            self.aws_sim = AwsSim(replacement=self.aws_replacement)
+            acc = list(self.tunnels_by_account)[self.aws_account]
+            attach(self.aws_sim, self.cloudflare, acc, self.tunnels_by_account[acc])
 
     def start(self) -> Simulators:
         self._servers = [ServerThread(self.vault).start(), ServerThread(self.cloudflare).start()]
+        if self.aws_sim is not None:
+            self._servers.append(ServerThread(self.aws_sim, name="aws").start())
         return self
 
     def stop(self) -> None:
@@ -67,29 +82,51 @@ class Simulators:
     def cloudflare_base_url(self) -> str:
         return self._servers[1].url + self.cloudflare.base_path
 
+    @property
+    def aws_endpoint(self) -> str | None:
+        return self._servers[2].url if self.aws_sim is not None and len(self._servers) > 2 else None
+
     def info(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "vault_addr": self.vault_addr,
             "vault_token": self.vault_token,
             "cloudflare_base_url": self.cloudflare_base_url,
             "cloudflare_api_token": self.cloudflare_api_token,
             "accounts": self.tunnels_by_account,
         }
+        if self.aws_sim is not None:
+            out["aws"] = {"endpoint": self.aws_endpoint, "region": self.aws_sim.region,
+                          "access_key_id": self.aws_sim.access_key, "secret_access_key": self.aws_sim.secret_key,
+                          "vpn_connection_ids": sorted(self.aws_sim.connections)}
+        return out
 
     def env(self) -> dict[str, str]:
         """The standard variables a rotator process needs to talk to these simulators."""
-        return {
+        out = {
             "VAULT_ADDR": self.vault_addr, "VAULT_TOKEN": self.vault_token,
             "CLOUDFLARE_API_TOKEN": self.cloudflare_api_token,
             "CLOUDFLARE_BASE_URL": self.cloudflare_base_url,
         }
+        if self.aws_sim is not None and self.aws_endpoint is not None:
+            # botocore's own variables: the standard credential chain and endpoint resolution.
+            out.update({"AWS_ENDPOINT_URL_EC2": self.aws_endpoint, "AWS_ACCESS_KEY_ID": self.aws_sim.access_key,
+                        "AWS_SECRET_ACCESS_KEY": self.aws_sim.secret_key, "AWS_REGION": self.aws_sim.region,
+                        "AWS_EC2_METADATA_DISABLED": "true"})
+        return out
+
+    def aws_config(self, name: str = "aws", verify_timeout: str = "60s", timeout: str = "10s",
+                   tunnels: str = "*") -> str:
+        """The [[devices]] block of an aws_vpn device for the EC2 fake (docs/design.md section 10)."""
+        assert self.aws_sim is not None, "Simulators(aws=True) has no EC2 fake otherwise"
+        return (f'[[devices]]\nname = "{name}"\nkind = "aws_vpn"\nregion = "{self.aws_sim.region}"\n'
+                f'tunnels = ["{tunnels}"]\ntimeout = "{timeout}"\nverify_timeout = "{verify_timeout}"\n')
 
 
 def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
-            latency_vault: float = 0.0) -> int:
-    """``rotator sim``: serve both simulators until SIGINT/SIGTERM."""
+            latency_vault: float = 0.0, *, aws: bool = False, aws_replacement: float = 10.0) -> int:
+    """``rotator sim``: serve the simulators until SIGINT/SIGTERM."""
     stop = stop_on_signals()
-    sims = Simulators(accounts=accounts, tunnels=tunnels).start()
+    sims = Simulators(accounts=accounts, tunnels=tunnels, aws=aws, aws_replacement=aws_replacement).start()
     if latency_cf:
         sims.cloudflare.set_latency(latency_cf)
     if latency_vault:
@@ -101,6 +138,13 @@ def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
         print("Simulators running (Ctrl-C to stop).")
         print(f"  Vault       {info['vault_addr']}  (KV v2 mount 'secret', control: {info['vault_addr']}/_sim/state)")
         print(f"  Cloudflare  {info['cloudflare_base_url']}")
+        if sims.aws_sim is not None:
+            aws_info = info["aws"]
+            print(f"  AWS EC2     {aws_info['endpoint']}  (region {aws_info['region']}, "
+                  f"{len(aws_info['vpn_connection_ids'])} VPN connections for the first account's tunnels)")
+            print("  A device block for it (the PSK policy must make AWS keys: psk_charset = \"aws\"):")
+            for line in sims.aws_config().splitlines():
+                print(f"    {line}")
         print("  Set these to point the rotator at them:")
         for name, value in sims.env().items():
             print(f"    export {name}={value}")

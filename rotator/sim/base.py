@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from rotator import wire
 from rotator.httpserver import ServerThread
 
 __all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp"]
@@ -37,7 +38,7 @@ class Request:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return wire.loads(self.body)  # deep nesting too is a ValueError: a 400, as malformed JSON is
 
 
 @dataclass(slots=True)
@@ -57,8 +58,10 @@ class Fault:
     ``trickle`` handles it and sends the answer's body one byte every ``delay`` seconds (a slow
     proxy: each read sees progress, so only a total deadline ends the wait);
     ``garbage`` answers what the spec never says, without handling the request: ``variant`` ``html``
-    (a login proxy's 200 HTML page), ``not_json`` (a 200 JSON content type with a cut-off body) or
-    ``types`` (the right envelope with wrong JSON types inside; what that means is the simulator's).
+    (a login proxy's 200 HTML page), ``not_json`` (a 200 JSON content type with a cut-off body),
+    ``deep`` (a 200 of well-formed JSON nested ``DEEP_NESTING`` brackets deep, deeper than any parser
+    recurses) or ``types`` (the right envelope with wrong JSON types inside; what that means is the
+    simulator's).
     """
 
     route: str
@@ -70,9 +73,13 @@ class Fault:
     delay: float = 0.0
     variant: str = "html"
     message: str | None = None  # the error text a ``status`` fault answers with (e.g. one quoting a key)
+    # A ``status`` fault's message may quote the request: ``{echo}`` in it becomes this request header's
+    # value (a proxy or plugin that echoes what it was sent, credentials included).
+    echo_header: str | None = None
 
 
-GARBAGE_VARIANTS = ("html", "not_json", "types")
+GARBAGE_VARIANTS = ("html", "not_json", "deep", "types")
+DEEP_NESTING = 100_000
 LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form action=\"/login\">"
               b"<input name=\"user\"></form></body></html>\n")
 
@@ -185,6 +192,9 @@ class SimApp:
         """What a ``garbage`` fault answers; subclasses add their ``types`` variant."""
         if fault.variant == "not_json":
             return Response(200, b'{"result": {"truncat', [(b"content-type", b"application/json")])
+        if fault.variant == "deep":
+            return Response(200, b'{"result": ' + b"[" * DEEP_NESTING + b"]" * DEEP_NESTING + b"}",
+                            [(b"content-type", b"application/json")])
         return Response(200, LOGIN_PAGE, [(b"content-type", b"text/html; charset=utf-8")])
 
     def control(self, op: str, args: dict[str, Any]) -> Any:
@@ -267,6 +277,9 @@ class SimApp:
         if delay:
             await asyncio.sleep(delay)
         if fault is not None and fault.kind == "status":
+            if fault.echo_header and fault.message:
+                fault = dataclasses.replace(fault, message=fault.message.replace(
+                    "{echo}", headers.get(fault.echo_header.lower(), "")))
             resp = self.fault_response(fault)
         elif fault is not None and fault.kind == "garbage":
             resp = self.garbage_response(fault, route)

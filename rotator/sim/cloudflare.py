@@ -162,6 +162,7 @@ class CloudflareSim(SimApp):
         self.budgets: dict[str, Budget] = {}
         self.history: list[HistoryEntry] = []
         self.refusals: dict[str, tuple[str, str]] = {}  # tunnel -> (stage, reason)
+        self.listed_twice: dict[str, dict[str, str]] = {}  # account -> tunnel -> the second name it is listed under
         self._next_index = 0
 
     # -- setup & inspection (Python API) -------------------------------------------------------
@@ -235,6 +236,17 @@ class CloudflareSim(SimApp):
         with self.lock:
             self.contradictions.clear()
 
+    def list_twice(self, account_id: str, tunnel_id: str, name: str | None = None) -> None:
+        """A broken listing (issue 20 item 1), until cleared: the tunnel appears a second time, with the
+        same id, under ``name`` (default: its own name), at the end of the account's listing."""
+        with self.lock:
+            tunnel = self.accounts[account_id][tunnel_id]
+            self.listed_twice.setdefault(account_id, {})[tunnel_id] = name or tunnel.name
+
+    def clear_listed_twice(self) -> None:
+        with self.lock:
+            self.listed_twice.clear()
+
     def set_health(self, account_id: str, tunnel_id: str, samples: list[tuple[float, float]]) -> None:
         """Give a tunnel a health timeline: (UNIX time, tunnelState) samples, 0 down, 0.5 degraded, 1 up."""
         with self.lock:
@@ -307,6 +319,7 @@ class CloudflareSim(SimApp):
             "add_tunnel": self.add_tunnel, "set_endpoints": self.set_endpoints,
             "change_psk_out_of_band": self.change_psk_out_of_band, "contradict": self.contradict,
             "clear_contradictions": self.clear_contradictions, "set_health": self.set_health,
+            "list_twice": self.list_twice, "clear_listed_twice": self.clear_listed_twice,
             "add_health_sample": self.add_health_sample,
         }
         if op in own:
@@ -452,7 +465,11 @@ class CloudflareSim(SimApp):
             raise CfError(403, [AUTH_ERROR])  # not an account this credential can see (UNCONFIRMED)
         new_hc = _truthy(req.headers.get("x-magic-new-hc-target"))
         if route == "cf.list":
-            result: Any = {"ipsec_tunnels": [t.view(new_hc) for t in tunnels.values()]}
+            listed = [t.view(new_hc) for t in tunnels.values()]
+            for tid, name in self.listed_twice.get(account_id, {}).items():
+                if tid in tunnels:
+                    listed.append({**tunnels[tid].view(new_hc), "name": name})
+            result: Any = {"ipsec_tunnels": listed}
         elif route == "cf.get":
             tunnel = self._tunnel(tunnels, parts[4])
             result = {"ipsec_tunnel": tunnel.view(new_hc)}

@@ -276,6 +276,13 @@ class VaultSim(SimApp):
         with self.lock:
             self.sealed = False
 
+    def echo_token_next(self, route: str = "*", status: int = 403, count: int = 1) -> None:
+        """Answer the next request(s) with an error that quotes the request's token, as a proxy or an
+        audit plugin that echoes the request does (nothing takes effect)."""
+        with self.lock:
+            self.faults.arm(Fault(route, "status", count, status=status, echo_header="x-vault-token",
+                                  message='permission denied for request with X-Vault-Token "{echo}"'))
+
     def refuse_writes(self, status: int | None = 403) -> None:
         """Refuse every KV data write (403 permission denied by default); None lifts it."""
         with self.lock:
@@ -326,6 +333,7 @@ class VaultSim(SimApp):
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {
             "seal": self.seal, "unseal": self.unseal, "refuse_writes": self.refuse_writes,
+            "echo_token_next": self.echo_token_next,
             "version_of": self.version_of, "read_data": self.read_data, "latest_under": self.latest_under,
         }
         if op in own:

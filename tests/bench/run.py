@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench import ike, sim_throughput  # noqa: E402
+from tests.bench import aws, ike, sim_throughput  # noqa: E402
 from tests.bench.common import env_of, machine, simulators  # noqa: E402
 
 CF_LATENCY, VAULT_LATENCY, BATCH, CONCURRENCY = 0.08, 0.002, 100, 16
@@ -142,6 +142,7 @@ def main() -> None:
         results = json.loads((out_dir / "latest.json").read_text())
         results["devices"] = device_rows()
         results["ike"] = ike_row(IKE_TUNNELS)
+        results["aws"] = aws.run()
         results["devices_load_average"] = [round(x, 2) for x in os.getloadavg()]
         (out_dir / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
         (out_dir / "latest.md").write_text(markdown(results))
@@ -172,6 +173,8 @@ def main() -> None:
     results["peer"] = peers
     results["devices"] = device_rows()
     results["ike"] = ike_row(IKE_TUNNELS)
+    print("aws_vpn N=200 ...", flush=True)
+    results["aws"] = aws.run()
     print("micro ...", flush=True)
     results["micro"] = {"psks_per_s": round(psk_rate()), "help_ms": round(help_startup_ms(), 1),
                         "idle": idle_daemon(15 if args.quick else 60)}
@@ -222,6 +225,8 @@ def devices_markdown(r: dict) -> list[str]:
                      f"{x.get('device_calls', '')} |")
     if "ike" in r:
         lines += ["", *ike.markdown(r["ike"]).splitlines()]
+    if "aws" in r:
+        lines += aws.markdown(r["aws"]).splitlines()
     return lines
 
 

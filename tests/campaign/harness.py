@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ CLASSES: dict[str, str] = {
     "devices": "a simulated far-end device (webhook) for every tunnel: refusals, failed verifications, "
                "hangs, garbage, late and lost answers; its key is checked like Cloudflare's",
     "takeover": "the fault-free reconcile finds the leases the killed rotators held and must take them over at once",
+    "twice": "Cloudflare's listing names a tunnel twice (a second entry with the same id under another name)",
+    "manual_ack": "a manual device for a few tunnels (ack_timeout 3s): an operator types keys in late or never and "
+                  "acknowledges right, or in forms that must be refused (no --holds, a stale rotation, --holds new "
+                  "while the key is withdrawn); the key the operator typed is checked like Cloudflare's",
+    "vendors": "vendor device kinds: 40 tunnels of the second account end on AWS Site-to-Site VPN (aws_vpn through "
+               "boto3 against the EC2 fake): refused, throttled, 5xx, late and lost modifications, a denied "
+               "DescribeVpnConnections, tunnels that never come UP; the AWS tunnel's key is checked like Cloudflare's",
 }
 # What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
 # the campaign's record; replay with the seed and ROTATOR_CAMPAIGN_FAULTS set to the class):
@@ -75,7 +83,24 @@ DEFAULT_FAULTS = tuple(CLASSES)
 ADMIN_TOKEN = "campaign-admin-" + "7f3a9c" * 5
 TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # every character a key or token of this campaign can hold
 CF_TIMEOUT = 2.0  # seconds; every injected pre-handling latency stays below it
+MANUAL_PER_ACCOUNT = 3  # tunnels of each account on the manual device (manual_ack)
+WAITING_NOTE = "waiting for an operator to put the new key"  # steps._waiting's note: the run asked for the key
+
+
+class ManualEnd:
+    """The manual device's end (manual_ack): the key the campaign's operator typed into it per tunnel.
+    The monitor checks it like the simulated device's (a ``lock`` and ``held``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.keys: dict[tuple[str, str], str] = {}
+
+    def held(self, account: str, tunnel: str) -> str | None:
+        return self.keys.get((account, tunnel))
 LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
+AWS_TUNNELS = 40  # of the second account, two per VPN connection
+AWS_TIMEOUT = 3.0  # the aws_vpn device's call deadline (a short lease of 6 s still covers it twice)
+AWS_REPLACEMENT = 1.0  # seconds the EC2 fake takes to replace a tunnel (at least 1: EC2 reports whole seconds)
 
 
 def parse_faults(text: str | None, default: tuple[str, ...] = DEFAULT_FAULTS) -> tuple[str, ...]:
@@ -118,6 +143,7 @@ class Proc:
     signalled: str | None = None
     doom: tuple[float, signal.Signals] | None = None  # (monotonic time, signal) chosen at its start
     fault_free: bool = False
+    must_refuse: tuple[str, str, str] | None = None  # an ack that must be refused: (account, tunnel, why)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -151,6 +177,8 @@ class Result:
     rewritten: int = 0  # answers the gates rewrote (contradictions, garbage, trickles)
     device_calls: int = 0  # calls the simulated device received
     applies: int = 0  # bulk-set applies Cloudflare received during the rounds (the setup's not counted)
+    acks: int = 0  # `rotator ack` processes the manual device's operator ran (manual_ack)
+    acks_refused: int = 0  # of those that had to be refused, refused (exit 1)
     trace: list[Event] = field(default_factory=list)  # the schedule of the round with the first violation
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
@@ -168,7 +196,8 @@ class Result:
                 f"{' (interrupted)' if self.interrupted else ''}\n"
                 f"  {self.rounds} rounds in {self.seconds:.0f}s over {self.tunnels} tunnels in 2 accounts; "
                 f"{self.processes} rotator processes ({self.kills} signalled), {self.faults_armed} faults armed, "
-                f"{self.rewritten} answers rewritten, {self.applies} applies received, {self.device_calls} device calls\n"
+                f"{self.rewritten} answers rewritten, {self.applies} applies received, {self.device_calls} device calls"
+                + (f", {self.acks} acks ({self.acks_refused} refused as they must be)" if self.acks else "") + "\n"
                 f"  invariant checks: {f.snapshots} atomic snapshots, {f.tunnel_checks} tunnel checks "
                 f"(longest {f.longest_check_ms:.1f} ms); drifted tunnel sightings {f.drifted_seen}\n"
                 f"  violations: {f.violations} continuous, {self.strict_failures} strict after reconcile; "
@@ -231,6 +260,7 @@ class Campaign:
                 self.env.pop("ROTATOR_CONFIG", None)
                 self.http = httpx.Client(timeout=10)
                 device_server = self._start_device()
+                aws_server = self._start_aws()
                 try:
                     self._run_rounds()
                 finally:
@@ -238,6 +268,9 @@ class Campaign:
                     if device_server is not None:
                         device_server.stop()
                         self.result.device_calls = sum(self.device.request_counts().values())
+                    if aws_server is not None:
+                        aws_server.stop()
+                        self.result.device_calls += sum(self.aws.request_counts().values())
                     self.http.close()
                     self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
                     self._scan_outputs()
@@ -266,11 +299,39 @@ class Campaign:
         self.device_secret.write_text(self.device.secret)
         return server
 
+    def _start_aws(self) -> ServerThread | None:
+        """The EC2 fake for the vendors class: AWS_TUNNELS tunnels of the second account, two per VPN
+        connection, each UP while its key equals Cloudflare's (docs/design.md section 10)."""
+        self.aws: Any = None
+        self.aws_gate: Gate | None = None
+        if "vendors" not in self.faults:
+            return None
+        from rotator.sim.aws import AwsSim, attach
+
+        self.aws = AwsSim(replacement=AWS_REPLACEMENT)
+        account = self.accounts[1]
+        self.aws_tunnels = self.sims.tunnels_by_account[account][MANUAL_PER_ACCOUNT:MANUAL_PER_ACCOUNT + AWS_TUNNELS]
+        attach(self.aws, self.sims.cloudflare, account, self.aws_tunnels)
+        self.aws_gate = Gate(self.aws)
+        server = ServerThread(self.aws_gate, name="aws").start()
+        self.env.update({"AWS_ENDPOINT_URL_EC2": server.url, "AWS_ACCESS_KEY_ID": self.aws.access_key,
+                         "AWS_SECRET_ACCESS_KEY": self.aws.secret_key, "AWS_REGION": self.aws.region,
+                         "AWS_EC2_METADATA_DISABLED": "true"})
+        return server
+
+    def _ends(self) -> list[tuple[str, Any]]:
+        """The far ends the monitor checks besides Cloudflare."""
+        ends: list[tuple[str, Any]] = [("device sim-device", self.device)] if self.device is not None else []
+        if self.manual:
+            ends.append(("manual device desk", self.manual_end))
+        if self.aws is not None:
+            ends.append(("AWS tunnel", AwsEnd(self.aws, self.sims.cloudflare, self.accounts[1])))
+        return ends
+
     def _run_rounds(self) -> None:
         self._setup()
         applies_before = self.sims.cloudflare.request_counts().get("cf.psk_apply", 0)
-        ends = [("device sim-device", self.device)] if self.device is not None else []
-        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=ends).start()
+        self.monitor = Monitor(self.sims, self.wall0, lambda: self.round, ends=self._ends()).start()
         deadline = time.monotonic() + self.seconds
         try:
             while time.monotonic() < deadline - 6 and self.result.rounds < self.max_rounds:
@@ -304,12 +365,16 @@ class Campaign:
 
     def _setup(self) -> None:
         """A fault-free first rotation (every tunnel managed from now on), then tunnels with odd ids if enabled."""
+        self.manual_end = ManualEnd()
+        self.manual: list[tuple[str, str]] = []
+        if "manual_ack" in self.faults:  # the same device in every config: a key handed to it stays its own
+            self.manual = [(a, t) for a in self.accounts for t in self.sims.tunnels_by_account[a][:MANUAL_PER_ACCOUNT]]
         procs = [self._start("rotate", acc, ["rotate", "--account", acc, "--all"], self._config(fault_free=True),
                              fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 120)
-        ends = [("device sim-device", self.device)] if self.device is not None else []
-        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=ends)
+        self._operator_settles(setup=True)
+        self.monitor_setup = Monitor(self.sims, self.wall0, lambda: 0, ends=self._ends())
         bad = self.monitor_setup.check(strict=True, kind="strict")
         if bad:
             raise RuntimeError("the fault-free first rotation did not reach the strict form: " + bad[0].line()
@@ -390,6 +455,12 @@ class Campaign:
             actions.append((0.6, self._trigger_daemon))
         if "devices" in f and self.device is not None:
             actions.append((1.0, self._device_fault))
+        if "twice" in f:
+            actions.append((0.5, self._list_twice))
+        if "manual_ack" in f and self.manual:
+            actions.append((1.0, self._operator))
+        if "vendors" in f and self.aws is not None:
+            actions.append((1.0, self._vendor_fault))
         total = sum(w for w, _ in actions)
         pick = self.rng.uniform(0, total)
         for weight, action in actions:
@@ -405,14 +476,20 @@ class Campaign:
         batch = 50 if fault_free else self.rng.choice((10, 25, 40, 100))
         timeout = 10.0 if fault_free else CF_TIMEOUT
         accounts = "".join(f'[[accounts]]\nid = "{a}"\n' for a in self.accounts)
+        manual = ('[[devices]]\nname = "desk"\nkind = "manual"\nack_timeout = "3s"\ntimeout = "1s"\n'
+                  f'tunnels = [{", ".join(json.dumps(t) for _, t in self.manual)}]\n' if self.manual else "")
         text = (f'[vault]\ntimeout = {timeout}\n'
                 f'[cloudflare]\nbatch_size = {batch}\ntimeout = {timeout}\nretry_attempts = 3\nretry_timeout = 3\n'
                 f'rate_limit_ceiling = 2\n'
                 f'[rotation]\nlease_ttl = "{lease}s"\n'
-                f'[admin]\nlisten = "127.0.0.1:0"\n'
+                f'[admin]\nlisten = "127.0.0.1:0"\n' + manual
+                + (f'[[devices]]\nname = "aws"\nkind = "aws_vpn"\nregion = "{self.aws.region}"\n'
+                   f'accounts = ["{self.accounts[1]}"]\ntunnels = [{", ".join(repr(t) for t in self.aws_tunnels)}]\n'
+                   f'timeout = {AWS_TIMEOUT}\nverify_timeout = "8s"\nconcurrency = 32\n' if self.aws is not None else "")
                 + (f'[[devices]]\nname = "sim-device"\nkind = "webhook"\ntunnels = ["*"]\ntimeout = {timeout}\n'
                    f'url = "{self.device_url}"\nsecret_file = "{self.device_secret}"\n' if self.device is not None else "")
-                + f'[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n{accounts}')
+                + '[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n'
+                + ('psk_charset = "aws"\n' if self.aws is not None else "") + accounts)
         self._configs += 1
         path = self.workdir / f"rotator-{self._configs}.toml"
         path.write_text(text)
@@ -484,6 +561,11 @@ class Campaign:
             self.finished.append(proc)
             why = f": {self._tail(proc, 1)[:240]}" if proc.fault_free and proc.popen.returncode else ""
             self._event(f"{proc.name} exited {proc.popen.returncode}{why}")
+            self.result.acks_refused += proc.must_refuse is not None and proc.popen.returncode == 1
+            if proc.must_refuse is not None and proc.popen.returncode == 0:
+                acc, tid, what = proc.must_refuse
+                self.monitor.violations.append(Violation(time.time() - self.wall0, self.round, acc, tid, "ack",
+                                                         f"{what} was accepted ({proc.name})"))
 
     def _wait(self, proc: Proc, timeout: float) -> None:
         try:
@@ -577,7 +659,7 @@ class Campaign:
         if roll < 0.3:
             self._gate("vault", "kv.write", "html")  # the write took effect; a login page answers
         elif roll < 0.8:
-            variant, count = self.rng.choice(("html", "not_json", "types")), self.rng.randint(1, 3)
+            variant, count = self.rng.choice(("html", "not_json", "deep", "types")), self.rng.randint(1, 3)
             self.sims.vault.garbage_next("kv.read", variant=variant, count=count)
             self.result.faults_armed += 1
             self._event(f"the next {count} kv.read answered with garbage ({variant})")
@@ -643,7 +725,119 @@ class Campaign:
         self.result.faults_armed += 1
         self._event(text)
 
+    def _list_twice(self) -> None:
+        acc = self.rng.choice(self.accounts)
+        victim = self.rng.choice(self.sims.tunnels_by_account[acc])
+        name = self.rng.choice(("dup-", "other-site-", "tun")) + victim[:6]
+        self.sims.cloudflare.list_twice(acc, victim, name)
+        self.result.faults_armed += 1
+        self._event(f"Cloudflare lists {victim[:8]}… of {acc[:8]}… twice (second name {name!r})")
+
+    # -- the operator of the manual device (manual_ack) -------------------------------------------------------
+    def _read_and_type(self, acc: str, tid: str, typing: str | None) -> dict[str, Any]:
+        """Read the record and, in the same instant (the monitor's locks), type ``psk`` or ``pending_psk``
+        into the manual device: an operator types only what Vault holds now."""
+        with self.manual_end.lock, self.sims.vault.lock:
+            data = self.sims.vault.read_data(f"{PREFIX}/{acc}/{tid}") or {}
+            if typing is not None and data.get(typing):
+                self.manual_end.keys[(acc, tid)] = data[typing]
+            return data
+
+    def _ack(self, acc: str, tids: list[str], extra: list[str], must_refuse: str | None = None,
+             fault_free: bool = False) -> Proc:
+        args = ["ack", "--account", acc, *[x for t in tids for x in ("--tunnel", t)], *extra]
+        proc = self._start("ack", acc, args, self._config(fault_free=fault_free), fault_free=fault_free,
+                           shown=f"ack --account {acc[:8]}… --tunnel (x{len(tids)}) {' '.join(extra)}")
+        self.result.acks += 1
+        if must_refuse:
+            proc.must_refuse = (acc, tids[0], must_refuse)
+        return proc
+
+    def _operator(self) -> None:
+        """One move of the operator: right, late, forgetful, or wrong in ways the rotator must refuse."""
+        acc, tid = self.rng.choice(self.manual)
+        roll = self.rng.random()
+        data = self._read_and_type(acc, tid, None)
+        state, rotation = data.get("state"), str(data.get("rotation_id"))
+        typed = self.manual_end.held(acc, tid)
+        if state == "pending" and WAITING_NOTE in str(data.get("last_error")):
+            if roll < 0.4:
+                self._read_and_type(acc, tid, "pending_psk")
+                self._ack(acc, [tid], ["--holds", "new", "--rotation", rotation])
+            elif roll < 0.6:
+                self._read_and_type(acc, tid, "pending_psk")
+                self._event(f"the operator types the key of {tid[:8]}… into desk and forgets to acknowledge it")
+            elif roll < 0.75 and typed is not None and typed == data.get("psk"):
+                self._ack(acc, [tid], ["--holds", "previous", "--rotation", rotation])  # true, but not awaited
+            elif roll < 0.9:
+                self._ack(acc, [tid], ["--holds", "new", "--rotation", "20260101T000000Z-000000"],
+                          must_refuse="an ack for a rotation the record never had")
+            else:
+                self._ack(acc, [tid], [], must_refuse="an ack without --holds")
+        elif state == "rolling_back":
+            if roll < 0.35 and typed is not None and typed == data.get("pending_psk"):
+                self._ack(acc, [tid], ["--holds", "new", "--rotation", rotation],
+                          must_refuse="--holds new while the key is withdrawn (the key would be lost)")
+            elif roll < 0.85:
+                self._read_and_type(acc, tid, "psk")
+                self._ack(acc, [tid], ["--holds", "previous", "--rotation", rotation])
+            else:
+                self._ack(acc, [tid], [], must_refuse="an ack without --holds")
+        self.result.faults_armed += 1
+
+    def _operator_settles(self, setup: bool = False) -> None:
+        """At the end of a round (and after the setup): the operator finishes every manual tunnel, right:
+        the pending key typed in and acknowledged, or the previous key back and acknowledged."""
+        for acc in self.accounts:
+            groups: dict[str, list[str]] = {"new": [], "previous": []}
+            for a, tid in self.manual:
+                if a != acc:
+                    continue
+                data = self._read_and_type(acc, tid, None)
+                if data.get("state") == "rolling_back":
+                    self._read_and_type(acc, tid, "psk")
+                    groups["previous"].append(tid)
+                elif data.get("pending_psk"):
+                    self._read_and_type(acc, tid, "pending_psk")
+                    groups["new"].append(tid)
+                elif setup and data.get("psk"):
+                    self._read_and_type(acc, tid, "psk")  # the device was set up with what Vault holds
+            for holds, tids in groups.items():
+                if tids:
+                    self._wait(self._ack(acc, tids, ["--holds", holds], fault_free=True), 90)
+    def _vendor_fault(self) -> None:
+        picks = self.rng.sample(self.aws_tunnels, self.rng.randint(1, 4))
+        roll, action = self.rng.random(), self.rng.choice(("ModifyVpnTunnelOptions", "DescribeVpnConnections"))
+        if roll < 0.2:
+            self.aws.refuse_next("ModifyVpnTunnelOptions", "InvalidParameterValue", "refused by the campaign",
+                                 count=self.rng.randint(1, 3))
+            text = "AWS refuses the next modifications (InvalidParameterValue)"
+        elif roll < 0.35:
+            self.aws.throttle_next(action, count=self.rng.randint(1, 3))
+            text = f"AWS throttles the next {action} (RequestLimitExceeded)"
+        elif roll < 0.5:
+            self.aws.server_error_next(action)
+            text = f"AWS answers the next {action} with 500 InternalError"
+        elif roll < 0.65:
+            delay = self.rng.uniform(*LATE_DELAY)
+            self.aws.late_next("ec2.ModifyVpnTunnelOptions", delay)
+            text = f"AWS acts on the next modification and answers {delay:.1f}s late"
+        elif roll < 0.75:
+            self.aws.drop_next("ec2.ModifyVpnTunnelOptions")
+            text = "AWS acts on the next modification and drops the connection"
+        elif roll < 0.9:
+            with self.sims.cloudflare.lock:
+                ips = [self.sims.cloudflare.accounts[self.accounts[1]][t].customer_endpoint for t in picks]
+            self.aws.hold_down([ip for ip in ips if ip])
+            text = f"{len(picks)} AWS tunnels never come UP this round"
+        else:
+            self.aws.deny("DescribeVpnConnections")
+            text = "AWS denies DescribeVpnConnections (UnauthorizedOperation) this round"
+        self.result.faults_armed += 1
+        self._event(text)
+
     def _lift_faults(self) -> None:
+        self.sims.cloudflare.clear_listed_twice()
         for sim in (self.sims.cloudflare, self.sims.vault):
             sim.clear_faults()
         self.sims.cloudflare.clear_refusals()
@@ -654,6 +848,8 @@ class Campaign:
         self.sims.vault_gate.clear()
         if self.device is not None:
             self.device.clear()
+        if self.aws is not None:
+            self.aws.clear()
 
     # -- end of round: quiesce, fault-free reconcile, strict form -----------------------------------------
     def _settle(self) -> None:
@@ -662,7 +858,8 @@ class Campaign:
         self._event("every rotator killed, faults lifted")
         deadline = time.monotonic() + 30
         while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
-                self.device_gate is not None and self.device_gate.inflight):
+                self.device_gate is not None and self.device_gate.inflight) or (
+                self.aws_gate is not None and (self.aws_gate.inflight or self._aws_modifying())):
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
             time.sleep(0.01)
@@ -680,6 +877,7 @@ class Campaign:
                              fault_free=True) for acc in self.accounts]
         for p in procs:
             self._wait(p, 90)
+        self._operator_settles()
         bad = self.monitor.check(strict=True, kind="strict")
         if bad:
             self.result.strict_failures += len(bad)
@@ -688,6 +886,10 @@ class Campaign:
             self._repair(bad)
         else:
             self._event("fault-free reconcile reached the strict form")
+
+    def _aws_modifying(self) -> bool:
+        """A replacement AWS still runs: the fault-free reconcile starts once AWS accepts modifications."""
+        return any(self.aws.state_of(c) == "modifying" for c in list(self.aws.connections))
 
     def _repair(self, bad: list[Violation]) -> None:
         """Make Vault agree with Cloudflare again so the next round starts from a sound state."""
@@ -732,6 +934,8 @@ class Campaign:
             for data in entry.data.values():
                 keys.update(v for k, v in (data or {}).items() if k.endswith("psk") and isinstance(v, str))
         tokens = {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token, ADMIN_TOKEN}
+        if self.aws is not None:
+            tokens.add(self.aws.secret_key)
         texts = []
         for proc in self.finished:
             for path in (proc.out, proc.err):
@@ -747,6 +951,32 @@ class Campaign:
         helpers.SECRETS.update(tokens)
         for account in self.accounts:
             helpers.SECRETS.update(k for k in self.sims.cloudflare.psks(account).values() if k)
+
+
+@dataclass
+class AwsEnd:
+    """The EC2 fake as a far end for the monitor: ``lock`` and ``held(account, tunnel)``, the key of the
+    AWS tunnel whose outside address is the Cloudflare tunnel's customer endpoint (None: not on AWS).
+    The monitor holds this lock, then Cloudflare's (RLocks: held() takes them again in the same thread)."""
+
+    aws: Any
+    cloudflare: Any
+    account: str
+
+    @property
+    def lock(self) -> Any:
+        return self.aws.lock
+
+    def held(self, account: str, tunnel: str) -> str | None:
+        if account != self.account:
+            return None
+        with self.cloudflare.lock:
+            t = self.cloudflare.accounts.get(account, {}).get(tunnel)
+            ip = t.customer_endpoint if t is not None else None
+        try:
+            return str(self.aws.key_of(ip)) if ip else None
+        except KeyError:
+            return None
 
 
 def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:

@@ -37,7 +37,7 @@ def run(rt, acc, registry, **kw):
 
 
 def both_ends(sims, acc, device_sim, strict=False) -> int:
-    """The invariant, Cloudflare's end and the device's end."""
+    """The invariant, Cloudflare's end and the device's end (the shared helper)."""
     return helpers.assert_both_ends(sims, acc, device_sim.held, strict=strict)
 
 
@@ -74,12 +74,14 @@ def test_a_device_that_says_no_leaves_both_ends_on_the_old_key(world, fault, out
     both_ends(sims, acc, device_sim, strict=True)
 
 
-@pytest.mark.parametrize("fault", ["hang_verify", "garbage_deliver"])
+@pytest.mark.parametrize("fault", ["hang_verify", "garbage_deliver", "deep_deliver"])
 def test_an_unclear_device_answer_leaves_the_key_pending_until_reconcile(world, fault):
     sims, rt, acc, device_sim, registry = world
     assert run(rt, acc, registry).ok
     if fault == "hang_verify":
         device_sim.hang_next(5.0, count=1, action="verify")  # past the device's 3 s timeout
+    elif fault == "deep_deliver":  # a 200 nested 100,000 brackets deep: unreadable, not a crash
+        device_sim.garbage_next("device.deliver", variant="deep")
     else:
         device_sim.answer_garbage(count=1, action="deliver")
     verified_before = len(device_sim.calls_of("verify"))
@@ -140,4 +142,23 @@ def test_an_unreachable_device_keeps_cloudflare_on_the_old_key(world, tmp_path):
     both_ends(sims, acc, device_sim)
     report = run(rt, acc, registry, reconcile_only=True)  # the device answers again
     assert report.ok, outcomes(report)
+    both_ends(sims, acc, device_sim, strict=True)
+
+
+def test_a_rolled_back_tunnel_is_not_drift_for_the_next_runs(world):
+    """Issue 20 item 6 over HTTP: the rollback's apply at Cloudflare moves last_generated_on; the record
+    keeps what Cloudflare answered, so neither status nor the next run takes it for drift."""
+    from rotator.schedule import Policy
+
+    sims, rt, acc, device_sim, registry = world
+    assert run(rt, acc, registry).ok
+    bad = sims.tunnels_by_account[acc][1]
+    device_sim.fail_verify([bad])
+    assert outcomes(run(rt, acc, registry, tunnels=[bad]))[bad] == "rolled_back"
+    listed = {t.id: t for t in rt.cloudflare.list_tunnels(acc)}[bad]
+    assert record(sims, acc, bad)["cf_generated_on"] == listed.last_generated_on
+    daily = Policy("daily", every=86400.0)
+    for request in ({"reconcile_only": True}, {"policy_for": lambda t: daily}):
+        report = run(rt, acc, registry, **request)
+        assert report.drifted == [] and bad not in outcomes(report), outcomes(report)
     both_ends(sims, acc, device_sim, strict=True)

@@ -116,6 +116,7 @@ def test_garbage_on_stdout_leaves_every_tunnel_unknown_without_showing_it(tmp_pa
 @pytest.mark.parametrize("stdout, expect", [
     ('["ok"]', "the answer is a JSON list, not an object"),
     ('{"results": [1, 2]}', "'results' is not an object"),
+    ("[" * 100_000 + "]" * 100_000, "the answer is not JSON"),  # nested deeper than the parser recurses
 ])
 def test_wrong_json_shapes_are_garbage(tmp_path, stdout, expect):
     path = hook(tmp_path, f"sys.stdin.read(); print({stdout!r})")

@@ -128,12 +128,12 @@ def test_a_dropped_answer_is_unknown(sim, device):
     assert sim.held(ACCOUNT, tunnels[0].tunnel_id) == tunnels[0].psk.reveal()
 
 
-@pytest.mark.parametrize("acted", [True, False])
-def test_a_garbage_answer_is_unknown(sim, device, acted):
+@pytest.mark.parametrize("acted, variant", [(True, "html"), (False, "html"), (False, "deep")])
+def test_a_garbage_answer_is_unknown(sim, device, acted, variant):
     if acted:
         sim.answer_garbage()
     else:
-        sim.garbage_next("device.deliver", variant="html")
+        sim.garbage_next("device.deliver", variant=variant)
     tunnels = make_tunnels(2)
     with structlog.testing.capture_logs() as logs:
         results = device.deliver(ACCOUNT, "r", tunnels, deadline=deadline())

@@ -219,7 +219,7 @@ def test_a_manual_key_waits_for_its_ack_then_is_applied() -> None:
     w.invariant()
     assert {o.result for o in w.run(reconcile_only=True).outcomes} == {Outcome.WAITING}
     for t in w.ids:  # the operator acknowledges (rotator ack)
-        w.vault.put(ack(w.rec(t)))
+        w.vault.put(ack(w.rec(t), "new"))
         dev(w).keys[t] = w.rec(t).pending_psk.reveal()  # type: ignore[union-attr]
     calls = len(dev(w).calls)
     report = w.run(reconcile_only=True)
@@ -243,7 +243,7 @@ def test_an_unacknowledged_key_times_out_and_is_withdrawn(per: str) -> None:
     assert all("not acknowledged" in (o.reason or "") for o in report.outcomes)
     assert all(w.rec(t).state == "rolling_back" for t in w.ids)
     w.invariant()
-    assert all(v is None for v in w.engine.acknowledge(ACCOUNT, w.ids).values())
+    assert all(v is None for v in w.engine.acknowledge(ACCOUNT, w.ids, holds="previous").values())
     report = w.run(reconcile_only=True, **limit)
     assert {o.result for o in report.outcomes} == {Outcome.ROLLED_BACK}
     assert all(w.rec(t).pending_psk is None for t in w.ids)
@@ -415,7 +415,7 @@ def test_an_acknowledged_manual_key_cloudflare_refuses_waits_for_the_operator_to
     t1 = w.ids[0]
     dev(w).faults.on("deliver", waiting)
     w.run(tunnels=[t1])
-    w.vault.put(ack(w.rec(t1)))
+    w.vault.put(ack(w.rec(t1), "new"))
     dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
     w.cf.refuse([t1], "tunnel is being modified", stage="apply")
     dev(w).faults.on("rollback", waiting)
@@ -453,9 +453,11 @@ def test_the_ack_command_acknowledges_pending_keys_by_name_or_id() -> None:
     dev(w).faults.on("deliver", waiting)
     w.run(tunnels=w.ids[:2])
     names = {t.id: t.name for t in w.cf.tunnels[ACCOUNT]}
-    answer = w.engine.acknowledge(ACCOUNT, [names[w.ids[0]], w.ids[1], w.ids[2]])
-    assert answer[w.ids[0]] is None and answer[w.ids[1]] is None
-    assert "no key waiting" in (answer[w.ids[2]] or "")
+    answer = w.engine.acknowledge(ACCOUNT, [names[w.ids[0]], w.ids[1], w.ids[2]], holds="new")
+    assert "no key waiting" in (answer[w.ids[2]] or "")  # one refused: none is written (all or nothing)
+    assert "another tunnel" in (answer[w.ids[0]] or "") and not any(w.rec(t).acked for t in w.ids)
+    answer = w.engine.acknowledge(ACCOUNT, [names[w.ids[0]], w.ids[1]], holds="new")
+    assert answer == {w.ids[0]: None, w.ids[1]: None}
     assert w.rec(w.ids[0]).acked and w.rec(w.ids[1]).acked and not w.rec(w.ids[2]).acked
     for t in w.ids[:2]:
         dev(w).keys[t] = w.rec(t).pending_psk.reveal()  # type: ignore[union-attr]

@@ -119,14 +119,33 @@ def test_a_device_whose_deliver_does_not_interrupt_is_never_gated() -> None:
     w.invariant(strict=True)
 
 
+def partner_down_health() -> FakeHealth:
+    """Cloudflare's health: the partner tun00002 down, every other tunnel healthy."""
+    health = FakeHealth()
+    health.faults.on("health", lambda names: {n: HealthState.DOWN if n == "tun00002" else HealthState.HEALTHY
+                                              for n in names}, times=10)
+    return health
+
+
 def test_without_vendor_status_cloudflare_health_decides() -> None:
     w = gated_world(2, NoStatus("aws", timeout=0.3, interrupts=True, pairs=paired(2)))
     t1 = w.ids[0]
-    report = w.run(tunnels=[t1], health=FakeHealth(HealthState.DOWN))
+    report = w.run(tunnels=[t1], health=partner_down_health())
     assert [o.result for o in report.outcomes] == [Outcome.SKIPPED]
     assert report.outcomes[0].reason.startswith(PARTNER_DOWN) and "tun00002 down" in report.outcomes[0].reason
     w.invariant(strict=True)
     assert w.run(tunnels=[t1], health=FakeHealth(HealthState.HEALTHY)).ok
+    w.invariant(strict=True)
+
+
+def test_a_tunnel_that_is_down_anyway_is_not_held_back_by_its_partner() -> None:
+    """Both tunnels of a pair down (e.g. keys changed outside the rotator): rotating one takes nothing
+    down, and holding each back for the other would keep the pair down for ever."""
+    w = gated_world(2)
+    t1, t2 = w.ids
+    dev_of(w).status.update({t1: False, t2: False})
+    report = w.run(tunnels=[t1])
+    assert [o.result for o in report.outcomes] == [Outcome.ROTATED] and report.partner_down == []
     w.invariant(strict=True)
 
 
@@ -207,4 +226,17 @@ def test_a_tunnel_without_customer_endpoint_is_refused_naming_what_to_set() -> N
     report = w.run()
     assert report.outcomes[0].result is Outcome.REFUSED
     assert "customer_endpoint" in (report.outcomes[0].reason or "")
+    w.invariant(strict=True)
+
+
+def test_a_verify_that_polls_longer_than_the_lease_is_not_a_lease_covered_call() -> None:
+    """verify_timeout (docs/design.md section 10, long operations) is not bound by the lease TTL: only
+    calls that change a key are; a covered 600 s call under a 120 s lease would be refused."""
+    dev = FakeDevice("aws", timeout=0.3, verify_timeout=600.0)
+    w = managed(world(2, 100, device=dev, ttl=120.0))
+    report = w.run()
+    assert report.ok, [o.reason for o in report.outcomes]
+    w.invariant(strict=True)
+    dev.verify_timeout = None  # the same verify as a lease-covered call of the device's timeout: fine too
+    assert w.run().ok
     w.invariant(strict=True)

@@ -40,7 +40,7 @@ def test_a_manual_rollback_can_be_acknowledged_and_then_finishes() -> None:
     t1 = w.ids[0]
     dev(w).faults.on("deliver", waiting)
     w.run(tunnels=[t1])
-    w.vault.put(ack(w.rec(t1)))
+    w.vault.put(ack(w.rec(t1), "new"))
     old = w.rec(t1).psk
     dev(w).keys[t1] = w.rec(t1).pending_psk.reveal()  # type: ignore[union-attr]
     w.cf.refuse([t1], "tunnel is being modified", stage="apply")
@@ -50,7 +50,7 @@ def test_a_manual_rollback_can_be_acknowledged_and_then_finishes() -> None:
     assert [o.result for o in w.run(tunnels=[t1], reconcile_only=True).outcomes] == [Outcome.UNKNOWN]
     w.invariant()  # the delivery's acknowledgement does not count as the rollback's
     dev(w).keys[t1] = old.reveal()  # type: ignore[union-attr]  # the operator puts the old key back ...
-    assert w.engine.acknowledge(ACCOUNT, [t1]) == {t1: None}  # ... and acknowledges it
+    assert w.engine.acknowledge(ACCOUNT, [t1], holds="previous") == {t1: None}  # ... and acknowledges it
     w.cf.refused.clear()
     report = w.run(tunnels=[t1], reconcile_only=True)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
@@ -74,7 +74,7 @@ def test_an_ack_timeout_never_unstages_a_key_the_operator_may_have_typed_in() ->
     w.invariant()
     assert w.rec(t1).state == "rolling_back"
     dev(w).keys[t1] = old.reveal()  # type: ignore[union-attr]  # the operator goes back ...
-    assert w.engine.acknowledge(ACCOUNT, [t1]) == {t1: None}  # ... and says so
+    assert w.engine.acknowledge(ACCOUNT, [t1], holds="previous") == {t1: None}  # ... and says so
     report = w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK], report.outcomes[0].reason
     assert "not acknowledged" in (report.outcomes[0].reason or "")
@@ -97,11 +97,11 @@ def test_an_ack_binds_to_the_rotation_and_state_the_operator_acted_on() -> None:
     w.run(tunnels=[t1], reconcile_only=True, ack_timeout=3600.0)
     now = w.rec(t1)
     assert now.state == "rolling_back"
-    with pytest.raises(ValueError, match="not what was acknowledged"):
-        ack(now, seen.rotation_id, seen.state)
-    with pytest.raises(ValueError, match="not what was acknowledged"):
-        ack(now, "20261126T000000Z-000000")
-    w.vault.put(ack(now, seen.rotation_id, "rolling_back"))  # the operator says: the old key is back ...
+    with pytest.raises(ValueError, match="is rolling back"):
+        ack(now, "new", seen.rotation_id)
+    with pytest.raises(ValueError, match="moved on"):
+        ack(now, "previous", "20261126T000000Z-000000")
+    w.vault.put(ack(now, "previous", seen.rotation_id))  # the operator says: the old key is back ...
     dev(w).keys[t1] = seen.psk.reveal()  # type: ignore[union-attr]
     report = w.run(tunnels=[t1], reconcile_only=True)
     assert [o.result for o in report.outcomes] == [Outcome.ROLLED_BACK]

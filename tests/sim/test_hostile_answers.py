@@ -3,10 +3,12 @@ engine. Each test ends by asserting the invariant (DESIGN.md section 2)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rotator.rotation.engine import RunRequest
-from tests.helpers import PREFIX, assert_invariant, record, runtime
+from tests.helpers import PREFIX, assert_invariant, record, run_cli, runtime
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ def test_odd_tunnel_ids_never_touch_vault(sims, rt):
     assert_invariant(sims, other, strict=True)
 
 
-@pytest.mark.parametrize("variant", ["html", "not_json", "types"])
+@pytest.mark.parametrize("variant", ["html", "not_json", "deep", "types"])
 def test_garbage_from_vault_is_a_one_line_failure(sims, rt, variant):
     acc = account(sims)
     assert rt.engine.run(RunRequest(acc)).ok
@@ -99,3 +101,24 @@ def test_an_out_of_band_change_is_visible_in_the_listing(sims, rt):
     after = {t.id: t.last_generated_on for t in rt.cloudflare.list_tunnels(acc)}
     assert after[victim] > before[victim]
     assert record(sims, acc, victim)["psk"] != sims.cloudflare.psk_of(acc, victim)  # drift, for the engine
+
+
+@pytest.mark.parametrize("route", ["cf.psk_apply", "cf.list"])
+def test_a_deeply_nested_cloudflare_answer_is_one_line_and_the_keys_stay_pending(sims, route):
+    """Issue 20, item 4: a 200 nested 100,000 brackets deep killed `rotate` with a RecursionError."""
+    acc = account(sims)
+    env = sims.env()
+    assert run_cli(["rotate", "--account", acc, "--all"], env).returncode == 0
+    sims.cloudflare.garbage_next(route, variant="deep")
+    proc = run_cli(["rotate", "--account", acc, "--all", "--output", "json"], env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "RecursionError" not in proc.stderr
+    if route == "cf.psk_apply":  # the apply may have landed: every key of the batch stays pending
+        report = json.loads(proc.stdout)
+        assert {t["result"] for t in report["tunnels"]} == {"unknown"}
+        assert all("pending_psk" in (record(sims, acc, t) or {}) for t in sims.tunnels_by_account[acc])
+    else:
+        assert len(proc.stderr.strip().splitlines()) == 1 and "CLOUDFLARE_BASE_URL" in proc.stderr
+    assert_invariant(sims, acc)
+    assert run_cli(["reconcile", "--account", acc], env).returncode == 0
+    assert_invariant(sims, acc, strict=True)

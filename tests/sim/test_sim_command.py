@@ -29,3 +29,32 @@ def test_sim_json_prints_one_line_serves_and_stops_on_sigterm():
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert out == "" and "Traceback" not in err
+
+
+def test_sim_aws_serves_an_ec2_fake_for_the_first_accounts_tunnels():
+    import boto3
+
+    from tests.helpers import SECRETS
+
+    proc = subprocess.Popen([sys.executable, "-m", "rotator", "sim", "--json", "--accounts", "1", "--tunnels", "4",
+                             "--aws"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        aws = info["aws"]
+        SECRETS.add(aws["secret_access_key"])
+        ec2 = boto3.session.Session().client("ec2", region_name=aws["region"], endpoint_url=aws["endpoint"],
+                                             aws_access_key_id=aws["access_key_id"],
+                                             aws_secret_access_key=aws["secret_access_key"])
+        conns = ec2.describe_vpn_connections()["VpnConnections"]
+        assert sorted(c["VpnConnectionId"] for c in conns) == aws["vpn_connection_ids"] and len(conns) == 2
+        outside = {o["OutsideIpAddress"] for c in conns for o in c["Options"]["TunnelOptions"]}
+        cf = cloudflare.Cloudflare(api_token=info["cloudflare_api_token"], base_url=info["cloudflare_base_url"])
+        (acc,) = info["accounts"]
+        endpoints = {t.customer_endpoint for t in cf.magic_transit.ipsec_tunnels.list(account_id=acc).ipsec_tunnels}
+        assert endpoints == outside  # every tunnel is matched by its customer endpoint
+        assert all(t["Status"] == "UP" for c in conns for t in c["VgwTelemetry"])  # both ends on the same key
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

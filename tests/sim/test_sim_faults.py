@@ -74,3 +74,19 @@ def test_simulators_pass_the_edge_hook_and_health_source_on():
     acc, tunnel = next(iter(sims.tunnels_by_account.items()))
     sims.cloudflare.change_psk_out_of_band(acc, tunnel[0])
     assert seen == tunnel and sims.cloudflare.health_source is not None
+
+
+def test_a_listing_that_names_a_tunnel_twice_over_the_control_api(cf_sim):
+    """The fault behind issue 20 item 1: the same id a second time, under another name, until cleared."""
+    sim, base = cf_sim
+    sim.add_account(A)
+    token = sim.add_token()
+    tid = sim.add_tunnel(A, name="site-a")
+    with httpx.Client(base_url=base.removesuffix(sim.base_path)) as raw:
+        assert raw.post("/_sim/control", json={"op": "list_twice", "account_id": A, "tunnel_id": tid,
+                                               "name": "site-a-dup"}).status_code == 200
+    with httpx.Client(timeout=5) as http:
+        client = CloudflareClient(http, base_url=base, api_token=token)
+        assert [(t.id, t.name) for t in client.list_tunnels(A)] == [(tid, "site-a"), (tid, "site-a-dup")]
+        sim.clear_listed_twice()
+        assert [(t.id, t.name) for t in client.list_tunnels(A)] == [(tid, "site-a")]

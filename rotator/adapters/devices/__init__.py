@@ -80,6 +80,7 @@ KIND_MODULES = (
     "webhook",
     "strongswan",
     "manual",
+    "aws_vpn",
     "panos",
     "vyos",
     "fortigate",

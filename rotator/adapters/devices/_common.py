@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from rotator import wire
 from rotator.config import parse_duration
 from rotator.errors import ConfigError
 from rotator.model import TunnelInfo
@@ -253,8 +254,8 @@ def parse_results(body: bytes, tunnels: Sequence[DeviceTunnel], keys: Sequence[s
     if not text:
         return {}, []
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = wire.loads(text)
+    except ValueError:  # wire.NotJson: malformed or nested too deeply
         raise Garbage("the answer is not JSON") from None
     if not isinstance(doc, dict):
         raise Garbage(f"the answer is a JSON {type(doc).__name__}, not an object")

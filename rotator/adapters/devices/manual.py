@@ -70,7 +70,7 @@ class ManualDevice(DeviceBase):
                 deadline: float) -> dict[str, DeviceResult]:
         return every(tunnels, DeviceStatus.WAITING,
                      f"waiting for an operator to acknowledge that {self.name} holds the new key "
-                     f"(rotator ack --account {account_id} --tunnel <id or name>)")
+                     f"(rotator ack --account {account_id} --tunnel <id or name> --rotation <id> --holds new)")
 
     def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                deadline: float) -> dict[str, DeviceResult]:
@@ -81,4 +81,4 @@ class ManualDevice(DeviceBase):
                  deadline: float) -> dict[str, DeviceResult]:
         return every(tunnels, DeviceStatus.WAITING,
                      f"waiting for an operator to put the previous key back on {self.name} and acknowledge it "
-                     f"(rotator ack --account {account_id} --tunnel <id or name>)")
+                     f"(rotator ack --account {account_id} --tunnel <id or name> --rotation <id> --holds previous)")
