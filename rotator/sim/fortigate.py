@@ -108,8 +108,16 @@ class FortigateSim(SimApp):
         with self.lock:
             self._never.update(names)
 
+    def clear(self) -> None:
+        """Lift every armed fault (the tunnels' keys stay)."""
+        with self.lock:
+            self._refused.clear()
+            self._never.clear()
+            self.faults.clear()
+
     def control(self, op: str, args: dict[str, Any]) -> Any:
-        own: dict[str, Callable[..., Any]] = {"refuse_key": self.refuse_key, "never_reauth": self.never_reauth}
+        own: dict[str, Callable[..., Any]] = {"refuse_key": self.refuse_key, "never_reauth": self.never_reauth,
+                                              "clear": self.clear}
         if op in own:
             return own[op](**args)
         return self._shared_control(op, args)

@@ -142,6 +142,15 @@ class VyosSim(SimApp):
         with self.lock:
             self._never.update(peers)
 
+    def clear(self) -> None:
+        """Lift every armed fault (the router's keys and SAs stay)."""
+        with self.lock:
+            self._commit_failures.clear()
+            self._refused.clear()
+            self._never.clear()
+            self._save_failures = 0
+            self.faults.clear()
+
     def expire_confirm(self) -> None:
         """The commit-confirm window passes now: an unconfirmed commit is reverted."""
         with self.lock:
@@ -151,7 +160,7 @@ class VyosSim(SimApp):
 
     def control(self, op: str, args: dict[str, Any]) -> Any:
         own: dict[str, Callable[..., Any]] = {"fail_commit": self.fail_commit, "fail_save": self.fail_save,
-                                              "refuse_key": self.refuse_key,
+                                              "refuse_key": self.refuse_key, "clear": self.clear,
                                               "never_reauth": self.never_reauth, "expire_confirm": self.expire_confirm}
         if op in own:
             return own[op](**args)
