@@ -30,18 +30,18 @@ quote the key), ``never_reauth``. ``scan_secrets()`` lists every key and the tok
 from __future__ import annotations
 
 import base64
-import contextlib
 import hmac
 import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from rotator.sim.base import Fault, Request, Response, ServerThread, SimApp
+from rotator.sim.base import Fault, Request, Response, SimApp
+from rotator.sim.base import serve as serve  # the shared loopback server, HTTPS in the tests
 
 JSON_CT = (b"content-type", b"application/json")
 PHASE1 = re.compile(r"^/api/v2/cmdb/vpn\.ipsec/phase1-interface/([^/]+)/?$")
@@ -238,13 +238,3 @@ def _envelope(method: str, status: int, **fields: Any) -> Response:
     doc = {"http_method": method, "status": "success" if status == 200 else "error", "http_status": status,
            "vdom": fields.pop("vdom", "root"), **fields, "serial": SERIAL, "version": VERSION, "build": BUILD}
     return Response(status, json.dumps(doc).encode(), [JSON_CT])
-
-
-@contextlib.contextmanager
-def serve(sim: FortigateSim, *, certfile: str | None = None, keyfile: str | None = None) -> Iterator[ServerThread]:
-    """Serve ``sim`` on a free loopback port (HTTPS with ``certfile``/``keyfile``)."""
-    server = ServerThread(sim, name="fortigate", ssl_certfile=certfile, ssl_keyfile=keyfile).start()
-    try:
-        yield server
-    finally:
-        server.stop()

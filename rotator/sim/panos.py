@@ -35,7 +35,6 @@ one quoting a key), ``refuse_key`` (a set answered with an error), ``never_reaut
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import itertools
@@ -43,13 +42,14 @@ import re
 import secrets
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape, quoteattr
 
-from rotator.sim.base import Fault, Request, Response, ServerThread, SimApp
+from rotator.sim.base import Fault, Request, Response, SimApp
+from rotator.sim.base import serve as serve  # the shared loopback server, HTTPS in the tests
 
 XML_CT = (b"content-type", b"application/xml; charset=UTF-8")
 GATEWAYS = "/config/devices/entry[@name='localhost.localdomain']/network/ike/gateway"
@@ -407,13 +407,3 @@ def _error(http: int, message: str, code: int = 403) -> Response:
     else:
         body = f'<response status="error" code="{code}"><msg><line>{escape(message)}</line></msg></response>'
     return Response(http, body.encode(), [XML_CT])
-
-
-@contextlib.contextmanager
-def serve(sim: PanosSim, *, certfile: str | None = None, keyfile: str | None = None) -> Iterator[ServerThread]:
-    """Serve ``sim`` on a free loopback port (HTTPS with ``certfile``/``keyfile``)."""
-    server = ServerThread(sim, name="panos", ssl_certfile=certfile, ssl_keyfile=keyfile).start()
-    try:
-        yield server
-    finally:
-        server.stop()

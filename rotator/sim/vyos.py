@@ -28,18 +28,18 @@ credential it holds, for the secret scan.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from rotator.sim.base import Fault, Request, Response, ServerThread, SimApp
+from rotator.sim.base import Fault, Request, Response, SimApp
+from rotator.sim.base import serve as serve  # the shared loopback server, HTTPS in the tests
 
 JSON_CT = (b"content-type", b"application/json")
 PSK = ("vpn", "ipsec", "authentication", "psk")
@@ -333,13 +333,3 @@ def _delete(tree: dict[str, Any], path: list[str]) -> None:
 
 def _answer(status: int, success: bool, data: Any, error: str | None = None) -> Response:
     return Response(status, json.dumps({"success": success, "data": data, "error": error}).encode(), [JSON_CT])
-
-
-@contextlib.contextmanager
-def serve(sim: VyosSim, *, certfile: str | None = None, keyfile: str | None = None) -> Iterator[ServerThread]:
-    """Serve ``sim`` on a free loopback port (HTTPS with ``certfile``/``keyfile``)."""
-    server = ServerThread(sim, name="vyos", ssl_certfile=certfile, ssl_keyfile=keyfile).start()
-    try:
-        yield server
-    finally:
-        server.stop()

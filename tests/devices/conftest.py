@@ -48,6 +48,19 @@ def deadline(seconds: float = 10.0) -> float:
     return time.monotonic() + seconds
 
 
+def assert_unknown_by_the_deadline(device, tunnels: list[DeviceTunnel], seconds: float = 1.5) -> None:
+    """A deliver that meets an unclear answer: every tunnel UNKNOWN (the device may hold the key), the
+    call back by its deadline, and no key in any reason."""
+    from rotator.rotation.ports import DeviceStatus
+
+    start = time.monotonic()
+    results = device.deliver(ACCOUNT, "r1", tunnels, deadline=start + seconds)
+    assert time.monotonic() - start < seconds + 0.3
+    assert set(statuses(results).values()) == {DeviceStatus.UNKNOWN}, results
+    for r in results.values():
+        assert_no_key(r.reason or "", tunnels)
+
+
 @pytest.fixture
 def tunnels() -> list[DeviceTunnel]:
     return make_tunnels(3)

@@ -6,55 +6,31 @@ from __future__ import annotations
 
 import re
 import ssl
-import time
 
 import httpx
 import pytest
 
 from rotator.adapters.devices import fortigate
-from rotator.adapters.devices._common import Fields
 from rotator.errors import ConfigError
 from rotator.model import TunnelInfo
 from rotator.rotation.ports import DeviceStatus
-from rotator.sim.fortigate import FortigateSim, serve
 from tests import helpers
-from tests.devices.conftest import ACCOUNT, assert_no_key, deadline, make_tunnels, statuses
+from tests.devices.conftest import ACCOUNT, assert_no_key, assert_unknown_by_the_deadline, deadline, statuses
+from tests.devices.firewalls import unit_firewall
 
 PHASE1 = "/api/v2/cmdb/vpn.ipsec/phase1-interface/"
 
 
 @pytest.fixture
 def fortigate_sim(loopback_tls, tmp_path):
-    cloudflare: dict[str, str] = {}
-    sim = FortigateSim(peer=lambda acc, tid: cloudflare.get(tid))
-    tunnels = make_tunnels(3)
-    for t in tunnels:  # both ends on the old key
-        sim.add_tunnel(f"cf-{t.tunnel_name}", ACCOUNT, t.tunnel_id, t.previous_psk.reveal())
-        cloudflare[t.tunnel_id] = t.previous_psk.reveal()
-    token_file = tmp_path / "fortigate.token"
-    token_file.write_text(sim.token + "\n")
-    with serve(sim, certfile=loopback_tls.certfile, keyfile=loopback_tls.keyfile) as server:
-        devices = []
-
-        def device(**over):
-            raw = {"host": "127.0.0.1", "port": server.port, "token_file": str(token_file),
-                   "ca_file": loopback_tls.ca_file, "poll_interval": 0.02, **over}
-            devices.append(fortigate.FortigateDevice("fgt", fortigate.parse_settings(Fields(raw, "devices[0]")),
-                                                     timeout=5.0, verify_timeout=1.5))
-            return devices[-1]
-        try:
-            yield sim, device, tunnels, cloudflare, server
-        finally:
-            for d in devices:
-                d.close()
-            helpers.SECRETS.update(sim.scan_secrets())
-            print(sim.snapshot())  # the secret scan reads it: no key, no token
+    with unit_firewall("fortigate", loopback_tls, tmp_path) as (sim, device, tunnels, cloudflare, table):
+        yield sim, device, tunnels, cloudflare, f"https://127.0.0.1:{table['port']}"
 
 
 def test_the_simulator_speaks_the_fortios_rest_api(fortigate_sim, loopback_tls):
     sim, _, tunnels, cloudflare, server = fortigate_sim
     ctx = ssl.create_default_context(cafile=loopback_tls.ca_file)
-    with httpx.Client(verify=ctx, base_url=server.url, headers={"Authorization": f"Bearer {sim.token}"}) as http:
+    with httpx.Client(verify=ctx, base_url=server, headers={"Authorization": f"Bearer {sim.token}"}) as http:
         doc = http.get(PHASE1 + "cf-site-0", params={"vdom": "root"}).json()
         assert (doc["status"], doc["http_status"], doc["results"][0]["psksecret"][:4]) == ("success", 200, "ENC ")
         assert doc["results"][0]["psksecret"] != http.get(PHASE1 + "cf-site-0").json()["results"][0]["psksecret"]
@@ -71,10 +47,10 @@ def test_the_simulator_speaks_the_fortios_rest_api(fortigate_sim, loopback_tls):
                          json={"p1name": "cf-site-0", "p2name": "cf-site-0"}).json()["status"] == "success"
         monitor = {e["name"]: e for e in http.get("/api/v2/monitor/vpn/ipsec").json()["results"]}
         assert monitor["cf-site-0"]["proxyid"][0]["status"] == "up" and monitor["cf-site-0"]["creation_time"] == 0
-    with httpx.Client(verify=ctx, base_url=server.url, headers={"Authorization": "Bearer wrong"}) as http:
+    with httpx.Client(verify=ctx, base_url=server, headers={"Authorization": "Bearer wrong"}) as http:
         r = http.get(PHASE1 + "cf-site-0")
         assert (r.status_code, r.content) == (401, b"")
-    with httpx.Client(verify=ctx, base_url=server.url,
+    with httpx.Client(verify=ctx, base_url=server,
                       headers={"Authorization": f"Bearer {sim.read_only_token}"}) as http:
         assert http.put(PHASE1 + "cf-site-1", json={"psksecret": new}).status_code == 403
 
@@ -120,12 +96,7 @@ def test_an_unclear_answer_is_unknown_and_the_call_keeps_its_deadline(fortigate_
         sim.fail_next("fortigate.put", status=503, count=3)
     else:
         sim.garbage_next("fortigate.put", variant="html", count=3)
-    start = time.monotonic()
-    results = device().deliver(ACCOUNT, "r1", tunnels, deadline=start + 1.5)
-    assert time.monotonic() - start < 1.5 + 0.3
-    assert set(statuses(results).values()) == {DeviceStatus.UNKNOWN}, results
-    for r in results.values():
-        assert_no_key(r.reason or "", tunnels)
+    assert_unknown_by_the_deadline(device(), tunnels)
 
 
 def test_bad_tokens_and_an_untrusted_certificate_are_one_line_naming_the_cause(fortigate_sim, tmp_path, loopback_tls):
