@@ -5,11 +5,14 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY rotator ./rotator
+# The runtime dependencies exactly as locked, each checked against its hash (tools/lock.sh makes the
+# lock from pyproject.toml), then the project itself without resolving anything again.
 RUN python -m venv /opt/psk-rotator \
  && /opt/psk-rotator/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
- && /opt/psk-rotator/bin/pip install --no-cache-dir .
+ && /opt/psk-rotator/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+ && /opt/psk-rotator/bin/pip install --no-cache-dir --no-deps .
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 psk-rotator \

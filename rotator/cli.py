@@ -22,10 +22,11 @@ from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
     from rotator.config import Settings
+    from rotator.rotation.ports import HistoryStore
     from rotator.wiring import Runtime
 
 # The status filters (service/inventory.FILTERS), repeated here so --help stays fast.
-FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active")
+FILTERS = ("pending", "waiting", "failed", "drifted", "rolling_back", "unmanaged", "active")
 
 
 ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -48,12 +49,25 @@ def account_id(value: str) -> str:
     return value
 
 
+def report_time(value: str) -> float:
+    """A report's --from/--to: RFC 3339 (``2026-11-01T00:00:00Z``) or a UTC date (``2026-11-01``)."""
+    from rotator.schedule import parse_time
+
+    text = value.strip()
+    ts = parse_time(text + "T00:00:00Z" if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else text)
+    if ts is None or not re.match(r"\d{4}-\d{2}-\d{2}", text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time: use RFC 3339 (2026-11-01T00:00:00Z) or a date "
+                                         "(2026-11-01)")
+    return ts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rotator", description="Rotate Cloudflare Magic IPsec pre-shared keys, Vault first.",
         epilog="Environment: VAULT_ADDR, VAULT_TOKEN, VAULT_NAMESPACE, VAULT_CACERT, CLOUDFLARE_API_TOKEN "
                "(or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY), CLOUDFLARE_BASE_URL, ROTATOR_CONFIG, ROTATOR_ADMIN_TOKEN, "
-               "ROTATOR_ADMIN_URL (a running daemon: rotate and reconcile are handed to it when it leads the account).")
+               "ROTATOR_ADMIN_URL (a running daemon; without it the leader is found through its lease: rotate, "
+               "reconcile, rollback and ack are handed to the daemon leading the account).")
     parser.add_argument("--version", action="version", version=f"psk-rotator {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $ROTATOR_CONFIG; none needed for one-shot use)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--verbose", "-v", action="store_true", help="list every tunnel, not only those needing "
                                                                      "attention")
         cmd.add_argument("--local", action="store_true",
-                         help="run here even when ROTATOR_ADMIN_URL names a daemon leading the account")
+                         help="run here even when a daemon leads the account (found in its lease or at "
+                              "ROTATOR_ADMIN_URL): wait for its lease instead of handing the request to it")
         cmd.add_argument("--no-wait", action="store_true",
                          help="fail at once when another live rotator holds the account's lease")
 
@@ -131,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check only what one-shot commands need (no accounts or admin token required); "
                             "the default when no config file is given")
 
+    report = command("report", "audit evidence from Vault's version history: key ages, rotations and how each "
+                     "was verified, rollbacks, drift, policy breaches (never a key)", account=False)
+    report.add_argument("--account", action="append", type=account_id,
+                        help="Cloudflare account id (repeatable; default: every configured account)")
+    report.add_argument("--from", dest="start", type=report_time, metavar="T",
+                        help="start of the period, RFC 3339 or YYYY-MM-DD (default: 30 days before --to)")
+    report.add_argument("--to", dest="end", type=report_time, metavar="T",
+                        help="end of the period, RFC 3339 or YYYY-MM-DD (default: now)")
+    report.add_argument("--output", choices=("json", "csv", "html"), default="json", help="the format (default json)")
+    report.add_argument("--out", metavar="FILE", help="write the report to FILE (atomically) instead of stdout")
+    report.add_argument("--check", metavar="FILE",
+                        help="rebuild the JSON report FILE from Vault for its period and accounts; exit 0 when it "
+                             "still matches, 1 with one line per difference")
+
     command("run", "run the daemon: schedules, admin API, metrics", account=False)
 
     demo = command("demo", "run the daemon against the built-in simulators", account=False)
@@ -147,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also an EC2 fake whose VPN connections terminate the first account's tunnels (aws_vpn)")
     sim.add_argument("--aws-replacement", type=float, default=10.0,
                      help="seconds the EC2 fake takes to replace a modified tunnel (default 10)")
+    sim.add_argument("--azure", action="store_true",
+                     help="also an ARM fake (HTTPS) whose VPN connections terminate the first account's tunnels "
+                          "(azure_vpn)")
     return parser
 
 
@@ -174,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from rotator.sim import run_sim
 
         return run_sim(args.accounts, args.tunnels, args.json, args.cloudflare_latency, args.vault_latency,
-                       aws=args.aws, aws_replacement=args.aws_replacement)
+                       aws=args.aws, aws_replacement=args.aws_replacement, azure=args.azure)
     if args.command == "demo":
         from rotator.demo import run_demo
 
@@ -182,7 +214,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from rotator import config as config_mod
     from rotator.service.logging import Redactor, configure
 
-    settings = config_mod.load(args.config)
+    settings = config_mod.load(args.config, cloudflare=args.command != "report")
     redactor = Redactor()
     for value in settings.secrets:
         redactor.add(value)
@@ -206,6 +238,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     _retries_as_one_line()
     from rotator.wiring import RunOptions, build_runtime, preflight
 
+    if args.command == "report":
+        from rotator.wiring import build_vault
+
+        store, vault_auth = build_vault(settings)
+        try:
+            vault_auth.login()
+            store.check()
+            return _report(settings, store, args)
+        finally:
+            store.close()
     if args.command == "ack":
         runtime = build_runtime(settings)
         try:
@@ -227,13 +269,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             return handed
 
     progress = None
-    if args.command != "status" and args.output == "text" and sys.stderr.isatty():
+    if args.command != "status" and sys.stderr.isatty():  # stderr: the JSON on stdout stays whole
         progress = _Progress(args.account, args.command)
     runtime = build_runtime(settings, options=RunOptions(on_progress=progress.update if progress else None))
     try:
         preflight(runtime)
         if args.command == "status":
             return _status(runtime, args)
+        if not getattr(args, "dry_run", False):
+            handed = _meet_lease(runtime, args)
+            if handed is not None:
+                return handed
+        if progress:
+            progress.start()
         report = _rotate(runtime, args)
     finally:
         if progress:
@@ -265,7 +313,8 @@ def _retries_as_one_line() -> None:
     def hook(details: stamina.instrumentation.RetryDetails) -> None:
         cause = details.caused_by
         reason = str(getattr(cause, "error", cause)).split(" (")[0][:100]
-        sys.stderr.write(f"rotator: retrying (attempt {details.retry_num + 1}) in {details.wait_for:.1f}s: "
+        wait = getattr(cause, "wait_for", details.wait_for)  # the Cloudflare client waits on its own sleep
+        sys.stderr.write(f"rotator: retrying (attempt {details.retry_num + 1}) in {wait:.1f}s: "
                          f"{reason}\n")
 
     stamina.instrumentation.set_on_retry_hooks([hook])
@@ -368,15 +417,83 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
     if settings.admin.token is None:
         raise ConfigError("ROTATOR_ADMIN_URL is set but no admin token is",
                           "export ROTATOR_ADMIN_TOKEN (or pass --local to run here)")
+    return _hand_over(settings, args, url, None)
+
+
+def _meet_lease(runtime: Runtime, args: argparse.Namespace) -> int | None:
+    """Before waiting for another holder's lease: check the tunnel names, then hand the request to a
+    leading daemon found in the lease (it records its admin URL there, rotation/lease.py). None: run
+    here (the lease is free, ours to take, or held by another one-shot command: waited for, bounded).
+    A daemon that cannot be reached is one line naming it, never a wait for a lease it renews forever."""
+    from rotator.rotation.lease import Liveness
+
+    lease = runtime.store.read_lease(args.account)
+    if not lease.holder or lease.holder == runtime.leases.holder or lease.expires_at <= time.time():
+        return None
+    if runtime.leases.processes.probe(lease.holder) is Liveness.GONE:
+        return None  # taken over at once by the run
+    named = getattr(args, "tunnel", None)
+    if named and RUN_KINDS[args.command] != "reconcile":
+        runtime.engine.resolve(args.account, named)  # an unknown name fails now, not after a wait
+    if not lease.admin_url or args.local:
+        return None
+    from urllib.parse import urlsplit
+
+    from rotator.config import check_admin_url
+    from rotator.rotation.lease import HolderId
+
+    fix = ("set admin.advertise_url (or ROTATOR_ADMIN_ADVERTISE_URL) on the daemon to an address other hosts "
+           "reach, or ROTATOR_ADMIN_URL here; or pass --local to wait for its lease here (--no-wait fails at once)")
+    try:
+        url = check_admin_url(lease.admin_url, "its admin URL")
+    except ConfigError as exc:
+        raise RotatorError(f"account {args.account} is led by the daemon {lease.holder}, whose lease names no usable "
+                           f"admin URL ({exc.message})", fix) from None
+    holder = HolderId.parse(lease.holder)
+    if _loopback(urlsplit(url).hostname or "") and (holder is None or holder.host != runtime.leases.processes.host):
+        raise RotatorError(f"account {args.account} is led by the daemon {lease.holder} on another host; its admin "
+                           f"API {url} answers only there", fix)
+    if runtime.settings.admin.token is None:
+        raise ConfigError(f"account {args.account} is led by the daemon {lease.holder} (admin API {url}) and no "
+                          "admin token is set to hand the request to it",
+                          "export ROTATOR_ADMIN_TOKEN with the daemon's admin token, or pass --local to wait "
+                          "for its lease here (--no-wait fails at once)")
+    return _hand_over(runtime.settings, args, url, lease.holder)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _hand_over(settings: Settings, args: argparse.Namespace, url: str, holder: str | None) -> int | None:
+    """POST the request to the daemon at ``url``, follow it and print its result; None when the daemon
+    does not lead the account. ``holder``: the lease that named the URL (None: ROTATOR_ADMIN_URL did)."""
     import httpx
 
+    assert settings.admin.token is not None
     auth = {"Authorization": f"Bearer {settings.admin.token.reveal()}"}
+    if holder is None:
+        unreachable = "check ROTATOR_ADMIN_URL, or pass --local to run here"
+        where = f"the daemon at {url}"
+    else:
+        unreachable = ("set ROTATOR_ADMIN_URL to an address of its admin API that this host reaches, or pass "
+                       "--local to wait for its lease here (--no-wait fails at once)")
+        where = f"the daemon {holder} leading account {args.account} (admin API {url}, from its lease)"
     try:
-        with httpx.Client(base_url=url, headers=auth, timeout=10.0) as client:
+        # A few seconds to connect: a daemon that does not answer is reported, not waited for.
+        with httpx.Client(base_url=url, headers=auth, timeout=httpx.Timeout(10.0, connect=3.0)) as client:
             status = client.get("/v1/status")
             if status.status_code == 401:
-                raise ConfigError(f"the daemon at {url} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
+                raise ConfigError(f"{where} refused the admin token", "check ROTATOR_ADMIN_TOKEN")
             leads = (status.json().get("accounts", {}).get(args.account) or {}).get("leader") is True
+            if not leads and holder is not None:  # the lease says it leads: this is not the daemon it names
+                raise RotatorError(f"{where} answers that it does not lead the account: the URL reaches another "
+                                   "daemon", unreachable)
             if not leads:
                 print(f"rotator: the daemon at {url} does not lead account {args.account}; running here",
                       file=sys.stderr)
@@ -400,8 +517,7 @@ def _via_daemon(settings: Settings, args: argparse.Namespace) -> int | None:
             print(f"rotator: handed to the daemon at {url} (run {run_id}); following it", file=sys.stderr)
             view = _follow(client, run_id)
     except (httpx.HTTPError, ValueError) as exc:
-        raise RotatorError(f"cannot talk to the daemon at {url}: {exc}",
-                           "check ROTATOR_ADMIN_URL, or pass --local to run here") from None
+        raise RotatorError(f"cannot talk to {where}: {exc}", unreachable) from None
     if view["state"] == "failed" or "result" not in view:
         raise RotatorError(f"the daemon's run {run_id} failed: {view.get('error')}", "see the daemon's log")
     return _show_run(view["result"], args)
@@ -425,10 +541,14 @@ class _Progress:
     """One self-rewriting line on the terminal, from the start of the plan: tunnels settled so far."""
 
     def __init__(self, account: str, command: str) -> None:
-        self.account = account
+        self.account, self.command = account, command
+        self.started = time.monotonic()
+        self.open = False
+
+    def start(self) -> None:
         self.started = time.monotonic()
         self.open = True
-        sys.stderr.write(f"{account[:8]}… {command}: listing tunnels and reading their Vault records")
+        sys.stderr.write(f"{self.account[:8]}… {self.command}: listing tunnels and reading their Vault records")
         sys.stderr.flush()
 
     def update(self, settled: int, total: int) -> None:
@@ -446,10 +566,12 @@ class _Progress:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    """Columns padded to their widest cell; the last column is cut to what the terminal has left."""
+    """Columns padded to their widest cell. On a terminal the last column is cut to what it has left;
+    anywhere else (a pipe, a file) nothing is cut."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    room = shutil.get_terminal_size((160, 24)).columns - sum(widths[:-1]) - 2 * (len(widths) - 1)
-    widths[-1] = max(len(headers[-1]), min(widths[-1], max(20, room)))
+    if sys.stdout.isatty():
+        room = shutil.get_terminal_size((160, 24)).columns - sum(widths[:-1]) - 2 * (len(widths) - 1)
+        widths[-1] = max(len(headers[-1]), min(widths[-1], max(20, room)))
 
     def cut(text: str, width: int) -> str:
         return text if len(text) <= width else text[:width - 1] + "…"
@@ -460,20 +582,45 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+GROUP_MIN = 3  # this many tunnels with the same result, device and reason are one line of the report
+KEPT_OLD_KEY = ("refused", "unapplied", "rolled_back", "skipped")  # both ends stay on (or are back on) psk
+
+
 def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
+    """The run's table: tunnels that need attention (``--verbose``: every one), identical reasons
+    grouped into one line with their count; per-device totals; the summary; what to do next."""
     tunnels = report.get("tunnels") or []
     if report.get("error") and not tunnels:
         return
     kind = RUN_KINDS.get(command, command)
     title = "Dry run" if report.get("dry_run") else {"reconcile": "Reconcile", "rollback": "Rollback"}.get(
         kind, "Rotation")
-    print(f"{title} {report['rotation_id']} on account {report['account_id']}")
+    account = report["account_id"]
+    print(f"{title} {report['rotation_id']} on account {account}")
     done = ("rolled_back",) if kind == "rollback" else DONE_RESULTS
     shown = tunnels if verbose else [t for t in tunnels if t["result"] not in done]
-    if shown:
-        rows = [[t["name"], t["tunnel_id"], t["result"] + (" (reconciled)" if t.get("reconciled") else ""),
-                 " ".join((t.get("reason") or "").split())] for t in shown]
-        print(_table(rows, ["TUNNEL", "ID", "RESULT", "REASON"]))
+
+    def result(t: dict[str, Any]) -> str:
+        return str(t["result"]) + (" (reconciled)" if t.get("reconciled") else "")
+
+    def reason(t: dict[str, Any]) -> str:
+        return " ".join((t.get("reason") or "").split())
+
+    rows = []
+    if verbose:
+        rows = [[t["name"], t["tunnel_id"], result(t), t.get("device") or "-", reason(t)] for t in shown]
+    else:
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for t in shown:
+            groups.setdefault((result(t), t.get("device") or "-", reason(t)), []).append(t)
+        for (res, device, why), members in groups.items():
+            if len(members) < GROUP_MIN:
+                rows.extend([t["name"], t["tunnel_id"], res, device, why] for t in members)
+            else:
+                names = sorted(t["name"] for t in members)
+                rows.append([f"{len(members)} tunnels", f"{names[0]} … {names[-1]}", res, device, why])
+    if rows:
+        print(_table(rows, ["TUNNEL", "ID", "RESULT", "DEVICE", "REASON"]))
         for t in shown:  # the acknowledgement a manual device waits for, in full (never cut to the terminal)
             wanted = ACK_COMMAND.search(t.get("reason") or "")
             if wanted:
@@ -481,8 +628,121 @@ def _print_report(report: dict[str, Any], command: str, verbose: bool) -> None:
                       f"{wanted.group(1)} key: {wanted.group(0)}")
     if len(shown) < len(tunnels):
         print(f"({len(tunnels) - len(shown)} tunnels done as asked are not listed; --verbose lists every one)")
+    elif len(rows) < len(shown):
+        print("(tunnels with the same result, device and reason are one line; --verbose lists every one, "
+              "--output json gives the whole report)")
+    for line in _device_totals(tunnels):
+        print(line)
     counts = ", ".join(f"{n} {r}" for r, n in report.get("counts", {}).items() if n)
     print(f"Summary: {counts or 'nothing to do'} in {report.get('duration_seconds', 0):.2f}s")
+    for line in _next_steps(tunnels, account, done, kind):
+        print(line)
+
+
+def _device_totals(tunnels: list[dict[str, Any]]) -> list[str]:
+    """``Device NAME: 1901 rotated, 99 refused`` per far-end device, when the run dealt with any."""
+    by_device: dict[str, dict[str, int]] = {}
+    for t in tunnels:
+        counts = by_device.setdefault(t.get("device") or "", {})
+        counts[t["result"]] = counts.get(t["result"], 0) + 1
+    if not any(by_device):
+        return []
+    return [f"{'Device ' + name if name else 'No device'}: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+            for name, counts in sorted(by_device.items(), key=lambda kv: (kv[0] == "", kv[0]))]
+
+
+def _next_steps(tunnels: list[dict[str, Any]], account: str, done: tuple[str, ...], kind: str) -> list[str]:
+    """One line per kind of unfinished business: the command that moves it on."""
+    def of(*results: str) -> list[dict[str, Any]]:
+        return [t for t in tunnels if t["result"] in results and t["result"] not in done]
+
+    lines = []
+    unknown, waiting, failed, kept = of("unknown"), of("waiting"), of("failed"), of(*KEPT_OLD_KEY)
+    if unknown:
+        lines.append(f"Next: {len(unknown)} key(s) stay pending with an unknown outcome: 'rotator reconcile --account "
+                     f"{account}' settles them (safe to repeat)")
+    if waiting:
+        lines.append(f"Next: {len(waiting)} key(s) wait for an operator: put each on its device, then run the "
+                     f"'rotator ack' printed for it above ('rotator status --account {account} --state waiting' "
+                     "lists them with the command)")
+    if failed:
+        lines.append(f"Next: {len(failed)} tunnel(s) failed and were not settled: 'rotator status --account {account} "
+                     f"--state failed' says why and what each waits for; 'rotator reconcile --account {account}' "
+                     "finishes what is left")
+    if kept:
+        devices = sorted({t.get("device") or "" for t in kept} - {""})
+        where = f" on device {', '.join(devices)}" if devices else ""
+        again = "rollback" if kind == "rollback" else "rotate"
+        lines.append(f"Next: {len(kept)} tunnel(s) kept their current key on both ends: fix the cause named above"
+                     f"{where}, then {again} them again: 'rotator {again} --account {account} --tunnel "
+                     f"{kept[0]['tunnel_id']}{' --tunnel ...' if len(kept) > 1 else ''}' (--output json lists every id)")
+    return lines
+
+
+def _report(settings: Settings, store: HistoryStore, args: argparse.Namespace) -> int:
+    """``rotator report``: build (or ``--check``) the audit report from Vault's version history."""
+    from rotator.service import report as rpt
+
+    manual = [d.name for d in settings.devices if d.kind == "manual"]
+    lookup = rpt.policy_lookup(settings)
+    if args.check:
+        old = _report_file(args.check)
+        period = old["period"]
+        start, end = report_time(period["from"]), report_time(period["to"])
+        new = rpt.collect(store, [a["account_id"] for a in old["accounts"]], lookup, start, end, manual)
+        lines = [] if rpt.intact(old) else ["digest: the file's content no longer matches its own digest (edited)"]
+        lines += rpt.differences(old, new)
+        if not lines:
+            print(f"rotator: {args.check} matches Vault's history ({old['digest']})")
+            return 0
+        for line in lines:
+            print(f"rotator: differs: {line}")
+        print(f"rotator: {args.check} does not match Vault's history: {len(lines)} difference(s)", file=sys.stderr)
+        return 1
+    accounts = args.account or [a.id for a in settings.accounts]
+    if not accounts:
+        raise ConfigError("no account to report on", "give --account ID or configure [[accounts]] in the file")
+    end = args.end if args.end is not None else time.time()
+    start = args.start if args.start is not None else end - 30 * 86400.0
+    if start >= end:
+        raise ConfigError("--from is not before --to", "give a period that starts before it ends")
+    report = rpt.collect(store, list(dict.fromkeys(accounts)), lookup, start, end, manual)
+    text = rpt.RENDERERS[args.output](report)
+    if args.out:
+        try:
+            rpt.write_atomic(args.out, text)
+        except OSError as exc:
+            raise RotatorError(f"cannot write {args.out}: {exc.strerror or exc}",
+                               "choose a writable --out path") from None
+        print(f"rotator: report written to {args.out} ({report['digest']})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _report_file(path: str) -> dict[str, Any]:
+    """A JSON report to --check, or a usage error (exit 2) naming what is wrong with the file."""
+    from rotator.service.report import FORMAT
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--check: cannot read {path}: {exc.strerror or exc}", "name a report file") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"--check: {path} is not JSON", "check the JSON report (--output json), not the CSV or "
+                          "HTML one") from None
+    period = data.get("period") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(period, dict) \
+            or not isinstance(data.get("accounts"), list) or not isinstance(data.get("digest"), str):
+        raise ConfigError(f"--check: {path} is not a {FORMAT} report", "check a file written by 'rotator report'")
+    try:
+        report_time(str(period.get("from"))), report_time(str(period.get("to")))
+        [account_id(str(a.get("account_id"))) for a in data["accounts"]]
+    except (argparse.ArgumentTypeError, AttributeError):
+        raise ConfigError(f"--check: {path} has a malformed period or account id", "check an unedited report")\
+            from None
+    return data
 
 
 def _status(runtime: Runtime, args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rotator.errors import ConfigError
 from rotator.psk import PRESETS, PskPolicy
 from rotator.rotation.lease import check_lease_ttl
-from rotator.schedule import Policy, Window, next_cron, parse_cron
+from rotator.schedule import Policy, Window, format_duration, next_cron, parse_cron
 from rotator.secret import Secret
 
 if TYPE_CHECKING:
@@ -118,6 +118,22 @@ class AdminSettings:
     listen: str = "127.0.0.1:9477"
     token: Secret | None = None
     queue: int = 16  # on-demand runs that may wait; more are refused with 429
+    # Where other hosts reach this daemon's admin API; recorded in its leases so a one-shot command
+    # that meets one hands its request here (issue 20). "" : derived from listen (a wildcard: loopback).
+    advertise_url: str = ""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """``[report]``: the daemon writes the audit report (service/report.py) on a schedule."""
+
+    directory: str
+    cron: str
+    output: tuple[str, ...] = ("json", "html")
+    period: float = 30 * 86400.0  # each report covers this long, ending when it is written
+
+
+REPORT_FORMATS = ("json", "csv", "html")
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,7 @@ class Settings:
     accounts: tuple[Account, ...]
     source: str
     devices: tuple[DeviceSpec, ...] = ()  # [[devices]]: the far ends (rotator/adapters/devices)
+    report: ReportSettings | None = None  # [report]: scheduled audit reports
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
@@ -152,18 +169,24 @@ class Settings:
             "source": self.source,
             "vault": {"addr": v.addr, "token": mask(v.token), "namespace": v.namespace, "cacert": v.cacert,
                       "mount": v.mount, "prefix": v.prefix, "concurrency": v.concurrency, "timeout": v.timeout,
-                      "auth": v.auth.method},
+                      "auth": v.auth.method, "auth_mount": v.auth.mount, "auth_role_id": v.auth.role_id,
+                      "auth_secret_id": mask(v.auth.secret_id), "auth_role": v.auth.role,
+                      "auth_jwt_file": v.auth.jwt_file},
             "cloudflare": {"base_url": c.base_url, "api_token": mask(c.token), "email": c.email or "<unset>",
                            "api_key": mask(c.key), "batch_size": c.batch_size, "timeout": c.timeout,
-                           "retry_attempts": c.retry_attempts, "rate_limit_ceiling": c.rate_limit_ceiling,
-                           "rate_reserve": c.rate_reserve},
+                           "retry_attempts": c.retry_attempts, "retry_timeout": c.retry_timeout,
+                           "rate_limit_ceiling": c.rate_limit_ceiling, "rate_reserve": c.rate_reserve},
             "rotation": {"lease_ttl": self.rotation.lease_ttl, "on_drift": self.rotation.on_drift},
-            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue},
+            "admin": {"listen": a.listen, "token": mask(a.token), "queue": a.queue,
+                      "advertise_url": a.advertise_url or "<derived from listen>"},
             "policies": {n: _policy_view(p) for n, p in self.policies.items()},
             "accounts": [{"id": acc.id, "selections": [
                 {"policy": s.policy, "all": s.all, "ids": list(s.ids), "names": list(s.names),
                  "exclude": list(s.exclude)} for s in acc.selections]} for acc in self.accounts],
             "devices": [d.masked() for d in self.devices],
+            "report": None if self.report is None else {
+                "directory": self.report.directory, "cron": self.report.cron, "output": list(self.report.output),
+                "period": self.report.period},
         }
 
 
@@ -174,7 +197,9 @@ def _policy_view(p: Policy) -> dict[str, Any]:
         "end": f"{p.window.end_minute // 60:02d}:{p.window.end_minute % 60:02d}",
         "timezone": p.window.timezone}
     return {"every": p.every, "cron": p.cron, "timezone": p.timezone, "max_age": p.max_age, "jitter": p.jitter,
-            "window": window, "psk_length": p.psk.length, "psk_entropy_bits": round(p.psk.entropy_bits)}
+            "window": window, "retry_backoff": p.retry_backoff, "retry_backoff_max": p.retry_backoff_max,
+            "psk_length": p.psk.length, "psk_alphabet": p.psk.alphabet, "psk_forbidden_first": p.psk.forbidden_first,
+            "psk_entropy_bits": round(p.psk.entropy_bits)}
 
 
 class _Table:
@@ -261,10 +286,12 @@ def _policy(name: str, t: _Table) -> Policy:
     max_age = parse_duration(t.data["max_age"], t.key("max_age")) if "max_age" in t.data else None
     jitter = parse_duration(t.data.get("jitter", 0), t.key("jitter"))
     if every is not None and max_age is not None and max_age < every:
-        raise ConfigError(f"{t.key('max_age')}: {max_age:g}s is shorter than every ({every:g}s)",
+        raise ConfigError(f"{t.key('max_age')}: {format_duration(max_age)} is shorter than every "
+                          f"({format_duration(every)})",
                           "max_age is the oldest a key may get: make it at least 'every'")
     if every is not None and jitter > every:
-        raise ConfigError(f"{t.key('jitter')}: {jitter:g}s is longer than the interval every ({every:g}s)",
+        raise ConfigError(f"{t.key('jitter')}: {format_duration(jitter)} is longer than the interval every "
+                          f"({format_duration(every)})",
                           "keep jitter below 'every', e.g. a tenth of it")
     charset = t.get("psk_charset", str, "alnum")
     if charset not in PRESETS:
@@ -333,15 +360,16 @@ def check_for_daemon(settings: Settings) -> None:
                           "set ROTATOR_ADMIN_TOKEN or admin.token_file")
 
 
-def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use)."""
+def load(path: str | None = None, env: Mapping[str, str] | None = None, *, cloudflare: bool = True) -> Settings:
+    """Load and validate. ``path`` None and no ROTATOR_CONFIG: environment only (one-shot use).
+    ``cloudflare`` False: a command that reads only Vault (``rotator report``) needs no Cloudflare credentials."""
     env = os.environ if env is None else env
     path = path or env.get("ROTATOR_CONFIG") or None
     root = _Table(_read(path) if path else {}, "")
-    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices"})
+    root.reject_unknown({"vault", "cloudflare", "rotation", "admin", "policies", "accounts", "devices", "report"})
     v, c = root.table("vault"), root.table("cloudflare")
     auth = _vault_auth(v.table("auth"), env)
-    _require_environment(v, auth, env)
+    _require_environment(v, auth, env, cloudflare=cloudflare)
     policies_t = root.table("policies")
     policies = {name: _policy(name, policies_t.table(name)) for name in policies_t.data}
     if "default" not in policies:
@@ -352,7 +380,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Setti
     devices = parse_devices(root.data.get("devices", []), [a.id for a in accounts])
     check_key_rules(devices, accounts, policies)  # docs/design.md section 10: no key a device refuses
     settings = Settings(_vault(v, auth, env), _cloudflare(c, env), _rotation(root.table("rotation")),
-                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices)
+                        _admin(root.table("admin"), env), policies, accounts, source=path or ENV_ONLY, devices=devices,
+                        report=_report(root.table("report")) if "report" in root.data else None)
     # Every call's total deadline must fit twice in the lease: Cloudflare's and each device's.
     check_lease_ttl(settings.rotation.lease_ttl, {"cloudflare.timeout": settings.cloudflare.timeout,
                                                   **{f"{d.path}.timeout": d.timeout for d in devices}})
@@ -373,14 +402,15 @@ def _read(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}", "check its permissions") from None
 
 
-def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str]) -> None:
+def _require_environment(v: _Table, auth: VaultAuth, env: Mapping[str, str], *, cloudflare: bool = True) -> None:
     """Every missing variable in one message, not one per try."""
     missing = []
     if not (env.get("VAULT_ADDR") or v.get("addr", str, "")):
         missing.append("VAULT_ADDR (or vault.addr)")
     if auth.method == "token" and not env.get("VAULT_TOKEN"):
         missing.append("VAULT_TOKEN (or vault.auth for approle/kubernetes)")
-    if not env.get("CLOUDFLARE_API_TOKEN") and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
+    if cloudflare and not env.get("CLOUDFLARE_API_TOKEN") \
+            and not (env.get("CLOUDFLARE_EMAIL") and env.get("CLOUDFLARE_API_KEY")):
         missing.append("CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL and CLOUDFLARE_API_KEY)")
     if missing:
         raise ConfigError(f"not set: {'; '.join(missing)}", "export them (see 'rotator --help')")
@@ -456,8 +486,30 @@ def _rotation(r: _Table) -> RotationSettings:
     return RotationSettings(lease_ttl, on_drift)
 
 
+def _report(t: _Table) -> ReportSettings:
+    t.reject_unknown({"directory", "cron", "output", "period"})
+    directory = t.get("directory", str, "")
+    if not directory:
+        raise ConfigError(f"{t.key('directory')}: not set", "name the directory the reports are written to")
+    cron = t.get("cron", str, "")
+    try:
+        next_cron(parse_cron(cron), 0.0, "UTC")
+    except ValueError as exc:
+        raise ConfigError(f"{t.key('cron')}: {cron!r} is not a cron that fires ({exc})",
+                          "use 5 fields: minute hour day-of-month month day-of-week, e.g. \"0 6 1 * *\"") from None
+    output = t.get("output", list, ["json", "html"])
+    bad = [o for o in output if o not in REPORT_FORMATS]
+    if bad or not output:
+        raise ConfigError(f"{t.key('output')}: {bad or output!r} not among {', '.join(REPORT_FORMATS)}",
+                          "e.g. output = [\"json\", \"html\"]")
+    period = parse_duration(t.data.get("period", "30d"), t.key("period"))
+    if period < 3600:
+        raise ConfigError(f"{t.key('period')}: {period:g}s is shorter than an hour", "e.g. period = \"30d\"")
+    return ReportSettings(directory, cron, tuple(dict.fromkeys(output)), period)
+
+
 def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
-    a.reject_unknown({"listen", "token_file", "queue"})
+    a.reject_unknown({"listen", "token_file", "queue", "advertise_url"})
     listen = a.get("listen", str, "127.0.0.1:9477")
     split_listen(listen)
     queue = a.get("queue", int, 16)
@@ -466,7 +518,26 @@ def _admin(a: _Table, env: Mapping[str, str]) -> AdminSettings:
     token = env.get("ROTATOR_ADMIN_TOKEN")
     if a.get("token_file", str, ""):
         token = _read_secret_file(a.data["token_file"], "admin.token_file")
-    return AdminSettings(listen, Secret(token) if token else None, queue)
+    advertise = env.get("ROTATOR_ADMIN_ADVERTISE_URL") or a.get("advertise_url", str, "")
+    if advertise:
+        check_admin_url(advertise, "admin.advertise_url")
+    return AdminSettings(listen, Secret(token) if token else None, queue, advertise.rstrip("/"))
+
+
+def check_admin_url(url: str, key: str) -> str:
+    """An admin API base URL: http(s)://HOST[:PORT], nothing else (no user, path or query)."""
+    from urllib.parse import urlsplit
+
+    hint = "write it like http://10.0.0.5:9477 (the daemon's admin API as this host reaches it)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} is not a URL", hint) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: {url!r} is not an http(s)://HOST:PORT address", hint)
+    return url.rstrip("/")
 
 
 def _accounts(root: _Table, policies: Mapping[str, Policy]) -> tuple[Account, ...]:

@@ -71,6 +71,7 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
         aws_block, aws_watch = _aws_far_end(sims)
         device_block, watch = device_block + aws_block, watch + "\n" + aws_watch
     accounts = "".join(f'[[accounts]]\nid = "{acc}"\n' for acc in sims.tunnels_by_account)
+    reports = os.path.join(workdir, "reports")
     cfg = os.path.join(workdir, "rotator.toml")
     with open(cfg, "w", encoding="utf-8") as fh:
         fh.write(f'[admin]\nlisten = "{listen}"\ntoken_file = "{token_file}"\n[rotation]\nlease_ttl = "60s"\n'
@@ -78,7 +79,9 @@ def _demo(listen: str, stop: threading.Event, workdir: str, cleanup: contextlib.
                  '[cloudflare]\ntimeout = "10s"\n'
                  f'[policies.default]\nevery = "20s"\njitter = "10s"\nmax_age = "60s"\nretry_backoff = "5s"\n'
                  # keys every kind takes, AWS's rules included (8-64 of A-Z a-z 0-9 . _, not 0 first)
-                 f'retry_backoff_max = "30s"\npsk_charset = "aws"\n{accounts}{device_block}')
+                 f'retry_backoff_max = "30s"\npsk_charset = "aws"\n'
+                 f'[report]\ndirectory = "{reports}"\ncron = "*/5 * * * *"\noutput = ["json", "html"]\nperiod = "1h"\n'
+                 f'{accounts}{device_block}')
     redactor = Redactor()
     aws_secret = [sims.aws_sim.secret_key] if sims.aws_sim is not None else []
     for value in (sims.vault_token, sims.cloudflare_api_token, *aws_secret):
@@ -108,13 +111,32 @@ psk-rotator demo: the daemon rotates {n} simulated tunnels in {len(sims.tunnels_
   Metrics   : {url}/metrics      e.g. curl -s {url}/metrics | grep psk_rotator_rotations_total
   Rotate now: curl -s -X POST -H "Authorization: Bearer $(cat {token_file})" \\
                 -d '{{"account": "{acc}", "all": true}}' {url}/v1/rotations
-  Status    : curl -s -H "Authorization: Bearer $(cat {token_file})" {url}/v1/status""", flush=True)
+  Status    : curl -s -H "Authorization: Bearer $(cat {token_file})" {url}/v1/status
+  Evidence  : audit reports (rotator report) in {reports}, the first once every tunnel has rotated, then every 5 \
+minutes""", flush=True)
     if hint:
         print("Hint: root and strongSwan are here: rotator demo --ike runs the demo against real IKE peers.",
               flush=True)
     print("Ctrl-C stops it.", flush=True)
+    threading.Thread(target=_first_report, args=(daemon, sims, stop), name="demo-report", daemon=True).start()
     stop.wait()
     return 0
+
+
+def _first_report(daemon: Any, sims: Any, stop: threading.Event) -> None:
+    """Once every tunnel has a verified rotation in Vault, write the accounts' audit reports and say where."""
+    tunnels = [(acc, t) for acc, ids in sims.tunnels_by_account.items() for t in ids]
+    for _ in range(120):  # bounded: about a minute
+        if all((sims.vault.read_data(f"cloudflare/magic-ipsec/{acc}/{t}") or {}).get("verified_by")
+               for acc, t in tunnels):
+            break
+        if stop.wait(0.5):
+            return
+    else:
+        return
+    paths = daemon.write_reports()
+    if paths and not stop.is_set():
+        print(f"Audit evidence: {' '.join(paths)} (check one with: rotator report --check FILE.json)", flush=True)
 
 
 AWS_REPLACEMENT = 3.0  # seconds the EC2 fake takes to replace a tunnel endpoint (AWS: minutes)

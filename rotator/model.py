@@ -14,7 +14,11 @@ from rotator.secret import Secret
 
 SECRET_FIELDS = ("psk", "pending_psk", "previous_psk")
 _TEXT_FIELDS = ("rotation_id", "rotated_at", "tunnel_name", "ipsec_id", "last_error", "cf_generated_on", "device",
-                "staged_at", "acked_rotation_id")
+                "staged_at", "acked_rotation_id", "verified_at", "verified_by", "drift_generated_on")
+
+# How both ends were shown to hold a promoted key (``verified_by``, docs/design.md section 3): a device's
+# proof (rotation/ports.PROOFS), Cloudflare's health checks, or nothing.
+VERIFIED_BY = ("ike_reauth", "vendor_status", "operator_ack", "health", "none")
 
 
 class Outcome(StrEnum):
@@ -29,6 +33,10 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"    # both ends are back on the previous key (verification failed, or asked)
     FAILED = "failed"              # the attempt failed and could not be undone (or an ack timed out)
     WAITING = "waiting"            # a manual device has not acknowledged the key yet; it stays pending
+
+
+# Every reason of a WAITING outcome starts so (steps, devices/manual.py): status tells waiting from failed by it.
+WAITING_FOR_OPERATOR = "waiting for an operator to "
 
 
 class RepeatedTunnel(AssertionError):
@@ -92,6 +100,13 @@ class Record:
     device: str | None = None  # the far-end device that holds the key, if any
     staged_at: str | None = None  # RFC 3339 time pending_psk was staged (ack timeouts)
     acked_rotation_id: str | None = None  # a manual device's acknowledgement of rotation_id's pending key
+    # Only on a version that promotes a key (stage clears them): when and how both ends were shown to
+    # hold it (one of VERIFIED_BY; ``device`` names the device, ``acked_rotation_id`` the acknowledged rotation).
+    verified_at: str | None = None
+    verified_by: str | None = None
+    # Cloudflare's last_generated_on that revealed drift (a key set outside the rotator), on the versions
+    # that re-key the tunnel from Vault because of it.
+    drift_generated_on: str | None = None
 
     @classmethod
     def from_data(cls, account_id: str, tunnel_id: str, version: int, data: dict[str, Any]) -> Record:
@@ -106,7 +121,7 @@ class Record:
         return cls(account_id, tunnel_id, version, secret("psk"), secret("pending_psk"), secret("previous_psk"),
                    str(data.get("state") or "active"), text("rotation_id"), text("rotated_at"), text("tunnel_name"),
                    text("ipsec_id"), text("last_error"), text("cf_generated_on"), text("device"), text("staged_at"),
-                   text("acked_rotation_id"))
+                   text("acked_rotation_id"), text("verified_at"), text("verified_by"), text("drift_generated_on"))
 
     def to_data(self) -> dict[str, str]:
         data: dict[str, str] = {"state": self.state, "account_id": self.account_id}
@@ -231,3 +246,4 @@ class Lease:
     expires_at: float
     version: int
     busy_until: float = 0.0  # the latest instant a call made under this lease may still land
+    admin_url: str = ""  # a daemon holder's admin API, where one-shot commands hand their requests (issue 20)

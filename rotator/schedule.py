@@ -184,3 +184,21 @@ def parse_time(text: str | None) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).timestamp()
     except ValueError:
         return None
+
+
+DURATION_UNITS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a config file writes it (``20d``, ``120s``, ``15m``), never ``1.728e+06s``: seconds
+    under ten minutes (as timeouts and lease TTLs are written), else the largest unit that divides it
+    exactly; a fraction of a second keeps its decimals (``1.5s``)."""
+    if seconds != int(seconds) or seconds <= 0:
+        return f"{round(seconds, 3):.3f}".rstrip("0").rstrip(".") + "s"
+    whole = int(seconds)
+    if whole < 600:
+        return f"{whole}s"
+    for unit, size in DURATION_UNITS:
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"

@@ -231,16 +231,26 @@ class VaultAuthenticator:
             return "relogin"
 
 
-def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | None = None,
-                  options: RunOptions = RunOptions(), holder: str | None = None) -> Runtime:
-    log = log or structlog.get_logger("rotator")
-    warn_plain_http(settings.vault.addr, log)
+def build_vault(settings: Settings, *, log: Any = None,
+                observer: Observer | None = None) -> tuple[VaultStore, VaultAuthenticator]:
+    """The Vault record store and its authenticator alone (``rotator report`` reads nothing else)."""
+    warn_plain_http(settings.vault.addr, log or structlog.get_logger("rotator"))
     client = build_hvac_client(
         settings.vault.addr, settings.vault.token.reveal() if settings.vault.token else None,
         namespace=settings.vault.namespace, cacert=settings.vault.cacert, concurrency=settings.vault.concurrency,
         timeout=settings.vault.timeout,
     )
     authenticator = VaultAuthenticator(client, settings)
+    store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
+                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None,
+                       credentials=authenticator.credentials)
+    return store, authenticator
+
+
+def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | None = None,
+                  options: RunOptions = RunOptions(), holder: str | None = None) -> Runtime:
+    log = log or structlog.get_logger("rotator")
+    store, authenticator = build_vault(settings, log=log, observer=observer)
     http = httpx.Client(timeout=httpx.Timeout(settings.cloudflare.timeout, connect=5.0),
                         limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
     client_cf = CloudflareClient(
@@ -254,9 +264,6 @@ def build_runtime(settings: Settings, *, log: Any = None, observer: Observer | N
         on_ratelimit=observer.observe_ratelimit if observer else None, rate_reserve=settings.cloudflare.rate_reserve,
     )
     cloudflare = AccountHint(client_cf)
-    store = VaultStore(client, mount=settings.vault.mount, prefix=settings.vault.prefix,
-                       concurrency=settings.vault.concurrency, observe=observer.observe_vault if observer else None,
-                       credentials=authenticator.credentials)
     generators = {name: PskGenerator(p.psk) for name, p in settings.policies.items()}
     generators.setdefault("default", PskGenerator(PskPolicy()))
     leases = LeaseManager(store, holder or holder_id(), ttl=settings.rotation.lease_ttl)

@@ -26,6 +26,29 @@ from rotator.secret import Secret
 Fault = Callable[..., Any]
 
 
+class VirtualClock:
+    """A clock that moves only when someone sleeps on it (or a test advances it): waits on time (a lease
+    pin, a retry backoff, a rate window) go through their whole logic in no real time. Starts at the
+    real UNIX time so timestamps look like today's. Thread-safe; ``slept`` lists every wait."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+        self.slept: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.slept.append(seconds)
+            self.now += seconds
+
+
 class Crash(BaseException):
     """The process died here (SIGKILL): nothing after this point runs."""
 
@@ -158,7 +181,7 @@ class FakeVault:
             current = self.leases.get(account_id, Lease("", 0.0, 0))
             if current.version != cas:
                 raise CasConflict("lease changed")
-            self.leases[account_id] = Lease(holder, expires_at, cas + 1, busy_until)
+            self.leases[account_id] = Lease(holder, expires_at, cas + 1, busy_until, (note or {}).get("admin_url", ""))
             return cas + 1
 
 

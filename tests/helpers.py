@@ -63,6 +63,30 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
     return proc
 
 
+def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    """The CLI with stderr on a pseudo-terminal and stdout on a pipe: (exit code, stdout, terminal text)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rotator", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=timeout)
+    chunks = []
+    for _ in range(10000):  # bounded: the child has exited, the terminal holds what it wrote
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data.decode(errors="replace"))
+    os.close(master)
+    tty = "".join(chunks)
+    OUTPUTS.extend([out, tty])
+    return proc.returncode, out, tty
+
+
 def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "rotator", *args], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,6 +10,18 @@ capsys/capfd, ``helpers.OUTPUTS`` (subprocess output, HTTP bodies), the exec dev
 environment, engine run reports (outcome reasons), admin API JSON responses (/v1/status, /v1/rotations)
 and the simulated Vault's record fields other than keys (last_error and the other reason texts).
 
+Adding a simulator or fake: every simulator (a ``rotator.sim.base.SimApp``) and every object passed to
+``track`` is harvested after each test. An object with a ``scan_secrets()`` method returning an iterable of
+strings is harvested by calling it, so a new simulator or fake needs no entry in ``HARVESTERS``: give it
+``scan_secrets()`` (and, for a fake that is no ``SimApp``, call ``tests.secret_scan.track(self)`` in its
+``__init__``). A simulator with neither fails the session: its keys would not be looked for.
+
+Under pytest-xdist (``-n``) each worker collects and harvests on its own; at its session end it writes what
+it collected (secrets, material, counts) to a file in a directory the controller made, and says so in its
+``workeroutput``. The controller merges every worker's file, runs the one search over all of it (a secret
+made on one worker is also looked for in every other worker's output), and fails the session on any leak
+or on a worker that did not report.
+
 The search is a sampled q-gram index, linear in the text: every secret of at least ``MIN_LEN`` characters
 is indexed by its ``Q``-grams at offsets 0..STRIDE-1; any occurrence of such a secret covers a text
 position that is a multiple of STRIDE at one of those offsets, so sampling the text every STRIDE
@@ -21,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +67,7 @@ class State:
     tests: int = 0
     tracked: int = 0
     unique: set[int] = field(default_factory=set)  # hashes of harvested texts already kept
+    unharvested: set[str] = field(default_factory=set)  # tracked types with no harvester nor scan_secrets()
 
 
 STATE = State()
@@ -156,15 +170,22 @@ HARVESTERS: dict[str, Callable[[Any], None]] = {
 }
 
 
+def _harvest_one(obj: Any) -> None:
+    harvester = next((HARVESTERS[c.__name__] for c in type(obj).__mro__ if c.__name__ in HARVESTERS), None)
+    scan_secrets = getattr(obj, "scan_secrets", None)
+    if callable(scan_secrets):
+        for value in scan_secrets():
+            add_secret(value)
+    elif harvester is None:
+        STATE.unharvested.add(type(obj).__qualname__)
+    if harvester is not None:
+        harvester(obj)
+
+
 def harvest() -> None:
     started = time.perf_counter()
     for obj in [*STATE.fresh, *STATE.objects]:
-        if hasattr(obj, "scan_secrets"):  # a simulator that lists what it holds (e.g. rotator/sim/aws.py)
-            for value in obj.scan_secrets():
-                add_secret(value)
-            continue
-        # a test's subclass of a tracked fake is harvested as the fake
-        HARVESTERS[next(c.__name__ for c in type(obj).__mro__ if c.__name__ in HARVESTERS)](obj)
+        _harvest_one(obj)
     STATE.objects.update(STATE.fresh)
     STATE.fresh.clear()
     fresh = helpers.OUTPUTS[STATE.outputs_seen:]
@@ -220,11 +241,62 @@ def scan(secrets: Iterable[str], chunks: Iterable[Chunk]) -> Result:
     return Result(len(wanted), count, size, time.perf_counter() - started, sorted(leaks))
 
 
-def final() -> Result:
+def collect() -> None:
+    """The last harvest of this process: everything it generated and captured is in STATE."""
     harvest()
     for value in helpers.SECRETS:
         add_secret(value)
+
+
+def final() -> Result:
+    collect()
     return scan(STATE.secrets, STATE.chunks)
+
+
+# -- under pytest-xdist: each worker's material, merged by the controller -----------------------------
+
+
+@dataclass
+class Report:
+    """What one process (a worker, or the whole run without xdist) collected."""
+
+    worker: str
+    secrets: list[str]
+    chunks: list[Chunk]
+    tests: int
+    tracked: int
+    harvest_seconds: float
+    unharvested: list[str]
+    ran: list[str]  # node ids of the tests it ran
+
+
+def local_report(worker: str, ran: Iterable[str]) -> Report:
+    return Report(worker, sorted(STATE.secrets), list(STATE.chunks), STATE.tests, STATE.tracked,
+                  STATE.harvest_seconds, sorted(STATE.unharvested), sorted(ran))
+
+
+def write_report(report: Report, directory: str) -> str:
+    """Written with mode 0600 into the controller's private directory (it holds the run's test keys)."""
+    path = os.path.join(directory, f"{report.worker}.json")
+    doc = {**report.__dict__, "chunks": [[c.test, c.label, c.text] for c in report.chunks]}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+    return path
+
+
+def read_report(path: str) -> Report:
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    doc["chunks"] = [Chunk(*c) for c in doc["chunks"]]
+    return Report(**doc)
+
+
+def scan_reports(reports: Iterable[Report]) -> Result:
+    """One search over every report: each secret is looked for in every process's material."""
+    reports = list(reports)
+    secrets = {s for r in reports for s in r.secrets}
+    return scan(secrets, (c for r in reports for c in r.chunks))
 
 
 # -- registration points, installed for the whole run -------------------------------------------------
@@ -296,15 +368,12 @@ def install() -> Iterator[None]:
     from rotator.rotation import engine
     from rotator.secret import Secret
     from rotator.service import admin
-    from rotator.sim.aws import AwsSim
-    from rotator.sim.cloudflare import CloudflareSim
-    from rotator.sim.device import DeviceSim
-    from rotator.sim.vault import VaultSim
+    from rotator.sim.base import SimApp
     from tests import fakes
 
     with contextlib.ExitStack() as stack:
-        for cls in (VaultSim, CloudflareSim, DeviceSim, AwsSim, fakes.FakeVault, fakes.FakeCloudflare,
-                    fakes.FakeDevice):
+        # Every simulator is a SimApp: its __init__ tracks them all, those written later included.
+        for cls in (SimApp, fakes.FakeVault, fakes.FakeCloudflare, fakes.FakeDevice):
             stack.enter_context(patched(cls, "__init__", _init_tracker))
         stack.enter_context(patched(Secret, "__init__", _secret_init))
         stack.enter_context(patched(CaptureFixture, "readouterr", _readouterr))

@@ -189,33 +189,12 @@ def test_killed_between_batches(sims, tmp_path):
 
 def test_on_a_terminal_there_is_a_progress_line(sims):
     """stderr on a pseudo-terminal: a progress line counts the tunnels settled."""
-    import os
-    import pty
-    import subprocess
-    import sys
+    from tests.helpers import run_on_a_terminal
 
     acc = account(sims)
     sims.cloudflare.refuse_tunnels([sims.tunnels_by_account[acc][0]], stage="validate")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "rotator", "rotate", "--account", acc, "--all"],
-                            env={**os.environ, **sims.env()}, stdout=subprocess.PIPE, stderr=slave, text=True)
-    os.close(slave)
-    out, _ = proc.communicate(timeout=60)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data.decode(errors="replace"))
-    os.close(master)
-    tty = "".join(chunks)
-    from tests.helpers import OUTPUTS
-
-    OUTPUTS.extend([out, tty])
-    assert proc.returncode == 1
+    code, out, tty = run_on_a_terminal(["rotate", "--account", acc, "--all"], sims.env(), timeout=60)
+    assert code == 1
     assert "6/6 tunnels" in tty and "[####" in tty
     assert "Summary: 5 rotated, 1 refused" in out
     assert_invariant(sims, acc, strict=True)
@@ -284,6 +263,7 @@ def test_a_retry_is_one_short_line(sims):
     assert proc.returncode == 0, proc.stderr
     retries = [ln for ln in proc.stderr.splitlines() if "retr" in ln.lower()]
     assert len(retries) == 1 and retries[0].startswith("rotator: retrying (attempt 2) in "), proc.stderr
+    assert float(retries[0].split(" in ", 1)[1].split("s:", 1)[0]) >= 0.5, retries  # the backoff it really waits
     assert "stamina" not in proc.stderr and len(retries[0]) < 160
     assert_invariant(sims, acc, strict=True)
 

@@ -10,6 +10,7 @@ import pytest
 from rotator.adapters.cloudflare import CloudflareClient, RetryPolicy
 from rotator.errors import CloudflareError, ConfigError
 from rotator.secret import Secret
+from tests.fakes import VirtualClock
 
 A = "023e105f4ecef8ad9ca31a8372d0c353"
 
@@ -24,9 +25,11 @@ def env(cf_sim):
     seen: list[tuple[str, str]] = []
     budget: list[int] = []
 
-    def client(**retry):
+    def client(clock: VirtualClock | None = None, **retry):
+        """``clock``: every wait of the client (backoff, Retry-After, rate window) runs on it."""
+        timing = {"clock": clock, "monotonic": clock, "sleep": clock.sleep} if clock else {}
         return CloudflareClient(http, base_url=base, api_token=token, retry=RetryPolicy(**retry),
-                                observe=lambda e, s: seen.append((e, s)), on_ratelimit=budget.append)
+                                observe=lambda e, s: seen.append((e, s)), on_ratelimit=budget.append, **timing)
 
     yield sim, client, tunnels, seen, budget
     http.close()
@@ -35,19 +38,28 @@ def env(cf_sim):
 def test_retry_after_is_honoured(env):
     sim, client, _, seen, _ = env
     sim.fail_next("cf.list", count=1, status=429, retry_after=2)
-    start = time.monotonic()
-    assert len(client().list_tunnels(A)) == 3
-    assert time.monotonic() - start >= 2.0
+    clock = VirtualClock()
+    assert len(client(clock).list_tunnels(A)) == 3
+    assert clock.slept == [2.0]
     assert seen == [("list", "429"), ("list", "200")]
+
+
+def test_backoff_waits_grow_exponentially_on_the_clients_sleep(env):
+    sim, client, _, seen, _ = env
+    sim.fail_next("cf.list", count=2, status=503)
+    clock = VirtualClock()
+    assert len(client(clock, wait_initial=3, wait_jitter=0).list_tunnels(A)) == 3
+    assert clock.slept == [3.0, 6.0]
+    assert seen == [("list", "503"), ("list", "503"), ("list", "200")]
 
 
 def test_retry_after_past_the_ceiling_fails_fast_with_a_hint(env):
     sim, client, _, seen, _ = env
     sim.fail_next("cf.list", count=1, status=429, retry_after=400)
-    start = time.monotonic()
+    clock = VirtualClock()
     with pytest.raises(CloudflareError) as exc:
-        client(rate_limit_ceiling=10).list_tunnels(A)
-    assert time.monotonic() - start < 2
+        client(clock, rate_limit_ceiling=10).list_tunnels(A)
+    assert clock.slept == [] and seen == [("list", "429")]
     assert exc.value.status == 429 and exc.value.code == 971
     assert "over the ceiling" in str(exc.value) and "rate_limit_ceiling" in str(exc.value)
 
@@ -231,7 +243,7 @@ def test_a_trickling_answer_ends_at_the_total_deadline(env, cf_sim, route, mutat
 
 def test_retries_never_run_past_the_engines_deadline(env):
     sim, client, tunnels, seen, _ = env
-    sim.late_next("cf.psk_apply", delay=5, count=10)
+    sim.late_next("cf.psk_apply", delay=2, count=10)  # longer than a call: every attempt times out
     c = client(attempts=10, wait_initial=0.05, wait_jitter=0)
     c.call_timeout = 0.5
     deadline = time.time() + 1.2
@@ -317,13 +329,13 @@ def test_pacing_waits_for_the_next_window_instead_of_a_429(env):
 def test_pacing_never_waits_past_the_deadline(env):
     sim, client, tunnels, _, _ = env
     sim.set_rate_limit(2, 30)
-    c = client(rate_limit_ceiling=60)
+    clock = VirtualClock()
+    c = client(clock, rate_limit_ceiling=60)
     c.rate_reserve = 0.0
     c.list_tunnels(A)
-    start = time.monotonic()
     with pytest.raises(CloudflareError) as exc:
-        c.set_psks(A, {tunnels[0]: Secret("k" * 32)}, validate_only=True, deadline=time.time() + 5)
-    assert time.monotonic() - start < 1 and "not sent" in str(exc.value)
+        c.set_psks(A, {tunnels[0]: Secret("k" * 32)}, validate_only=True, deadline=clock() + 5)
+    assert clock.slept == [] and "not sent" in str(exc.value)
 
 
 # -- simulator features through the real client ----------------------------------------------
@@ -371,10 +383,10 @@ def test_rate_reserve_from_config(sims, tmp_path):
 def test_backoff_never_waits_past_the_deadline(env):
     sim, client, tunnels, seen, _ = env
     sim.fail_next("cf.psk_apply", count=5, status=503)
-    start = time.monotonic()
+    clock = VirtualClock()
     with pytest.raises(CloudflareError) as exc:
-        client(attempts=5, wait_initial=3, wait_jitter=0).set_psks(
-            A, {tunnels[0]: Secret("k" * 32)}, validate_only=False, deadline=time.time() + 1.5)
+        client(clock, attempts=5, wait_initial=3, wait_jitter=0).set_psks(
+            A, {tunnels[0]: Secret("k" * 32)}, validate_only=False, deadline=clock() + 1.5)
     # The first backoff (3 s) would end past the deadline: no wait, no second attempt.
-    assert time.monotonic() - start < 1.5 and len(seen) == 1
+    assert clock.slept == [] and len(seen) == 1
     assert "outlive" in str(exc.value) and exc.value.ambiguous

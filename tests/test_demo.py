@@ -68,6 +68,7 @@ def _ends(ready: dict[str, Any], device_state_url: str) -> dict[str, dict[str, t
     return out
 
 
+@pytest.mark.long
 def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
     proc = start_cli(["demo", "--listen", "127.0.0.1:0"], {})
     text, ready = "", {}
@@ -138,6 +139,9 @@ def test_demo_rotates_both_ends_and_its_instructions_work() -> None:
         OUTPUTS.extend([text, json.dumps(ready), out, err])
     assert proc.returncode == 0 and "Traceback" not in err
     assert not os.path.exists(os.path.dirname(token_file)), "the demo removes its temporary directory"
+    # Once every tunnel had rotated, the demo wrote each account's audit report (README "Audit evidence").
+    written = re.findall(r"psk-report-([0-9a-f]{32})-\d{8}T\d{6}Z-\d{8}T\d{6}Z\.(json|html)", out)
+    assert sorted(written) == sorted((a, f) for a in ready["accounts"] for f in ("json", "html"))
 
 
 def _sas(command: str) -> dict[str, tuple[str, bool]]:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from rotator.sim import Simulators
 from tests.helpers import OUTPUTS, SECRETS, wait_for
@@ -157,6 +160,10 @@ def test_every_name_a_manifest_refers_to_exists():
             else:
                 assert ref["key"] in {**secret.get("stringData", {}), **secret.get("data", {})}, ref["key"]
     assert {"CLOUDFLARE_API_TOKEN", "ROTATOR_ADMIN_TOKEN", "ROTATOR_CONFIG"} <= set(env)
+    # The leader advertises its own pod's admin port, so a CLI in any replica reaches it (issue 20 item 11).
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["ROTATOR_ADMIN_ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{port_names['admin']}"
+    assert list(env).index("POD_IP") < list(env).index("ROTATOR_ADMIN_ADVERTISE_URL")  # $(VAR) needs it earlier
 
     # Volumes: every mount has a volume, every volume is mounted, ConfigMap keys exist.
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -205,8 +212,10 @@ def _k8s_env(objs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
     secret = objs[("Secret", "psk-rotator")]["stringData"]
     env = {}
     for e in container["env"]:
-        if "value" in e:
-            env[e["name"]] = e["value"]
+        if "value" in e:  # $(VAR) is Kubernetes' own expansion of an earlier variable
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+        elif "fieldRef" in e["valueFrom"]:  # the downward API: the pod's IP is this test's loopback
+            env[e["name"]] = {"status.podIP": "127.0.0.1"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
         elif e["valueFrom"]["secretKeyRef"]["key"] in secret:
             env[e["name"]] = secret[e["valueFrom"]["secretKeyRef"]["key"]]
     return env
@@ -357,6 +366,46 @@ def test_the_env_file_and_the_example_config_pass_config_check(tmp_path):
     assert proc.returncode == 0, proc.stderr
     effective = json.loads(proc.stdout)
     assert effective["vault"]["token"] == "<set>" and effective["admin"]["token"] == "<set>"
+
+
+# --- the lock the image installs ---------------------------------------------------------------------------
+
+def _lock() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {normalised name: (version, hashes)}."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    text = (ROOT / "requirements.lock").read_text()
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        head = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", block)
+        if head:
+            entries[canonicalize_name(head[1])] = (head[2], re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return entries
+
+
+def test_every_runtime_dependency_is_pinned_in_the_lock_with_a_hash():
+    """requirements.lock (tools/lock.sh) covers pyproject's dependencies at versions they allow, every
+    entry with its hashes: the image installs it with --require-hashes, so nothing unpinned gets in."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = _lock()
+    assert len(lock) >= len(project["dependencies"]), lock
+    stale = []
+    for dep in map(Requirement, project["dependencies"]):
+        if dep.marker is not None and not dep.marker.evaluate():
+            continue
+        pinned = lock.get(canonicalize_name(dep.name))
+        if pinned is None or not dep.specifier.contains(pinned[0], prereleases=True):
+            stale.append(f"{dep} (lock: {pinned[0] if pinned else 'absent'})")
+    assert not stale, f"requirements.lock is stale for {stale}: run tools/lock.sh"
+    unhashed = [name for name, (_, hashes) in lock.items() if not hashes]
+    assert not unhashed, f"entries without a hash: {unhashed}"
+    assert "tools/lock.sh" in (ROOT / "requirements.lock").read_text(), "the lock names the command that made it"
+
+
+def test_the_dockerfile_installs_the_lock_with_hashes_then_the_project_alone():
+    steps = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    lock = steps.index("--require-hashes -r requirements.lock")
+    project = steps.index("--no-deps .")
+    assert "COPY pyproject.toml README.md requirements.lock" in steps and lock < project
+    assert re.search(r"pip install --no-cache-dir \.\s", steps) is None, "the project never resolves its own deps"
 
 
 # --- the container image, built for real --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,10 +217,11 @@ def _killed_run(sims, tmp_path, route, latency, extra=""):
     acc = account(sims)
     cfg = write_config(tmp_path, f"[cloudflare]\ntimeout = 2\nretry_attempts = 1\n{extra}")  # lease: 120 s
     assert run_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env()).returncode == 0
+    base = sims.cloudflare.request_counts().get(route, 0)
     sims.cloudflare.set_latency(latency, route=route)
     proc = start_cli(["--config", cfg, "rotate", "--account", acc, "--all"], sims.env())
     try:
-        wait_for(lambda: sims.cloudflare.request_counts().get(route, 0) >= 2, what=f"the run's {route}")
+        wait_for(lambda: sims.cloudflare.request_counts().get(route, 0) > base, what=f"the run's {route}")
     finally:
         proc.send_signal(signal.SIGKILL)
         OUTPUTS.extend(proc.communicate(timeout=10))
@@ -434,4 +436,221 @@ def test_a_daemon_killed_on_this_host_is_succeeded_at_once(sims, tmp_path):
     finally:
         successor.stop()
     assert lease_of(sims, acc)["holder"] == ""
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- issue 20 item 5: the CLI next to a leading daemon, without ROTATOR_ADMIN_URL --------------------
+
+def _daemon_text(acc, extra=""):
+    return (f'[admin]\nlisten = "127.0.0.1:0"\n{extra}[rotation]\nlease_ttl = "120s"\n'
+            f'[policies.default]\nevery = "1h"\n[[accounts]]\nid = "{acc}"\n')
+
+
+def test_the_cli_hands_its_request_to_the_daemon_named_in_the_lease(sims, tmp_path):
+    """Regression: with the daemon's own config and no ROTATOR_ADMIN_URL, a reconcile waited for a lease
+    the daemon renews forever. The daemon records its admin URL in its lease; the CLI hands over to it,
+    and checks tunnel names before anything else."""
+    acc = account(sims)
+    path = write_config(tmp_path, _daemon_text(acc))
+    env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}
+    env.pop("ROTATOR_ADMIN_URL", None)
+    proc = start_cli(["--config", path, "run"], env)
+    try:
+        wait_for(lambda: lease_of(sims, acc).get("admin_url", "").startswith("http://127.0.0.1:"),
+                 what="the daemon's lease with its admin URL")
+        wait_for(lambda: sims.cloudflare.request_counts().get("cf.psk_apply", 0) >= 1, what="the first rotation")
+        lease = lease_of(sims, acc)
+        assert HolderId.parse(lease["holder"]).pid == proc.pid
+        reconcile = run_cli(["--config", path, "reconcile", "--account", acc], env, timeout=60)
+        assert reconcile.returncode == 0, reconcile.stderr
+        assert f"handed to the daemon at {lease['admin_url']}" in reconcile.stderr
+        assert "leased to" not in reconcile.stderr and "waiting" not in reconcile.stderr
+        assert reconcile.stdout.startswith("Reconcile ")
+        nonesuch = run_cli(["--config", path, "rotate", "--account", acc, "--tunnel", "nonesuch"], env, timeout=60)
+        assert nonesuch.returncode == 2 and "no tunnel 'nonesuch'" in nonesuch.stderr
+        assert len(nonesuch.stderr.strip().splitlines()) == 1 and "waiting" not in nonesuch.stderr
+        before = sims.cloudflare.request_counts().get("cf.psk_apply", 0)
+        one = run_cli(["--config", path, "rotate", "--account", acc, "--tunnel", "tun00002", "--output", "json"],
+                      env, timeout=60)
+        assert one.returncode == 0, one.stderr
+        assert [t["result"] for t in json.loads(one.stdout)["tunnels"]] == ["rotated"]
+        assert sims.cloudflare.request_counts()["cf.psk_apply"] == before + 1  # the daemon applied it
+        assert lease_of(sims, acc)["holder"] == lease["holder"]  # the daemon kept the lead throughout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        OUTPUTS.extend(proc.communicate(timeout=60))
+    assert proc.returncode == 0
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_a_leading_daemon_that_cannot_be_reached_is_one_line_not_a_wait(sims, tmp_path):
+    """A daemon whose recorded admin URL does not answer from here: one line naming the holder,
+    ROTATOR_ADMIN_URL and --local/--no-wait, at once; without an admin token, one line naming it.
+    No hint tells the operator to stop the daemon."""
+    import socket
+
+    acc = account(sims)
+    with socket.socket() as closed:  # a loopback port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    settings = config.load(write_config(tmp_path, _daemon_text(acc, f'advertise_url = "{dead_url}"\n')),
+                           env={**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
+    d = build_daemon(settings, tick_seconds=3600)
+    d.start()
+    try:
+        wait_for(lambda: lease_of(sims, acc).get("admin_url") == dead_url, what="the daemon's lease")
+        holder = lease_of(sims, acc)["holder"]
+        d.tick()  # settled: nothing of the daemon in flight
+        env = {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN}
+        for args in (["rotate", "--account", acc, "--all"], ["reconcile", "--account", acc, "--no-wait"]):
+            proc = run_cli(args, env, timeout=60)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert holder in lines[0] and dead_url in lines[0] and "ROTATOR_ADMIN_URL" in lines[0]
+            assert "--local" in lines[0] and "--no-wait" in lines[0] and "stop" not in lines[0]
+        untokened = {k: v for k, v in sims.env().items() if k != "ROTATOR_ADMIN_TOKEN"}
+        proc = run_cli(["rotate", "--account", acc, "--all"], untokened, timeout=60)
+        assert proc.returncode == 2 and "ROTATOR_ADMIN_TOKEN" in proc.stderr and holder in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        local = run_cli(["rotate", "--account", acc, "--all", "--local", "--no-wait"], env, timeout=60)
+        assert local.returncode == 1 and "leased to" in local.stderr and "stop" not in local.stderr
+        assert "ROTATOR_ADMIN_URL" in local.stderr
+    finally:
+        d.stop()
+    assert_invariant(sims, acc, strict=True)
+
+
+# -- issue 20 item 10: liveness under the systemd unit's ProcSubset=pid -------------------------------
+
+RESTRICTED = ("mount -t proc -o subset=pid,hidepid=invisible proc /proc && test ! -e /proc/sys && "
+              "test ! -e /proc/stat && exec \"$@\"")
+
+
+def restricted(argv):
+    """``argv`` in a new mount namespace whose /proc is what the shipped unit leaves (ProcSubset=pid,
+    ProtectProc=invisible): process directories only. Skips when this machine does not allow it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot build the unit's /proc")
+    probe = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", RESTRICTED, "sh", "true"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a subset=pid /proc in a new mount namespace here (needs root and Linux 5.8+): "
+                    f"{probe.stderr.strip()[:200]}")
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", RESTRICTED, "sh", *argv]
+
+
+PROBE = """
+import json, os, subprocess, sys
+from rotator.rotation.lease import HolderId, LocalProcesses
+procs = LocalProcesses()
+me = HolderId.parse(procs.new_holder())
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+start = procs._start_of(child.pid)
+alive = str(HolderId(me.host, child.pid, me.scope, start, "cd"))
+before = procs.probe(alive).name
+child.communicate(b"", timeout=10)
+print(json.dumps({"scope": procs.scope, "start": procs.start, "alive": before, "gone": procs.probe(alive).name,
+                  "parent": procs.probe(sys.argv[1]).name, "proc_sys": os.path.exists("/proc/sys")}))
+"""
+
+
+def test_liveness_works_with_only_the_process_directories_of_proc(sims, tmp_path):
+    """Regression: with ProcSubset=pid there is no /proc/sys/kernel/random/boot_id, the scope read as
+    empty, and every holder counted as "another host": a crashed run was waited out, unlock refused.
+    The scope comes from the pid namespace and the boot time (clock_gettime), the same with either /proc."""
+    outside = LocalProcesses()
+    mine = outside.new_holder()
+    proc = subprocess.run(restricted([sys.executable, "-c", PROBE, mine]), capture_output=True, text=True,
+                          timeout=60, cwd=os.getcwd())
+    OUTPUTS.extend([proc.stdout, proc.stderr])
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["proc_sys"] is False  # it really ran without /proc/sys
+    assert seen["scope"] and seen["scope"] == outside.scope and seen["start"]
+    assert (seen["alive"], seen["gone"], seen["parent"]) == ("ALIVE", "GONE", "ALIVE")
+    assert_invariant(sims, account(sims), strict=True)
+
+
+def test_under_the_units_proc_a_crashed_run_is_taken_over_and_unlock_clears_it(sims, tmp_path):
+    """A run SIGKILLed on this host: under the unit's /proc, unlock clears its lease at once and the
+    next run takes the account over at once (no wait for lease_ttl)."""
+    acc = account(sims)
+    cfg = _killed_run(sims, tmp_path, "cf.psk_validate", 5)
+    dead = lease_of(sims, acc)["holder"]
+    env = {**os.environ, **sims.env()}
+    unlock = subprocess.run(restricted([sys.executable, "-m", "rotator", "--config", cfg, "unlock", "--account", acc]),
+                            capture_output=True, text=True, timeout=60, env=env)
+    OUTPUTS.extend([unlock.stdout, unlock.stderr])
+    assert unlock.returncode == 0, unlock.stderr
+    assert dead in unlock.stdout and "process is gone" in unlock.stdout and lease_of(sims, acc)["holder"] == ""
+    _killed_run(sims, tmp_path, "cf.psk_validate", 5)
+    again = subprocess.run(restricted([sys.executable, "-m", "rotator", "--config", cfg, "reconcile", "--account",
+                                       acc, "--no-wait"]), capture_output=True, text=True, timeout=60, env=env)
+    OUTPUTS.extend([again.stdout, again.stderr])
+    assert again.returncode == 0, again.stderr
+    assert "leased to" not in again.stderr and "waiting" not in again.stderr
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_the_boot_time_in_a_holder_id_tolerates_a_second_and_nothing_more():
+    """Two readings of the boot time may straddle a second; a wall-clock step beyond that makes the
+    holder uncheckable (waited for), never "gone". No key is involved: nothing for the invariant."""
+    from pathlib import Path
+
+    procs = LocalProcesses()
+    tag, _, boot = procs.scope.partition("-")
+    assert tag and boot.isdigit() and abs(int(boot) - int(Path("/proc/stat").read_text().split("btime ")[1].split()[0])) <= 1
+    me = HolderId.parse(procs.new_holder())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        start = procs._start_of(child.pid)
+        for shift, alive in ((0, Liveness.ALIVE), (1, Liveness.ALIVE), (-1, Liveness.ALIVE), (2, Liveness.UNKNOWN),
+                             (-3600, Liveness.UNKNOWN)):
+            scope = f"{tag}-{int(boot) + shift}"
+            assert procs.probe(str(HolderId(me.host, child.pid, scope, start, "cd"))) is alive, shift
+        assert procs.probe(str(HolderId(me.host, child.pid, "0badc0de-" + boot, start, "cd"))) is Liveness.UNKNOWN
+        assert procs.probe(str(HolderId(me.host, child.pid, tag, start, "cd"))) is Liveness.UNKNOWN  # an older version's
+    finally:
+        child.communicate(b"", timeout=10)
+    dead = str(HolderId(me.host, child.pid, f"{tag}-{int(boot) + 1}", start, "cd"))
+    assert procs.probe(dead) is Liveness.GONE
+
+
+def test_a_daemon_on_another_host_that_advertises_loopback_is_one_line(sims, tmp_path):
+    """A daemon elsewhere whose lease names a loopback admin URL (admin.listen left at 127.0.0.1): from
+    here that URL is some other process. One line naming the holder and admin.advertise_url, nothing sent."""
+    acc = account(sims)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=60.0)
+    leases.advertise("http://127.0.0.1:9477")
+    leases.acquire(acc)
+    try:
+        assert lease_of(sims, acc)["admin_url"] == "http://127.0.0.1:9477"
+        proc = run_cli(["rotate", "--account", acc, "--all"], {**sims.env(), "ROTATOR_ADMIN_TOKEN": ADMIN})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert "elsewhere:4242" in lines[0] and "another host" in lines[0] and "advertise_url" in lines[0]
+        assert "--local" in lines[0] and "stop" not in lines[0]
+        assert sims.cloudflare.request_counts().get("cf.psk_validate", 0) == 0
+    finally:
+        leases.release(acc)
+        rt.close()
+    assert_invariant(sims, acc, strict=True)
+
+
+def test_an_unknown_tunnel_is_named_before_any_wait_for_a_lease(sims, tmp_path):
+    """Regression: 'rotate --tunnel nonesuch' next to a live holder waited out its lease (84 s) and then
+    failed on the lease, never saying the tunnel does not exist."""
+    acc = account(sims)
+    rt, leases = _foreign_holder(sims, tmp_path, acc, ttl=60.0)  # another one-shot run: no admin URL
+    try:
+        for command in (["rotate", "--account", acc, "--tunnel", "tun00001", "--tunnel", "nonesuch"],
+                        ["rollback", "--account", acc, "--tunnel", "nonesuch"]):
+            proc = run_cli(command, sims.env(), timeout=60)
+            assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert "no tunnel 'nonesuch'" in proc.stderr and "leased" not in proc.stderr
+        assert lease_of(sims, acc)["holder"] == leases.holder
+    finally:
+        leases.release(acc)
+        rt.close()
     assert_invariant(sims, acc, strict=True)

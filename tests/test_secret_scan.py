@@ -16,6 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from rotator.adapters.devices.exec import ExecDevice
 from rotator.rotation.ports import DeviceStatus
 from rotator.secret import Secret
@@ -32,6 +34,7 @@ PLANTED = textwrap.dedent("""
     import sys
 
     from rotator.secret import Secret
+    from rotator.sim.base import SimApp
     from rotator.sim.vault import VaultSim
     from tests import helpers
 
@@ -53,37 +56,115 @@ PLANTED = textwrap.dedent("""
     def test_subprocess_output_shows_a_handmade_key():
         helpers.SECRETS.add("handmade-" + "Z" * 30)
         helpers.OUTPUTS.append("child said handmade-" + "Z" * 30)
+
+
+    def test_silent():
+        VaultSim()  # makes secrets, prints nothing: no failure of its own
+
+
+    class GatewaySim(SimApp):  # a simulator written after the scan: harvested through scan_secrets()
+        def __init__(self):
+            super().__init__()
+            self.key = "gw-Planted-Key-" + "W" * 20
+
+        def scan_secrets(self):
+            return [self.key]
+
+
+    def test_a_new_simulator_shows_its_key():
+        print("gateway key", GatewaySim().key)
+
+
+    class OpaqueSim(SimApp):  # neither scan_secrets() nor a harvester: the session cannot look for its keys
+        pass
+
+
+    def test_makes_a_simulator_the_scan_cannot_harvest():
+        OpaqueSim()
 """)
 
+CRASH = textwrap.dedent("""
+    import os
 
-def run_planted(tmp_path: Path, *select: str) -> subprocess.CompletedProcess[str]:
+
+    def test_dies():
+        os._exit(3)
+""")
+
+HOOKS = ("import tests.conftest as _shared\n"
+         "globals().update({k: v for k, v in vars(_shared).items() if k.startswith('pytest_')})\n")
+
+
+def run_planted(tmp_path: Path, *select: str, workers: int = 0, source: str = PLANTED, extra: tuple[str, ...] = ()) -> str:
+    """Run the planted tests in a child pytest (``workers``: under ``-n``) with the suite's scan hooks;
+    returns its output, ending with its exit status."""
     test_file = tmp_path / "test_planted.py"
-    test_file.write_text(PLANTED)
-    (tmp_path / "conftest.py").write_text("from tests.conftest import (pytest_configure, pytest_runtest_logstart,"
-                                          " pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary)\n")
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-            "-c", os.devnull, *[f"{test_file}::{name}" for name in select]]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    test_file.write_text(source)
+    (tmp_path / "conftest.py").write_text(HOOKS)
+    xdist = ["-n", str(workers)] if workers else ["-p", "no:xdist"]
+    targets = [f"{test_file}::{name}" for name in select] or [str(test_file)]
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, "--rootdir", str(tmp_path),
+            "-c", os.devnull, *extra, *targets]
+    # A child session of several interpreters: CPU-bound, slow on a busy machine (bounded all the same).
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    return proc
+    return f"{proc.stdout}{proc.stderr}\nexit status {proc.returncode}"
 
 
-def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the_tests(tmp_path):
-    proc = run_planted(tmp_path)
-    out = proc.stdout + proc.stderr
-    assert "4 passed" in out, out  # every test passed: the failure is the scan's
-    assert proc.returncode == 1, out
+def leaked_tests(out: str) -> set[str]:
     leaks = [line for line in out.splitlines() if line.startswith("FAILED secret in output")]
-    named = {line.split("test ", 1)[1].split(" ", 1)[0].rsplit("::", 1)[1] for line in leaks}
-    assert named == {"test_prints_a_simulator_token", "test_logs_a_key",
-                     "test_subprocess_output_shows_a_handmade_key"}, out
-    assert "Q" * 28 not in out and "Z" * 30 not in out  # the report names a fingerprint, never the key
+    return {line.split("test ", 1)[1].split(" ", 1)[0].rsplit("::", 1)[1] for line in leaks}
+
+
+LEAKING = {"test_prints_a_simulator_token", "test_logs_a_key", "test_subprocess_output_shows_a_handmade_key",
+           "test_a_new_simulator_shows_its_key"}
+
+
+@pytest.mark.long
+@pytest.mark.timeout(300)
+def test_the_session_check_fails_a_run_whose_output_shows_a_secret_and_names_the_tests(tmp_path):
+    out = run_planted(tmp_path)
+    assert "7 passed" in out, out  # every test passed: the failure is the scan's
+    assert out.endswith("exit status 1"), out
+    assert leaked_tests(out) == LEAKING, out
+    assert "secret scan cannot harvest OpaqueSim" in out and "scan_secrets()" in out, out
+    assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out  # fingerprints, never the key
+
+
+@pytest.mark.long
+@pytest.mark.timeout(300)
+def test_under_xdist_a_leak_in_any_worker_fails_the_session(tmp_path):
+    out = run_planted(tmp_path, workers=2)
+    assert "7 passed" in out, out
+    assert out.endswith("exit status 1"), out
+    assert leaked_tests(out) == LEAKING, out
+    summary = re.search(r"(\d+) secrets looked for in (\d+) characters of \d+ outputs from (\d+) tests on 2 workers",
+                        out)
+    assert summary is not None, out
+    assert int(summary[1]) >= 4 and int(summary[3]) == 7, out  # every worker's secrets and tests were merged
+    assert "Q" * 28 not in out and "Z" * 30 not in out and "W" * 20 not in out
+
+
+@pytest.mark.long
+@pytest.mark.timeout(300)
+def test_under_xdist_a_silent_test_and_an_idle_worker_pass(tmp_path):
+    """One test that makes secrets and prints nothing, two workers: one runs it, one runs nothing."""
+    out = run_planted(tmp_path, "test_silent", workers=2)
+    assert out.endswith("exit status 0"), out
+    assert re.search(r"[1-9]\d* secrets looked for in 0 characters of 0 outputs from 1 tests on 2 workers", out), out
+
+
+@pytest.mark.long
+@pytest.mark.timeout(300)
+def test_under_xdist_a_worker_that_never_reports_fails_the_session(tmp_path):
+    out = run_planted(tmp_path, workers=1, source=CRASH, extra=("--max-worker-restart=0",))
+    assert not out.endswith("exit status 0"), out
+    assert re.search(r"FAILED secret scan: worker gw\d never reported what it captured", out), out
 
 
 def test_a_clean_run_passes_and_says_what_it_scanned(tmp_path):
-    proc = run_planted(tmp_path, "test_clean")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = run_planted(tmp_path, "test_clean")
+    assert out.endswith("exit status 0"), out
     summary = re.search(r"(\d+) secrets looked for in (\d+) characters", out)
     assert summary is not None, out
     assert int(summary[1]) >= 1 and int(summary[2]) > 0, out
@@ -112,6 +193,8 @@ def test_an_exec_hook_never_gets_the_key_in_argv_or_environment(tmp_path, monkey
     assert not any(k in got for k in keys)
 
 
+@pytest.mark.long
+@pytest.mark.timeout(300)
 def test_no_secret_in_any_captured_output(tmp_path):
     with Simulators(accounts=1, tunnels=4) as sims:
         acc = next(iter(sims.tunnels_by_account))

@@ -102,7 +102,8 @@ class _Retryable(Exception):
     def __init__(self, error: CloudflareError, wait: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
-        self.wait = wait
+        self.wait = wait  # what Cloudflare asked for (Retry-After), if anything
+        self.wait_for = 0.0  # the wait before the next attempt, once the retry is decided
 
 
 class DeadlinePassed(Exception):
@@ -177,13 +178,17 @@ def auth_headers(api_token: str | None, email: str | None, api_key: str | None) 
 
 class CloudflareClient:
     """``call_timeout``: total deadline of one request (default: the http client's read timeout).
-    ``rate_reserve``: the share of the rate budget never spent (0.2 = 20 %)."""
+    ``rate_reserve``: the share of the rate budget never spent (0.2 = 20 %).
+    ``clock`` (UNIX time, for deadlines), ``monotonic`` (for the rate window) and ``sleep`` (every wait:
+    backoff, Retry-After, a fresh rate window) are injectable, so tests run the waits on a virtual clock."""
 
     def __init__(
         self, http: httpx.Client, *, base_url: str = DEFAULT_BASE_URL, api_token: str | None = None,
         email: str | None = None, api_key: str | None = None, retry: RetryPolicy | None = None,
         observe: Observer | None = None, on_ratelimit: Callable[[int], None] | None = None,
         call_timeout: float | None = None, rate_reserve: float = 0.2,
+        clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not 0 <= rate_reserve < 1:
             raise ConfigError("cloudflare.rate_reserve must be at least 0 and below 1", "e.g. 0.2 for 20 %")
@@ -200,7 +205,8 @@ class CloudflareClient:
         self._rl_limit: int | None = None
         self._rl_window: float | None = None
         self._rl_remaining: int | None = None
-        self._rl_reset_at = 0.0  # time.monotonic() when the window resets
+        self._rl_reset_at = 0.0  # monotonic() when the window resets
+        self._clock, self._monotonic, self._sleep = clock, monotonic, sleep
 
     def __repr__(self) -> str:
         return f"CloudflareClient(base_url={self._base!r}, credential=**redacted**)"
@@ -249,9 +255,9 @@ class CloudflareClient:
         with self._rl_lock:
             if self._rl_remaining is None:
                 return None
-            self._roll_window(time.monotonic())
+            self._roll_window(self._monotonic())
             return RateBudget(self._rl_limit, self._rl_remaining, self._rl_window,
-                              max(0.0, self._rl_reset_at - time.monotonic()), self._reserve_count())
+                              max(0.0, self._rl_reset_at - self._monotonic()), self._reserve_count())
 
     # -- rate budget --------------------------------------------------------------------------
     def _reserve_count(self) -> int:
@@ -268,7 +274,7 @@ class CloudflareClient:
         the ceiling; then the call is not sent (retryable, and never ambiguous on its own)."""
         for _ in range(2):  # at most one wait for a fresh window
             with self._rl_lock:
-                now = time.monotonic()
+                now = self._monotonic()
                 if self._rl_remaining is None:
                     return  # unknown until Cloudflare's first answer
                 self._roll_window(now)
@@ -278,7 +284,7 @@ class CloudflareClient:
                     return
                 wait = max(0.0, self._rl_reset_at - now)
                 remaining, limit = self._rl_remaining, self._rl_limit
-            too_late = deadline is not None and time.time() + wait > deadline
+            too_late = deadline is not None and self._clock() + wait > deadline
             if wait > self._retry.rate_limit_ceiling or too_late:
                 self._observe(endpoint, "budget")
                 raise CloudflareError(
@@ -286,11 +292,11 @@ class CloudflareClient:
                     f"{keep} kept in reserve for other tools (cloudflare.rate_reserve)",
                     f"the window resets in {math.ceil(wait)}s; the next run retries", retryable=True,
                     ambiguous=ambiguous)
-            time.sleep(wait)
+            self._sleep(wait)
             with self._rl_lock:
-                if self._rl_reset_at <= time.monotonic() and self._rl_limit is not None:
+                if self._rl_reset_at <= self._monotonic() and self._rl_limit is not None:
                     self._rl_remaining = self._rl_limit  # a new window, until an answer says otherwise
-                    self._rl_reset_at = time.monotonic() + (self._rl_window or 0.0)
+                    self._rl_reset_at = self._monotonic() + (self._rl_window or 0.0)
 
     def _note_ratelimit(self, headers: httpx.Headers) -> None:
         current = dict(_RL_FIELD.findall(headers.get("ratelimit", "")))
@@ -301,7 +307,7 @@ class CloudflareClient:
         with self._rl_lock:
             self._rl_remaining = remaining
             if "t" in current:
-                self._rl_reset_at = time.monotonic() + int(current["t"])
+                self._rl_reset_at = self._monotonic() + int(current["t"])
             if "q" in policy:
                 self._rl_limit = int(policy["q"])
             if "w" in policy:
@@ -316,11 +322,14 @@ class CloudflareClient:
         keys = (*keys, *self._credentials)
 
         retries = 0
+        backoff = 0.0  # the wait before the next attempt, taken through self._sleep when it starts
 
         def hook(exc: Exception) -> bool | float:
             """How long to wait before the next attempt: Retry-After, else jittered exponential
-            backoff; never a wait that ends past the engine's deadline."""
-            nonlocal retries
+            backoff; never a wait that ends past the engine's deadline. stamina decides whether to
+            retry (attempts, timeout); the wait itself runs on the injected sleep (stamina's own is
+            zero), and rides on the exception for stamina's retry hooks (``wait_for``)."""
+            nonlocal retries, backoff
             if not isinstance(exc, _Retryable):
                 return False
             retries += 1
@@ -328,10 +337,11 @@ class CloudflareClient:
                 return False
             wait = exc.wait if exc.wait is not None else \
                 min(policy.wait_max, policy.wait_initial * 2 ** (retries - 1)) + random.uniform(0, policy.wait_jitter)
-            if deadline is not None and time.time() + wait > deadline:
+            if deadline is not None and self._clock() + wait > deadline:
                 exc.error.hint = "retrying would outlive this rotator's account lease; the next run retries"
                 return False
-            return wait
+            backoff = exc.wait_for = wait
+            return 0.0
 
         try:
             for attempt in stamina.retry_context(
@@ -339,7 +349,10 @@ class CloudflareClient:
                 wait_initial=policy.wait_initial, wait_max=policy.wait_max, wait_jitter=policy.wait_jitter,
             ):
                 with attempt:
-                    if deadline is not None and time.time() > deadline:
+                    if backoff:
+                        self._sleep(backoff)
+                        backoff = 0.0
+                    if deadline is not None and self._clock() > deadline:
                         raise CloudflareError(f"{endpoint} not sent: the account lease would expire first",
                                               "the next run retries", ambiguous=ambiguous)
                     self._spend(endpoint, need, reserve, deadline, ambiguous)

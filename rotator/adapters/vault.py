@@ -25,6 +25,7 @@ import urllib3
 from rotator import wire
 from rotator.errors import CasConflict, ConfigError, VaultError
 from rotator.model import Lease, Record, RecordVersion, check_distinct
+from rotator.rotation.ports import History, VersionInfo
 from rotator.secret import redact
 
 _json_dumps = json.dumps
@@ -331,6 +332,69 @@ class VaultStore:
             results.update(zip(share, done, strict=True))
         return {k: results[k] for k in keys}
 
+    # -- history (the audit report, service/report.py; docs/specs/vault-kv2.md) ------------------
+    # Vault's KV v2 API: "Read secret metadata" (versions with created_time, deletion_time, destroyed;
+    # current_version, oldest_version, max_versions) and "Read secret version" (?version=N), see
+    # https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2
+    def list_records(self, account_id: str) -> list[str]:
+        """The tunnel ids with a record under the account (LIST on the metadata path); [] when none."""
+        folder = f"{self.prefix}/{check_id(account_id, 'account')}"
+        what = f"listing {self.mount}/metadata/{folder}"
+        try:
+            resp = self._do("history_list", what, lambda: self._client.secrets.kv.v2.list_secrets(
+                folder, mount_point=self.mount))
+        except VaultError as exc:
+            if exc.status == 404:  # nothing under the folder
+                return []
+            raise
+        keys = (resp.get("data") or {}).get("keys") if isinstance(resp, dict) else None
+        if not isinstance(keys, list):
+            raise _garbage(what, "no list of keys")
+        return sorted(k for k in keys if isinstance(k, str) and _HEX32.fullmatch(k))
+
+    def record_history(self, account_id: str, tunnel_id: str) -> History:
+        """Metadata and every live version's data of one record: read, metadata read (least privilege)."""
+        path = self.path(account_id, tunnel_id)
+        what = f"reading the metadata of {self.mount}/{path}"
+        try:
+            resp = self._do("history_metadata", what, lambda: self._client.secrets.kv.v2.read_secret_metadata(
+                path, mount_point=self.mount))
+        except VaultError as exc:
+            if exc.status == 404:  # listed a moment ago, deleted since
+                return History(account_id, tunnel_id, f"{self.mount}/{path}", 0, 0, 0, "")
+            raise
+        meta = resp.get("data") if isinstance(resp, dict) else None
+        raw = meta.get("versions") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not isinstance(raw, dict):
+            raise _garbage(what, "no versions object")
+        numbers = {int(k): v for k, v in raw.items() if isinstance(k, str) and k.isdigit() and isinstance(v, dict)}
+        if len(numbers) != len(raw) or not all(isinstance(meta.get(f), int) for f in
+                                               ("current_version", "oldest_version", "max_versions")):
+            raise _garbage(what, "malformed version numbers")
+        versions = [self._version(account_id, tunnel_id, path, n, v) for n, v in sorted(numbers.items())]
+        return History(account_id, tunnel_id, f"{self.mount}/{path}", meta["current_version"], meta["oldest_version"],
+                       meta["max_versions"], str(meta.get("created_time") or ""), tuple(versions))
+
+    def _version(self, account_id: str, tunnel_id: str, path: str, number: int, meta: dict[str, Any]) -> VersionInfo:
+        created, deleted = str(meta.get("created_time") or ""), str(meta.get("deletion_time") or "") or None
+        destroyed = meta.get("destroyed") is True
+        record = None if destroyed else self._read_version(account_id, tunnel_id, path, number).record
+        return VersionInfo(number, created, deleted, destroyed, record)
+
+    def history_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, History | VaultError]:
+        out: dict[str, History | VaultError] = {}
+        ids = list(tunnel_ids)
+
+        def one(tid: str) -> History | VaultError:
+            try:
+                return self.record_history(account_id, tid)
+            except VaultError as exc:
+                return exc
+
+        for tid, res in zip(ids, self._pool.map(one, ids), strict=True):
+            out[tid] = res
+        return out
+
     # -- leases -------------------------------------------------------------------------------
     def _lease_path(self, account_id: str) -> str:
         return f"{self.prefix}/_leases/{check_id(account_id, 'account')}"
@@ -345,14 +409,16 @@ class VaultStore:
             raise VaultError(f"{what}: the lease record is malformed (holder, expires_at or busy_until)",
                              f"inspect it with 'vault kv get {self.mount}/{path}'; 'vault kv put' a free lease "
                              "(holder \"\", expires_at 0) once its holder is stopped")
-        return Lease(holder, expires_at, version, busy_until)
+        admin_url = body.get("admin_url", "")
+        return Lease(holder, expires_at, version, busy_until, admin_url if isinstance(admin_url, str) else "")
 
     def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
                     busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int:
         """CAS-write the lease; raises CasConflict when someone else wrote it first.
 
         ``busy_until``: the latest instant a call made under the lease may still land (rotation/lease.py);
-        ``note``: extra fields for the record's history (who cleared it, and whom).
+        ``note``: extra fields for the record's history (who cleared it, and whom) and, from a daemon,
+        ``admin_url``: where its admin API answers (read back as ``Lease.admin_url``).
         """
         path = self._lease_path(account_id)
         data = {**(note or {}), "holder": holder, "expires_at": f"{expires_at:.3f}", "account_id": account_id}

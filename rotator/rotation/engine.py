@@ -50,10 +50,11 @@ class TunnelOutcome:
     result: Outcome
     reason: str | None = None
     reconciled: bool = False
+    device: str | None = None  # the far-end device the run dealt with, if any (reports group by it)
 
     def as_dict(self) -> dict[str, Any]:
         return {"tunnel_id": self.tunnel_id, "name": self.name, "result": str(self.result), "reason": self.reason,
-                "reconciled": self.reconciled}
+                "reconciled": self.reconciled, "device": self.device}
 
 
 @dataclass
@@ -134,14 +135,16 @@ class Tally:
             keys = list(self._keys)
         return redact(text, keys)
 
-    def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False) -> None:
-        entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled)
+    def settle(self, tunnel: TunnelInfo, outcome: Outcome, reason: str | None, reconciled: bool = False,
+               device: str | None = None) -> None:
+        entry = TunnelOutcome(tunnel.id, tunnel.name, outcome, self.redact(reason) if reason else None, reconciled,
+                              device)
         with self.report.lock:
             self.report.outcomes.append(entry)
 
     def settled(self, result: steps.Result) -> None:
         for item, outcome, reason in result.settled:
-            self.settle(item.tunnel, outcome, reason, item.reconcile)
+            self.settle(item.tunnel, outcome, reason, item.reconcile, item.device.name if item.device else None)
 
 
 class Engine:
@@ -235,6 +238,11 @@ class Engine:
             for item, key in zip(group, generator.generate(len(group)), strict=True):
                 item.key = key
         return items
+
+    def resolve(self, account_id: str, tunnels: Sequence[str]) -> list[TunnelInfo]:
+        """The named tunnels (ids or exact names) as listed now; ConfigError for an unknown or ambiguous one.
+        A command checks its names with this before it waits for anything (issue 20 item 11)."""
+        return self._select(self.api.list_tunnels(account_id), RunRequest(account_id, tunnels=list(tunnels)))
 
     def _pairs(self, req: RunRequest, items: list[Item], listed: Sequence[TunnelInfo]) -> None:
         """Each item's redundant pair and partners, as its device names them (Device.pair_of) over every
@@ -366,9 +374,10 @@ class Engine:
 
     # -- running the steps ----------------------------------------------------------------------
     def _run(self, req: RunRequest, tally: Tally, log: Any) -> None:
-        the_plan, items, total = self._plan(req, tally)
-        log.debug("planned", step="plan", tunnels=total, items=len(items), reconcile=len(the_plan.pending),
+        the_plan, items, listed = self._plan(req, tally)
+        log.debug("planned", step="plan", tunnels=listed, items=len(items), reconcile=len(the_plan.pending),
                   drifted=len(the_plan.drifted))
+        total = len(items) + len(the_plan.settled)  # what this run settles: progress counts these, not the listing
         with concurrent.futures.ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="device") as pool:
             ctx = Context(req.account_id, tally.report.rotation_id, req.dry_run, self.api, self.store,
                           functools.partial(self._cover, req.account_id), tally.redact, pool, log, self.clock,

@@ -3,7 +3,8 @@
 The rules, in the order they are applied:
 
 - A holder id names its process: ``host:pid:nonce``. The nonce starts with a tag of the machine
-  and pid namespace (boot id + namespace, hashed) and the process's start time, so another process
+  and pid namespace (namespace and machine id hashed, plus the boot time) and the process's start
+  time (both readable under the systemd unit's ``ProcSubset=pid``), so another process
   in the same pid namespace can tell for sure whether the holder is still running (a pid reused by
   a younger process counts as gone). A holder in another namespace or on another machine (a
   restarted container, another replica) cannot be checked: its lease is waited out.
@@ -46,6 +47,7 @@ import structlog
 
 from rotator.errors import CasConflict, ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.model import Lease
+from rotator.schedule import format_duration
 
 POLL_SECONDS = 1.0  # how often a waiting rotator looks at the lease again
 MAX_WAIT_SECONDS = 3600.0  # a lease record claiming more than this is not trusted for a wait
@@ -71,9 +73,18 @@ class Liveness(enum.Enum):
 class LeaseTaken(LeaseHeld):
     """Another holder has the account: who, until when (UNIX time) and whether it is known alive."""
 
-    def __init__(self, message: str, hint: str, holder: str, until: float, liveness: Liveness) -> None:
+    def __init__(self, message: str, hint: str, holder: str, until: float, liveness: Liveness,
+                 admin_url: str = "") -> None:
         super().__init__(message, hint)
-        self.holder, self.until, self.liveness = holder, until, liveness
+        self.holder, self.until, self.liveness, self.admin_url = holder, until, liveness, admin_url
+
+
+def holder_hint(lease: Lease) -> str:
+    """What to do about a live holder. Never "stop it": the holder may be the production daemon."""
+    if lease.admin_url:
+        return (f"it is the daemon leading the account: hand the request to it (ROTATOR_ADMIN_URL={lease.admin_url} "
+                "and ROTATOR_ADMIN_TOKEN, without --local), or try again once it lets the account go")
+    return "another rotator is working on it; let it finish, then try again"
 
 
 class LeaseLost(LeaseHeld):
@@ -107,7 +118,7 @@ def margin_for(seconds: float) -> float:
 
 
 def _secs(value: float) -> str:
-    return f"{value:g}s"
+    return format_duration(value)
 
 
 def _utc(ts: float) -> str:
@@ -120,7 +131,7 @@ def _utc(ts: float) -> str:
 class HolderId:
     host: str
     pid: int
-    scope: str  # machine + pid namespace tag; "" when it could not be determined
+    scope: str  # machine + pid namespace tag and boot time ("<tag>-<btime>"); "" when it could not be determined
     start: str  # the process's start time (clock ticks since boot); "" when unknown
     nonce: str
 
@@ -140,11 +151,22 @@ class HolderId:
         return cls(parts[0], int(parts[1]), scope, start, tags[2])
 
 
+BOOT_TIME_SLACK = 1  # seconds two readings of the boot time may differ by and still be the same boot
+
+
+def boot_time() -> int | None:
+    """This boot's start as UNIX seconds, as /proc/stat's ``btime``, without /proc (see LocalProcesses._scope)."""
+    try:
+        return math.floor(time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_BOOTTIME))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
 class LocalProcesses:
     """Makes this process's holder id and tells whether another holder id is a live process here."""
 
-    def __init__(self, proc: str = "/proc") -> None:
-        self.proc = proc
+    def __init__(self, proc: str = "/proc", machine_id: str = "/etc/machine-id") -> None:
+        self.proc, self.machine_id = proc, machine_id
         self.host = socket.gethostname().replace(":", "_") or "localhost"
         self.pid = os.getpid()
         self.scope = self._scope()
@@ -155,7 +177,7 @@ class LocalProcesses:
 
     def probe(self, holder: str) -> Liveness:
         h = HolderId.parse(holder)
-        if h is None or not self.scope or h.host != self.host or h.scope != self.scope or not h.start:
+        if h is None or not self.scope or h.host != self.host or not self.same_scope(h.scope) or not h.start:
             return Liveness.UNKNOWN
         if h.pid == self.pid:
             # This very process, or an earlier process that had our pid.
@@ -174,13 +196,39 @@ class LocalProcesses:
         return Liveness.ALIVE  # when its start time is unreadable, assume the worst: alive
 
     def _scope(self) -> str:
+        """``<tag>-<btime>``: a hash of the pid namespace (and /etc/machine-id when readable), and the
+        boot time in whole seconds. Only what the shipped systemd unit leaves visible is read: with
+        ``ProcSubset=pid`` /proc holds nothing but the process directories (no /proc/sys, so no boot_id,
+        and no /proc/stat), and ``ProtectProc=invisible`` hides other users' processes (proc(5), mount
+        options ``subset=pid`` and ``hidepid``; the kernel's Documentation/filesystems/proc.rst and
+        tools/testing/selftests/proc/proc-subset-pid.c: only pids, /proc/self, /proc/thread-self;
+        systemd.exec(5), ``ProcSubset=``). The boot time is what /proc/stat calls
+        ``btime``: the kernel computes that as CLOCK_REALTIME minus CLOCK_BOOTTIME (fs/proc/stat.c,
+        getboottime64), which any process can read with clock_gettime(2). It moves only when the wall
+        clock is stepped: two readings then differ and the holder counts as "another host" (waited
+        for), the safe side. A one-shot command with the full /proc computes the same scope."""
         try:
-            with open(os.path.join(self.proc, "sys/kernel/random/boot_id"), encoding="ascii") as fh:
-                boot = fh.read().strip()
             ns = os.readlink(os.path.join(self.proc, "self/ns/pid"))
         except OSError:
             return ""
-        return hashlib.sha256(f"{boot}|{ns}".encode()).hexdigest()[:8]
+        try:
+            with open(self.machine_id, encoding="ascii") as fh:
+                machine = fh.read().strip()
+        except (OSError, ValueError):
+            machine = ""
+        btime = boot_time()
+        if btime is None:
+            return ""
+        return f"{hashlib.sha256(f'{machine}|{ns}'.encode()).hexdigest()[:8]}-{btime}"
+
+    def same_scope(self, other: str) -> bool:
+        """Same machine, pid namespace and boot: the tags match and the boot times are at most
+        BOOT_TIME_SLACK apart (two readings of a boot time straddling a second, or a leap second)."""
+        mine, _, my_boot = self.scope.partition("-")
+        theirs, _, their_boot = other.partition("-")
+        if not mine or mine != theirs or not my_boot.isdigit() or not their_boot.isdigit():
+            return False
+        return abs(int(my_boot) - int(their_boot)) <= BOOT_TIME_SLACK
 
     def _start_of(self, pid: int) -> str | None:
         try:
@@ -217,7 +265,14 @@ class LeaseManager:
         self._held: dict[str, Lease] = {}
         self._inflight: dict[str, list[_Cover]] = {}
         self._pinned: dict[str, float] = {}  # no mutating call before this (a call may still land)
+        self._note: dict[str, str] = {}  # written with every renewal (the daemon's admin URL)
         self._lock = threading.RLock()
+
+    def advertise(self, admin_url: str) -> None:
+        """Record ``admin_url`` in every lease we write from now on: a one-shot command that meets the
+        lease hands its request there instead of waiting (cli.py; docs/design.md sections 4 and 5)."""
+        with self._lock:
+            self._note = {"admin_url": admin_url} if admin_url else {}
 
     # -- taking ---------------------------------------------------------------------------------
     def acquire(self, account_id: str) -> Lease:
@@ -271,15 +326,14 @@ class LeaseManager:
                     raise LeaseTaken(
                         f"account {account_id} is still leased to {exc.holder} after waiting "
                         f"{now - started:.0f}s: it renewed its lease, so it is alive and working on it",
-                        "let it finish, or stop it, then try again", exc.holder, exc.until, exc.liveness) from None
+                        exc.hint, exc.holder, exc.until, exc.liveness, exc.admin_url) from None
                 self.sleep(max(0.0, min(POLL_SECONDS, give_up - now)))
         raise LeaseHeld(f"account {account_id}: gave up waiting for the lease", "try again later")
 
     def _taken(self, account_id: str, current: Lease, liveness: Liveness, now: float) -> LeaseTaken:
-        hint = ("another rotator is working on it; wait, or stop it" if liveness is Liveness.ALIVE else
-                "another rotator is working on it; this one stands by")
         return LeaseTaken(f"account {account_id} is leased to {current.holder} ({liveness.value}) for another "
-                          f"{current.expires_at - now:.0f}s", hint, current.holder, current.expires_at, liveness)
+                          f"{current.expires_at - now:.0f}s", holder_hint(current), current.holder,
+                          current.expires_at, liveness, current.admin_url)
 
     def _write(self, account_id: str, cas: int, busy_until: float | None = None) -> Lease:
         """Write our lease for another TTL; ``busy_until`` None keeps what our lease says."""
@@ -287,8 +341,10 @@ class LeaseManager:
             held = self._held.get(account_id)
             busy_until = held.busy_until if held is not None and held.version == cas else 0.0
         expires = self.clock() + self.ttl
-        version = self.store.write_lease(account_id, self.holder, expires, cas, busy_until=busy_until)
-        lease = self._held[account_id] = Lease(self.holder, expires, version, busy_until)
+        version = self.store.write_lease(account_id, self.holder, expires, cas, busy_until=busy_until,
+                                         note=self._note or None)
+        lease = self._held[account_id] = Lease(self.holder, expires, version, busy_until,
+                                               self._note.get("admin_url", ""))
         return lease
 
     def _pinned_at(self, account_id: str) -> float:
@@ -339,7 +395,8 @@ class LeaseManager:
         """Renew the lease, recording how long the call may land; returns the cover and the deadline."""
         start, landing = call_window(self.ttl, seconds)
         if start <= 0:
-            raise LeaseLost(f"account {account_id}: a lease of {self.ttl:g}s is too short for a call of {seconds:g}s",
+            raise LeaseLost(f"account {account_id}: a lease of {_secs(self.ttl)} is too short for a call of "
+                            f"{_secs(seconds)}",
                             "raise rotation.lease_ttl to at least twice the call's timeout")
         with self._lock:
             held = self._held.get(account_id)
@@ -476,14 +533,16 @@ def unlock(store: LeaseStore, account_id: str, processes: LocalProcesses, me: st
     expired = current.expires_at <= now
     if not expired and liveness is Liveness.ALIVE:
         pid = HolderId.parse(current.holder).pid  # type: ignore[union-attr]  # ALIVE implies it parsed
+        hint = holder_hint(current) if current.admin_url else (
+            f"process {pid} is still working on it; when it ends it releases the lease (nothing to unlock)")
         raise LeaseTaken(f"account {account_id} is leased to {current.holder}, a live process on this host",
-                         f"stop process {pid} first (SIGTERM lets it finish its batch and release the lease)",
-                         current.holder, current.expires_at, liveness)
+                         hint, current.holder, current.expires_at, liveness, current.admin_url)
     if not expired and liveness is Liveness.UNKNOWN:
         raise LeaseTaken(f"account {account_id} is leased to {current.holder}, which cannot be checked from here "
-                         f"(another host); it expires in {current.expires_at - now:.0f}s",
-                         "stop it on its host, or wait for the lease to expire", current.holder,
-                         current.expires_at, liveness)
+                         f"(another host or container); it expires in {current.expires_at - now:.0f}s",
+                         holder_hint(current) if current.admin_url else
+                         "wait for it to finish or for its lease to expire", current.holder,
+                         current.expires_at, liveness, current.admin_url)
     busy = current.busy_until if current.busy_until > now else 0.0
     try:
         version = store.write_lease(account_id, "", 0.0, current.version, busy_until=busy, note={

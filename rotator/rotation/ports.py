@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from rotator.errors import VaultError
 from rotator.model import Lease, PskSetResult, Record, RecordVersion, TunnelInfo
@@ -32,6 +32,44 @@ class RecordStore(Protocol):
 
     def write_lease(self, account_id: str, holder: str, expires_at: float, cas: int, *,
                     busy_until: float = 0.0, note: Mapping[str, str] | None = None) -> int: ...
+
+
+# -- history: KV v2 versions of the records, for the audit report (service/report.py) ----------------
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """One KV v2 version of a tunnel's record, as Vault's metadata and a versioned read give it.
+    ``record`` is None when the data cannot be read (deleted or destroyed)."""
+
+    number: int
+    created_time: str
+    deletion_time: str | None = None
+    destroyed: bool = False
+    record: Record | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A tunnel record's version history (docs/specs/vault-kv2.md: metadata and versioned reads).
+    ``versions`` ascending, only those Vault still lists: 1..oldest_version-1 were pruned."""
+
+    account_id: str
+    tunnel_id: str
+    path: str
+    current_version: int
+    oldest_version: int
+    max_versions: int
+    created_time: str
+    versions: tuple[VersionInfo, ...] = ()
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """Reads with the least-privilege policy: data read, metadata read and list."""
+
+    def list_records(self, account_id: str) -> list[str]: ...
+
+    def history_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, History | VaultError]: ...
 
 
 # -- far-end devices (DESIGN.md section 9) ---------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 from rotator.errors import CasConflict, CloudflareError, RotatorError, VaultError
 from rotator.model import Outcome, PskSetResult, Record, TunnelInfo, ack_command, check_distinct
-from rotator.rotation.plan import Mode
+from rotator.rotation.plan import Mode, is_drifted
 from rotator.rotation.ports import (
     Device,
     DeviceResult,
@@ -60,6 +60,8 @@ class Item:
     generated_on: str | None = None
     ipsec_id: str | None = None
     applied_at: float | None = None
+    dev_verified: bool = False  # the device's verification succeeded (verify step)
+    health: HealthState | None = None  # what Cloudflare's health checks said since the apply (check_health)
     restored: bool = False  # Cloudflare was given psk back (restore_cloudflare); generated_on is its answer
     # The redundant pair, as the device names it (Device.pair_of; by default the customer endpoint),
     # and the other tunnels of that pair (for partner gating). Set by the engine at planning.
@@ -167,7 +169,9 @@ def stage(ctx: Context, items: list[Item]) -> Result:
     now = rfc3339(ctx.clock())
     written = _write(ctx, [(i, dataclasses.replace(
         i.record, pending_psk=i.key, state="pending", rotation_id=ctx.rotation_id, tunnel_name=i.tunnel.name,
-        device=i.device.name if i.device else None, staged_at=now, acked_rotation_id=None)) for i in todo])
+        device=i.device.name if i.device else None, staged_at=now, acked_rotation_id=None, verified_at=None,
+        verified_by=None, drift_generated_on=i.tunnel.last_generated_on if is_drifted(i.tunnel, i.record) else None))
+        for i in todo])
     for item in todo:
         res = written[item.id]
         if isinstance(res, CasConflict):
@@ -313,17 +317,18 @@ def _moved_away(item: Item) -> str | None:
 
 
 def _waiting(ctx: Context, item: Item, out: Result) -> None:
-    from rotator.schedule import parse_time
+    from rotator.model import WAITING_FOR_OPERATOR
+    from rotator.schedule import format_duration, parse_time
 
     staged = parse_time(item.record.staged_at)
     limit = (item.device.ack_timeout if item.device is not None else None) or ctx.ack_timeout
     if limit is not None and staged is not None and ctx.clock() - staged > limit:
         # Not acknowledged is not refused: the operator may have typed the key in without saying so.
         # The rollback asks them to put psk back and acknowledge that; both keys stay readable until then.
-        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {limit:.0f}s "
+        out.back.append(item.going_back(Outcome.FAILED, f"not acknowledged within {format_duration(limit)} "
                                         f"(ack_timeout): the key is being withdrawn"))
     else:
-        out.settle(item, Outcome.WAITING, f"waiting for an operator to put the new key of rotation "
+        out.settle(item, Outcome.WAITING, f"{WAITING_FOR_OPERATOR}put the new key of rotation "
                    f"{item.record.rotation_id} on device {item.device.name if item.device else '?'} and "
                    f"acknowledge it: {ack_command(item.record, 'new')}")
 
@@ -388,6 +393,7 @@ def verify(ctx: Context, items: list[Item]) -> Result:
     out = Result(moved=[i for i in items if i not in checked])
     for item, res in device_call(ctx, checked, "verify"):
         if res.ok:
+            item.dev_verified = True
             out.moved.append(item)
         elif res.status is not DeviceStatus.FAILED:
             out.settle(item, Outcome.UNKNOWN, f"verification outcome unknown: {res.reason or 'no answer'}; "
@@ -414,7 +420,8 @@ def check_health(ctx: Context, items: list[Item]) -> Result:
         ctx.log.warning("health_failed", step="check_health", error=ctx.redact(str(exc)))
         states = {}
     for item in items:
-        if states.get(item.tunnel.name) is HealthState.DOWN and item.record.psk is not None:
+        item.health = states.get(item.tunnel.name)
+        if item.health is HealthState.DOWN and item.record.psk is not None:
             out.back.append(item.going_back(_undone(item), "Cloudflare's health checks report the tunnel "
                                             "down since the new key was applied"))
         else:
@@ -435,15 +442,33 @@ def note(ctx: Context, settled: Sequence[Settled]) -> None:
         ctx.log.warning("note_failed", error=ctx.redact(str(exc)))
 
 
+def verified_by(item: Item) -> str:
+    """How both ends were shown to hold ``item.key`` (the record's ``verified_by``, docs/design.md section 3),
+    from what the verify and health steps saw: the device's proof when its verification succeeded, an
+    operator's acknowledgement for a manual device, else Cloudflare's health checks when they reported
+    the tunnel healthy since the apply, else ``none`` (no device, or nothing proved it)."""
+    device = item.device
+    if device is not None and item.dev_verified:
+        return device.proof  # what the kind's verification shows (ports.PROOFS; docs/design.md sections 9, 10)
+    if device is not None and item.record.acked:
+        return "operator_ack"
+    if item.health is HealthState.HEALTHY:
+        return "health"
+    return "none"
+
+
 def promote(ctx: Context, items: list[Item]) -> Result:
-    """psk=key, previous_psk=old psk, nothing pending, state=active, rotated_at, cf_generated_on."""
+    """psk=key, previous_psk=old psk, nothing pending, state=active, rotated_at, cf_generated_on, and the
+    proof: verified_at, verified_by (with device / acked_rotation_id)."""
     out = Result()
     now = rfc3339(ctx.clock())
     wanted = {i.id: dataclasses.replace(
         i.record, psk=i.key, pending_psk=None, previous_psk=i.record.psk, state="active", rotation_id=ctx.rotation_id,
         rotated_at=now, tunnel_name=i.tunnel.name, last_error=ctx.redact(i.final[1]) if i.final else None,
         cf_generated_on=i.generated_on or i.record.cf_generated_on, ipsec_id=i.ipsec_id or i.record.ipsec_id,
-        device=i.device.name if i.device else i.record.device, staged_at=None, acked_rotation_id=None)
+        device=i.device.name if i.device else i.record.device, staged_at=None,
+        acked_rotation_id=i.record.acked_rotation_id if verified_by(i) == "operator_ack" else None,
+        verified_at=now, verified_by=verified_by(i))
         for i in items}
     written = ctx.store.write_many(list(wanted.values())) if wanted else {}
     for item in items:

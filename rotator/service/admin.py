@@ -173,8 +173,28 @@ def build_app(control: Control, registry: CollectorRegistry, token: Secret | Non
             return JSONResponse({"error": "no such run"}, status_code=404)
         return JSONResponse(view)
 
+    async def root(request: Request) -> JSONResponse:
+        """What a person who opens the admin address finds: every route, what it does, whether it needs the token."""
+        return JSONResponse({"service": "psk-rotator", "routes": [
+            {"method": method, "path": path, "token": token, "what": what} for method, path, token, what in ROUTES]})
+
     return Starlette(routes=[
-        Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
+        Route("/", root), Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
         Route("/v1/status", status), Route("/v1/rotations", trigger, methods=["POST"]),
         Route("/v1/rotations/{run_id}", run_view), Route("/v1/acks", acknowledge, methods=["POST"]),
     ])
+
+
+# (method, path, needs the bearer token, what it does): GET / lists these (README, "Admin API").
+ROUTES = (
+    ("GET", "/", False, "this list"),
+    ("GET", "/metrics", False, "Prometheus exposition"),
+    ("GET", "/healthz", False, "the process is alive"),
+    ("GET", "/readyz", False, "Vault and Cloudflare usable, this replica's role; 503 with the reason otherwise"),
+    ("GET", "/v1/status", True, "per account: leader, summary, per tunnel state (never a key)"),
+    ("POST", "/v1/rotations", True, 'queue a run: {"account", "tunnels": [...] | "all": true | "reconcile": true '
+                                    '| "rollback": true, "dry_run"} -> 202 {"id"}'),
+    ("GET", "/v1/rotations/{run_id}", True, "a run's state and per-tunnel outcome"),
+    ("POST", "/v1/acks", True, 'a manual device\'s acknowledgement: {"account", "tunnels": [...], "holds": "new" '
+                                '| "previous", "rotation_id"} -> 202 with the reconcile run that finishes them'),
+)

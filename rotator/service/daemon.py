@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from rotator.errors import ConfigError, LeaseHeld, RotatorError, VaultError
 from rotator.httpserver import ServerThread, stop_on_signals
 from rotator.model import Record, TunnelInfo
 from rotator.rotation.engine import ROTATED, UNKNOWN, WAITING, RunReport, RunRequest, new_rotation_id
-from rotator.schedule import Policy
+from rotator.rotation.ports import HistoryStore
+from rotator.schedule import Policy, next_cron, parse_cron
 from rotator.service.admin import build_app
 from rotator.service.inventory import TunnelView, assess, from_plan, rotated, summary
 from rotator.service.logging import Redactor
@@ -64,6 +66,7 @@ class Daemon:
     _leading: dict[str, bool] = field(default_factory=dict)
     _connected: dict[str, bool] = field(default_factory=dict)
     _retry_at: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _report_at: float | None = None  # when the [report] cron next fires
 
     def __post_init__(self) -> None:
         for acc in self.settings.accounts:
@@ -85,6 +88,9 @@ class Daemon:
                 reason = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
                 raise ConfigError(f"cannot listen on {self.settings.admin.listen}: {reason}",
                                   "set admin.listen to a free HOST:PORT or stop what holds it") from None
+            # Every lease we write names where we answer: a one-shot command that meets it hands its
+            # request here instead of waiting for a lease we renew forever (issue 20 item 5).
+            self.runtime.leases.advertise(self.settings.admin.advertise_url or advertised(self._server.url))
         self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="on-demand")
         self.connect()
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
@@ -93,6 +99,12 @@ class Daemon:
         scheduler.add_job(self.maintain_leases, "interval", seconds=max(1.0, self.settings.rotation.lease_ttl / 3),
                           id="leases")
         scheduler.add_job(self.tick, "interval", seconds=self.tick_seconds, id="tick", next_run_time=_now_dt())
+        if self.settings.report is not None:
+            # The report's cron means what a policy's does (rotator.schedule, crontab day-of-week: 0 is
+            # Sunday); APScheduler 3's CronTrigger.from_crontab counts 0 as Monday (agronholm/apscheduler#286,
+            # fixed only in 4.x), so a minutely job asks ours.
+            self._report_at = next_cron(parse_cron(self.settings.report.cron), self.clock(), "UTC")
+            scheduler.add_job(self.report_if_due, "interval", seconds=60.0, id="report")
         scheduler.start()
         self._scheduler = scheduler
         self.log.info("daemon_started", accounts=len(self.settings.accounts), admin=self.admin_url,
@@ -196,6 +208,44 @@ class Daemon:
             if leader != self._leading.get(acc.id, False):
                 self.log.info("leadership_changed", account=acc.id, leader=leader)
             self._leading[acc.id] = leader
+
+    def report_if_due(self) -> list[str]:
+        """The ``report`` job: write the reports once the cron's next time has come."""
+        if self.settings.report is None or self._report_at is None or self.clock() < self._report_at:
+            return []
+        self._report_at = next_cron(parse_cron(self.settings.report.cron), self.clock(), "UTC")
+        return self.write_reports()
+
+    def write_reports(self) -> list[str]:
+        """``[report]``: the audit report of each account this replica leads, for the period ending now,
+        written atomically as ``<directory>/psk-report-<account>-<from>-<to>.<format>``. A failure is
+        logged and the next run tries again; nothing is left half written."""
+        from rotator.service import report as rpt
+
+        settings = self.settings.report
+        if settings is None:
+            return []
+        end = self.clock()
+        start = end - settings.period
+        manual = [d.name for d in self.settings.devices if d.kind == "manual"]
+        store = self.runtime.store
+        written: list[str] = []
+        for acc in self.settings.accounts:
+            if not self._leading.get(acc.id, False):
+                continue
+            try:
+                if not isinstance(store, HistoryStore):
+                    raise VaultError("the record store keeps no version history", "use the Vault KV v2 store")
+                os.makedirs(settings.directory, exist_ok=True)
+                made = rpt.collect(store, [acc.id], rpt.policy_lookup(self.settings), start, end, manual)
+                paths = rpt.write_files(made, settings.directory, rpt.file_stem(acc.id, start, end), settings.output)
+            except (VaultError, OSError) as exc:
+                self.log.warning("report_failed", account=acc.id, error=str(exc))
+                continue
+            written.extend(paths)
+            self.log.info("report_written", account=acc.id, files=paths, digest=made["digest"],
+                          breached=made["fleet"]["breached"])
+        return written
 
     def _vault_state(self) -> str:
         """``ok`` or why Vault cannot be used; keeps psk_rotator_vault_up in step."""
@@ -329,7 +379,8 @@ class Daemon:
                 before = views.get(o.tunnel_id)
                 if before is not None:
                     pending = o.result in (UNKNOWN, WAITING) or (o.reconciled and before.pending)
-                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=True,
+                    waits = o.result == WAITING  # waiting for an operator is not a failure (issue 20 item 11)
+                    views[o.tunnel_id] = dataclasses.replace(before, pending=pending, failed=not waits, waiting=waits,
                                                              last_error=o.reason, failures=count + 1)
         if not report.dry_run:
             try:
@@ -445,6 +496,11 @@ class Daemon:
     def run_view(self, run_id: str) -> dict[str, Any] | None:
         run = self.runs.get(run_id)
         return run.view() if run else None
+
+
+def advertised(url: str) -> str:
+    """The admin URL to record in leases: a wildcard bind (0.0.0.0, ::) is reached over loopback here."""
+    return url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
 
 
 def _now_dt() -> Any:

@@ -11,15 +11,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.model import Record, TunnelInfo, ack_command, waits_for
+from rotator.model import WAITING_FOR_OPERATOR, Record, TunnelInfo, ack_command, waits_for
 from rotator.rotation.engine import rfc3339
 from rotator.rotation.plan import TunnelView as PlanView
 from rotator.rotation.plan import due_at, is_drifted, view_of
 from rotator.schedule import Policy, next_due
 
 STATES = ("active", "pending", "rolling_back", "unmanaged", "refused", "error")
-# What ``status --state`` filters on; "failed" and "drifted" are flags beside the record's state.
-FILTERS = ("pending", "failed", "drifted", "rolling_back", "unmanaged", "active")
+# What ``status --state`` filters on; "failed", "waiting" and "drifted" are flags beside the record's state.
+FILTERS = ("pending", "waiting", "failed", "drifted", "rolling_back", "unmanaged", "active")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +43,22 @@ class TunnelView:
     # that acknowledges it (model.waits_for, model.ack_command).
     waits_for: str | None = None
     ack_command: str | None = None
+    waiting: bool = False  # the pending key waits for an operator (a manual device): not a failure
 
     def matches(self, state: str) -> bool:
         """The ``status --state`` filter."""
-        return {"pending": self.pending, "failed": self.failed, "drifted": self.drifted}.get(
+        return {"pending": self.pending, "waiting": self.waiting, "failed": self.failed, "drifted": self.drifted}.get(
             state, self.state == state)
 
     @property
     def attention(self) -> bool:
         """Someone should look at it: pending, failed, drifted, rolling back, unreadable."""
-        return self.pending or self.failed or self.drifted or self.state in ("rolling_back", "error", "refused")
+        return self.pending or self.waiting or self.failed or self.drifted or \
+            self.state in ("rolling_back", "error", "refused")
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {"tunnel_id": self.tunnel_id, "name": self.name, "state": self.state, "pending": self.pending,
-                "drifted": self.drifted, "failed": self.failed,
+                "drifted": self.drifted, "failed": self.failed, "waiting": self.waiting,
                 "psk_age_seconds": None if self.last_rotated is None else int(now - self.last_rotated),
                 "next_due": None if self.next_due is None else rfc3339(self.next_due),
                 "policy": self.policy, "rotation_id": self.rotation_id, "device": self.device,
@@ -91,11 +93,14 @@ def from_plan(seen: PlanView, policy: Policy | None, failures: int = 0, record: 
     with what operators add. ``assess`` comes here too: the CLI's status and the daemon's are one view."""
     max_age = None if policy is None else (policy.max_age or (policy.every or 0) * 1.2 or None)
     wanted = waits_for(record) if record is not None and manual else None
-    return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted, seen.last_error is not None,
-                      seen.last_rotated, seen.next_due, max_age, seen.last_error, seen.rotation_id, seen.device,
-                      seen.ipsec_id, policy.name if policy else None, failures,
-                      wanted[0] if wanted else None,
-                      ack_command(record, wanted[1]) if wanted and record is not None else None)
+    # A new key waiting for an operator's acknowledgement is in flight as asked, not a failed attempt.
+    waiting = seen.pending and seen.state == "pending" and (
+        wanted is not None or (seen.last_error or "").startswith(WAITING_FOR_OPERATOR))
+    return TunnelView(seen.tunnel_id, seen.name, seen.state, seen.pending, seen.drifted,
+                      seen.last_error is not None and not waiting, seen.last_rotated, seen.next_due, max_age,
+                      seen.last_error, seen.rotation_id, seen.device, seen.ipsec_id, policy.name if policy else None,
+                      failures, wanted[0] if wanted else None,
+                      ack_command(record, wanted[1]) if wanted and record is not None else None, waiting)
 
 
 def rotated(before: TunnelView | None, tunnel: TunnelInfo, policy: Policy, now: float,

@@ -1,19 +1,25 @@
 """Local simulators of Vault KV v2 and the Cloudflare Magic IPsec API (and, optionally, the EC2 API
-of AWS Site-to-Site VPN, rotator/sim/aws.py), for the demo, tests and benchmarks."""
+of AWS Site-to-Site VPN, rotator/sim/aws.py, and the ARM API of Azure VPN Gateway connections,
+rotator/sim/azure.py), for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.httpserver import ServerThread, stop_on_signals
+from rotator.httpserver import ServerThread, stop_all, stop_on_signals
 from rotator.sim.aws import AwsSim, attach
+from rotator.sim.azure import AzureSim, loopback_tls
+from rotator.sim.azure import Client as AzureClient
+from rotator.sim.azure import attach as attach_azure
 from rotator.sim.cloudflare import CloudflareSim, EdgeHook, HealthSource, RateLimit
 from rotator.sim.vault import VaultSim
 
-__all__ = ["AwsSim", "CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
+__all__ = ["AwsSim", "AzureSim", "CloudflareSim", "RateLimit", "Simulators", "VaultSim", "run_sim"]
 
 
 @dataclass
@@ -36,6 +42,15 @@ class Simulators:
     aws_replacement: float = 2.0
     aws_account: int = 0  # which account (by order) terminates on AWS
     aws_sim: AwsSim | None = field(init=False, default=None)
+    # With ``azure``: an ARM fake over loopback TLS whose VPN connections terminate one account's
+    # tunnels, two per gateway, each Connected while its key equals Cloudflare's; ``azure_config()``
+    # is the [[devices]] block for it, ``env()`` carries its service principal.
+    azure: bool = False
+    azure_account: int = 0
+    azure_sim: AzureSim | None = field(init=False, default=None)
+    azure_client: AzureClient | None = field(init=False, default=None)
+    _azure_tls: tuple[str, str, str] | None = field(init=False, default=None)  # workdir, CA file, server file
+    _azure_server: ServerThread | None = field(init=False, default=None)
     vault: VaultSim = field(init=False)
     cloudflare: CloudflareSim = field(init=False)
     vault_token: str = field(init=False)
@@ -56,17 +71,32 @@ class Simulators:
             self.aws_sim = AwsSim(replacement=self.aws_replacement)
             acc = list(self.tunnels_by_account)[self.aws_account]
             attach(self.aws_sim, self.cloudflare, acc, self.tunnels_by_account[acc])
+        if self.azure:
+            self.azure_sim = AzureSim(renegotiate=1.0, operation_seconds=2.0, retry_after="1")
+            self.azure_client = self.azure_sim.add_client()
+            acc = list(self.tunnels_by_account)[self.azure_account]
+            attach_azure(self.azure_sim, self.cloudflare, acc, self.tunnels_by_account[acc])
 
     def start(self) -> Simulators:
         self._servers = [ServerThread(self.vault).start(), ServerThread(self.cloudflare).start()]
         if self.aws_sim is not None:
             self._servers.append(ServerThread(self.aws_sim, name="aws").start())
+        if self.azure_sim is not None:
+            workdir = tempfile.mkdtemp(prefix="rotator-azure-")
+            ca_file, server_file = loopback_tls(workdir)
+            self._azure_tls = (workdir, ca_file, server_file)
+            self._azure_server = ServerThread(self.azure_sim, tls=(server_file, server_file), name="azure").start()
         return self
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.stop()
+        stop_all(self._servers)
         self._servers = []
+        if self._azure_server is not None:
+            self._azure_server.stop()
+            self._azure_server = None
+        if self._azure_tls is not None:
+            shutil.rmtree(self._azure_tls[0], ignore_errors=True)
+            self._azure_tls = None
 
     def __enter__(self) -> Simulators:
         return self.start()
@@ -94,6 +124,13 @@ class Simulators:
             "cloudflare_api_token": self.cloudflare_api_token,
             "accounts": self.tunnels_by_account,
         }
+        if self.azure_client is not None and self._azure_server is not None and self._azure_tls is not None:
+            assert self.azure_sim is not None
+            out["azure"] = {"url": self._azure_server.url, "ca_file": self._azure_tls[1],
+                            "subscription_id": self.azure_sim.subscription_id,
+                            "resource_group": self.azure_sim.resource_group, "tenant_id": self.azure_client.tenant,
+                            "client_id": self.azure_client.client_id, "client_secret": self.azure_client.secret,
+                            "connections": sorted(c.name for c in self.azure_sim.connections.values())}
         if self.aws_sim is not None:
             out["aws"] = {"endpoint": self.aws_endpoint, "region": self.aws_sim.region,
                           "access_key_id": self.aws_sim.access_key, "secret_access_key": self.aws_sim.secret_key,
@@ -112,7 +149,23 @@ class Simulators:
             out.update({"AWS_ENDPOINT_URL_EC2": self.aws_endpoint, "AWS_ACCESS_KEY_ID": self.aws_sim.access_key,
                         "AWS_SECRET_ACCESS_KEY": self.aws_sim.secret_key, "AWS_REGION": self.aws_sim.region,
                         "AWS_EC2_METADATA_DISABLED": "true"})
+        if self.azure_client is not None:
+            # azure-identity's own variables (EnvironmentCredential in DefaultAzureCredential).
+            out.update({"AZURE_TENANT_ID": self.azure_client.tenant, "AZURE_CLIENT_ID": self.azure_client.client_id,
+                        "AZURE_CLIENT_SECRET": self.azure_client.secret})
         return out
+
+    def azure_config(self, name: str = "azure", verify_timeout: str = "60s", timeout: str = "10s",
+                     tunnels: str = "*", poll_interval: float = 1.0) -> str:
+        """The [[devices]] block of an azure_vpn device for the ARM fake (docs/design.md section 10)."""
+        assert self.azure_sim is not None and self._azure_tls is not None and self._azure_server is not None, \
+            "Simulators(azure=True), started"
+        url = self._azure_server.url
+        return (f'[[devices]]\nname = "{name}"\nkind = "azure_vpn"\ntunnels = ["{tunnels}"]\n'
+                f'subscription_id = "{self.azure_sim.subscription_id}"\n'
+                f'resource_group = "{self.azure_sim.resource_group}"\nauthority = "{url}"\narm_endpoint = "{url}"\n'
+                f'ca_file = "{self._azure_tls[1]}"\npoll_interval = {poll_interval}\ntimeout = "{timeout}"\n'
+                f'verify_timeout = "{verify_timeout}"\n')
 
     def aws_config(self, name: str = "aws", verify_timeout: str = "60s", timeout: str = "10s",
                    tunnels: str = "*") -> str:
@@ -123,10 +176,12 @@ class Simulators:
 
 
 def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
-            latency_vault: float = 0.0, *, aws: bool = False, aws_replacement: float = 10.0) -> int:
+            latency_vault: float = 0.0, *, aws: bool = False, aws_replacement: float = 10.0,
+            azure: bool = False) -> int:
     """``rotator sim``: serve the simulators until SIGINT/SIGTERM."""
     stop = stop_on_signals()
-    sims = Simulators(accounts=accounts, tunnels=tunnels, aws=aws, aws_replacement=aws_replacement).start()
+    sims = Simulators(accounts=accounts, tunnels=tunnels, aws=aws, aws_replacement=aws_replacement,
+                      azure=azure).start()
     if latency_cf:
         sims.cloudflare.set_latency(latency_cf)
     if latency_vault:
@@ -144,6 +199,12 @@ def run_sim(accounts: int, tunnels: int, as_json: bool, latency_cf: float = 0.0,
                   f"{len(aws_info['vpn_connection_ids'])} VPN connections for the first account's tunnels)")
             print("  A device block for it (the PSK policy must make AWS keys: psk_charset = \"aws\"):")
             for line in sims.aws_config().splitlines():
+                print(f"    {line}")
+        if sims.azure_sim is not None:
+            print(f"  Azure ARM   {info['azure']['url']}  (TLS: trust {info['azure']['ca_file']}; "
+                  f"{len(info['azure']['connections'])} VPN connections for the first account's tunnels)")
+            print("  A device block for it:")
+            for line in sims.azure_config().splitlines():
                 print(f"    {line}")
         print("  Set these to point the rotator at them:")
         for name, value in sims.env().items():

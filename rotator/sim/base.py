@@ -359,7 +359,8 @@ def _json_response(status: int, obj: Any) -> Response:
 @contextlib.contextmanager
 def serve(app: Any, *, certfile: str | None = None, keyfile: str | None = None) -> Iterator[ServerThread]:
     """Serve a simulator on a free loopback port (HTTPS with ``certfile`` and ``keyfile``), stopped after."""
-    server = ServerThread(app, name=type(app).__name__, ssl_certfile=certfile, ssl_keyfile=keyfile).start()
+    tls = (certfile, keyfile) if certfile and keyfile else None
+    server = ServerThread(app, name=type(app).__name__, tls=tls).start()
     try:
         yield server
     finally:

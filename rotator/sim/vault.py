@@ -221,11 +221,17 @@ class VaultSim(SimApp):
         self.k8s_roles: dict[str, dict[str, Any]] = {}
         self.k8s_jwts: dict[str, dict[str, str]] = {}
         self.default_token_ttl = 3600
+        # The clock of KV versions (created_time, deletion_time): tests that run rotations on a virtual
+        # clock set it to the same clock, so Vault's history and the records' times agree.
+        self.kv_clock: Callable[[], float] | None = None
         self.tokens[self.root_token] = Token(
             self.root_token, ["root"], root=True, renewable=False, display_name="root",
             path="auth/token/root",
         )
         self.add_mount("secret")
+
+    def kv_now_ns(self) -> int:
+        return time.time_ns() if self.kv_clock is None else int(self.kv_clock() * 1e9)
 
     # -- setup & inspection (Python API) -------------------------------------------------------
     def add_mount(self, path: str, kv_version: str = "2", namespace: str = "") -> None:
@@ -295,7 +301,7 @@ class VaultSim(SimApp):
             if key is None or key.current_version == 0:
                 return None
             ver = key.versions.get(key.current_version)
-            if ver is None or ver.destroyed or ver.deleted(time.time_ns()):
+            if ver is None or ver.destroyed or ver.deleted(self.kv_now_ns()):
                 return None
             return copy.deepcopy(key.data.get(key.current_version))
 
@@ -793,7 +799,7 @@ class VaultSim(SimApp):
         ver = key.versions.get(number)
         if ver is None:
             raise VaultError(404, [])
-        now = time.time_ns()
+        now = self.kv_now_ns()
         meta = ver.meta(key.custom_metadata, number)
         if ver.destroyed or ver.deleted(now):
             return self._ok({"data": None, "metadata": meta}, status=404, raw=True)
@@ -824,7 +830,7 @@ class VaultSim(SimApp):
             raise VaultError(400, [CAS_REQUIRED])
 
     def _new_version(self, mount: Mount, name: str, key: Key | None, data: Any) -> Response:
-        now = time.time_ns()
+        now = self.kv_now_ns()
         if key is None:
             key = mount.keys[name] = Key(created_ns=now, updated_ns=now)
         number = key.current_version + 1
@@ -872,14 +878,14 @@ class VaultSim(SimApp):
         ver = key.versions.get(key.current_version)
         if ver is None:
             return Response(404, b"", list(JSON_HEADERS))
-        if ver.destroyed or ver.deleted(time.time_ns()):
+        if ver.destroyed or ver.deleted(self.kv_now_ns()):
             return self._ok(ver.meta(key.custom_metadata, key.current_version), status=404, raw=True)
         merged = merge_patch(key.data[key.current_version], body["data"])
         name = next(n for n, k in mount.keys.items() if k is key)
         return self._new_version(mount, name, key, merged)
 
     def _kv_delete_latest(self, key: Key | None) -> Response:
-        now = time.time_ns()
+        now = self.kv_now_ns()
         if key is not None:
             ver = key.versions.get(key.current_version)
             if ver is not None and not ver.destroyed and not ver.deleted(now):
@@ -894,7 +900,7 @@ class VaultSim(SimApp):
             raise VaultError(400, ["no version number provided" if op == "destroy" else "No version number provided"])
         if key is None:
             return self._no_content()
-        now = time.time_ns()
+        now = self.kv_now_ns()
         for number in versions:
             ver = key.versions.get(int(number))
             if ver is None or ver.destroyed:
@@ -968,7 +974,7 @@ class VaultSim(SimApp):
             else:
                 custom = self._validate_custom(body["custom_metadata"])
         after = self._duration_field(body["delete_version_after"]) if "delete_version_after" in body else None
-        now = time.time_ns()
+        now = self.kv_now_ns()
         if key is None:
             key = mount.keys[name] = Key(created_ns=now, updated_ns=now)
         if "max_versions" in body:
@@ -989,7 +995,7 @@ class VaultSim(SimApp):
             raise VaultError(404, [])
         number = number if number > 0 else key.current_version
         ver = key.versions.get(number)
-        if ver is None or ver.destroyed or ver.deleted(time.time_ns()):
+        if ver is None or ver.destroyed or ver.deleted(self.kv_now_ns()):
             raise VaultError(404, [])
 
         def strip(obj: Any) -> Any:

@@ -23,6 +23,7 @@ def simulators(accounts: int, tunnels: int, cf_latency: float, vault_latency: fl
                              "--vault-latency", str(vault_latency)], stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(proc.stdout.readline())
+        info["pid"] = proc.pid  # its CPU time is the simulators' share of a run (sim_cpu_seconds)
         info["vault_root"] = info["vault_addr"]
         info["cf_root"] = info["cloudflare_base_url"].removesuffix("/client/v4")
         # Benchmarks measure cost, not the rate limit: lift it so scenarios do not throttle each other.
@@ -66,6 +67,14 @@ def routes(info: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
     cf = httpx.get(info["cf_root"] + "/_sim/state").json()["result"]["request_counts"]
     vault = httpx.get(info["vault_root"] + "/_sim/state").json()["result"]["request_counts"]
     return cf, vault
+
+
+def sim_cpu_seconds(info: dict[str, Any]) -> float:
+    """CPU time (user + system) the simulators' process has used so far."""
+    import psutil
+
+    times = psutil.Process(info["pid"]).cpu_times()
+    return float(times.user + times.system)
 
 
 def env_of(info: dict[str, Any]) -> dict[str, str]:

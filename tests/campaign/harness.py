@@ -66,11 +66,12 @@ CLASSES: dict[str, str] = {
                   "acknowledges right, or in forms that must be refused (no --holds, a stale rotation, --holds new "
                   "while the key is withdrawn); the key the operator typed is checked like Cloudflare's",
     "vendors": "vendor device kinds: 40 tunnels of the second account end on AWS Site-to-Site VPN (aws_vpn through "
-               "boto3 against the EC2 fake): refused, throttled, 5xx, late and lost modifications, a denied "
-               "DescribeVpnConnections, tunnels that never come UP; the AWS tunnel's key is checked like Cloudflare's; "
-               "and 10 tunnels of the first account on each simulated firewall (panos, vyos, fortigate, over HTTPS): "
-               "refused keys, failed commits, no re-authentication, 5xx, late, lost and garbage answers; their "
-               "keys are checked like Cloudflare's",
+               "boto3 against the EC2 fake), 20 more on Azure VPN Gateway (azure_vpn through azure-mgmt-network "
+               "against the ARM fake over TLS): refused, throttled, 5xx, late and lost modifications, a denied "
+               "DescribeVpnConnections or sharedKey/write, Azure updates that fail or hang, tunnels that never come "
+               "UP; and 10 tunnels of the first account on each simulated firewall (panos, vyos, fortigate, over "
+               "HTTPS): refused keys, failed commits, no re-authentication, 5xx, late, lost and garbage answers; "
+               "the vendor's key is checked like Cloudflare's",
 }
 # What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
 # the campaign's record; replay with the seed and ROTATOR_CAMPAIGN_FAULTS set to the class):
@@ -106,6 +107,8 @@ AWS_TIMEOUT = 3.0  # the aws_vpn device's call deadline (a short lease of 6 s st
 FIREWALL_TUNNELS = 10  # of the first account, per firewall kind (vendors)
 FIREWALL_KINDS = ("panos", "vyos", "fortigate")
 AWS_REPLACEMENT = 1.0  # seconds the EC2 fake takes to replace a tunnel (at least 1: EC2 reports whole seconds)
+AZURE_TUNNELS = 20  # of the second account, after the AWS ones, two per Azure VPN gateway
+AZURE_TIMEOUT = 3.0  # the azure_vpn device's call deadline
 
 
 def parse_faults(text: str | None, default: tuple[str, ...] = DEFAULT_FAULTS) -> tuple[str, ...]:
@@ -268,19 +271,23 @@ class Campaign:
                 device_server = self._start_device()
                 aws_server = self._start_aws()
                 self._start_firewalls()
+                azure_server = self._start_azure()
                 try:
                     self._run_rounds()
                 finally:
                     self._kill_all()
-                    for fw in self.firewalls:
-                        fw.server.stop()
-                        self.result.device_calls += sum(fw.sim.request_counts().values())
                     if device_server is not None:
                         device_server.stop()
                         self.result.device_calls = sum(self.device.request_counts().values())
+                    for fw in self.firewalls:
+                        fw.server.stop()
+                        self.result.device_calls += sum(fw.sim.request_counts().values())
                     if aws_server is not None:
                         aws_server.stop()
                         self.result.device_calls += sum(self.aws.request_counts().values())
+                    if azure_server is not None:
+                        azure_server.stop()
+                        self.result.device_calls += sum(self.azure.request_counts().values())
                     self.http.close()
                     self.result.rewritten = sims.cf_gate.rewritten + sims.vault_gate.rewritten
                     self._scan_outputs()
@@ -357,8 +364,7 @@ class Campaign:
             for tid, name in names.items():
                 (sim.add_gateway if kind == "panos" else sim.add_tunnel)(name, account, tid, cf.psk_of(account, tid))
             gate = Gate(sim)
-            server = ServerThread(gate, name=kind, ssl_certfile=str(paths["cert"]),
-                                  ssl_keyfile=str(paths["key"])).start()
+            server = ServerThread(gate, name=kind, tls=(str(paths["cert"]), str(paths["key"]))).start()
             credential = sim.token if kind == "fortigate" else sim.api_key
             cred_file = self.workdir / f"{kind}.credential"
             cred_file.write_text(credential)
@@ -368,6 +374,28 @@ class Campaign:
                      f'verify_timeout = "8s"\nhost = "127.0.0.1"\nport = {server.port}\n'
                      f'{cred_key} = "{cred_file}"\nca_file = "{paths["ca"]}"\npoll_interval = 0.2\n')
             self.firewalls.append(Firewall(kind, sim, gate, server, tunnels, names, credential, block))
+    def _start_azure(self) -> ServerThread | None:
+        """The ARM fake for the vendors class, over loopback TLS: AZURE_TUNNELS tunnels of the second
+        account after the AWS ones, two per gateway, each Connected while its key equals Cloudflare's."""
+        self.azure: Any = None
+        self.azure_gate: Gate | None = None
+        self.azure_tunnels: list[str] = []
+        if "vendors" not in self.faults:
+            return None
+        from rotator.sim.azure import AzureSim, attach, loopback_tls
+
+        self.azure = AzureSim(renegotiate=0.5, operation_seconds=0.5, retry_after="1")
+        self.azure_client = self.azure.add_client()
+        account = self.accounts[1]
+        self.azure_tunnels = self.sims.tunnels_by_account[account][AWS_TUNNELS:AWS_TUNNELS + AZURE_TUNNELS]
+        attach(self.azure, self.sims.cloudflare, account, self.azure_tunnels)
+        self.azure_ca, server_file = loopback_tls(str(self.workdir))
+        self.azure_gate = Gate(self.azure)
+        server = ServerThread(self.azure_gate, tls=(server_file, server_file), name="azure").start()
+        self.azure_url = server.url
+        self.env.update({"AZURE_TENANT_ID": self.azure_client.tenant, "AZURE_CLIENT_ID": self.azure_client.client_id,
+                         "AZURE_CLIENT_SECRET": self.azure_client.secret})
+        return server
 
     def _ends(self) -> list[tuple[str, Any]]:
         """The far ends the monitor checks besides Cloudflare."""
@@ -377,6 +405,8 @@ class Campaign:
         if self.aws is not None:
             ends.append(("AWS tunnel", AwsEnd(self.aws, self.sims.cloudflare, self.accounts[1])))
         ends.extend((f"{fw.kind} firewall", fw.sim) for fw in self.firewalls)
+        if self.azure is not None:
+            ends.append(("Azure connection", self.azure))  # its lock, and held(account, tunnel)
         return ends
 
     def _run_rounds(self) -> None:
@@ -512,6 +542,8 @@ class Campaign:
             actions.append((1.0, self._operator))
         if "vendors" in f and (self.aws is not None or self.firewalls):
             actions.append((1.0, self._vendor_fault))
+        if "vendors" in f and self.azure is not None:
+            actions.append((0.6, self._azure_fault))
         total = sum(w for w, _ in actions)
         pick = self.rng.uniform(0, total)
         for weight, action in actions:
@@ -538,10 +570,17 @@ class Campaign:
                    f'accounts = ["{self.accounts[1]}"]\ntunnels = [{", ".join(repr(t) for t in self.aws_tunnels)}]\n'
                    f'timeout = {AWS_TIMEOUT}\nverify_timeout = "8s"\nconcurrency = 32\n' if self.aws is not None else "")
                 + "".join(fw.block for fw in self.firewalls)
+                + (f'[[devices]]\nname = "azure"\nkind = "azure_vpn"\naccounts = ["{self.accounts[1]}"]\n'
+                   f'tunnels = [{", ".join(repr(t) for t in self.azure_tunnels)}]\n'
+                   f'subscription_id = "{self.azure.subscription_id}"\nresource_group = "{self.azure.resource_group}"\n'
+                   f'authority = "{self.azure_url}"\narm_endpoint = "{self.azure_url}"\nca_file = "{self.azure_ca}"\n'
+                   f'poll_interval = 0.2\ntimeout = {AZURE_TIMEOUT}\nverify_timeout = "8s"\nconcurrency = 16\n'
+                   if self.azure is not None else "")
                 + (f'[[devices]]\nname = "sim-device"\nkind = "webhook"\ntunnels = ["*"]\ntimeout = {timeout}\n'
                    f'url = "{self.device_url}"\nsecret_file = "{self.device_secret}"\n' if self.device is not None else "")
                 + '[policies.default]\nevery = "10s"\nretry_backoff = "10s"\nretry_backoff_max = "20s"\n'
-                + ('psk_charset = "aws"\n' if self.aws is not None else "") + accounts)
+                # keys both vendor kinds take: letters and digits (Azure), never '0' first (AWS)
+                + ('psk_forbidden_first = "0"\n' if self.aws is not None else "") + accounts)
         self._configs += 1
         path = self.workdir / f"rotator-{self._configs}.toml"
         path.write_text(text)
@@ -873,13 +912,8 @@ class Campaign:
         elif roll < 0.5:
             self.aws.server_error_next(action)
             text = f"AWS answers the next {action} with 500 InternalError"
-        elif roll < 0.65:
-            delay = self.rng.uniform(*LATE_DELAY)
-            self.aws.late_next("ec2.ModifyVpnTunnelOptions", delay)
-            text = f"AWS acts on the next modification and answers {delay:.1f}s late"
         elif roll < 0.75:
-            self.aws.drop_next("ec2.ModifyVpnTunnelOptions")
-            text = "AWS acts on the next modification and drops the connection"
+            text = self._lost_answer(self.aws, "ec2.ModifyVpnTunnelOptions", "AWS", "modification", roll < 0.65)
         elif roll < 0.9:
             with self.sims.cloudflare.lock:
                 ips = [self.sims.cloudflare.accounts[self.accounts[1]][t].customer_endpoint for t in picks]
@@ -926,6 +960,44 @@ class Campaign:
         self.result.faults_armed += 1
         self._event(text)
 
+    def _azure_fault(self) -> None:
+        picks = self.rng.sample(self.azure_tunnels, self.rng.randint(1, 3))
+        names = [n for n in (self._azure_connection(t) for t in picks) if n]
+        roll = self.rng.random()
+        if roll < 0.15:
+            self.azure.deny(self.azure_client.client_id, "Microsoft.Network/connections/sharedKey/write")
+            text = "Azure denies sharedKey/write (AuthorizationFailed) this round"
+        elif roll < 0.3:
+            route = self.rng.choice(("azure.sharedkey_set", "azure.list", "azure.sharedkey_get", "azure.reset"))
+            self.azure.fail_next(route, count=self.rng.randint(1, 4), status=self.rng.choice((429, 500, 503)))
+            text = f"Azure answers the next {route} with an error status"
+        elif roll < 0.6:
+            text = self._lost_answer(self.azure, "azure.sharedkey_set", "Azure", "set-shared-key", roll < 0.45)
+        elif roll < 0.72:
+            self.azure.fail_operations(count=self.rng.randint(1, 3))
+            text = "the next Azure updates end Failed"
+        elif roll < 0.84:
+            self.azure.hang_operations(count=self.rng.randint(1, 2))
+            text = "the next Azure updates never finish this round"
+        else:
+            self.azure.fail_negotiation(names)
+            text = f"{len(names)} Azure connections never come up this round"
+        self.result.faults_armed += 1
+        self._event(text)
+
+    def _lost_answer(self, sim: Any, route: str, vendor: str, what: str, late: bool) -> str:
+        """A vendor write that takes effect, its answer late (past the call deadline) or dropped."""
+        if late:
+            delay = self.rng.uniform(*LATE_DELAY)
+            sim.late_next(route, delay)
+            return f"{vendor} acts on the next {what} and answers {delay:.1f}s late"
+        sim.drop_next(route)
+        return f"{vendor} acts on the next {what} and drops the connection"
+
+    def _azure_connection(self, tunnel: str) -> str | None:
+        return next((c.name for c in list(self.azure.connections.values()) if c.tunnel == (self.accounts[1], tunnel)),
+                    None)
+
     def _lift_faults(self) -> None:
         self.sims.cloudflare.clear_listed_twice()
         for sim in (self.sims.cloudflare, self.sims.vault):
@@ -943,6 +1015,10 @@ class Campaign:
         for fw in self.firewalls:
             fw.sim.clear()
             fw.gate.clear()
+        if self.azure is not None:
+            self.azure.clear()
+            self.azure.restore(self.azure_client.client_id)
+            self.azure.finish_operations()  # a hung update ends (Azure caught up) before the reconcile
 
     # -- end of round: quiesce, fault-free reconcile, strict form -----------------------------------------
     def _settle(self) -> None:
@@ -952,7 +1028,8 @@ class Campaign:
         deadline = time.monotonic() + 30
         while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
                 self.device_gate is not None and self.device_gate.inflight) or (
-                self.aws_gate is not None and (self.aws_gate.inflight or self._aws_modifying())) or any(
+                self.aws_gate is not None and (self.aws_gate.inflight or self._aws_modifying())) or (
+                self.azure_gate is not None and (self.azure_gate.inflight or self.azure.updating())) or any(
                 fw.gate.inflight for fw in self.firewalls):
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
@@ -1031,6 +1108,8 @@ class Campaign:
         if self.aws is not None:
             tokens.add(self.aws.secret_key)
         tokens.update(fw.credential for fw in self.firewalls)
+        if self.azure is not None:
+            tokens.update(self.azure.scan_secrets())  # the client secret, every token, every key it held
         texts = []
         for proc in self.finished:
             for path in (proc.out, proc.err):

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.campaign
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.long
 def test_campaign_keeps_the_invariant(capsys):
     args = from_env(default_seconds=50.0)
     print(f"campaign seed {args['seed']} (ROTATOR_CAMPAIGN_SEED={args['seed']} replays it)")

@@ -222,8 +222,12 @@ def test_the_daemon_counts_the_tunnels_waiting_for_their_partner(aws: Simulators
         def gauge() -> float | None:
             return metric(httpx.get(url + "/metrics").text, "psk_rotator_partner_down_tunnels", account=acc)
 
-        wait_for(lambda: metric(httpx.get(url + "/metrics").text, "psk_rotator_runs_total", account=acc) is not None,
-                 timeout=60, what="the first run")
+        def runs() -> float:  # every label set is exported at 0 from the start: wait for one to count
+            text = httpx.get(url + "/metrics").text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("psk_rotator_runs_total{") and f'account="{acc}"' in line)
+
+        wait_for(lambda: runs() >= 1, timeout=60, what="the first run")
         assert gauge() == 1  # the first tunnel waits; its partner, down anyway, was tried and rolled back
         assert (record(aws, acc, first) or {}).get("pending_psk") is None
     finally:

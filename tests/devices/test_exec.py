@@ -266,3 +266,28 @@ def test_a_large_batch_crosses_both_pipes_without_deadlock(tmp_path):
     tunnels = make_tunnels(1000)
     results = ExecDevice("d", [path]).deliver(ACCOUNT, "r", tunnels, deadline=deadline())
     assert len(results) == 1000 and all(r.ok for r in results.values())
+
+
+def test_a_hooks_stderr_is_logged_redacted_when_it_exits_0_too(tmp_path):
+    """Regression (issue 20 item 11): a hook that refused a tunnel in its results but exited 0 said why
+    only on stderr, and that was dropped. It is logged, redacted against the batch's keys."""
+    path = hook(tmp_path, """
+        t = json.load(sys.stdin)["tunnels"]
+        print("router " + t[0]["tunnel_name"] + " rejected key " + t[0]["psk"], file=sys.stderr)
+        print("second line", file=sys.stderr)
+        print(json.dumps({"results": {t[0]["tunnel_id"]: {"ok": False, "reason": "router said no"}}}))
+    """)
+    tunnels = make_tunnels(2)
+    with structlog.testing.capture_logs() as logs:
+        results = ExecDevice("d", [path]).deliver(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert results[tunnels[0].tunnel_id].status is DeviceStatus.FAILED
+    assert results[tunnels[1].tunnel_id].status is DeviceStatus.OK
+    [entry] = [e for e in logs if e["event"] == "device_hook_stderr"]
+    assert entry["log_level"] == "warning" and entry["exit_status"] == 0 and entry["failed"] == 1
+    assert entry["stderr"] == "router site-0 rejected key **redacted** | second line"
+    assert_no_key(repr(logs), tunnels)
+    quiet = hook(tmp_path, "sys.stdin.read(); print('all fine', file=sys.stderr)", name="quiet")
+    with structlog.testing.capture_logs() as logs:
+        results = ExecDevice("d", [quiet]).verify(ACCOUNT, "r", tunnels, deadline=deadline())
+    assert {r.status for r in results.values()} == {DeviceStatus.OK}
+    assert [(e["event"], e["log_level"], e["stderr"]) for e in logs] == [("device_hook_stderr", "info", "all fine")]

@@ -20,6 +20,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ike: needs the real IKE lab (root, strongSwan); part of make test and CI")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``-n --dist loadgroup`` every test that starts a lab (this folder, and the others marked
+    ``ike``) runs on one worker, one after another: the labs' charons and namespaces never compete."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.path).startswith(here + os.sep) or item.get_closest_marker("ike"):
+            item.add_marker(pytest.mark.xdist_group("ike"))
+
+
 def require_lab() -> None:
     reason = unavailable()
     if reason:

@@ -10,7 +10,7 @@ from rotator.model import Record
 from rotator.psk import PskGenerator, PskPolicy
 from rotator.rotation.engine import Engine, RunReport, RunRequest
 from rotator.rotation.lease import LeaseManager
-from tests.fakes import ACCOUNT, FakeCloudflare, FakeDevice, FakeVault, assert_invariant, raising
+from tests.fakes import ACCOUNT, FakeCloudflare, FakeDevice, FakeVault, VirtualClock, assert_invariant, raising
 
 
 @dataclass
@@ -19,6 +19,7 @@ class World:
     vault: FakeVault
     engine: Engine
     ids: list[str]
+    clock: VirtualClock = field(default_factory=VirtualClock)  # the lease manager's time
     devices: dict[str, FakeDevice] = field(default_factory=dict)  # tunnel id -> device
 
     def run(self, **kw: Any) -> RunReport:
@@ -43,11 +44,11 @@ class World:
 
 def world(n: int = 6, batch_size: int = 4, *, device: FakeDevice | None = None, ttl: float = 120.0,
           pipelined: bool = True, holder: str = "replica-a", **tunnel_info: Any) -> World:
-    cf, vault = FakeCloudflare(), FakeVault()
+    cf, vault, clock = FakeCloudflare(), FakeVault(), VirtualClock()
     ids = cf.add(ACCOUNT, n, **tunnel_info)
-    engine = Engine(cf, vault, PskGenerator(PskPolicy()), LeaseManager(vault, holder, ttl=ttl),
-                    batch_size=batch_size, pipelined=pipelined)
-    w = World(cf, vault, engine, ids)
+    leases = LeaseManager(vault, holder, ttl=ttl, clock=clock, sleep=clock.sleep)
+    engine = Engine(cf, vault, PskGenerator(PskPolicy()), leases, batch_size=batch_size, pipelined=pipelined)
+    w = World(cf, vault, engine, ids, clock)
     if device is not None:
         device.cloudflare = cf
         w.devices = dict.fromkeys(ids, device)

@@ -81,6 +81,7 @@ KIND_MODULES = (
     "strongswan",
     "manual",
     "aws_vpn",
+    "azure_vpn",
     "panos",
     "vyos",
     "fortigate",

@@ -45,6 +45,8 @@ from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, Key
 from rotator.secret import Secret
 
 log = structlog.get_logger("rotator.devices.exec")
+STDERR_LINES = 20  # the last lines of a hook's stderr that are logged
+STDERR_LOG_MAX = 2000
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PSK|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -171,7 +173,21 @@ class ExecDevice(ActionDevice):
         else:
             err = one_line(last_line(stderr), keys)
             fallback = DeviceResult(DeviceStatus.FAILED, f"exit status {code}" + (f": {err}" if err else ""))
-        return {t.tunnel_id: with_note(answered.get(t.tunnel_id, fallback), note) for t in tunnels}
+        results = {t.tunnel_id: with_note(answered.get(t.tunnel_id, fallback), note) for t in tunnels}
+        self._log_stderr(action, code, stderr, keys, results)
+        return results
+
+    def _log_stderr(self, action: str, code: int, stderr: bytes, keys: list[str],
+                    results: Mapping[str, DeviceResult]) -> None:
+        """What the hook wrote on stderr, redacted against the batch's keys, whatever its exit status:
+        a hook that refuses some tunnels but exits 0 says why only there (issue 20 item 11)."""
+        lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        if not lines:
+            return
+        failed = sum(1 for r in results.values() if r.status is not DeviceStatus.OK)
+        (log.warning if failed or code else log.info)(
+            "device_hook_stderr", device=self.name, action=action, exit_status=code, failed=failed,
+            stderr=one_line(" | ".join(lines[-STDERR_LINES:]), keys, limit=STDERR_LOG_MAX))
 
     @staticmethod
     def _kill(proc: subprocess.Popen[bytes]) -> None:
