@@ -387,7 +387,8 @@ class Campaign:
         self.azure = AzureSim(renegotiate=0.5, operation_seconds=0.5, retry_after="1")
         self.azure_client = self.azure.add_client()
         account = self.accounts[1]
-        self.azure_tunnels = self.sims.tunnels_by_account[account][AWS_TUNNELS:AWS_TUNNELS + AZURE_TUNNELS]
+        self.azure_tunnels = self.sims.tunnels_by_account[account][MANUAL_PER_ACCOUNT + AWS_TUNNELS:
+                                                                 MANUAL_PER_ACCOUNT + AWS_TUNNELS + AZURE_TUNNELS]
         attach(self.azure, self.sims.cloudflare, account, self.azure_tunnels)
         self.azure_ca, server_file = loopback_tls(str(self.workdir))
         self.azure_gate = Gate(self.azure)
