@@ -103,7 +103,7 @@ LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
 AWS_TUNNELS = 40  # of the second account, two per VPN connection
 AWS_TIMEOUT = 3.0  # the aws_vpn device's call deadline (a short lease of 6 s still covers it twice)
 AWS_REPLACEMENT = 1.0  # seconds the EC2 fake takes to replace a tunnel (at least 1: EC2 reports whole seconds)
-AZURE_TUNNELS = 20  # of the second account, after the AWS ones, two per Azure VPN gateway
+AZURE_TUNNELS = 20  # of the second account, after the manual and AWS ones, two per Azure VPN gateway
 AZURE_TIMEOUT = 3.0  # the azure_vpn device's call deadline
 
 
@@ -340,7 +340,8 @@ class Campaign:
         self.azure = AzureSim(renegotiate=0.5, operation_seconds=0.5, retry_after="1")
         self.azure_client = self.azure.add_client()
         account = self.accounts[1]
-        self.azure_tunnels = self.sims.tunnels_by_account[account][AWS_TUNNELS:AWS_TUNNELS + AZURE_TUNNELS]
+        first = MANUAL_PER_ACCOUNT + AWS_TUNNELS  # after the manual device's and the AWS ones
+        self.azure_tunnels = self.sims.tunnels_by_account[account][first:first + AZURE_TUNNELS]
         attach(self.azure, self.sims.cloudflare, account, self.azure_tunnels)
         self.azure_ca, server_file = loopback_tls(str(self.workdir))
         self.azure_gate = Gate(self.azure)

@@ -76,7 +76,7 @@ def test_a_rotation_sets_each_connection_once_and_verifies_it_connected(azure_wo
         assert azure.sim.status_of(name) == "Connected"
         assert azure.sim.connections[name.lower()].resets == 2  # each verify forced a fresh negotiation
         data = record(sims, acc, tid) or {}
-        assert data.get("device") == "azure-eu"
+        assert data.get("device") == "azure-eu" and "vendor_status" in str(data.get("verified_by"))
 
 
 @pytest.mark.parametrize("fault", ["denied", "5xx", "timeout"])

@@ -246,7 +246,6 @@ class AzureVpnDevice(DeviceBase):
         self._client = client if client is not None else _network_client(settings)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"azure-{spec.name}")
-        self._closed = False
         # Addresses of gateways, public IPs and local network gateways by resource id, for ADDRESS_TTL
         # seconds: a run asks for the same ones call after call, and they change only when the
         # customer re-plumbs a connection. The connections themselves are listed on every call.
@@ -260,7 +259,6 @@ class AzureVpnDevice(DeviceBase):
             return self._client
 
     def close(self) -> None:
-        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             if self._client is not None and hasattr(self._client, "close"):
@@ -374,11 +372,13 @@ class AzureVpnDevice(DeviceBase):
     # -- the port ----------------------------------------------------------------------------------------
     def deliver(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                 deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
+        return self._set_keys(tunnels, deadline, settle=False)
 
     def rollback(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                  deadline: float) -> dict[str, DeviceResult]:
-        return self._set_keys(tunnels, deadline)
+        # A rollback is done only once the connection holds the old key: after it the record forgets
+        # the abandoned key, which the connection holds until the update ends (and for good if it fails).
+        return self._set_keys(tunnels, deadline, settle=True)
 
     def verify(self, account_id: str, rotation_id: str, tunnels: Sequence[DeviceTunnel], *,
                deadline: float) -> dict[str, DeviceResult]:
@@ -430,11 +430,12 @@ class AzureVpnDevice(DeviceBase):
                 out[tid] = DeviceResult(DeviceStatus.UNKNOWN, one_line(f"{type(exc).__name__}: {exc}", keys))
         return out
 
-    def _set_keys(self, tunnels: Sequence[DeviceTunnel], deadline: float) -> dict[str, DeviceResult]:
+    def _set_keys(self, tunnels: Sequence[DeviceTunnel], deadline: float, *, settle: bool) -> dict[str, DeviceResult]:
         keys = batch_keys(tunnels)
         call = _Call(deadline)
         found, out = self._matched(tunnels, call, keys)
-        out.update(self._each(tunnels, found, lambda t, c: self._set_one(t, c, deadline, keys), deadline, keys))
+        out.update(self._each(tunnels, found, lambda t, c: self._set_one(t, c, deadline, keys, settle), deadline,
+                              keys))
         return out
 
     def _status(self, name: str, deadline: float) -> tuple[str, str]:
@@ -454,7 +455,7 @@ class AzureVpnDevice(DeviceBase):
                                                       "(an earlier change of its key may be running)"))
         return None if result.ok else result
 
-    def _set_one(self, t: DeviceTunnel, c: _Conn, deadline: float, keys: list[str]) -> DeviceResult:
+    def _set_one(self, t: DeviceTunnel, c: _Conn, deadline: float, keys: list[str], settle: bool) -> DeviceResult:
         what = f"set the shared key of connection {c.name}"
         try:
             current = self._held(c.name, deadline)
@@ -474,7 +475,26 @@ class AzureVpnDevice(DeviceBase):
             if status is DeviceStatus.UNKNOWN and not isinstance(exc, _Late):
                 status, reason = self._read_back(t, c, deadline, reason)
             return DeviceResult(status, one_line(reason, keys))
+        if settle:
+            return self._until_held(t, c, deadline, keys)
         return DeviceResult(DeviceStatus.OK, f"Azure accepted the new key for connection {c.name}; verify follows it")
+
+    def _until_held(self, t: DeviceTunnel, c: _Conn, deadline: float, keys: list[str]) -> DeviceResult:
+        """Follow an accepted update to its end: OK once the connection holds the key."""
+        def check() -> DeviceResult | None:
+            try:
+                if self._status(c.name, deadline)[1] == UPDATING:
+                    return None
+                if holds(self._held(c.name, deadline), t.psk):
+                    return DeviceResult(DeviceStatus.OK)
+            except Exception:
+                return None  # tried again until the deadline
+            return DeviceResult(DeviceStatus.FAILED, f"the update of connection {c.name} ended without the key "
+                                "(it failed at Azure); see the connection's activity log")
+
+        return poll(check, deadline - 0.5, interval=self.settings.poll_interval, sleep=self.sleep, clock=self.clock,
+                    on_timeout=lambda: DeviceResult(DeviceStatus.UNKNOWN, one_line(
+                        f"the update of connection {c.name} had not ended by the deadline", keys)))
 
     def _read_back(self, t: DeviceTunnel, c: _Conn, deadline: float, reason: str) -> tuple[DeviceStatus, str]:
         """After an unclear answer to a write, the key the connection holds decides."""
@@ -490,6 +510,10 @@ class AzureVpnDevice(DeviceBase):
             return DeviceStatus.OK, f"{reason}; read back: connection {c.name} holds the key"
         if not updating:  # no update runs and the key is not there: the write did not happen
             return DeviceStatus.FAILED, f"{reason}; read back: connection {c.name} still holds the key it had"
+        # An update runs (perhaps this one, perhaps an earlier one of this key): its end decides.
+        ended = self._until_held(t, c, deadline, [])
+        if ended.ok:
+            return DeviceStatus.OK, f"{reason}; read back after the running update: connection {c.name} holds the key"
         return DeviceStatus.UNKNOWN, reason
 
     def _verify_one(self, t: DeviceTunnel, c: _Conn, deadline: float, keys: list[str]) -> DeviceResult:
