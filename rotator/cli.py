@@ -22,7 +22,7 @@ from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
     from rotator.config import Settings
-    from rotator.rotation.ports import HistoryStore
+    from rotator.rotation.ports import HistoryStore, VersionInfo
     from rotator.wiring import Runtime
 
 # The status filters (service/inventory.FILTERS), repeated here so --help stays fast.
@@ -355,8 +355,26 @@ def _unlock(runtime: Runtime, account: str) -> int:
     return 0
 
 
+def _version_view(v: VersionInfo) -> dict[str, Any]:
+    """What history shows of one version: never a key, nor anything derived from one."""
+    rec = v.record
+    out: dict[str, Any] = {"version": v.number, "written_at": v.created_time or None, "deleted": rec is None}
+    if rec is None:
+        return out
+    outcome = rec.last_error or ("rotated" if rec.state == "active" and rec.psk is not None else rec.state)
+    if rec.state == "pending" and rec.acked:
+        outcome = "acknowledged: the device holds the new key" + (f" ({rec.last_error})" if rec.last_error else "")
+    out.update({"rotation_id": rec.rotation_id, "state": rec.state, "pending": rec.pending_psk is not None,
+                "outcome": outcome, "last_error": rec.last_error, "rotated_at": rec.rotated_at, "device": rec.device,
+                "tunnel_name": rec.tunnel_name, "verified_at": rec.verified_at, "verified_by": rec.verified_by})
+    return out
+
+
 def _history(runtime: Runtime, args: argparse.Namespace) -> int:
-    """The tunnel's record, version by version, newest first; never a key or anything derived from one."""
+    """The tunnel's record, version by version, newest first (the versions Vault still keeps, read as
+    ``rotator report`` reads them); never a key or anything derived from one."""
+    from rotator.errors import VaultError
+    from rotator.rotation.ports import HistoryStore
     if args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, not {args.limit}", "give --limit N with N >= 1")
     try:
@@ -366,7 +384,13 @@ def _history(runtime: Runtime, args: argparse.Namespace) -> int:
         if not ACCOUNT_RE.match(args.tunnel):  # an id no longer listed still has its history in Vault
             raise
         tid, name = args.tunnel, None
-    versions = [v.as_dict() for v in runtime.store.history(args.account, tid, args.limit)]
+    store = runtime.store
+    if not isinstance(store, HistoryStore):
+        raise RotatorError("this record store keeps no version history", "use Vault's KV v2")
+    found = store.history_many(args.account, [tid])[tid]
+    if isinstance(found, VaultError):
+        raise found
+    versions = [_version_view(v) for v in reversed(found.versions[-args.limit:])]
     if args.output == "json":
         print(json.dumps({"account_id": args.account, "tunnel_id": tid, "tunnel_name": name, "versions": versions},
                          indent=2))
@@ -754,13 +778,13 @@ def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     now = time.time()
     schedule = runtime.schedule_for(args.account)
 
-    def manual(record: Any) -> bool:
-        spec = runtime.devices.spec_named(record.device) if getattr(record, "device", None) else None
-        return spec is not None and spec.kind == "manual"
-
     unread = RotatorError("not read: the listing makes this tunnel unusable")
-    views = [assess(schedule(t), t, records.get(t.id, unread), now, manual=manual(records.get(t.id)))
-             for t in tunnels]
+
+    def view(t: Any) -> Any:
+        record = records.get(t.id, unread)
+        return assess(schedule(t), t, record, now, manual=runtime.is_manual(getattr(record, "device", None)))
+
+    views = [view(t) for t in tunnels]
     views = [v for v in views if (args.state is None or v.matches(args.state))
              and (not args.tunnel or any(v.tunnel_id == w or fnmatch.fnmatchcase(v.name, w) for w in args.tunnel))
              and (args.device is None or v.device == args.device)]

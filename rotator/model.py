@@ -215,31 +215,6 @@ def ack(record: Record, holds: str | None = None, rotation_id: str | None = None
     return replace(record, acked_rotation_id=f"{prefix}{record.rotation_id}")
 
 
-@dataclass(frozen=True, slots=True)
-class RecordVersion:
-    """One KV v2 version of a tunnel's record (``rotator history``). ``record`` None: the version was
-    deleted or destroyed (its number and time remain)."""
-
-    version: int
-    written_at: str | None
-    record: Record | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """What history shows of a version: never a key, nor anything derived from one."""
-        rec = self.record
-        out: dict[str, Any] = {"version": self.version, "written_at": self.written_at, "deleted": rec is None}
-        if rec is None:
-            return out
-        outcome = rec.last_error or ("rotated" if rec.state == "active" and rec.psk is not None else rec.state)
-        if rec.state == "pending" and rec.acked:
-            outcome = "acknowledged: the device holds the new key" + (f" ({rec.last_error})" if rec.last_error else "")
-        out.update({"rotation_id": rec.rotation_id, "state": rec.state, "pending": rec.pending_psk is not None,
-                    "outcome": outcome, "last_error": rec.last_error, "rotated_at": rec.rotated_at,
-                    "device": rec.device, "tunnel_name": rec.tunnel_name,
-                    "verified_at": getattr(rec, "verified_at", None), "verified_by": getattr(rec, "verified_by", None)})
-        return out
-
-
 @dataclass(slots=True)
 class Lease:
     holder: str

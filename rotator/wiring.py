@@ -93,6 +93,11 @@ class Runtime:
         return {"psk_for": self.psk_for(account_id), "device_for": device_for if self.measured else None,
                 "ack_timeout": min(manual) if manual else None, "on_drift": self.settings.rotation.on_drift}
 
+    def is_manual(self, device: str | None) -> bool:
+        """Whether the device of this name is a manual one (its keys wait for an operator's ack)."""
+        spec = self.devices.spec_named(device) if device else None
+        return spec is not None and spec.kind == "manual"
+
     def schedule_for(self, account_id: str) -> Callable[[TunnelInfo], Policy | None]:
         """A tunnel's schedule: the policy its account's selections name (None: no selection covers
         it); an account the config does not list runs every tunnel on the ``default`` policy."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from rotator.adapters.devices._common import DeviceBase
 from rotator.errors import CasConflict, CloudflareError, VaultError
-from rotator.model import Lease, PskSetResult, Record, RecordVersion, TunnelInfo, check_distinct
+from rotator.model import Lease, PskSetResult, Record, TunnelInfo, check_distinct
 from rotator.rotation.ports import DeviceResult, DeviceStatus, DeviceTunnel, HealthState, KeyRules
 from rotator.secret import Secret
 
@@ -141,11 +141,6 @@ class FakeVault:
             except VaultError as exc:
                 out[rec.tunnel_id] = exc
         return out
-
-    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]:
-        with self._lock:
-            history = list(self.versions.get((account_id, tunnel_id), []))
-        return [RecordVersion(r.version, stamp(), dataclasses.replace(r)) for r in reversed(history[-limit:])]
 
     def _write(self, rec: Record) -> Record:
         fault = self.faults.take("write")

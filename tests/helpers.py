@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +142,24 @@ def assert_both_ends(sims: Simulators, account: str, held: Any, strict: bool = F
         else:
             assert key in (data.get("psk"), data.get("pending_psk")), f"{tid}: the device holds a key Vault lacks"
     return checked
+
+
+def kill_at_crash_point(argv: list[str], env: dict[str, str], point: str) -> None:
+    """Run a crash child (tests/ike/crash_child.py, tests/devices/firewall_crash_child.py) until it prints
+    ``CRASH-POINT <point>``, then SIGKILL it; its output goes to the secret scan."""
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[str] = []  # the engine logs on stdout too; the child ends by itself within 60 s (EOF)
+        while not (seen and seen[-1].startswith("CRASH-POINT")) and len(seen) < 1000:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line:
+                break
+            seen.append(line)
+        assert seen and seen[-1].strip() == f"CRASH-POINT {point}", (seen[-3:], proc.stderr and proc.stderr.read())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        OUTPUTS.extend([proc.stdout.read() if proc.stdout else "", proc.stderr.read() if proc.stderr else ""])

@@ -461,6 +461,10 @@ def test_a_manual_device_waits_for_its_ack_and_the_metrics_say_so(sims, tmp_path
         assert metric(text, "psk_rotator_device_calls_total", device="unifi", action="deliver", result="waiting") == 2
         assert record(sims, acc, tunnel)["state"] == "pending"
         rotation = record(sims, acc, second)["rotation_id"]
+        seen = httpx.get(url + "/v1/status", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        row = seen["accounts"][acc]["tunnels"][second]  # what it waits for and the command, as `rotator status`
+        assert row["ack_command"] == f"rotator ack --account {acc} --tunnel {second} --rotation {rotation} --holds new"
+        assert "new key of rotation" in row["waits_for"]
         # The admin API's ack (issue 20 item 2): one that does not say what the device holds, or names
         # another rotation, is refused with the state and the exact command; nothing is recorded.
         auth = {"Authorization": f"Bearer {ADMIN}"}

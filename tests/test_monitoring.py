@@ -106,7 +106,8 @@ def test_a_fresh_daemon_exports_every_known_label_set_at_zero(sims, tmp_path):
         for status in DeviceStatus:
             assert value("psk_rotator_device_calls_total", device="desk", action=action, result=str(status)) == 0
     assert value("psk_rotator_cloudflare_requests_total", endpoint="psk_apply", status="429") == 0
-    for gauge in ("psk_rotator_tunnels_pending", "psk_rotator_tunnels_waiting_ack", "psk_rotator_leader"):
+    for gauge in ("psk_rotator_tunnels_pending", "psk_rotator_tunnels_waiting_ack", "psk_rotator_leader",
+                  "psk_rotator_partner_down_tunnels"):
         assert value(gauge, account=acc) == 0, gauge
 
 

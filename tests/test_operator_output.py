@@ -23,6 +23,8 @@ def large():
         helpers.remember_secrets(s)
 
 
+@pytest.mark.long
+@pytest.mark.timeout(600)  # 2,000 tunnels through every step against the simulators: about a minute here
 def test_2000_tunnels_with_99_refused_on_one_device_read_as_one_line_and_a_next_step(large, tmp_path):
     """Regression: 99 identical rows (cut to the terminal width even in a pipe), no per-device totals,
     no next step. Now: one line with the count, totals per device, the command to run next, and the

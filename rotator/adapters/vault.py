@@ -24,7 +24,7 @@ import urllib3
 
 from rotator import wire
 from rotator.errors import CasConflict, ConfigError, VaultError
-from rotator.model import Lease, Record, RecordVersion, check_distinct
+from rotator.model import Lease, Record, check_distinct
 from rotator.rotation.ports import History, VersionInfo
 from rotator.secret import redact
 
@@ -277,15 +277,9 @@ class VaultStore:
     def read_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, Record | VaultError]:
         return self._map(lambda tid: self.read(account_id, tid), list(tunnel_ids))
 
-    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]:
-        """The record's latest ``limit`` KV v2 versions, newest first (``rotator history``): each read
-        with ``GET <mount>/data/<path>?version=N`` (docs/specs/vault-kv2.md 4.2), so the policy the
-        rotator already needs suffices; a deleted, destroyed or trimmed version has no record."""
-        path = self.path(account_id, tunnel_id)
-        latest, _ = self._read_latest("read", f"reading {self.mount}/{path}", path)
-        return [self._read_version(account_id, tunnel_id, path, n) for n in range(latest, max(0, latest - limit), -1)]
-
-    def _read_version(self, account_id: str, tunnel_id: str, path: str, number: int) -> RecordVersion:
+    def _read_version(self, account_id: str, tunnel_id: str, path: str, number: int) -> Record | None:
+        """One version's data (``GET <mount>/data/<path>?version=N``, docs/specs/vault-kv2.md 4.2);
+        None when it was deleted, destroyed or trimmed."""
         what = f"reading version {number} of {self.mount}/{path}"
 
         def call() -> Any:
@@ -295,15 +289,12 @@ class VaultStore:
         try:
             resp = self._do("read", what, call, missing_ok=True)
         except _Missing:
-            return RecordVersion(number, None, None)
+            return None
         data = resp.get("data") if isinstance(resp, dict) else None
-        meta = data.get("metadata") if isinstance(data, dict) else None
         body = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(meta, dict) or not isinstance(body, dict):
+        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict) or not isinstance(body, dict):
             raise _garbage(what, "no KV v2 version and data")
-        written = meta.get("created_time")
-        return RecordVersion(number, written if isinstance(written, str) else None,
-                             Record.from_data(account_id, tunnel_id, number, body))
+        return Record.from_data(account_id, tunnel_id, number, body)
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]:
         """CAS-write each record; raises model.RepeatedTunnel (a programming error, nothing written)
@@ -378,7 +369,7 @@ class VaultStore:
     def _version(self, account_id: str, tunnel_id: str, path: str, number: int, meta: dict[str, Any]) -> VersionInfo:
         created, deleted = str(meta.get("created_time") or ""), str(meta.get("deletion_time") or "") or None
         destroyed = meta.get("destroyed") is True
-        record = None if destroyed else self._read_version(account_id, tunnel_id, path, number).record
+        record = None if destroyed else self._read_version(account_id, tunnel_id, path, number)
         return VersionInfo(number, created, deleted, destroyed, record)
 
     def history_many(self, account_id: str, tunnel_ids: Iterable[str]) -> dict[str, History | VaultError]:

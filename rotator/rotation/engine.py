@@ -279,6 +279,18 @@ class Engine:
             if key is not None:
                 item.partners = tuple(t for t in members[(id(item.device), key)] if t.id != item.id)
 
+    def _pending_partners(self, account_id: str, items: list[Item]) -> set[tuple[str, str]]:
+        """Pairs with a key in flight through a partner this run did not plan (a run naming one tunnel
+        while its partner's key is still pending from an earlier run): read from the partners' records,
+        one read for them all. A record that cannot be read counts as in flight."""
+        planned = {i.id for i in items}
+        outside = {p.id: i.pair for i in items for p in i.partners if i.pair is not None and p.id not in planned}
+        if not outside:
+            return set()
+        records = self.store.read_many(account_id, sorted(outside))
+        return {pair for tid, pair in outside.items() if pair is not None and (
+            not isinstance(rec := records.get(tid), Record) or rec.pending_psk is not None)}
+
     def _select(self, tunnels: list[TunnelInfo], req: RunRequest) -> list[TunnelInfo]:
         """The tunnels this run is about, each once: an id listed twice is one entry with a problem
         (plan.listed_once), chosen when any of its names or entries is, and never rotated."""
@@ -384,6 +396,7 @@ class Engine:
                           req.ack_timeout, req.health, self.apply_guard,
                           keepalive=functools.partial(self._still_leased, req.account_id),
                           keepalive_every=max(1.0, self.leases.ttl / 3))
+            ctx.busy_pairs.update(self._pending_partners(req.account_id, items))
             going_back = [i for i in items if i.mode is Mode.ROLLING_BACK]
             if req.dry_run:  # a dry run changes nothing, not even an interrupted rollback
                 for item in going_back:

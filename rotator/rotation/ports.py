@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from rotator.errors import VaultError
-from rotator.model import Lease, PskSetResult, Record, RecordVersion, TunnelInfo
+from rotator.model import Lease, PskSetResult, Record, TunnelInfo
 from rotator.secret import Secret
 
 
@@ -25,8 +25,6 @@ class RecordStore(Protocol):
     def read_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, Record | VaultError]: ...
 
     def write_many(self, records: list[Record]) -> dict[str, Record | VaultError]: ...
-
-    def history(self, account_id: str, tunnel_id: str, limit: int = 20) -> list[RecordVersion]: ...
 
     def read_lease(self, account_id: str) -> Lease: ...
 

@@ -426,7 +426,8 @@ class Daemon:
                 continue
             tunnel = TunnelInfo(tid, o.name)
             count, last = failures.get(tid, (0, None))
-            view = assess(self._policy(account, tunnel), tunnel, record, now, count, last)
+            view = assess(self._policy(account, tunnel), tunnel, record, now, count, last,
+                          manual=self.runtime.is_manual(record.device))
             before = views.get(tid)
             drifted = bool(before and before.drifted) and o.result != ROTATED
             views[tid] = dataclasses.replace(view, drifted=drifted)

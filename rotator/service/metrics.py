@@ -95,6 +95,7 @@ class Metrics:
             self.drift_detected.labels(account=account)
             self.pending.labels(account=account).set(0)
             self.waiting_ack.labels(account=account).set(0)
+            self.partner_down.labels(account=account).set(0)
             self.leader.labels(account=account).set(0)
         for device in devices:
             for action in DEVICE_ACTIONS:

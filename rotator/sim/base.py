@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,7 +23,7 @@ from urllib.parse import parse_qsl
 from rotator import wire
 from rotator.httpserver import ServerThread
 
-__all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp"]
+__all__ = ["Fault", "FaultBook", "Request", "Response", "ServerThread", "SimApp", "serve"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -353,3 +354,14 @@ def _trace_headers(headers: dict[str, str]) -> dict[str, str]:
 
 def _json_response(status: int, obj: Any) -> Response:
     return Response(status, json.dumps(obj).encode(), [(b"content-type", b"application/json")])
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, certfile: str | None = None, keyfile: str | None = None) -> Iterator[ServerThread]:
+    """Serve a simulator on a free loopback port (HTTPS with ``certfile`` and ``keyfile``), stopped after."""
+    tls = (certfile, keyfile) if certfile and keyfile else None
+    server = ServerThread(app, name=type(app).__name__, tls=tls).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -69,7 +69,9 @@ CLASSES: dict[str, str] = {
                "boto3 against the EC2 fake), 20 more on Azure VPN Gateway (azure_vpn through azure-mgmt-network "
                "against the ARM fake over TLS): refused, throttled, 5xx, late and lost modifications, a denied "
                "DescribeVpnConnections or sharedKey/write, Azure updates that fail or hang, tunnels that never come "
-               "UP; the vendor's key is checked like Cloudflare's",
+               "UP; and 10 tunnels of the first account on each simulated firewall (panos, vyos, fortigate, over "
+               "HTTPS): refused keys, failed commits, no re-authentication, 5xx, late, lost and garbage answers; "
+               "the vendor's key is checked like Cloudflare's",
 }
 # What the suite runs by default: every class. On main at a113232 four of them broke it (kept here as
 # the campaign's record; replay with the seed and ROTATOR_CAMPAIGN_FAULTS set to the class):
@@ -102,6 +104,8 @@ class ManualEnd:
 LATE_DELAY = (2.5, 4.0)  # answers that come after the client's deadline
 AWS_TUNNELS = 40  # of the second account, two per VPN connection
 AWS_TIMEOUT = 3.0  # the aws_vpn device's call deadline (a short lease of 6 s still covers it twice)
+FIREWALL_TUNNELS = 10  # of the first account, per firewall kind (vendors)
+FIREWALL_KINDS = ("panos", "vyos", "fortigate")
 AWS_REPLACEMENT = 1.0  # seconds the EC2 fake takes to replace a tunnel (at least 1: EC2 reports whole seconds)
 AZURE_TUNNELS = 20  # of the second account, after the manual and AWS ones, two per Azure VPN gateway
 AZURE_TIMEOUT = 3.0  # the azure_vpn device's call deadline
@@ -249,6 +253,7 @@ class Campaign:
         self._n = 0
         self._configs = 0
         self._described: dict[Path, str] = {}
+        self.firewalls: list[Firewall] = []
 
     # -- the whole campaign ----------------------------------------------------------------------------
     def run(self) -> Result:
@@ -265,6 +270,7 @@ class Campaign:
                 self.http = httpx.Client(timeout=10)
                 device_server = self._start_device()
                 aws_server = self._start_aws()
+                self._start_firewalls()
                 azure_server = self._start_azure()
                 try:
                     self._run_rounds()
@@ -273,6 +279,9 @@ class Campaign:
                     if device_server is not None:
                         device_server.stop()
                         self.result.device_calls = sum(self.device.request_counts().values())
+                    for fw in self.firewalls:
+                        fw.server.stop()
+                        self.result.device_calls += sum(fw.sim.request_counts().values())
                     if aws_server is not None:
                         aws_server.stop()
                         self.result.device_calls += sum(self.aws.request_counts().values())
@@ -327,6 +336,44 @@ class Campaign:
                          "AWS_EC2_METADATA_DISABLED": "true"})
         return server
 
+    def _start_firewalls(self) -> None:
+        """The simulated firewalls of the vendors class: FIREWALL_TUNNELS tunnels of the first account on
+        each kind, served over HTTPS with a loopback CA, each holding the key Cloudflare holds."""
+        self.firewalls: list[Firewall] = []
+        if "vendors" not in self.faults:
+            return
+        import trustme
+
+        from rotator.sim import fortigate, panos, vyos
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        paths = {name: self.workdir / f"firewall-{name}.pem" for name in ("ca", "cert", "key")}
+        ca.cert_pem.write_to_path(str(paths["ca"]))
+        cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+        cert.private_key_pem.write_to_path(str(paths["key"]))
+        account = self.accounts[0]
+        cf = self.sims.cloudflare
+        start = MANUAL_PER_ACCOUNT
+        for kind in FIREWALL_KINDS:
+            tunnels = self.sims.tunnels_by_account[account][start:start + FIREWALL_TUNNELS]
+            start += FIREWALL_TUNNELS
+            names = {tid: f"cf-{cf.accounts[account][tid].name}" for tid in tunnels}
+            sim: Any = {"panos": panos.PanosSim, "vyos": vyos.VyosSim, "fortigate": fortigate.FortigateSim}[kind](
+                peer=cf.psk_of)
+            for tid, name in names.items():
+                (sim.add_gateway if kind == "panos" else sim.add_tunnel)(name, account, tid, cf.psk_of(account, tid))
+            gate = Gate(sim)
+            server = ServerThread(gate, name=kind, tls=(str(paths["cert"]), str(paths["key"]))).start()
+            credential = sim.token if kind == "fortigate" else sim.api_key
+            cred_file = self.workdir / f"{kind}.credential"
+            cred_file.write_text(credential)
+            cred_key = "token_file" if kind == "fortigate" else "api_key_file"
+            block = (f'[[devices]]\nname = "{kind}-fw"\nkind = "{kind}"\naccounts = ["{account}"]\n'
+                     f'tunnels = [{", ".join(json.dumps(t) for t in tunnels)}]\ntimeout = {AWS_TIMEOUT}\n'
+                     f'verify_timeout = "8s"\nhost = "127.0.0.1"\nport = {server.port}\n'
+                     f'{cred_key} = "{cred_file}"\nca_file = "{paths["ca"]}"\npoll_interval = 0.2\n')
+            self.firewalls.append(Firewall(kind, sim, gate, server, tunnels, names, credential, block))
     def _start_azure(self) -> ServerThread | None:
         """The ARM fake for the vendors class, over loopback TLS: AZURE_TUNNELS tunnels of the second
         account after the AWS ones, two per gateway, each Connected while its key equals Cloudflare's."""
@@ -358,6 +405,7 @@ class Campaign:
             ends.append(("manual device desk", self.manual_end))
         if self.aws is not None:
             ends.append(("AWS tunnel", AwsEnd(self.aws, self.sims.cloudflare, self.accounts[1])))
+        ends.extend((f"{fw.kind} firewall", fw.sim) for fw in self.firewalls)
         if self.azure is not None:
             ends.append(("Azure connection", self.azure))  # its lock, and held(account, tunnel)
         return ends
@@ -493,7 +541,7 @@ class Campaign:
             actions.append((0.5, self._list_twice))
         if "manual_ack" in f and self.manual:
             actions.append((1.0, self._operator))
-        if "vendors" in f and self.aws is not None:
+        if "vendors" in f and (self.aws is not None or self.firewalls):
             actions.append((1.0, self._vendor_fault))
         if "vendors" in f and self.azure is not None:
             actions.append((0.6, self._azure_fault))
@@ -522,6 +570,7 @@ class Campaign:
                 + (f'[[devices]]\nname = "aws"\nkind = "aws_vpn"\nregion = "{self.aws.region}"\n'
                    f'accounts = ["{self.accounts[1]}"]\ntunnels = [{", ".join(repr(t) for t in self.aws_tunnels)}]\n'
                    f'timeout = {AWS_TIMEOUT}\nverify_timeout = "8s"\nconcurrency = 32\n' if self.aws is not None else "")
+                + "".join(fw.block for fw in self.firewalls)
                 + (f'[[devices]]\nname = "azure"\nkind = "azure_vpn"\naccounts = ["{self.accounts[1]}"]\n'
                    f'tunnels = [{", ".join(repr(t) for t in self.azure_tunnels)}]\n'
                    f'subscription_id = "{self.azure.subscription_id}"\nresource_group = "{self.azure.resource_group}"\n'
@@ -849,6 +898,9 @@ class Campaign:
                 if tids:
                     self._wait(self._ack(acc, tids, ["--holds", holds], fault_free=True), 90)
     def _vendor_fault(self) -> None:
+        if self.firewalls and (self.aws is None or self.rng.random() < 0.5):
+            self._firewall_fault()
+            return
         picks = self.rng.sample(self.aws_tunnels, self.rng.randint(1, 4))
         roll, action = self.rng.random(), self.rng.choice(("ModifyVpnTunnelOptions", "DescribeVpnConnections"))
         if roll < 0.2:
@@ -871,6 +923,41 @@ class Campaign:
         else:
             self.aws.deny("DescribeVpnConnections")
             text = "AWS denies DescribeVpnConnections (UnauthorizedOperation) this round"
+        self.result.faults_armed += 1
+        self._event(text)
+
+    def _firewall_fault(self) -> None:
+        fw = self.rng.choice(self.firewalls)
+        picks = self.rng.sample(fw.tunnels, self.rng.randint(1, 3))
+        routes = {"panos": ("panos.config.set", "panos.commit", "panos.op.jobs", "panos.op.clear", "panos.op.sa"),
+                  "vyos": ("vyos.retrieve", "vyos.configure", "vyos.config-file", "vyos.reset", "vyos.show"),
+                  "fortigate": ("fortigate.get", "fortigate.put", "fortigate.down", "fortigate.up",
+                                "fortigate.monitor")}[fw.kind]
+        route, roll = self.rng.choice(routes), self.rng.random()
+        if roll < 0.2:
+            for tid in picks:
+                fw.sim.refuse_key(fw.names[tid], "{key} is refused by the campaign" if fw.kind == "fortigate"
+                                  else "is refused by the campaign")
+            text = f"{fw.kind} refuses the next key of {len(picks)} tunnels"
+        elif roll < 0.35 and fw.kind != "fortigate":
+            fw.sim.fail_commit("Validation Error: pre-shared-key {key} rejected by the campaign")
+            text = f"{fw.kind}'s next commit fails, quoting a key"
+        elif roll < 0.5:
+            fw.sim.never_reauth([fw.names[tid] for tid in picks])
+            text = f"{len(picks)} {fw.kind} tunnels never re-authenticate this round"
+        elif roll < 0.65:
+            fw.sim.fail_next(route, status=self.rng.choice((500, 502, 503)))
+            text = f"{fw.kind} answers the next {route} with a 5xx"
+        elif roll < 0.8:
+            delay = self.rng.uniform(*LATE_DELAY)
+            fw.sim.late_next(route, delay)
+            text = f"{fw.kind} acts on the next {route} and answers {delay:.1f}s late"
+        elif roll < 0.9:
+            fw.sim.drop_next(route)
+            text = f"{fw.kind} acts on the next {route} and drops the connection"
+        else:
+            fw.sim.garbage_next(route, variant="html")
+            text = f"{fw.kind} answers the next {route} with a login page"
         self.result.faults_armed += 1
         self._event(text)
 
@@ -926,6 +1013,9 @@ class Campaign:
             self.device.clear()
         if self.aws is not None:
             self.aws.clear()
+        for fw in self.firewalls:
+            fw.sim.clear()
+            fw.gate.clear()
         if self.azure is not None:
             self.azure.clear()
             self.azure.restore(self.azure_client.client_id)
@@ -940,7 +1030,8 @@ class Campaign:
         while self.sims.cf_gate.inflight or self.sims.vault_gate.inflight or (
                 self.device_gate is not None and self.device_gate.inflight) or (
                 self.aws_gate is not None and (self.aws_gate.inflight or self._aws_modifying())) or (
-                self.azure_gate is not None and (self.azure_gate.inflight or self.azure.updating())):
+                self.azure_gate is not None and (self.azure_gate.inflight or self.azure.updating())) or any(
+                fw.gate.inflight for fw in self.firewalls):
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight at the simulators 30s after every rotator was killed")
             time.sleep(0.01)
@@ -1017,6 +1108,7 @@ class Campaign:
         tokens = {self.sims.vault_token, self.sims.vault.root_token, self.sims.cloudflare_api_token, ADMIN_TOKEN}
         if self.aws is not None:
             tokens.add(self.aws.secret_key)
+        tokens.update(fw.credential for fw in self.firewalls)
         if self.azure is not None:
             tokens.update(self.azure.scan_secrets())  # the client secret, every token, every key it held
         texts = []
@@ -1034,6 +1126,20 @@ class Campaign:
         helpers.SECRETS.update(tokens)
         for account in self.accounts:
             helpers.SECRETS.update(k for k in self.sims.cloudflare.psks(account).values() if k)
+
+
+@dataclass
+class Firewall:
+    """One simulated firewall of the vendors class; ``sim`` is a far end for the monitor (``lock``, ``held``)."""
+
+    kind: str
+    sim: Any
+    gate: Gate
+    server: ServerThread
+    tunnels: list[str]
+    names: dict[str, str]  # tunnel id -> the firewall's name for it
+    credential: str
+    block: str  # its [[devices]] table
 
 
 @dataclass

@@ -4,9 +4,6 @@ Vault, the edge (Cloudflare) and the site agree, and every tunnel is up and re-a
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,24 +38,8 @@ def test_c_sigkill_then_reconcile_leaves_all_three_agreeing(lab, tmp_path, point
         finally:
             rt.close()
         before = dict(sims.cloudflare.psks(acc))
-        proc = subprocess.Popen([sys.executable, str(CHILD), acc, lab.site.vici_socket, point, HOLDER],
-                                env={**os.environ, **sims.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        try:
-            seen = []  # the engine logs on stdout too; the child ends by itself within 60 s (EOF)
-            while not (seen and seen[-1].startswith("CRASH-POINT")) and len(seen) < 1000:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                seen.append(line)
-            assert seen and seen[-1].strip() == f"CRASH-POINT {point}", (seen[-3:], proc.stderr.read())
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        helpers.OUTPUTS.extend([proc.stdout.read(), proc.stderr.read()])
+        helpers.kill_at_crash_point([sys.executable, str(CHILD), acc, lab.site.vici_socket, point, HOLDER],
+                                    sims.env(), point)
         helpers.remember_secrets(sims)
         for t in tids:  # in flight: the new key is pending in Vault, and the invariant holds for Cloudflare
             data = helpers.record(sims, acc, t)

@@ -149,8 +149,6 @@ def test_a_failed_validation_call_leaves_a_key_in_flight_pending() -> None:
     assert w.rec(t1).psk == key  # finished forward, not rolled back
 
 
-@pytest.mark.xfail(strict=True, reason="open: the engine only knows the pairs busy in this run; a partner "
-                   "pending from an earlier run but not selected now is not read (needs rotation/engine.py)")
 def test_a_pair_partner_outside_the_selection_still_holds_its_partner_back() -> None:
     """Pairs are never in flight together (DESIGN.md section 4), also when the run names one tunnel."""
     w = managed(world(2, 100, device=FakeDevice("hub", timeout=0.3), customer_endpoint="203.0.113.7"))

@@ -82,6 +82,9 @@ KIND_MODULES = (
     "manual",
     "aws_vpn",
     "azure_vpn",
+    "panos",
+    "vyos",
+    "fortigate",
 )
 KINDS = KIND_MODULES
 COMMON_KEYS = ("name", "kind", "accounts", "tunnels", "timeout", "verify", "concurrency")
