@@ -113,6 +113,8 @@ def test_a_connection_that_never_comes_back_is_rolled_back_on_both_ends(azure_wo
     report = run(rt, acc, registry, tunnels=[bad])
     assert outcomes(report)[bad] == "rolled_back", [(o.result, o.reason) for o in report.outcomes]
     assert sims.cloudflare.psk_of(acc, bad) == before
+    # The rollback returns once ARM accepted it; its long-running operation ends a moment later.
+    helpers.wait_for(lambda: name not in azure.sim.updating(), what="Azure's rollback operation to end")
     assert azure.sim.key_of(name) == before  # set to the new key, then back
     assert azure.sim.keys_set(name)[-1] == before and len(azure.sim.keys_set(name)) == 3
     assert_both_ends(sims, acc, azure.sim.held, strict=True)

@@ -499,8 +499,11 @@ class AzureVpnDevice(DeviceBase):
     def _read_back(self, t: DeviceTunnel, c: _Conn, deadline: float, reason: str) -> tuple[DeviceStatus, str]:
         """After an unclear answer to a write, the key the connection holds decides."""
         try:
-            held = self._held(c.name, deadline)
+            # The status first, then the key: an update that ends between the two reads is then seen in
+            # the key. Read the other way round, an update ending in between looked like "no update
+            # runs and the key is not there", and a key Azure may hold would have been unstaged.
             updating = self._status(c.name, deadline)[1] == UPDATING
+            held = self._held(c.name, deadline)
         except Exception:
             return DeviceStatus.UNKNOWN, reason
         if holds(held, t.psk):
