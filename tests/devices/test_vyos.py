@@ -96,7 +96,8 @@ def test_a_missing_psk_entry_is_refused_and_nothing_is_sent(router):
     assert "no psk entry other-site-0" in results[tunnels[0].tunnel_id].reason and sim.commits == 0
 
 
-@pytest.mark.parametrize("fault", ["late_configure", "configure_502", "garbage_configure", "failed_save"])
+@pytest.mark.parametrize("fault", ["late_configure", "configure_502", "garbage_configure", "deep_configure",
+                                   "failed_save"])
 def test_an_unclear_answer_is_unknown_and_the_call_keeps_its_deadline(router, fault):
     sim, device, tunnels, _, _ = router
     if fault == "late_configure":
@@ -105,6 +106,8 @@ def test_an_unclear_answer_is_unknown_and_the_call_keeps_its_deadline(router, fa
         sim.fail_next("vyos.configure", status=502)
     elif fault == "garbage_configure":
         sim.garbage_next("vyos.configure", variant="html")
+    elif fault == "deep_configure":  # a 200 nested 100,000 brackets deep: unreadable, not a RecursionError
+        sim.garbage_next("vyos.configure", variant="deep")
     else:
         sim.fail_save()
     assert_unknown_by_the_deadline(device(), tunnels)

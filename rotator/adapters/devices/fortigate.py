@@ -36,6 +36,7 @@ from urllib.parse import quote
 
 import structlog
 
+from rotator import wire
 from rotator.adapters.devices._common import DeviceSpec, Fields, fill, one_line
 from rotator.adapters.devices._vendor import (
     HttpsFirewall,
@@ -128,8 +129,8 @@ class FortigateDevice(HttpsFirewall):
             raise Unreached(f"the FortiGate at {self.where} refused the API token (HTTP 401): write a valid REST "
                             "API admin token to token_file (and allow this host in its trusthost)")
         try:
-            doc = json.loads(answer.body)
-        except ValueError:
+            doc = wire.loads(answer.body)
+        except ValueError:  # wire.NotJson: malformed or nested too deeply
             doc = None
         envelope = isinstance(doc, dict) and doc.get("status") in ("success", "error")
         if answer.status == 403:

@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from rotator import wire
 from rotator.adapters.devices._common import DeviceSpec, Fields, fill, holds, one_line
 from rotator.adapters.devices._vendor import (
     HttpsFirewall,
@@ -132,8 +133,8 @@ class VyosDevice(HttpsFirewall):
         where = self.where
         answer = self.send("POST", self.base + endpoint, end, {}, data=form)
         try:
-            doc = json.loads(answer.body)
-        except ValueError:
+            doc = wire.loads(answer.body)
+        except ValueError:  # wire.NotJson: malformed or nested too deeply
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("success"), bool):
             if answer.status in (401, 403):
