@@ -1,5 +1,5 @@
 """In-memory fakes of every port in rotator/rotation/ports.py, with fault injection, and the
-invariant (DESIGN.md section 2, both ends) as one assertion usable by every test.
+invariant (docs/design.md section 2, both ends) as one assertion usable by every test.
 
 The fakes behave like the real services on the points the protocol relies on: Vault's CAS and
 versions, Cloudflare's bulk set answer (applied / unapplied / contradictory), a device that holds
@@ -419,7 +419,7 @@ class FakeHealth:
 
 def assert_invariant(cloudflare: FakeCloudflare, vault: FakeVault, account_id: str,
                      devices: Mapping[str, FakeDevice] | None = None, strict: bool = False) -> int:
-    """DESIGN.md section 2, both ends. ``devices``: tunnel id -> the device that terminates it.
+    """docs/design.md section 2, both ends. ``devices``: tunnel id -> the device that terminates it.
     Returns how many managed tunnels were checked.
 
     Non-strict: for every managed tunnel, Cloudflare's key and the device's key are each the latest

@@ -106,7 +106,7 @@ def record(sims: Simulators, account: str, tunnel: str) -> dict[str, Any] | None
 
 
 def assert_invariant(sims: Simulators, account: str, strict: bool = False) -> int:
-    """DESIGN.md section 2. Returns how many managed tunnels were checked.
+    """docs/design.md section 2. Returns how many managed tunnels were checked.
 
     Non-strict: for every managed tunnel, Cloudflare's PSK is the latest record's psk or pending_psk.
     Strict (no rotation in flight): it is psk, and nothing is pending.
@@ -128,7 +128,7 @@ def assert_invariant(sims: Simulators, account: str, strict: bool = False) -> in
 
 
 def assert_both_ends(sims: Simulators, account: str, held: Any, strict: bool = False) -> int:
-    """DESIGN.md section 2 for both ends: Cloudflare's key (``assert_invariant``) and the far end's,
+    """docs/design.md section 2 for both ends: Cloudflare's key (``assert_invariant``) and the far end's,
     ``held(account, tunnel_id)`` (None: the device holds no key for the tunnel), each readable from the
     latest record, as psk or pending_psk (strictly psk once nothing is in flight)."""
     checked = assert_invariant(sims, account, strict=strict)

@@ -1,6 +1,6 @@
 """The rotation protocol against the simulators over loopback: happy path and every fault.
 
-Every test ends by asserting the invariant of DESIGN.md section 2. The same behaviours, and those
+Every test ends by asserting the invariant of docs/design.md section 2. The same behaviours, and those
 that need a fault at a point no simulator offers (a seal between apply and promote, a concurrent
 writer, a shutdown between batches), are tested in memory in tests/rotation/.
 """

@@ -1,8 +1,8 @@
-"""Leases (DESIGN.md section 4, issue 9 items 3, 4, 8), through the simulators over loopback.
+"""Leases (docs/design.md section 4, issue 9 items 3, 4, 8), through the simulators over loopback.
 
 A lease is never handed over while a call it covers may still land; every call's deadline ends
 before the lease does; a crashed holder on this host is taken over at once. Every test ends by
-asserting the invariant of DESIGN.md section 2.
+asserting the invariant of docs/design.md section 2.
 """
 
 from __future__ import annotations

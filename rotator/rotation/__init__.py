@@ -1,6 +1,6 @@
 """The rotation protocol: ports, a pure plan, step functions and the engine that runs them.
 
-How it is organised (DESIGN.md section 4):
+How it is organised (docs/design.md section 4):
 
 - ``ports.py``: what the protocol speaks through (TunnelApi, RecordStore, Device, Health).
 - ``plan.py``: pure. Listing + records + policies + clock -> Plan: who is due (a fresh key), who

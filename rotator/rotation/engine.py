@@ -1,4 +1,4 @@
-"""The engine (DESIGN.md section 4): runs a plan through the ordered list of steps, records every
+"""The engine (docs/design.md section 4): runs a plan through the ordered list of steps, records every
 outcome in one place (the tally), and owns the lease guard.
 
 The engine knows the ports (``TunnelApi``, ``RecordStore``, ``Device``) and never httpx, hvac or

@@ -1,4 +1,4 @@
-"""Per-account leases: one rotator acts on an account at a time (DESIGN.md section 4).
+"""Per-account leases: one rotator acts on an account at a time (docs/design.md section 4).
 
 The rules, in the order they are applied:
 

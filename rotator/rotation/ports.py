@@ -70,7 +70,7 @@ class HistoryStore(Protocol):
     def history_many(self, account_id: str, tunnel_ids: Sequence[str]) -> dict[str, History | VaultError]: ...
 
 
-# -- far-end devices (DESIGN.md section 9) ---------------------------------------------------------
+# -- far-end devices (docs/design.md section 9) ---------------------------------------------------------
 
 class DeviceStatus(StrEnum):
     """What a device said about one tunnel for one action."""
@@ -106,7 +106,7 @@ class DeviceTunnel:
 
 @dataclass(frozen=True, slots=True)
 class KeyRules:
-    """What keys a device kind accepts (DESIGN.md section 10). A key is never truncated or altered
+    """What keys a device kind accepts (docs/design.md section 10). A key is never truncated or altered
     to fit: a PSK policy that could generate a key outside these rules is a configuration error.
 
     ``alphabet``: every character a key may hold (None: any printable ASCII character but space);

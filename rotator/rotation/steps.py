@@ -1,4 +1,4 @@
-"""The protocol's steps (DESIGN.md section 4), each a function with one contract:
+"""The protocol's steps (docs/design.md section 4), each a function with one contract:
 
     step(ctx, items) -> Result(moved, settled, back, halt)
 

@@ -1,6 +1,6 @@
 """A Cloudflare API v4 simulator: Magic IPsec tunnels, bulk PSK set, auth, envelope, rate limits.
 
-Faithful to ``shared/specs/cloudflare-magic-ipsec.md`` (section numbers in comments); the
+Faithful to ``docs/specs/cloudflare-magic-ipsec.md`` (section numbers in comments); the
 conformance tests in ``tests/sim/test_cloudflare_conformance.py`` drive it with the official
 ``cloudflare`` SDK. It keeps, per tunnel, the PSK really in force, so tests can check the
 invariant against what "Cloudflare" holds. Route names for counting and faults: ``cf.list``,

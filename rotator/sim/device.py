@@ -1,4 +1,4 @@
-"""A simulated far-end device: a webhook receiver (DESIGN.md section 9) that holds a key per tunnel.
+"""A simulated far-end device: a webhook receiver (docs/design.md section 9) that holds a key per tunnel.
 
 It checks each request's signature and replay window with the same ``WebhookReceiver`` users get,
 then acts on every tunnel of the batch: ``deliver`` and ``rollback`` make it hold ``psk``; ``verify``

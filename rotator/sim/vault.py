@@ -1,6 +1,6 @@
 """A HashiCorp Vault simulator: KV v2, token/AppRole/Kubernetes auth and sys endpoints.
 
-Faithful to ``shared/specs/vault-kv2.md`` (section numbers in comments); the conformance tests in
+Faithful to ``docs/specs/vault-kv2.md`` (section numbers in comments); the conformance tests in
 ``tests/sim/test_vault_conformance.py`` drive it through hvac. Route names used for counting and
 fault injection: ``kv.read``, ``kv.write``, ``kv.patch``, ``kv.delete``, ``kv.delete_versions``,
 ``kv.undelete``, ``kv.destroy``, ``kv.metadata.read``, ``kv.metadata.write``,

@@ -1097,7 +1097,7 @@ class Campaign:
         return "\n".join(text.splitlines()[-lines:])
 
     def _scan_outputs(self) -> None:
-        """No key or token in any output (DESIGN.md section 8); no traceback for a known failure."""
+        """No key or token in any output (docs/design.md section 8); no traceback for a known failure."""
         from tests import helpers
 
         keys = {h.psk for h in self.sims.cloudflare.applied_history()}
@@ -1184,7 +1184,7 @@ def find_secrets(texts: list[str], secrets: set[str]) -> set[str]:
 
 
 def devices_wired() -> bool:
-    """Whether this code base's configuration has ``[[devices]]`` (DESIGN.md section 9)."""
+    """Whether this code base's configuration has ``[[devices]]`` (docs/design.md section 9)."""
     from rotator import config
 
     return any(f.name == "devices" for f in dataclasses.fields(config.Settings))

@@ -1,4 +1,4 @@
-"""The invariant, checked continuously from the simulators' inspection API (DESIGN.md section 2).
+"""The invariant, checked continuously from the simulators' inspection API (docs/design.md section 2).
 
 Soundness: a check takes the Cloudflare simulator's lock and then the Vault simulator's lock, and
 reads, for every tunnel, the key Cloudflare holds and the latest version of the Vault record in the

@@ -1,4 +1,4 @@
-"""rotation/ stays the protocol: no I/O libraries, small functions (DESIGN.md section 6)."""
+"""rotation/ stays the protocol: no I/O libraries, small functions (docs/design.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Far-end devices in the protocol (DESIGN.md sections 4 and 9), in memory: the fault matrix with a
+"""Far-end devices in the protocol (docs/design.md sections 4 and 9), in memory: the fault matrix with a
 device. Every test ends with the extended invariant (Cloudflare's and the device's key each readable
 from the latest record), in its strict form after a fault-free reconcile."""
 

@@ -1,5 +1,5 @@
 """Issue 20 (items 1, 2, 6 and 9), in memory: each test reproduces one defect found on main and ends
-with the invariant of DESIGN.md section 2 for both ends (Cloudflare and the far-end device)."""
+with the invariant of docs/design.md section 2 for both ends (Cloudflare and the far-end device)."""
 
 from __future__ import annotations
 

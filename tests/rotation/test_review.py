@@ -1,4 +1,4 @@
-"""Regression tests from an adversarial review of the protocol against the invariant (DESIGN.md
+"""Regression tests from an adversarial review of the protocol against the invariant (docs/design.md
 sections 2 and 4): each reproduces one defect and ends with the invariant, both ends."""
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_a_failed_validation_call_leaves_a_key_in_flight_pending() -> None:
 
 
 def test_a_pair_partner_outside_the_selection_still_holds_its_partner_back() -> None:
-    """Pairs are never in flight together (DESIGN.md section 4), also when the run names one tunnel."""
+    """Pairs are never in flight together (docs/design.md section 4), also when the run names one tunnel."""
     w = managed(world(2, 100, device=FakeDevice("hub", timeout=0.3), customer_endpoint="203.0.113.7"))
     first, second = w.ids
     dev(w).faults.on("deliver", hang())

@@ -1,4 +1,4 @@
-"""Conformance cases of shared/specs/cloudflare-magic-ipsec.md section 9, through the official SDK."""
+"""Conformance cases of docs/specs/cloudflare-magic-ipsec.md section 9, through the official SDK."""
 
 from __future__ import annotations
 

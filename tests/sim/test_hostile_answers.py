@@ -1,5 +1,5 @@
 """Hostile answers at the boundary, end to end: the simulators' faults through the real adapters and the
-engine. Each test ends by asserting the invariant (DESIGN.md section 2)."""
+engine. Each test ends by asserting the invariant (docs/design.md section 2)."""
 
 from __future__ import annotations
 

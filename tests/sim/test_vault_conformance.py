@@ -1,4 +1,4 @@
-"""Conformance cases of shared/specs/vault-kv2.md section 8, driven through hvac and raw HTTP."""
+"""Conformance cases of docs/specs/vault-kv2.md section 8, driven through hvac and raw HTTP."""
 
 from __future__ import annotations
 

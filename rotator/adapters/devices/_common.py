@@ -1,4 +1,4 @@
-"""What the device kinds share: the JSON of DESIGN.md section 9, reading a device's answer, redaction,
+"""What the device kinds share: the JSON of docs/design.md section 9, reading a device's answer, redaction,
 and a small typed reader of one ``[[devices]]`` table that names the exact key in every error."""
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def poll(check: Callable[[], DeviceResult | None], deadline: float, *, interval:
     return on_timeout()
 
 
-# -- the JSON of DESIGN.md section 9 ---------------------------------------------------------------
+# -- the JSON of docs/design.md section 9 ---------------------------------------------------------------
 
 def request_body(action: str, device: str, account_id: str, rotation_id: str,
                  tunnels: Sequence[DeviceTunnel]) -> bytes:

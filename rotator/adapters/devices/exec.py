@@ -1,4 +1,4 @@
-"""The ``exec`` device: one process per action and batch, the JSON of DESIGN.md section 9 on stdin,
+"""The ``exec`` device: one process per action and batch, the JSON of docs/design.md section 9 on stdin,
 optional results on stdout.
 
 - The key travels on stdin only: never in argv, never in the environment. The hook gets a minimal

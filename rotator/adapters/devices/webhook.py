@@ -1,4 +1,4 @@
-"""The ``webhook`` device: the JSON of DESIGN.md section 9 as an HTTPS POST, signed.
+"""The ``webhook`` device: the JSON of docs/design.md section 9 as an HTTPS POST, signed.
 
 Signature: HMAC-SHA256 with the key from ``secret_file`` over ``f"{timestamp}.{body}"``, sent as
 ``X-Rotator-Timestamp: <unix seconds>`` and ``X-Rotator-Signature: sha256=<hex>``. TLS is verified
